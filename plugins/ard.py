@@ -1,0 +1,139 @@
+"""``ard``: Adversarially Robust Distillation (Goldblum et al., AAAI 2020)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
+from robustbench_kd.errors import UserError
+from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
+
+if TYPE_CHECKING:
+    from robustbench_kd.context import BatchContext
+    from robustbench_kd.registry import Registrar
+    from robustbench_kd.threat import ThreatSpec
+
+
+class ARD(Distiller):
+    r"""ARD: the student on x' matches the teacher's softened output on clean x.
+
+    Paper: Goldblum, Fowl, Feizi, Goldstein, 'Adversarially Robust Distillation', AAAI 2020
+    [https://arxiv.org/abs/1905.09747]. Reference code: goldblum/AdversariallyRobustDistillation
+    ``main.py`` (loss and attack only; the script has unrelated bugs, methods.md §2).
+
+    Loss (methods.md §2)::
+
+        L = alpha * tau^2 * R( KL(p_T^tau(x) || p_S^tau(x')) ) + (1 - alpha) * (1/B) sum_b CE(z_S(x_b), y_b)
+
+    p^tau = softmax(z / tau); the teacher is memoised on the CLEAN batch (no grad); the CE is on the
+    student's CLEAN output at tau = 1 (as in the code). R is ``kl_reduction``; the reference uses
+    ``nn.KLDivLoss()`` = mean over all B*C elements (``mean_all``), so the default distillation term is
+    tau^2 / C = 90 times the batchmean KL at tau = 30, C = 10. Forward order as the reference:
+    student(x') then student(x), both in train mode, separate passes.
+
+    Attack::
+
+        x' = PGD_{eps, alpha, K}( CE(z_S(x'), y) ),  uniform start U(-eps, eps), student in TRAIN mode
+
+    (BN uses batch statistics and its running statistics are updated at every attack step, as in the
+    reference ``AttackPGD`` module called after ``net.train()``). Budget: the run's threat (reference:
+    8/255, 2/255, 10).
+
+    Arguments (``ARD.Config``):
+        temperature (float): tau. (Default: 30.0, code.)
+        alpha (float): weight of the distillation term, in [0, 1]. (Default: 1.0, code -- the CE
+            term vanishes.)
+        kl_reduction (str): ``"mean_all"``, ``"batchmean"`` or ``"sum"``. (Default: "mean_all", code.)
+        init (str): attack start. (Default: "uniform", code.)
+        attack_student_mode (str): student BN mode in the attack. (Default: "train", code.)
+        clean_forward_when_unused (bool): with ``alpha == 1`` still run the student on x (no grad,
+            train mode), as the reference does every batch, so BN running statistics also see the
+            clean batch; False skips that pass. (Default: True, code.)
+
+    Teacher roles:
+        robust: the robust teacher (reference: TRADES WRN-34-10).
+
+    Terms logged:
+        ``kl_adv`` (the reduced KL before alpha and tau^2), ``ce_nat`` (clean CE; logged also when
+        alpha == 1 as long as the clean pass runs).
+
+    Deviations / notes:
+        * The paper also softens the CE (``CE(S^tau(x), y)``); the code does not, nor do we.
+
+    Examples::
+
+        >>> ard = ARD()                                    # tau 30, alpha 1, mean_all, train-mode attack
+        >>> # run config: [method] name = "ard", temperature = 30.0, alpha = 0.9
+    """
+
+    name: ClassVar[str] = "ard"
+    paper: ClassVar[str] = (
+        "Micah Goldblum, Liam Fowl, Soheil Feizi, Tom Goldstein. Adversarially Robust Distillation. "
+        "AAAI 2020. arXiv:1905.09747"
+    )
+    teacher_roles: ClassVar[tuple[str, ...]] = ("robust",)
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config:
+        """Hyper-parameters of ARD (see the class docstring for meanings and provenance)."""
+
+        temperature: float = 30.0
+        alpha: float = 1.0
+        kl_reduction: str = "mean_all"
+        init: str = "uniform"
+        attack_student_mode: str = "train"
+        clean_forward_when_unused: bool = True
+
+        def __post_init__(self) -> None:
+            if not self.temperature > 0.0:
+                raise UserError(f"method.temperature must be positive, got {self.temperature}")
+            if not 0.0 <= self.alpha <= 1.0:
+                raise UserError(f"method.alpha must be in [0, 1], got {self.alpha}")
+            if self.kl_reduction not in KL_REDUCTIONS:
+                raise UserError(
+                    f"method.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}"
+                )
+            if self.init not in ATTACK_INITS:
+                raise UserError(f"method.init must be one of {', '.join(ATTACK_INITS)}, got {self.init!r}")
+            if self.attack_student_mode not in STUDENT_MODES:
+                raise UserError(
+                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
+                    f"got {self.attack_student_mode!r}"
+                )
+
+    def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
+        return AttackSpec(eps=threat.eps, alpha=threat.alpha, steps=threat.steps, norm=threat.norm,
+                          init=self.config.init, student_mode=self.config.attack_student_mode)
+
+    def attack_loss(self, ctx: BatchContext, x_adv: Tensor) -> Tensor:
+        return F.cross_entropy(self.student_logits(ctx, x_adv), ctx.y, reduction="none")
+
+    def loss(self, ctx: BatchContext) -> LossOutput:
+        cfg = self.config
+        tau = cfg.temperature
+        logits_adv = self.student_logits(ctx, ctx.x_adv)
+        target = ctx.teacher_probs("robust", "clean", temperature=tau)
+        kl_adv = reduce_kl(kl_per_sample(logits_adv, target, temperature=tau), cfg.kl_reduction,
+                           logits_adv.shape[1])
+        total = cfg.alpha * tau * tau * kl_adv
+        terms = {"kl_adv": kl_adv.detach()}
+        if cfg.alpha < 1.0:
+            ce_nat = F.cross_entropy(self.student_logits(ctx, ctx.x), ctx.y, reduction="none").mean()
+            total = total + (1.0 - cfg.alpha) * ce_nat
+            terms["ce_nat"] = ce_nat.detach()
+        elif cfg.clean_forward_when_unused:
+            with torch.no_grad():
+                logits_nat = self.student_logits(ctx, ctx.x)
+            terms["ce_nat"] = F.cross_entropy(logits_nat, ctx.y)
+        return LossOutput(total=total, terms=terms)
+
+
+@hookimpl
+def rbkd_register_methods(registry: Registrar) -> None:
+    registry.add(ARD)

@@ -1,0 +1,68 @@
+"""Built-in teacher sources: ``robustbench:<dataset>/<threat>/<Name>`` and ``file:PATH``.
+
+* ``robustbench:cifar10/Linf/Carmon2019Unlabeled`` loads a RobustBench model-zoo entry from the run's
+  ``zoo.model_dir`` (``<model_dir>/cifar10/Linf/Carmon2019Unlabeled.pt``). A missing file is an error
+  naming that path before any network access, unless ``zoo.allow_download`` is set.
+* ``file:runs/x/checkpoints/epoch_020.pt`` loads one of our checkpoints (its architecture is stored in
+  it) or any state dict with ``?arch=<student arch>`` (plus arch options, e.g. ``&width=2``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from robustbench_kd.checkpoint import load_checkpoint, load_weights, state_dict_of
+from robustbench_kd.errors import UserError
+from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.teachers import TeacherLoadContext, TeacherSpec
+
+
+def load_robustbench_teacher(spec: TeacherSpec, ctx: TeacherLoadContext):
+    from robustbench_kd.zoo import load_zoo_model, parse_zoo_ref
+
+    dataset, threat_model, name = parse_zoo_ref(spec.ref)
+    return load_zoo_model(name, dataset=dataset, threat_model=threat_model, model_dir=ctx.model_dir,
+                          allow_download=ctx.allow_download)
+
+
+def _option_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def build_network_from_file(path: Path, options: dict[str, str], *, students, num_classes: int,
+                            in_channels: int, image_size: int):
+    """Rebuild a network from a checkpoint file (ours, zoo layout, or a bare state dict + ``arch``)."""
+    data = load_checkpoint(path)
+    arch_info = data.get("student_arch") if isinstance(data.get("student_arch"), dict) else {}
+    opts = dict(options)
+    arch = opts.pop("arch", None) or arch_info.get("name")
+    if not arch:
+        raise UserError(
+            f"checkpoint {path} does not record its architecture; add ?arch=NAME to the spec "
+            f"(valid: {', '.join(students.names())})"
+        )
+    arch_options = dict(arch_info.get("options", {})) if arch == arch_info.get("name") else {}
+    arch_options.update({k: _option_value(v) for k, v in opts.items()})
+    factory = students.get(arch)
+    net = factory(num_classes=int(data.get("num_classes", num_classes)),
+                  in_channels=int(data.get("in_channels", in_channels)),
+                  image_size=int(data.get("image_size", image_size)), **arch_options)
+    return load_weights(net, state_dict_of(data), source=f"checkpoint {path}")
+
+
+@hookimpl
+def rbkd_register_teacher_sources(registry):
+    registry.add("robustbench", load_robustbench_teacher,
+                 description="RobustBench model zoo: robustbench:<dataset>/<threat>/<Name>")
+    registry.add("file", load_file_teacher, description="local checkpoint: file:PATH[?arch=NAME&opt=value]")
+
+
+def load_file_teacher(spec: TeacherSpec, ctx: TeacherLoadContext):
+    return build_network_from_file(Path(spec.ref).expanduser(), spec.options, students=ctx.students,
+                                   num_classes=ctx.num_classes, in_channels=ctx.in_channels,
+                                   image_size=ctx.image_size)

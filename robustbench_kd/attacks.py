@@ -1,0 +1,139 @@
+"""The inner maximisation of every method: one ``torchattacks.Attack`` driven by a loss closure.
+
+For a method's per-sample attack loss L(x') (``Distiller.attack_loss``) it runs projected gradient
+ascent (methods.md §0.4)::
+
+    x_0 = init(x)
+    x_{k+1} = Proj_{B_eps(x) ∩ [0,1]}( x_k + alpha * step(grad_{x_k} sum_b L_b(x_k)) )
+
+with ``step = sign`` for L_inf and ``g / ||g||_2`` (per sample) for L2. Because the steps are sign or
+per-sample normalised, summing the per-sample losses gives the same iterates as averaging them.
+Gradients are taken w.r.t. the input only (``torch.autograd.grad``): nothing accumulates into the
+student's or the teachers' parameters.
+
+Differences from ``torchattacks.Attack.__call__`` that matter for training, both deliberate:
+
+* The previous train/eval flag of *every* submodule is restored in a ``finally`` block, so an
+  exception cannot leave the student in eval mode, and a submodule that was deliberately frozen
+  (BN in eval inside a training model) is not flipped back to train.
+* ``student_mode="train"`` leaves the modes exactly as the caller set them (ARD/IAD attack with
+  batch statistics) instead of forcing every BN and dropout into train mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torchattacks.attack import Attack
+from torch import Tensor, nn
+
+from .distiller import ATTACK_INITS, STUDENT_MODES
+from .errors import UserError
+
+AttackLoss = Callable[[Tensor], Tensor]
+
+
+def _per_sample_l2(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.ndim - 1)))
+
+
+def project(x_adv: Tensor, x: Tensor, *, eps: float, norm: str) -> Tensor:
+    """Project ``x_adv`` onto the eps-ball around ``x`` (L_inf or L2), then clamp to [0,1]."""
+    delta = x_adv - x
+    if norm == "Linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        factor = (eps / (_per_sample_l2(delta) + 1e-12)).clamp(max=1.0)
+        delta = delta * factor
+    return (x + delta).clamp(0.0, 1.0)
+
+
+class DistillationAttack(Attack):
+    """PGD on an arbitrary per-sample loss of the student (and teachers).
+
+    Args:
+        model: the student (its mode is switched for the attack and restored afterwards).
+        loss_fn: ``x_adv -> per-sample loss [B]`` to maximise.
+        eps: radius; alpha: step size (must not exceed eps); steps: number of steps.
+        norm: ``"Linf"`` or ``"L2"``.
+        init: ``"uniform"`` (U(-eps, eps) for L_inf, uniform in the ball for L2, then clamped to
+            [0,1]), ``"gauss"`` (x + init_std * N(0, I), not clamped before the first step, as in
+            TRADES/RSLAD), or ``"none"``.
+        student_mode: ``"eval"`` or ``"train"`` (see the module docstring).
+
+    Examples::
+
+        atk = DistillationAttack(student, lambda xa: F.cross_entropy(student(xa), y, reduction="none"),
+                                 eps=8/255, alpha=2/255, steps=10)
+        x_adv = atk(x, y)
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: AttackLoss, *, eps: float, alpha: float, steps: int,
+                 norm: str = "Linf", init: str = "uniform", init_std: float = 1e-3,
+                 student_mode: str = "eval") -> None:
+        super().__init__("DistillationAttack", model)
+        if norm not in ("Linf", "L2"):
+            raise UserError(f"attack norm must be 'Linf' or 'L2', got {norm!r}")
+        if init not in ATTACK_INITS:
+            raise UserError(f"attack init must be one of {', '.join(ATTACK_INITS)}, got {init!r}")
+        if student_mode not in STUDENT_MODES:
+            raise UserError(f"student_mode must be one of {', '.join(STUDENT_MODES)}, got {student_mode!r}")
+        if eps < 0 or alpha < 0 or steps < 0:
+            raise UserError(f"attack eps, alpha and steps must be >= 0, got {eps}, {alpha}, {steps}")
+        if steps > 0 and alpha > eps + 1e-12:
+            raise UserError(f"attack step size alpha={alpha:.6g} exceeds eps={eps:.6g}")
+        self.loss_fn = loss_fn
+        self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
+        self.norm, self.init, self.init_std = norm, init, float(init_std)
+        self.student_mode = student_mode
+        self.supported_mode = ["default"]
+
+    # torchattacks calls these around forward(); we restore modes ourselves in __call__.
+    def _change_model_mode(self, given_training: bool) -> None:
+        if self.student_mode == "eval":
+            self.model.eval()
+
+    def _recover_model_mode(self, given_training: bool) -> None:
+        pass
+
+    def __call__(self, inputs: Tensor, labels: Tensor | None = None, *args, **kwargs) -> Tensor:
+        modes = [(m, m.training) for m in self.model.modules()]
+        try:
+            return super().__call__(inputs, labels, *args, **kwargs)
+        finally:
+            for module, was_training in modes:
+                module.training = was_training
+
+    def _init(self, x: Tensor) -> Tensor:
+        if self.init == "none" or self.eps == 0:
+            return x.clone()
+        if self.init == "gauss":
+            return x + self.init_std * torch.randn_like(x)
+        if self.norm == "Linf":
+            start = x + torch.empty_like(x).uniform_(-self.eps, self.eps)
+        else:
+            direction = torch.randn_like(x)
+            direction = direction / (_per_sample_l2(direction) + 1e-12)
+            radius = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype)
+            start = x + direction * radius * self.eps
+        return start.clamp(0.0, 1.0)
+
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:  # noqa: D401
+        """Return the adversarial batch (detached), within the eps-ball of ``images`` and [0,1]."""
+        x = images.clone().detach()
+        x_adv = self._init(x).detach()
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                cost = self.loss_fn(x_adv).sum()
+                (grad,) = torch.autograd.grad(cost, x_adv)
+            with torch.no_grad():
+                if self.norm == "Linf":
+                    x_adv = x_adv + self.alpha * grad.sign()
+                else:
+                    x_adv = x_adv + self.alpha * grad / (_per_sample_l2(grad) + 1e-12)
+                x_adv = project(x_adv, x, eps=self.eps, norm=self.norm)
+            x_adv = x_adv.detach()
+        # Also covers steps == 0 and the unclamped gaussian start.
+        return project(x_adv, x, eps=self.eps, norm=self.norm).detach()

@@ -1,0 +1,89 @@
+"""Per-batch state shared by the trainer, the attack and the method.
+
+Teacher outputs are memoised per batch (computed once, without gradients, in eval mode), because
+several places need them: a method's ``prepare``, every attack step, and the outer loss. Student
+outputs are never memoised: the student runs in different BN modes and with different gradient
+needs in the attack and in the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .teachers import TeacherSet
+from .threat import ThreatSpec
+
+
+@dataclass
+class BatchContext:
+    """Everything a method sees for one batch.
+
+    Attributes:
+        x: clean inputs in [0,1], on the training device.
+        y: int64 labels.
+        index: dataset indices of the samples (for per-sample state), or None.
+        student: the network being trained.
+        teachers: teachers by role.
+        threat: the run's threat model.
+        epoch, num_epochs: 0-based epoch and total epochs.
+        step: batch index within the epoch; global_step: batches since the start of training.
+        extras: free-form per-batch values a dataset or plugin adds.
+    """
+
+    x: Tensor
+    y: Tensor
+    student: nn.Module
+    teachers: TeacherSet
+    threat: ThreatSpec
+    index: Tensor | None = None
+    epoch: int = 0
+    num_epochs: int = 1
+    step: int = 0
+    global_step: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+    _x_adv: Tensor | None = field(default=None, repr=False)
+    _memo: dict[tuple[str, str], Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def x_adv(self) -> Tensor:
+        """The adversarial batch produced by the inner maximisation (set by the trainer)."""
+        if self._x_adv is None:
+            raise RuntimeError("ctx.x_adv is not set: this method's attack_spec() returned None")
+        return self._x_adv
+
+    @x_adv.setter
+    def x_adv(self, value: Tensor | None) -> None:
+        self._x_adv = value
+        # Teacher outputs on the previous x_adv are stale now.
+        for key in [k for k in self._memo if k[1] == "adv"]:
+            del self._memo[key]
+
+    @property
+    def has_x_adv(self) -> bool:
+        return self._x_adv is not None
+
+    def teacher_logits(self, role: str = "robust", on: str = "clean") -> Tensor:
+        """Teacher logits on the clean (``on="clean"``) or adversarial (``on="adv"``) batch.
+
+        Computed once per batch under ``no_grad`` and memoised: use it for targets. For a teacher
+        that must be differentiated w.r.t. its input (inside an attack loss), call
+        ``ctx.teachers[role](x)`` directly instead.
+        """
+        if on not in ("clean", "adv"):
+            raise ValueError(f"on must be 'clean' or 'adv', got {on!r}")
+        key = (role, on)
+        cached = self._memo.get(key)
+        if cached is None:
+            inputs = self.x if on == "clean" else self.x_adv
+            with torch.no_grad():
+                cached = self.teachers[role](inputs).detach()
+            self._memo[key] = cached
+        return cached
+
+    def teacher_probs(self, role: str = "robust", on: str = "clean", temperature: float = 1.0) -> Tensor:
+        """``softmax(teacher_logits / temperature)``, from the memoised logits."""
+        return torch.softmax(self.teacher_logits(role, on) / temperature, dim=1)

@@ -1,0 +1,213 @@
+"""The one interface every distillation method implements.
+
+A method is a :class:`Distiller` subclass in a plugin module. The trainer calls, per batch::
+
+    ctx = BatchContext(...)                 # clean batch, student, teachers, threat, counters
+    distiller.prepare(ctx)                  # optional: precompute what the attack needs
+    spec = distiller.attack_spec(threat)    # None = no inner maximisation (clean training)
+    ctx.x_adv = attack(ctx, spec)           # maximises distiller.attack_loss(ctx, x').sum()
+    out = distiller.loss(ctx)               # LossOutput(total, terms), student in train mode
+    out.total.backward(); optimiser.step()
+    distiller.after_step(ctx, out)          # stateful updates (adaptive weights, memory banks)
+
+The trainer never branches on a method's name: everything method-specific lives in these calls.
+A distiller is an ``nn.Module`` so that extra trainable parts (embedding heads) and buffers (memory
+banks, priors) move with ``.to()``, join the optimiser and are saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError, close_matches
+
+if TYPE_CHECKING:
+    from .context import BatchContext
+    from .threat import ThreatSpec
+
+ATTACK_INITS = ("uniform", "gauss", "none")
+STUDENT_MODES = ("train", "eval")
+_KEBAB = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackSpec:
+    """How the inner maximisation runs for one method.
+
+    Attributes:
+        eps, alpha, steps: radius, step size and number of steps (input units).
+        norm: ``"Linf"`` or ``"L2"``.
+        init: ``"uniform"`` (x + U(-eps, eps), Madry/ARD), ``"gauss"`` (x + init_std * N(0, I),
+            TRADES/RSLAD/AdaAD) or ``"none"``.
+        init_std: standard deviation of the gaussian start.
+        student_mode: BN/dropout mode of the student during the attack: ``"eval"`` (TRADES, RSLAD,
+            MTARD, AdaAD) or ``"train"`` (ARD, IAD: batch statistics, running stats updated per step).
+        teacher_grad: the attack loss differentiates the teacher w.r.t. its input (AdaAD, SmaraAD);
+            informational: teachers always allow input gradients, their parameters never get any.
+    """
+
+    eps: float
+    alpha: float
+    steps: int
+    norm: str = "Linf"
+    init: str = "uniform"
+    init_std: float = 1e-3
+    student_mode: str = "eval"
+    teacher_grad: bool = False
+
+    def __post_init__(self) -> None:
+        if self.init not in ATTACK_INITS:
+            raise UserError(f"attack init must be one of {', '.join(ATTACK_INITS)}, got {self.init!r}")
+        if self.student_mode not in STUDENT_MODES:
+            raise UserError(
+                f"attack student_mode must be one of {', '.join(STUDENT_MODES)}, got {self.student_mode!r}"
+            )
+        if self.steps > 0 and self.alpha > self.eps + 1e-12:
+            raise UserError(
+                f"attack step size alpha={self.alpha:.6g} exceeds eps={self.eps:.6g}; "
+                "pass them by keyword and check they are not swapped"
+            )
+
+
+@dataclass
+class LossOutput:
+    """The outer objective of one batch.
+
+    Attributes:
+        total: scalar tensor to back-propagate (the method computes its own weighting).
+        terms: named, detached pieces for logging (e.g. ``{"kl_adv": ..., "kl_nat": ...}``).
+    """
+
+    total: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Distiller(nn.Module, ABC):
+    """Base class of every method.
+
+    Subclasses set the class attributes and define a nested frozen ``Config`` dataclass whose
+    defaults reproduce the method's reference code; deviations are flags on that Config.
+
+    Class attributes:
+        name: registry key, lowercase kebab-case (``"rslad"``, ``"pgd-at"``).
+        paper: citation shown by ``robustbench-kd methods``.
+        teacher_roles: roles the method needs (``()``, ``("robust",)``, ``("robust", "natural")``).
+        optional_teacher_roles: roles it can use but does not need.
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    teacher_roles: ClassVar[tuple[str, ...]] = ()
+    optional_teacher_roles: ClassVar[tuple[str, ...]] = ()
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config:
+        """Method hyper-parameters (none by default)."""
+
+    def __init__(self, config: Any = None, *, num_classes: int = 10) -> None:
+        super().__init__()
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"{type(self).__name__} expects a {type(self).__name__}.Config, got {type(config)}")
+        self.num_classes = num_classes
+
+    # -- configuration ------------------------------------------------------------------------
+    @classmethod
+    def config_from_mapping(cls, values: Mapping[str, Any]) -> Any:
+        """Build ``cls.Config`` from a mapping; unknown keys raise a UserError listing the valid ones."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        for key in values:
+            if key not in fields:
+                valid = ", ".join(sorted(fields)) or "(none)"
+                raise UserError(
+                    f"unknown option method.{key} for method {cls.name!r}{close_matches(key, fields)}; "
+                    f"valid options: {valid}"
+                )
+        try:
+            return cls.Config(**dict(values))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"invalid options for method {cls.name!r}: {exc}") from None
+
+    @classmethod
+    def check_class(cls) -> None:
+        """Validate the class attributes (called on registration)."""
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not _KEBAB.match(name):
+            raise ValueError(f"{cls.__qualname__}.name must be lowercase kebab-case, got {name!r}")
+        if not dataclasses.is_dataclass(cls.Config):
+            raise ValueError(f"{cls.__qualname__}.Config must be a dataclass")
+
+    # -- per-batch protocol ------------------------------------------------------------------
+    def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
+        """The inner maximisation for this method, or None for clean training.
+
+        Default: the threat's budget, uniform start, student in eval mode.
+        """
+        return AttackSpec(eps=threat.eps, alpha=threat.alpha, steps=threat.steps, norm=threat.norm)
+
+    def prepare(self, ctx: BatchContext) -> None:
+        """Hook before the attack (e.g. memoise clean teacher outputs). Default: nothing."""
+
+    def attack_loss(self, ctx: BatchContext, x_adv: Tensor) -> Tensor:
+        """Per-sample loss ``[B]`` that the inner maximisation ascends (its sum's input gradient)."""
+        raise NotImplementedError(f"{type(self).__name__} has an attack_spec but no attack_loss")
+
+    @abstractmethod
+    def loss(self, ctx: BatchContext) -> LossOutput:
+        """The outer objective for the batch, read from ``ctx`` (``ctx.x_adv`` is set when attacking)."""
+
+    def after_step(self, ctx: BatchContext, out: LossOutput) -> None:
+        """Hook after the optimiser step. Default: nothing."""
+
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        """Hook at the start of each epoch (0-based). Default: nothing."""
+
+    def on_epoch_end(self, epoch: int, num_epochs: int) -> dict[str, float]:
+        """Hook at the end of each epoch; may return metrics to log. Default: nothing."""
+        return {}
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Extra parameters the optimiser must update (default: the distiller's own parameters)."""
+        return self.parameters()
+
+    # -- persistence -------------------------------------------------------------------------
+    def method_state(self) -> dict[str, Any]:
+        """State outside ``state_dict()`` that a resume must restore (Python scalars, tensors).
+
+        Checkpoints are loaded with ``weights_only=True``: use tensors, numbers, strings, lists,
+        dicts only.
+        """
+        return {}
+
+    def load_method_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`method_state` returned."""
+
+    # -- helpers for subclasses --------------------------------------------------------------
+    @staticmethod
+    def student_logits(ctx: BatchContext, x: Tensor) -> Tensor:
+        """Student forward (never memoised: BN mode and gradients differ between phases)."""
+        return ctx.student(x)
+
+
+def citation_of(cls: type[Distiller]) -> str:
+    """The paper a method cites, falling back to the first docstring line."""
+    if getattr(cls, "paper", ""):
+        return cls.paper
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def no_grad_eval(module: nn.Module, x: Tensor) -> Tensor:
+    """Run ``module`` on ``x`` without gradients (used for teacher targets)."""
+    with torch.no_grad():
+        return module(x)

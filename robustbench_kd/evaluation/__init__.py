@@ -1,0 +1,48 @@
+"""Evaluation the way RobustBench and the robust-distillation papers report it.
+
+* :func:`evaluate_model`: clean, FGSM, PGD-k, CW-inf and AutoAttack accuracy on the same examples;
+* :func:`run_autoattack`: AutoAttack through the official code (pyautoattack / fra31), with its
+  gradient-masking and randomness warnings collected;
+* :func:`fgsm`, :func:`pgd`: the white-box attacks themselves;
+* :func:`build_model_info`, :func:`write_model_info`: leaderboard JSON entries;
+* :func:`save_zoo_checkpoint`: checkpoints that ``robustbench.utils.load_model`` can read.
+
+Importing this package does not import robustbench; AutoAttack is imported when first run.
+"""
+
+from __future__ import annotations
+
+from .attacks import cw_margin_loss, fgsm, pgd
+from .autoattack import AUTOATTACK_VERSIONS, AutoAttackResult, run_autoattack
+from .export import save_zoo_checkpoint, zoo_checkpoint_path
+from .model_info import (
+    LEADERBOARD_KEYS,
+    THREAT_MODELS,
+    build_model_info,
+    model_info_path,
+    validate_model_id,
+    validate_model_info,
+    write_model_info,
+)
+from .runner import VALID_ATTACKS, EvalResult, evaluate_model
+
+__all__ = [
+    "AUTOATTACK_VERSIONS",
+    "LEADERBOARD_KEYS",
+    "THREAT_MODELS",
+    "VALID_ATTACKS",
+    "AutoAttackResult",
+    "EvalResult",
+    "build_model_info",
+    "cw_margin_loss",
+    "evaluate_model",
+    "fgsm",
+    "model_info_path",
+    "pgd",
+    "run_autoattack",
+    "save_zoo_checkpoint",
+    "validate_model_id",
+    "validate_model_info",
+    "write_model_info",
+    "zoo_checkpoint_path",
+]

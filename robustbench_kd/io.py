@@ -1,0 +1,92 @@
+"""Crash-safe file writes.
+
+A results file or checkpoint is either the complete old version or the complete new one, never a
+truncated mix: the new content goes to a temporary file in the *same directory* (so the final
+``os.replace`` is a rename within one filesystem, which POSIX and Windows make atomic), is flushed
+and fsynced, and only then replaces the target. If writing fails, the temporary file is removed and
+the previous file is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_text"]
+
+# mkstemp creates files readable by the owner only; a freshly written results file should get the
+# usual permissions instead (an existing file keeps its own).
+_DEFAULT_MODE = 0o644
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable. Not possible on every platform/filesystem (e.g. Windows),
+    # where it is skipped: the data is already fsynced, only the directory entry may lag.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_binary_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """Yield a binary file object whose content replaces ``path`` atomically on normal exit."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = _DEFAULT_MODE
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        # BaseException too: a KeyboardInterrupt mid-save must not leave a stray temp file behind.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parents are created); return the path."""
+    with _atomic_binary_file(path) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (parents are created); return the path.
+
+    The text is encoded before the temporary file is created, so an encoding error leaves nothing
+    behind either.
+    """
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj, path)`` atomically: on any error the previous file at ``path`` survives.
+
+    Parents are created. Returns the path.
+    """
+    with _atomic_binary_file(path) as handle:
+        torch.save(obj, handle)
+    return Path(path)

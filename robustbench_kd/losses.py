@@ -1,0 +1,67 @@
+"""Shared loss primitives, per sample: the methods compose these.
+
+Conventions (methods.md §0.2-0.3):
+
+* ``kl_per_sample(student_logits, target_probs)`` is KL(p_T || p_S) = sum_c p_T,c (log p_T,c - log p_S,c),
+  the teacher (target) distribution first, as every reference implementation computes it. Papers write
+  this as "KL(S, T)"; the second paper argument is the target.
+* Losses are returned per sample (shape ``[B]``); :func:`reduce_kl` turns a per-sample KL into the
+  reduction a reference code used, because the reductions differ by a factor C (number of classes):
+
+  - ``"batchmean"``: (1/B) sum_b KL_b           (TRADES, IAD, Hinton KD)
+  - ``"mean_all"``:  (1/(B*C)) sum_b KL_b       (ARD, RSLAD, MTARD; PyTorch ``KLDivLoss()`` default)
+  - ``"sum"``:       sum_b KL_b
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KL_REDUCTIONS = ("batchmean", "mean_all", "sum")
+
+
+def kl_per_sample(student_logits: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(q || p_S^tau) per sample.
+
+    .. math:: \\mathrm{KL}_b = \\sum_c q_{bc} (\\log q_{bc} - \\log \\mathrm{softmax}(z_S / \\tau)_{bc})
+
+    ``target_probs`` q is used as given (callers soften it themselves); ``0 log 0 = 0`` (xlogy), so
+    one-hot and label-mixed targets with exact zeros are fine. Gradients flow into ``student_logits``
+    and, if it requires grad, into ``target_probs``.
+    """
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    return (torch.xlogy(target_probs, target_probs) - target_probs * log_p).sum(dim=1)
+
+
+def kl_logits_per_sample(student_logits: Tensor, target_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(softmax(z_T/tau) || softmax(z_S/tau)) per sample, computed from logits on both sides.
+
+    Uses log-softmax for both distributions (never ``log(softmax)``), so it is finite for any logits.
+    """
+    log_q = F.log_softmax(target_logits / temperature, dim=1)
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=1)
+
+
+def soft_cross_entropy_per_sample(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """Cross-entropy with a soft target: ``-sum_c q_c log softmax(z)_c`` per sample."""
+    return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1)
+
+
+def reduce_kl(per_sample: Tensor, reduction: str, num_classes: int) -> Tensor:
+    """Reduce a per-sample KL with one of :data:`KL_REDUCTIONS` (see the module docstring)."""
+    if reduction == "batchmean":
+        return per_sample.mean()
+    if reduction == "mean_all":
+        return per_sample.mean() / num_classes
+    if reduction == "sum":
+        return per_sample.sum()
+    raise ValueError(f"kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {reduction!r}")
+
+
+def mix_with_labels(probs: Tensor, labels: Tensor, alpha: float) -> Tensor:
+    """Label mixing (AKD Eq. 4): ``q = alpha * probs + (1 - alpha) * onehot(labels)``."""
+    onehot = F.one_hot(labels, probs.shape[1]).to(probs.dtype)
+    return alpha * probs + (1.0 - alpha) * onehot

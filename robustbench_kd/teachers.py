@@ -1,0 +1,189 @@
+"""Teachers: frozen wrappers, weighted ensembles, roles, and the ``scheme:ref`` spec strings.
+
+* :class:`Teacher` wraps one network. Its parameters never require grad and it is always in eval
+  mode (``.train()`` is ignored), so a RobustBench teacher's BN statistics can never drift. Input
+  gradients still flow through it, which teacher-in-the-loop attacks (AdaAD, SmaraAD) need.
+* :class:`EnsembleTeacher` combines several teachers with weights beta_i (AKD Eq. 5). With
+  ``combine="probs"`` it returns log(sum_i beta_i softmax(z_i)), whose softmax is exactly the
+  weighted mean of the members' probabilities; with ``combine="logits"`` it returns
+  sum_i beta_i z_i. Either way it looks like one teacher returning logits.
+* :class:`TeacherSet` maps roles (``robust``, ``natural``, ...) to teachers.
+* A spec is ``scheme:ref`` -- ``robustbench:cifar10/Linf/Carmon2019Unlabeled`` or
+  ``file:runs/x/checkpoints/epoch_020.pt`` (optionally ``?arch=resnet18``); schemes come from plugins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+
+
+class Teacher(nn.Module):
+    """A frozen network: eval mode forever, parameters without gradients.
+
+    Args:
+        net: the network, taking [0,1] inputs and returning logits.
+        spec: where it came from (shown in logs and reports).
+    """
+
+    def __init__(self, net: nn.Module, *, spec: str = "") -> None:
+        super().__init__()
+        self.net = net
+        self.spec = spec
+        net.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        # A teacher is never trained: keep BN running statistics and dropout frozen whatever the
+        # caller asks (trainer.train(), model.train() on a parent module, torchattacks' mode restore).
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec!r}"
+
+
+class EnsembleTeacher(nn.Module):
+    """Weighted ensemble of teachers that behaves as one teacher.
+
+    Args:
+        members: the teachers.
+        weights: beta_i >= 0 summing to 1 (normalised if they do not); default uniform 1/M.
+        combine: ``"probs"`` -> log(sum_i beta_i p_i), ``"logits"`` -> sum_i beta_i z_i.
+    """
+
+    def __init__(self, members: Sequence[Teacher], *, weights: Sequence[float] | None = None,
+                 combine: str = "probs") -> None:
+        super().__init__()
+        if not members:
+            raise UserError("a teacher ensemble needs at least one member")
+        if combine not in ("probs", "logits"):
+            raise UserError(f"teacher combine must be 'probs' or 'logits', got {combine!r}")
+        if weights is None:
+            weights = [1.0 / len(members)] * len(members)
+        if len(weights) != len(members):
+            raise UserError(f"{len(weights)} teacher weights given for {len(members)} teachers")
+        if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+            raise UserError(f"teacher weights must be non-negative with a positive sum, got {list(weights)}")
+        total = float(sum(weights))
+        self.members = nn.ModuleList(members)
+        self.weights = [float(w) / total for w in weights]
+        self.combine = combine
+        self.spec = "+".join(getattr(m, "spec", "?") for m in members)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> EnsembleTeacher:
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        outputs = [m(x) for m in self.members]
+        if self.combine == "logits":
+            return sum(w * z for w, z in zip(self.weights, outputs))
+        # log sum_i beta_i softmax(z_i), stably: logsumexp_i(log beta_i + log_softmax(z_i)).
+        stacked = torch.stack([torch.log_softmax(z, dim=1) for z in outputs])
+        log_w = torch.tensor(self.weights, dtype=stacked.dtype, device=stacked.device).log()
+        return torch.logsumexp(stacked + log_w.view(-1, 1, 1), dim=0)
+
+
+class TeacherSet(Mapping[str, nn.Module]):
+    """Teachers by role. ``ts["robust"]`` is a :class:`Teacher` or :class:`EnsembleTeacher`."""
+
+    def __init__(self, teachers: Mapping[str, nn.Module] | None = None) -> None:
+        self._by_role: dict[str, nn.Module] = dict(teachers or {})
+
+    def __getitem__(self, role: str) -> nn.Module:
+        try:
+            return self._by_role[role]
+        except KeyError:
+            have = ", ".join(self._by_role) or "none"
+            raise UserError(f"no teacher for role {role!r} (configured roles: {have})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_role)
+
+    def __len__(self) -> int:
+        return len(self._by_role)
+
+    def to(self, device: torch.device | str) -> TeacherSet:
+        for t in self._by_role.values():
+            t.to(device)
+        return self
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for t in self._by_role.values():
+            yield from t.parameters()
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A parsed ``scheme:ref?key=value&...`` teacher string."""
+
+    scheme: str
+    ref: str
+    options: dict[str, str] = field(default_factory=dict)
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> TeacherSpec:
+        if not isinstance(text, str) or ":" not in text:
+            raise UserError(
+                f"teacher spec {text!r} has no scheme; write e.g. 'robustbench:cifar10/Linf/Carmon2019Unlabeled' "
+                "or 'file:path/to/checkpoint.pt'"
+            )
+        scheme, _, rest = text.partition(":")
+        ref, _, query = rest.partition("?")
+        if not ref:
+            raise UserError(f"teacher spec {text!r} names no model after '{scheme}:'")
+        return cls(scheme=scheme.strip().lower(), ref=ref.strip(), options=dict(parse_qsl(query)), text=text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherLoadContext:
+    """What a teacher source needs to know to build a teacher for this run."""
+
+    dataset: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    threat_model: str = "Linf"
+    model_dir: Path = Path("models")
+    allow_download: bool = False
+    device: torch.device = torch.device("cpu")
+    students: Any = None  #: the student-architecture registry (to rebuild local checkpoints)
+
+
+def check_teacher_output(teacher: nn.Module, ctx: TeacherLoadContext, spec: str) -> None:
+    """Run a tiny forward to check the teacher accepts the data shape and predicts num_classes."""
+    x = torch.rand(2, ctx.in_channels, ctx.image_size, ctx.image_size, device=ctx.device)
+    try:
+        with torch.no_grad():
+            out = teacher(x)
+    except Exception as exc:  # any failure here means the teacher does not fit the data
+        raise UserError(
+            f"teacher {spec} does not accept {ctx.dataset} inputs of shape "
+            f"{tuple(x.shape[1:])}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    if out.ndim != 2 or out.shape[1] != ctx.num_classes:
+        raise UserError(
+            f"teacher {spec} predicts {out.shape[-1]} classes but {ctx.dataset} has {ctx.num_classes}"
+        )
+
+
+def describe(spec: Any) -> str:
+    """A short human string for a role's configured spec (string or ensemble mapping)."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, Mapping):
+        return " + ".join(spec.get("specs", []))
+    return str(spec)

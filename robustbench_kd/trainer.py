@@ -1,0 +1,289 @@
+"""The training loop: one readable loop for every method.
+
+Per batch (the trainer never branches on a method's name)::
+
+    ctx = BatchContext(x, y, index, student, teachers, threat, counters)
+    distiller.prepare(ctx)
+    spec = distiller.attack_spec(threat)                      # None: clean training
+    ctx.x_adv = host.make_attack(...)(x, y)                   # maximises distiller.attack_loss
+    student.train(); out = distiller.loss(ctx)
+    out.total.backward(); optimiser.step(); per-batch scheduler step
+    distiller.after_step(ctx, out); host.step_end(run, ctx, out)
+
+Exact resume: the data order, the augmentation and the global torch RNG (attack starts) of epoch k
+are seeded from (run.seed, k) alone, and ``checkpoints/last.pt`` is written atomically after every
+epoch with the student, optimiser, scheduler and method state. A run stopped after epoch k and
+resumed therefore ends with the same weights as an uninterrupted run (bitwise on CPU with
+``run.deterministic``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import builders
+from .checkpoint import load_checkpoint, restore_plain, save_checkpoint
+from .config import RunConfig
+from .context import BatchContext
+from .data import DataSplits, epoch_generator, iterate_batches, num_batches
+from .distiller import Distiller
+from .errors import UserError
+from .io import atomic_write_text
+from .plugin_host import PluginHost
+from .teachers import TeacherSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything about one training run; passed to observer hooks."""
+
+    config: RunConfig
+    host: PluginHost
+    out_dir: Path
+    device: torch.device
+    data: DataSplits
+    student: nn.Module
+    teachers: TeacherSet
+    distiller: Distiller
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_batch_schedule: bool
+    epoch: int = 0            #: epochs completed
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+# -- setup ---------------------------------------------------------------------------------------
+def build_optimizer(config: RunConfig, student: nn.Module, distiller: Distiller) -> torch.optim.Optimizer:
+    params = list(student.parameters()) + [p for p in distiller.trainable_parameters() if p.requires_grad]
+    o = config.optim
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.nesterov and o.momentum > 0)
+
+
+def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> tuple[Any, bool]:
+    """Return (scheduler or None, whether it steps per batch)."""
+    o = config.optim
+    sched = torch.optim.lr_scheduler
+    if o.schedule == "multistep":
+        return sched.MultiStepLR(optimizer, milestones=list(o.milestones), gamma=o.gamma), False
+    if o.schedule == "exponential":
+        return sched.ExponentialLR(optimizer, gamma=o.gamma), False
+    if o.schedule == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=o.epochs * steps_per_epoch), True
+    if o.schedule == "onecycle":
+        return sched.OneCycleLR(optimizer, max_lr=o.max_lr or o.lr, total_steps=o.epochs * steps_per_epoch,
+                                pct_start=o.pct_start), True
+    return None, False
+
+
+def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
+    """Build data, student, method, teachers, optimiser and scheduler from a config."""
+    host = host or PluginHost.create()
+    if config.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(config.run.seed)
+    device = builders.resolve_device(config.run.device)
+    data = builders.load_data(host, config)
+    distiller = builders.build_distiller(host, config, data.num_classes).to(device)
+    student = builders.build_student(host, config, data).to(device)
+    teachers = builders.load_teachers(host, config, data, distiller, device)
+    optimizer = build_optimizer(config, student, distiller)
+    steps = num_batches(len(data.train_y), config.data.batch_size, _drop_last(config, data))
+    scheduler, per_batch = build_scheduler(config, optimizer, steps)
+    return Run(config=config, host=host, out_dir=Path(config.run.out_dir), device=device, data=data,
+               student=student, teachers=teachers, distiller=distiller, optimizer=optimizer,
+               scheduler=scheduler, per_batch_schedule=per_batch)
+
+
+def _drop_last(config: RunConfig, data: DataSplits) -> bool:
+    # A final batch of one sample breaks train-mode BatchNorm; drop only that case.
+    return len(data.train_y) % config.data.batch_size == 1
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def checkpoint_payload(run: Run) -> dict[str, Any]:
+    cfg = run.config
+    return {
+        "epoch": run.epoch,
+        "global_step": run.global_step,
+        "student": {k: v.detach().cpu() for k, v in run.student.state_dict().items()},
+        "student_arch": {"name": cfg.student.arch, "options": dict(cfg.student.options)},
+        "num_classes": run.data.num_classes,
+        "in_channels": run.data.in_channels,
+        "image_size": run.data.image_size,
+        "dataset": run.data.name,
+        "method": cfg.method_name,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "distiller": run.distiller.state_dict(),
+        "method_state": run.distiller.method_state(),
+        "config": cfg.to_dict(),
+        "history": run.history,
+    }
+
+
+def write_checkpoints(run: Run) -> None:
+    payload = checkpoint_payload(run)
+    save_checkpoint(run.checkpoint_dir / "last.pt", payload)
+    every = run.config.checkpoint.every
+    if every and run.epoch % every == 0:
+        save_checkpoint(run.checkpoint_dir / f"epoch_{run.epoch:03d}.pt", payload)
+
+
+def resume_from(run: Run, path: Path) -> None:
+    """Restore a run from a checkpoint written by :func:`write_checkpoints`."""
+    data = load_checkpoint(path, map_location=run.device)
+    saved = data.get("config", {})
+    for key in ("method", "student"):
+        if saved.get(key) != run.config.to_dict()[key]:
+            raise UserError(
+                f"cannot resume {path}: its [{key}] section {saved.get(key)} differs from the config's "
+                f"{run.config.to_dict()[key]}"
+            )
+    run.student.load_state_dict(data["student"])
+    run.optimizer.load_state_dict(restore_plain(data["optimizer"]))
+    if run.scheduler is not None and data.get("scheduler") is not None:
+        run.scheduler.load_state_dict(restore_plain(data["scheduler"]))
+    run.distiller.load_state_dict(data["distiller"])
+    run.distiller.load_method_state(data.get("method_state", {}))
+    run.epoch = int(data["epoch"])
+    run.global_step = int(data["global_step"])
+    run.history = list(data.get("history", []))
+    log.info("resumed from %s after epoch %d", path, run.epoch)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
+    cfg, student, distiller, host = run.config, run.student, run.distiller, run.host
+    # Everything random in this epoch derives from (seed, epoch): exact resume at epoch boundaries.
+    torch.manual_seed(epoch_generator(cfg.run.seed, epoch, stream=2).initial_seed())
+    order_gen = epoch_generator(cfg.run.seed, epoch, stream=1)
+    augment = run.data.augment_default if cfg.data.augment is None else cfg.data.augment
+    batches = iterate_batches(run.data.train_x, run.data.train_y, batch_size=cfg.data.batch_size,
+                              shuffle=True, generator=order_gen, augment=augment, device=run.device,
+                              drop_last=_drop_last(cfg, run.data))
+    total = num_batches(len(run.data.train_y), cfg.data.batch_size, _drop_last(cfg, run.data))
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    start = time.perf_counter()
+    progress = _progress(batches, total, f"epoch {epoch + 1}/{cfg.optim.epochs}", cfg.run.progress)
+    for step, (x, y, index) in enumerate(progress):
+        student.train()
+        ctx = BatchContext(x=x, y=y, index=index, student=student, teachers=run.teachers, threat=cfg.threat,
+                           epoch=epoch, num_epochs=cfg.optim.epochs, step=step, global_step=run.global_step)
+        distiller.prepare(ctx)
+        spec = distiller.attack_spec(cfg.threat)
+        if spec is not None:
+            attack = host.make_attack(distiller=distiller, student=student, spec=spec,
+                                      loss_fn=lambda xa, ctx=ctx: distiller.attack_loss(ctx, xa))
+            ctx.x_adv = attack(x, y)
+        student.train()
+        out = distiller.loss(ctx)
+        run.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        run.optimizer.step()
+        if run.per_batch_schedule:
+            run.scheduler.step()
+        distiller.after_step(ctx, out)
+        host.step_end(run, ctx, out)
+        # Accumulate on-device; one host sync per epoch, not per step.
+        batch = len(y)
+        sums["loss"] = sums.get("loss", 0) + out.total.detach() * batch
+        for name, value in out.terms.items():
+            sums[name] = sums.get(name, 0) + value.detach().float().mean() * batch
+        seen += batch
+        run.global_step += 1
+    if run.scheduler is not None and not run.per_batch_schedule:
+        run.scheduler.step()
+    elapsed = time.perf_counter() - start
+    metrics = {name: float(value) / seen for name, value in sums.items()}
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise UserError(
+            f"training diverged in epoch {epoch + 1}: non-finite {', '.join(bad)}; lower optim.lr or check "
+            f"the method options (last good checkpoint: {run.checkpoint_dir / 'last.pt'})"
+        )
+    metrics.update(epoch=epoch + 1, lr=run.optimizer.param_groups[0]["lr"], seconds=round(elapsed, 3),
+                   images_per_s=round(seen / max(elapsed, 1e-9), 1))
+    return metrics
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def quick_eval(run: Run) -> dict[str, float]:
+    """Clean and PGD accuracy on the first ``eval.n_examples`` test points (RNG isolated)."""
+    from .evaluation import evaluate_model
+
+    cfg = run.config
+    n = cfg.eval.n_examples
+    result = evaluate_model(run.student, run.data.test_x[:n], run.data.test_y[:n], norm=cfg.threat.norm,
+                            eps=cfg.threat.eps, attacks=("clean", "pgd"), batch_size=cfg.eval.batch_size,
+                            seed=cfg.eval.seed, pgd_steps=cfg.eval.pgd_steps, device=run.device, progress=False)
+    return {f"val_{k.replace('-', '')}_acc": v for k, v in result.accuracy.items()}
+
+
+def write_metrics(run: Run) -> None:
+    lines = "".join(json.dumps(row) + "\n" for row in run.history)
+    atomic_write_text(run.out_dir / "metrics.jsonl", lines)
+
+
+def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = False) -> Run:
+    """Train (or resume) a run and return it; writes checkpoints, metrics and the resolved config."""
+    run = setup_run(config, host)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    last = run.checkpoint_dir / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise UserError(f"--resume: no checkpoint at {last}; start the run without --resume")
+        resume_from(run, last)
+    elif last.is_file():
+        raise UserError(f"{run.out_dir} already holds a run ({last}); pass --resume to continue it, "
+                        "or choose another run.out_dir")
+    atomic_write_text(run.out_dir / "config.yaml", _yaml(config.to_dict()))
+    run.host.train_start(run)
+    for epoch in range(run.epoch, config.optim.epochs):
+        run.distiller.on_epoch_start(epoch, config.optim.epochs)
+        run.host.epoch_start(run, epoch)
+        metrics = train_one_epoch(run, epoch)
+        metrics.update(run.distiller.on_epoch_end(epoch, config.optim.epochs))
+        every = config.eval.every
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == config.optim.epochs):
+            metrics.update(quick_eval(run))
+        run.host.epoch_end(run, epoch, metrics)
+        run.epoch = epoch + 1
+        run.history.append(metrics)
+        write_checkpoints(run)
+        write_metrics(run)
+        log.info("epoch %d/%d %s", epoch + 1, config.optim.epochs,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    run.host.train_end(run, run.history[-1] if run.history else {})
+    return run
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
