@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
@@ -43,8 +45,8 @@ class TRADES(Distiller):
         x' = PGD_{eps, alpha, K}( sum_c p(x)_c (log p(x)_c - log p(x')_c) ),  x'_0 = x + 0.001 N(0, I)
 
     (reduction sum; sign steps make it irrelevant), student in eval mode. The target p(x) comes from
-    the current student in the attack's BN mode, computed once per batch under no_grad (the
-    reference recomputes it each step; in eval mode it is the same tensor).
+    the current student in the attack's BN mode, computed once per batch in ``prepare`` under no_grad
+    (the reference recomputes it at every step; in eval mode it is the same tensor).
 
     The budget (eps, alpha, K) is the run's threat. TRADES' official CIFAR-10 budget is
     eps = 0.031, alpha = 0.007, K = 10: set it in the run's threat to reproduce it exactly.
@@ -104,11 +106,20 @@ class TRADES(Distiller):
         return AttackSpec(eps=threat.eps, alpha=threat.alpha, steps=threat.steps, norm=threat.norm,
                           init="gauss", init_std=1e-3, student_mode=self.config.attack_student_mode)
 
+    def prepare(self, ctx: BatchContext) -> None:
+        if ctx.threat.steps > 0:
+            self.attack_target(ctx)
+
     def attack_target(self, ctx: BatchContext) -> Tensor:
-        """p(x) from the current student (no grad), computed on first use in this batch."""
+        """p(x) from the current student, no grad, in the attack's BN mode; once per batch.
+
+        Computed in :meth:`prepare` (or on first use) and kept in ``ctx.extras``; with
+        ``attack_student_mode="eval"`` the student is switched to eval for this forward and every
+        submodule's mode is restored afterwards, whatever mode the caller left it in.
+        """
         target = ctx.extras.get(CLEAN_PROBS_KEY)
         if target is None:
-            with torch.no_grad():
+            with torch.no_grad(), _mode(ctx.student, self.config.attack_student_mode):
                 target = torch.softmax(self.student_logits(ctx, ctx.x), dim=1)
             ctx.extras[CLEAN_PROBS_KEY] = target
         return target
@@ -125,6 +136,19 @@ class TRADES(Distiller):
         kl_adv = reduce_kl(kl_logits_per_sample(logits_adv, target_logits), cfg.kl_reduction, logits_adv.shape[1])
         total = ce_nat + cfg.beta * kl_adv
         return LossOutput(total=total, terms={"ce_nat": ce_nat.detach(), "kl_adv": kl_adv.detach()})
+
+
+@contextmanager
+def _mode(module: nn.Module, mode: str) -> Iterator[None]:
+    """Put ``module`` in eval mode for ``mode == "eval"`` (else leave it), restoring every submodule's flag."""
+    saved = [(m, m.training) for m in module.modules()]
+    if mode == "eval":
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in saved:
+            m.training = was_training
 
 
 @hookimpl

@@ -18,10 +18,11 @@ Locating the feature map
 ------------------------
 The final ``nn.Linear`` is the last ``nn.Linear`` in ``model.named_modules()`` (override with
 ``fc_module``). The feature map is found once per model instance by a probe: during the first
-forward pass inside a tap, every submodule's output is recorded; after the pass the last 4-D output
-produced before the final Linear ran whose spatial mean equals the Linear's input is chosen (maps
-with more than one spatial position are preferred over an explicit 1x1 pooling output). Outputs are
-compared as they stand *after* the forward pass, which handles two traps of the RobustBench code:
+forward pass inside a tap, the submodules' 4-D outputs with as many channels as the Linear has
+inputs are recorded (the latest :data:`PROBE_WINDOW` of them); after the pass the last one produced
+before the final Linear ran whose spatial mean equals the Linear's input is chosen (maps with more
+than one spatial position are preferred over an explicit 1x1 pooling output). Outputs are compared
+as they stand *after* the forward pass, which handles two traps of the RobustBench code:
 
 * ``WideResNet`` computes ``self.relu(self.bn1(out))`` with ``ReLU(inplace=True)``: the tensor ``bn1``
   returned is overwritten by the ReLU, and ``relu`` (which runs later) is the module chosen.
@@ -37,6 +38,7 @@ one module. Models where nothing matches raise :class:`~robustbench_kd.errors.Us
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +61,12 @@ __all__ = [
 
 #: Allowed values of ``feature_map_transform``: ``None`` (the module output as is) or ``"relu"``.
 FEATURE_MAP_TRANSFORMS: tuple[str | None, ...] = (None, "relu")
+
+#: How many of the latest 4-D outputs with the classifier's input width the probe keeps. Only
+#: these can be chosen; the window bounds the probe's memory (under ``no_grad`` a large teacher's
+#: activations would otherwise all stay alive until the end of the pass). Between the feature map
+#: and the classifier there are only a few modules (pooling, dropout), so this is plenty.
+PROBE_WINDOW = 8
 
 # model -> {final Linear name -> location}; weak so a cached model can still be garbage-collected.
 _LOCATIONS: weakref.WeakKeyDictionary[nn.Module, dict[str, FeatureMapLocation]] = weakref.WeakKeyDictionary()
@@ -152,7 +160,7 @@ class FeatureTap:
         self._raw_map: Tensor | None = None
         self._map: Tensor | None = None
         # Probe state (first forward of a model whose feature map is not located yet).
-        self._candidates: list[tuple[str, Tensor]] = []
+        self._candidates: deque[tuple[str, Tensor]] = deque(maxlen=PROBE_WINDOW)
         self._probe_handles: list[RemovableHandle] = []
         self._fc_ran = False
 
@@ -162,6 +170,8 @@ class FeatureTap:
         if self._active:
             raise RuntimeError("this FeatureTap is already active; create one tap per with-block")
         self._active = True
+        # A tap may be reused for another with-block; never show the previous block's tensors.
+        self._penultimate = self._raw_map = self._map = None
         try:
             probing = False
             if self._want_feature_map and self._location is None:
@@ -235,11 +245,12 @@ class FeatureTap:
             handle.remove()
         self._handles.clear()
         self._probe_handles = []
-        self._candidates = []
+        self._candidates.clear()
         self._active = False
 
     def _on_fc_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._penultimate = args[0] if args else kwargs["input"]
+        if self._want_penultimate or self._location is None:  # the probe needs it too
+            self._penultimate = args[0] if args else kwargs["input"]
         self._fc_ran = True
 
     def _hook_feature_map(self, location: FeatureMapLocation) -> None:
@@ -253,12 +264,19 @@ class FeatureTap:
 
     def _start_probe(self) -> None:
         def begin_pass(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self._candidates = []
+            self._candidates.clear()
             self._fc_ran = False
+
+        channels = self.fc.in_features
 
         def record(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                if not self._fc_ran and isinstance(output, Tensor) and output.dim() == 4:
+                if (
+                    not self._fc_ran
+                    and isinstance(output, Tensor)
+                    and output.dim() == 4
+                    and output.shape[1] == channels
+                ):
                     self._candidates.append((name, output))
 
             return hook
@@ -272,13 +290,17 @@ class FeatureTap:
     def _finish_probe(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._location is not None:
             return  # resolved by an earlier pass inside this tap
-        candidates, self._candidates = self._candidates, []
+        candidates = list(self._candidates)
+        self._candidates.clear()
         location, raw = _match_feature_map(
             self.model, self.fc_name, self._penultimate if self._fc_ran else None, candidates
         )
         _LOCATIONS.setdefault(self.model, {})[self.fc_name] = location
         self._location = location
         self._raw_map, self._map = raw, None
+        if not self._want_penultimate:
+            # Needed only for the probe; do not keep the activation alive.
+            self._penultimate = None
         # Swap the all-module probe hooks for one hook on the found module. This hook itself stays
         # registered until exit (it is running right now) and is a no-op from here on.
         for handle in self._probe_handles:
@@ -329,7 +351,7 @@ def _match_feature_map(
     raise UserError(
         f"FeatureTap does not support {model_name}: no 4-D submodule output before its final nn.Linear "
         f"{fc_name!r} has a spatial mean (directly or after ReLU) equal to the Linear's input "
-        f"(last 4-D outputs: {', '.join(seen) or 'none'}); {hint}"
+        f"(last 4-D outputs with {target.shape[1]} channels: {', '.join(seen) or 'none'}); {hint}"
     )
 
 

@@ -108,9 +108,9 @@ class PluginHost:
     def _collect(self, hook_name: str, kind: str) -> Registry:
         registry = Registry(kind)
         caller = getattr(self.pm.hook, hook_name)
-        # Call each implementation on its own so every entry knows its plugin. pluggy's call order
-        # is LIFO; reverse it so built-ins register first and messages name the newcomer second.
-        for impl in reversed(caller.get_hookimpls()):
+        # Call each implementation on its own so every entry knows its plugin. get_hookimpls() is in
+        # registration order: built-ins first, so a clash names the built-in first, the newcomer second.
+        for impl in caller.get_hookimpls():
             kwargs = {"registry": registry.bound(impl.plugin_name)}
             impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
         return registry

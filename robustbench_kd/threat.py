@@ -29,8 +29,13 @@ def parse_number(value: object, *, what: str) -> float:
 
 
 def format_eps(eps: float) -> str:
-    """Write eps the way RobustBench's leaderboard files do: ``"8/255"`` when it is k/255, else ``"0.5"``."""
+    """Write eps the way RobustBench's leaderboard files do: ``"8/255"`` when it is k/255, else ``"0.5"``.
+
+    Short decimals stay decimals (0.2 is also 51/255, but nobody writes it that way).
+    """
     k = eps * 255
+    if eps == round(eps, 3):
+        return f"{eps:g}"
     if abs(k - round(k)) < 1e-6 and round(k) != 0 and eps < 1:
         return f"{round(k)}/255"
     return f"{eps:g}"

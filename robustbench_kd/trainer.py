@@ -250,8 +250,15 @@ def write_metrics(run: Run) -> None:
     atomic_write_text(run.out_dir / "metrics.jsonl", lines)
 
 
-def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = False) -> Run:
-    """Train (or resume) a run and return it; writes checkpoints, metrics and the resolved config."""
+def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = False,
+          stop_after: int | None = None) -> Run:
+    """Train (or resume) a run and return it; writes checkpoints, metrics and the resolved config.
+
+    Args:
+        resume: continue from ``<out_dir>/checkpoints/last.pt``.
+        stop_after: return once this many epochs are complete (a time-limited job on a cluster); the
+            schedule still spans ``optim.epochs`` and ``resume`` continues where it stopped.
+    """
     run = setup_run(config, host)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     last = run.checkpoint_dir / "last.pt"
@@ -264,7 +271,8 @@ def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = F
                         "or choose another run.out_dir")
     atomic_write_text(run.out_dir / "config.yaml", _yaml(config.to_dict()))
     run.host.train_start(run)
-    for epoch in range(run.epoch, config.optim.epochs):
+    last_epoch = config.optim.epochs if stop_after is None else min(stop_after, config.optim.epochs)
+    for epoch in range(run.epoch, last_epoch):
         run.distiller.on_epoch_start(epoch, config.optim.epochs)
         run.host.epoch_start(run, epoch)
         metrics = train_one_epoch(run, epoch)

@@ -115,8 +115,8 @@ def test_cam_of_wide_resnet_equals_manual_computation() -> None:
     # the spatial mean of a CAM is the class logit minus the bias
     torch.testing.assert_close(maps.mean(dim=(1, 2)) + model.fc.bias[labels], logits.gather(1, labels[:, None])[:, 0])
     torch.testing.assert_close(tap.cam(labels), maps)
-    torch.testing.assert_close(cam(tap.feature_map, tap.fc_weight, 7), manual.new_tensor(0) + torch.einsum(
-        "nchw,c->nhw", fmap, weight[7]))
+    # one int class for every sample
+    torch.testing.assert_close(cam(tap.feature_map, tap.fc_weight, 7), torch.einsum("nchw,c->nhw", fmap, weight[7]))
 
 
 @pytest.mark.parametrize("key", ["small-cnn", "WideResNet", "PreActResNet-bn_before_fc", "DMWideResNet"])
@@ -150,7 +150,7 @@ def test_location_is_cached_and_later_taps_hook_one_module() -> None:
         assert tap.feature_map_location == FeatureMapLocation("relu")
         assert _hook_count(model) == before + 1
         model(torch.rand(2, 3, 32, 32))
-    assert tap.feature_map.shape == (2, 32, 8, 8)
+    assert tap.feature_map.shape == (2, 128, 8, 8)  # 64 * widen_factor channels
     with pytest.raises(RuntimeError, match="not requested"):
         _ = tap.penultimate
 
@@ -175,11 +175,12 @@ def test_locate_feature_map_leaves_training_state_alone() -> None:
 
 
 def test_normalized_student_is_tapped_through_the_wrapper() -> None:
-    model = build_student("mobilenetv2", num_classes=10, in_channels=3, image_size=32, normalize=(0.5, 0.25))
+    model = build_student("small-cnn", num_classes=10, in_channels=3, image_size=16, normalize=(0.5, 0.25))
     with FeatureTap(model, feature_map=True) as tap:
-        model(torch.rand(2, 3, 32, 32))
-    assert tap.feature_map_location == FeatureMapLocation("net.head")
+        model(torch.rand(2, 3, 16, 16))
+    assert tap.feature_map_location == FeatureMapLocation("net.features")
     assert tap.fc_weight is model.net.classifier.weight
+    torch.testing.assert_close(tap.feature_map.mean(dim=(2, 3)), tap.penultimate)
 
 
 class _FlattenHead(nn.Module):
@@ -242,3 +243,15 @@ def test_cam_validates_shapes() -> None:
         cam(fmap, weight, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="feature_map"):
         cam(fmap[:, :, 0], weight, 0)
+
+
+def test_a_reused_tap_starts_empty() -> None:
+    model = _small_cnn()
+    tap = FeatureTap(model, feature_map=True)
+    with tap:
+        model(torch.rand(2, 1, 8, 8))
+    with tap:
+        with pytest.raises(RuntimeError, match="no forward pass"):
+            _ = tap.feature_map
+        model(torch.rand(3, 1, 8, 8))
+    assert tap.feature_map.shape[0] == 3

@@ -72,6 +72,7 @@ def _summed_loss(logits: Tensor, y: Tensor, loss: str) -> Tensor:
 
 
 def _input_gradient(model: nn.Module, x_adv: Tensor, y: Tensor, loss: str) -> Tensor:
+    y = y.long()  # cross_entropy and gather need int64 class indices
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
         value = _summed_loss(model(x_adv), y, loss)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..threat import NORMS, validate_eps
+from ..threat import NORMS, parse_number, validate_eps
 from .attacks import check_inputs
 
 __all__ = ["AA_LOGGER_NAME", "AUTOATTACK_VERSIONS", "AutoAttackResult", "run_autoattack"]
@@ -166,7 +166,7 @@ def run_autoattack(
     y: Tensor,
     *,
     norm: str,
-    eps: float,
+    eps: float | str,
     version: str = "standard",
     seed: int | None = 0,
     batch_size: int = 250,
@@ -181,7 +181,7 @@ def run_autoattack(
             train mode gives BN-batch-dependent, unreproducible numbers and trips AA's randomness
             check).
         x, y: inputs in [0,1] and integer labels (any device; batches are moved to ``device``).
-        norm: ``"Linf"`` or ``"L2"``. eps: radius in [0,1] units.
+        norm: ``"Linf"`` or ``"L2"``. eps: radius in [0,1] units (a number or e.g. ``"8/255"``).
         version: ``"standard"`` (the leaderboard's APGD-CE, APGD-T, FAB-T, Square), ``"quick"``
             (APGD-CE + APGD-DLR with one restart; a cheap check, not a leaderboard number),
             ``"plus"`` or ``"rand"`` (AA's versions of those names).
@@ -209,6 +209,7 @@ def run_autoattack(
         )
     if norm not in NORMS:
         raise UserError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    eps = parse_number(eps, what="eps")
     validate_eps(eps, norm, what="eps")
     if version not in AUTOATTACK_VERSIONS:
         raise UserError(
@@ -217,6 +218,7 @@ def run_autoattack(
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     check_inputs(x, y)
+    y = y.long()  # AA's DLR/targeted losses index with the labels
     device = torch.device(device) if device is not None else model_device(model)
     state = Path(state_path) if state_path is not None else None
     if log_path is not None:
@@ -278,8 +280,9 @@ def run_autoattack(
         if disagree:
             message = (
                 f"{MISMATCH_FLAG_PREFIX} AutoAttack's own robust flags and the re-evaluation of its "
-                f"adversarial examples disagree on {disagree} point(s); the forward pass is not "
-                "deterministic, so the AutoAttack number is unreliable"
+                f"adversarial examples disagree on {disagree} point(s): the forward pass is "
+                "random or batch-dependent, or these points sit on a decision boundary; the "
+                "reported accuracy is the re-evaluation (as robustbench's benchmark computes it)"
             )
             logger.warning(message)
             flags.append(message)

@@ -18,7 +18,6 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import UserError

@@ -1,0 +1,151 @@
+"""``rslad``: Robust Soft Label Adversarial Distillation (Zi et al., ICCV 2021), with label mixing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import Tensor
+
+from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
+from robustbench_kd.errors import UserError
+from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.losses import KL_REDUCTIONS, kl_per_sample, mix_with_labels, reduce_kl
+
+if TYPE_CHECKING:
+    from robustbench_kd.context import BatchContext
+    from robustbench_kd.registry import Registrar
+    from robustbench_kd.threat import ThreatSpec
+
+
+class RSLAD(Distiller):
+    r"""RSLAD: the clean-teacher soft label is the target of both the attack and the training loss.
+
+    Paper: Zi, Zhao, Ma, Jiang, 'Revisiting Adversarial Robustness Distillation: Robust Soft Labels
+    Make Student Better', ICCV 2021 [https://arxiv.org/abs/2108.07969]. Reference code:
+    zibojia/RSLAD (``rslad_loss.py``, ``resnet18_rslad_cifar{10,100}.py``). Label mixing: Maroto et
+    al., AKD paper Appendix A.2 (methods.md §3.1).
+
+    Loss (methods.md §3, §3.1)::
+
+        q = a * p_T(x) + (1 - a) * onehot(y)                       (a = label_mix_alpha; q = p_T(x) at a = 1)
+        L = s * [ lam * R( KL(q || p_S(x')) ) + (1 - lam) * R( KL(q || p_S(x)) ) ]
+
+    lam = ``adv_weight`` (5/6, so 1/6 on the natural term), tau = 1, no hard-label term. p_T(x) is the
+    memoised teacher on the CLEAN batch (no grad). R is ``kl_reduction``: the reference takes the
+    element-wise KL and ``torch.mean`` over B*C (``mean_all``). s = ``kl_scale``; the reference
+    CIFAR-100 script multiplies every KL by 10 "to keep consistent with CIFAR-10", so by default
+    s = 10 when ``num_classes == 100`` with ``mean_all`` and 1 otherwise. KL uses xlogy (0 log 0 = 0),
+    so label-mixed targets with exact zeros are fine. Forward order as the reference: student(x') then
+    student(x), both in train mode, separate passes.
+
+    Attack::
+
+        x' = PGD_{eps, alpha, K}( KL(p_T(x) || p_S(x')) ),  x'_0 = x + 0.001 N(0, I), student in eval mode
+
+    The attack target is the UNMIXED clean-teacher distribution (the AKD paper only changes the
+    training loss; methods.md §3.1 [SUGGESTION]); ``mix_in_attack=True`` uses q instead. Budget: the
+    run's threat (reference: 8/255, 2/255, 10).
+
+    Arguments (``RSLAD.Config``):
+        adv_weight (float): lam, weight of the adversarial term, in [0, 1]. (Default: 5/6, code.)
+        kl_reduction (str): ``"mean_all"``, ``"batchmean"`` or ``"sum"``. (Default: "mean_all", code.)
+        kl_scale (float | None): s; None = reference default (10 for 100 classes with mean_all, else 1).
+            (Default: None.)
+        label_mix_alpha (float): a, in [0, 1]; 1 = original RSLAD. (Default: 1.0; the AKD paper finds
+            a ~ 0.5 the best clean/robust trade-off for RSLAD, Fig. S2.)
+        mix_in_attack (bool): attack q instead of p_T(x). (Default: False.)
+        attack_student_mode (str): student BN mode in the attack. (Default: "eval", code.)
+
+    Teacher roles:
+        robust: the robust teacher (reference: TRADES WRN-34-10 on CIFAR-10, Gowal2020Uncovering
+        WRN-70-16 on CIFAR-100).
+
+    Terms logged:
+        ``kl_adv``, ``kl_nat``: the reduced KLs (scale s included, weights not).
+
+    Deviations / notes:
+        * The reference writes the element-wise KL as ``-log p_S * p_T + log(p_T + 1e-5) * p_T``; the
+          1e-5 shifts the logged value but not the gradient. We compute the exact KL.
+        * The reference CIFAR-100 script uses ``log(softmax)`` for the student; we use log_softmax.
+
+    Examples::
+
+        >>> rslad = RSLAD(num_classes=10)                       # 5/6 adv + 1/6 nat, mean_all
+        >>> rslad_lm = RSLAD(RSLAD.Config(label_mix_alpha=0.5))   # AKD paper's label-mixed RSLAD
+        >>> # run config: [method] name = "rslad", label_mix_alpha = 0.5
+    """
+
+    name: ClassVar[str] = "rslad"
+    paper: ClassVar[str] = (
+        "Bojia Zi, Shihao Zhao, Xingjun Ma, Yu-Gang Jiang. Revisiting Adversarial Robustness Distillation: "
+        "Robust Soft Labels Make Student Better. ICCV 2021. arXiv:2108.07969"
+    )
+    teacher_roles: ClassVar[tuple[str, ...]] = ("robust",)
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config:
+        """Hyper-parameters of RSLAD (see the class docstring for meanings and provenance)."""
+
+        adv_weight: float = 5.0 / 6.0
+        kl_reduction: str = "mean_all"
+        kl_scale: float | None = None
+        label_mix_alpha: float = 1.0
+        mix_in_attack: bool = False
+        attack_student_mode: str = "eval"
+
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.adv_weight <= 1.0:
+                raise UserError(f"method.adv_weight must be in [0, 1], got {self.adv_weight}")
+            if self.kl_reduction not in KL_REDUCTIONS:
+                raise UserError(
+                    f"method.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}"
+                )
+            if self.kl_scale is not None and not self.kl_scale > 0.0:
+                raise UserError(f"method.kl_scale must be positive or None, got {self.kl_scale}")
+            if not 0.0 <= self.label_mix_alpha <= 1.0:
+                raise UserError(f"method.label_mix_alpha must be in [0, 1], got {self.label_mix_alpha}")
+            if self.attack_student_mode not in STUDENT_MODES:
+                raise UserError(
+                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
+                    f"got {self.attack_student_mode!r}"
+                )
+
+    @property
+    def kl_scale(self) -> float:
+        """The effective KL multiplier s (resolves ``Config.kl_scale=None`` to the reference default)."""
+        if self.config.kl_scale is not None:
+            return float(self.config.kl_scale)
+        return 10.0 if self.num_classes == 100 and self.config.kl_reduction == "mean_all" else 1.0
+
+    def target(self, ctx: BatchContext) -> Tensor:
+        """The training target q (label-mixed clean-teacher probabilities)."""
+        probs = ctx.teacher_probs("robust", "clean")
+        if self.config.label_mix_alpha == 1.0:
+            return probs
+        return mix_with_labels(probs, ctx.y, self.config.label_mix_alpha)
+
+    def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
+        return AttackSpec(eps=threat.eps, alpha=threat.alpha, steps=threat.steps, norm=threat.norm,
+                          init="gauss", init_std=1e-3, student_mode=self.config.attack_student_mode)
+
+    def attack_loss(self, ctx: BatchContext, x_adv: Tensor) -> Tensor:
+        target = self.target(ctx) if self.config.mix_in_attack else ctx.teacher_probs("robust", "clean")
+        return kl_per_sample(self.student_logits(ctx, x_adv), target)
+
+    def loss(self, ctx: BatchContext) -> LossOutput:
+        cfg = self.config
+        q = self.target(ctx)
+        s = self.kl_scale
+        logits_adv = self.student_logits(ctx, ctx.x_adv)
+        logits_nat = self.student_logits(ctx, ctx.x)
+        c = logits_adv.shape[1]
+        kl_adv = s * reduce_kl(kl_per_sample(logits_adv, q), cfg.kl_reduction, c)
+        kl_nat = s * reduce_kl(kl_per_sample(logits_nat, q), cfg.kl_reduction, c)
+        total = cfg.adv_weight * kl_adv + (1.0 - cfg.adv_weight) * kl_nat
+        return LossOutput(total=total, terms={"kl_adv": kl_adv.detach(), "kl_nat": kl_nat.detach()})
+
+
+@hookimpl
+def rbkd_register_methods(registry: Registrar) -> None:
+    registry.add(RSLAD)

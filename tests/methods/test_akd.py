@@ -1,0 +1,178 @@
+"""Numeric and protocol tests of ``akd`` (label mixing at x', teacher ensembles)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robustbench_kd.attacks import DistillationAttack
+from robustbench_kd.context import BatchContext
+from robustbench_kd.errors import UserError
+from robustbench_kd.registry import Registry
+from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
+from robustbench_kd.testing import check_distiller
+from robustbench_kd.threat import ThreatSpec
+from robustbench_kd_plugins import akd
+from robustbench_kd_plugins.akd import AKD
+
+THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
+X = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])
+X_ADV = torch.tensor([[0.9, 0.1, 0.3, 0.2], [0.5, 0.6, 0.8, 0.0], [0.1, 0.2, 0.9, 0.6]])
+Y = torch.tensor([1, 3, 0])
+BIAS_1 = torch.tensor([0.5, -1.0, 2.0, 0.0])
+BIAS_2 = torch.tensor([-0.5, 1.5, 0.0, 1.0])
+
+
+class Affine(nn.Module):
+    """Stub network: logits = w * x + bias; counts its forward passes."""
+
+    def __init__(self, w: float, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w))
+        self.register_buffer("bias", torch.zeros(4) if bias is None else bias.clone())
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.w * x + self.bias
+
+
+def _softmax(row: list[float]) -> list[float]:
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _soft_ce(q: list[float], logits: list[float]) -> float:
+    lse = math.log(sum(math.exp(v) for v in logits))
+    return -sum(qi * (v - lse) for qi, v in zip(q, logits))
+
+
+def _ctx(teacher: nn.Module) -> BatchContext:
+    ctx = BatchContext(x=X.clone(), y=Y.clone(), student=Affine(3.0), teachers=TeacherSet({"robust": teacher}),
+                       threat=THREAT)
+    ctx.x_adv = X_ADV.clone()
+    return ctx
+
+
+def _hand(alpha: float, teacher_probs) -> float:
+    """mean_b CE(p_S(x'_b), alpha * p_T(x'_b) + (1 - alpha) * onehot(y_b)); teacher_probs(b) -> list."""
+    total = 0.0
+    for b in range(3):
+        q = [alpha * p + (1 - alpha) * (1.0 if k == int(Y[b]) else 0.0) for k, p in enumerate(teacher_probs(b))]
+        total += _soft_ce(q, (3.0 * X_ADV[b]).double().tolist())
+    return total / 3
+
+
+def test_attack_spec_pgd7_uniform_eval() -> None:
+    spec = AKD().attack_spec(THREAT)
+    assert spec.steps == 7  # paper's PGD-7 overrides the threat's 10
+    assert (spec.eps, spec.alpha) == (THREAT.eps, THREAT.alpha)
+    assert spec.init == "uniform"
+    assert spec.student_mode == "eval"
+    assert AKD(AKD.Config(steps=None)).attack_spec(THREAT).steps == 10
+    assert AKD(AKD.Config(steps=3)).attack_spec(THREAT).steps == 3
+
+
+def test_default_alpha_is_three_quarters() -> None:
+    assert AKD.Config().alpha == 0.75
+
+
+@pytest.mark.parametrize("alpha", [0.75, 1.0, 0.3])
+def test_label_mixed_target_at_adversarial_input_by_hand(alpha: float) -> None:
+    teacher = Teacher(Affine(4.0, BIAS_1))
+    ctx = _ctx(teacher)
+    out = AKD(AKD.Config(alpha=alpha)).loss(ctx)
+    expected = _hand(alpha, lambda b: _softmax((4.0 * X_ADV[b] + BIAS_1).double().tolist()))  # teacher at x'
+    assert out.total.item() == pytest.approx(expected, rel=1e-5)
+    assert set(ctx._memo) == {("robust", "adv")}
+    assert ctx.student.calls == 1  # only the student on x'
+    terms = out.terms
+    combo = alpha * terms["ce_teacher"] + (1 - alpha) * terms["ce_label"]
+    assert terms["ce_mixed"].item() == pytest.approx(combo.item(), rel=1e-5)
+
+
+def test_alpha_zero_is_pgd_at() -> None:
+    out = AKD(AKD.Config(alpha=0.0)).loss(_ctx(Teacher(Affine(4.0, BIAS_1))))
+    ce = torch.nn.functional.cross_entropy(3.0 * X_ADV, Y)
+    assert out.total.item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_weighted_ensemble_gives_eq5_by_hand() -> None:
+    t1, t2 = Teacher(Affine(4.0, BIAS_1)), Teacher(Affine(-2.0, BIAS_2))
+    ensemble = EnsembleTeacher([t1, t2], weights=[0.25, 0.75])
+    alpha = 0.8
+
+    def mixed_teacher(b: int) -> list[float]:
+        p1 = _softmax((4.0 * X_ADV[b] + BIAS_1).double().tolist())
+        p2 = _softmax((-2.0 * X_ADV[b] + BIAS_2).double().tolist())
+        return [0.25 * a + 0.75 * c for a, c in zip(p1, p2)]
+
+    ctx = _ctx(ensemble)
+    out = AKD(AKD.Config(alpha=alpha)).loss(ctx)
+    assert out.total.item() == pytest.approx(_hand(alpha, mixed_teacher), rel=1e-5)
+    q = AKD(AKD.Config(alpha=alpha)).target(ctx)
+    expected_q = torch.tensor([[alpha * p + (1 - alpha) * (k == int(Y[b])) for k, p in enumerate(mixed_teacher(b))]
+                               for b in range(3)], dtype=q.dtype)
+    assert torch.allclose(q, expected_q, atol=1e-6)
+    assert torch.allclose(q.sum(dim=1), torch.ones(3), atol=1e-6)
+
+
+def test_attack_loss_is_hard_label_ce() -> None:
+    got = AKD().attack_loss(_ctx(Teacher(Affine(4.0, BIAS_1))), X_ADV)
+    ce = torch.nn.functional.cross_entropy(3.0 * X_ADV, Y, reduction="none")
+    assert torch.allclose(got, ce, atol=1e-6)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_end_to_end_batch_with_ensemble() -> None:
+    torch.manual_seed(0)
+    student = TinyNet().train()
+    teachers = [Teacher(TinyNet()), Teacher(TinyNet())]
+    ensemble = EnsembleTeacher(teachers, weights=[0.25, 0.75])
+    distiller = AKD()
+    threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
+    ctx = BatchContext(x=torch.rand(4, 3, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
+                       teachers=TeacherSet({"robust": ensemble}), threat=threat)
+    distiller.prepare(ctx)
+    spec = distiller.attack_spec(threat)
+    atk = DistillationAttack(student, lambda xa: distiller.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
+                             steps=spec.steps, init=spec.init, student_mode=spec.student_mode)
+    ctx.x_adv = atk(ctx.x, ctx.y)
+    assert student.training
+    assert (ctx.x_adv - ctx.x).abs().max() <= threat.eps + 1e-6
+    out = distiller.loss(ctx)
+    assert torch.isfinite(out.total) and out.total.ndim == 0
+    out.total.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for t in teachers for p in t.parameters())
+
+
+def test_registration_and_validation() -> None:
+    registry = Registry("method")
+    akd.rbkd_register_methods(registry.bound("akd"))
+    assert registry.get("akd") is AKD
+    assert AKD.teacher_roles == ("robust",)
+    assert "2203.07159" in AKD.paper
+    with pytest.raises(UserError):
+        AKD.Config(alpha=-0.1)
+    with pytest.raises(UserError):
+        AKD.Config(steps=-1)
+
+
+def test_contract() -> None:
+    check_distiller(AKD)
+    check_distiller(AKD, config=AKD.Config(alpha=1.0, steps=None))
+    check_distiller(AKD, config=AKD.Config(alpha=0.0))

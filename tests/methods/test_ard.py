@@ -1,0 +1,172 @@
+"""Numeric and protocol tests of ``ard``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robustbench_kd.attacks import DistillationAttack
+from robustbench_kd.context import BatchContext
+from robustbench_kd.errors import UserError
+from robustbench_kd.registry import Registry
+from robustbench_kd.teachers import Teacher, TeacherSet
+from robustbench_kd.testing import check_distiller
+from robustbench_kd.threat import ThreatSpec
+from robustbench_kd_plugins import ard
+from robustbench_kd_plugins.ard import ARD
+
+THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
+X = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])
+X_ADV = torch.tensor([[0.9, 0.1, 0.3, 0.2], [0.5, 0.6, 0.8, 0.0], [0.1, 0.2, 0.9, 0.6]])
+Y = torch.tensor([1, 3, 0])
+T_BIAS = torch.tensor([0.5, -1.0, 2.0, 0.0])
+
+
+class Scale(nn.Module):
+    """Stub network: logits = w * x + bias; counts its forward passes."""
+
+    def __init__(self, w: float, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w))
+        self.register_buffer("bias", torch.zeros(4) if bias is None else bias.clone())
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.w * x + self.bias
+
+
+def _softmax(row: list[float], tau: float = 1.0) -> list[float]:
+    e = [math.exp(v / tau) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+
+def _ce(row: list[float], y: int) -> float:
+    return math.log(sum(math.exp(v) for v in row)) - row[y]
+
+
+def _ctx() -> BatchContext:
+    # Teacher scale 40 so that its tau = 30 distribution is far from uniform.
+    teacher = Teacher(Scale(40.0, T_BIAS))
+    ctx = BatchContext(x=X.clone(), y=Y.clone(), student=Scale(30.0), teachers=TeacherSet({"robust": teacher}),
+                       threat=THREAT)
+    ctx.x_adv = X_ADV.clone()
+    return ctx
+
+
+def _hand(tau: float) -> tuple[float, float]:
+    """(batchmean KL(p_T^tau(x) || p_S^tau(x')), mean CE(z_S(x), y))."""
+    kl = ce = 0.0
+    for b in range(3):
+        zt = (40.0 * X[b] + T_BIAS).double().tolist()  # teacher on CLEAN x
+        zs_adv = (30.0 * X_ADV[b]).double().tolist()
+        zs_nat = (30.0 * X[b]).double().tolist()
+        kl += _kl(_softmax(zt, tau), _softmax(zs_adv, tau))
+        ce += _ce(zs_nat, int(Y[b]))
+    return kl / 3, ce / 3
+
+
+def test_attack_spec() -> None:
+    spec = ARD().attack_spec(THREAT)
+    assert (spec.eps, spec.alpha, spec.steps) == (THREAT.eps, THREAT.alpha, 10)
+    assert spec.init == "uniform"
+    assert spec.student_mode == "train"
+
+
+def test_default_loss_tau_squared_mean_all_by_hand() -> None:
+    ctx = _ctx()
+    out = ARD(num_classes=4).loss(ctx)
+    kl, ce = _hand(30.0)
+    assert out.terms["kl_adv"].item() == pytest.approx(kl / 4, rel=1e-5)  # mean over B*C
+    assert out.total.item() == pytest.approx(900.0 * kl / 4, rel=1e-5)  # alpha = 1: no CE
+    assert out.terms["ce_nat"].item() == pytest.approx(ce, rel=1e-6)  # logged from the clean pass
+    assert ctx.student.calls == 2  # x' then x, as the reference
+
+
+def test_alpha_mixes_clean_ce() -> None:
+    out = ARD(ARD.Config(alpha=0.7)).loss(_ctx())
+    kl, ce = _hand(30.0)
+    assert out.total.item() == pytest.approx(0.7 * 900.0 * kl / 4 + 0.3 * ce, rel=1e-5)
+    out = ARD(ARD.Config(temperature=2.0, alpha=0.5, kl_reduction="batchmean")).loss(_ctx())
+    kl2, ce2 = _hand(2.0)
+    assert out.total.item() == pytest.approx(0.5 * 4.0 * kl2 + 0.5 * ce2, rel=1e-5)
+
+
+def test_clean_forward_flag() -> None:
+    ctx = _ctx()
+    out = ARD(ARD.Config(clean_forward_when_unused=False)).loss(ctx)
+    assert ctx.student.calls == 1
+    assert "ce_nat" not in out.terms
+
+
+def test_teacher_is_evaluated_on_clean_input_only() -> None:
+    ctx = _ctx()
+    teacher_net = ctx.teachers["robust"].net
+    ARD().loss(ctx)
+    assert teacher_net.calls == 1
+    assert set(ctx._memo) == {("robust", "clean")}
+
+
+def test_attack_loss_is_per_sample_ce() -> None:
+    ctx = _ctx()
+    got = ARD().attack_loss(ctx, X_ADV)
+    assert got.tolist() == pytest.approx([_ce((30.0 * X_ADV[b]).double().tolist(), int(Y[b])) for b in range(3)],
+                                         rel=1e-6)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_end_to_end_batch_attack_in_train_mode_updates_bn() -> None:
+    torch.manual_seed(0)
+    student, teacher = TinyNet().train(), Teacher(TinyNet())
+    distiller = ARD()
+    threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=3)
+    ctx = BatchContext(x=torch.rand(4, 3, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
+                       teachers=TeacherSet({"robust": teacher}), threat=threat)
+    distiller.prepare(ctx)
+    spec = distiller.attack_spec(threat)
+    bn = student.body[1]
+    tracked = int(bn.num_batches_tracked)
+    atk = DistillationAttack(student, lambda xa: distiller.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
+                             steps=spec.steps, init=spec.init, student_mode=spec.student_mode)
+    ctx.x_adv = atk(ctx.x, ctx.y)
+    assert int(bn.num_batches_tracked) == tracked + 3  # batch statistics at every attack step
+    assert student.training
+    assert (ctx.x_adv - ctx.x).abs().max() <= threat.eps + 1e-6
+    out = distiller.loss(ctx)
+    assert torch.isfinite(out.total) and out.total.ndim == 0
+    out.total.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_registration_and_validation() -> None:
+    registry = Registry("method")
+    ard.rbkd_register_methods(registry.bound("ard"))
+    assert registry.get("ard") is ARD
+    assert ARD.teacher_roles == ("robust",)
+    with pytest.raises(UserError):
+        ARD.Config(alpha=1.1)
+    with pytest.raises(UserError):
+        ARD.Config(attack_student_mode="training")
+
+
+def test_contract() -> None:
+    check_distiller(ARD)
+    check_distiller(ARD, config=ARD.Config(alpha=0.5))
+    check_distiller(ARD, config=ARD.Config(clean_forward_when_unused=False))

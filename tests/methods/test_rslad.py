@@ -1,0 +1,185 @@
+"""Numeric and protocol tests of ``rslad`` (and its label-mixing option)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robustbench_kd.attacks import DistillationAttack
+from robustbench_kd.context import BatchContext
+from robustbench_kd.errors import UserError
+from robustbench_kd.registry import Registry
+from robustbench_kd.teachers import Teacher, TeacherSet
+from robustbench_kd.testing import check_distiller
+from robustbench_kd.threat import ThreatSpec
+from robustbench_kd_plugins import rslad
+from robustbench_kd_plugins.rslad import RSLAD
+
+THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
+X = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])
+X_ADV = torch.tensor([[0.9, 0.1, 0.3, 0.2], [0.5, 0.6, 0.8, 0.0], [0.1, 0.2, 0.9, 0.6]])
+Y = torch.tensor([1, 3, 0])
+
+
+class Affine(nn.Module):
+    """Stub network: logits = w * x + bias; counts its forward passes."""
+
+    def __init__(self, w: float, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w))
+        self.register_buffer("bias", bias.clone())
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.w * x + self.bias
+
+
+def _softmax(row: list[float]) -> list[float]:
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _kl(q: list[float], p: list[float]) -> float:
+    """KL(q || p) with 0 log 0 = 0."""
+    return sum(qi * (math.log(qi) - math.log(pi)) for qi, pi in zip(q, p) if qi > 0)
+
+
+def _ctx(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, t_bias: torch.Tensor) -> BatchContext:
+    c = x.shape[1]
+    teacher = Teacher(Affine(4.0, t_bias))
+    ctx = BatchContext(x=x.clone(), y=y.clone(), student=Affine(3.0, torch.zeros(c)),
+                       teachers=TeacherSet({"robust": teacher}), threat=THREAT)
+    ctx.x_adv = x_adv.clone()
+    return ctx
+
+
+def _hand(x, x_adv, y, t_bias, mix: float = 1.0) -> tuple[float, float]:
+    """(batchmean KL(q || p_S(x')), batchmean KL(q || p_S(x))) with q from the teacher on CLEAN x."""
+    b_size, c = x.shape
+    kl_adv = kl_nat = 0.0
+    for b in range(b_size):
+        p_t = _softmax((4.0 * x[b] + t_bias).double().tolist())
+        q = [mix * p + (1 - mix) * (1.0 if k == int(y[b]) else 0.0) for k, p in enumerate(p_t)]
+        kl_adv += _kl(q, _softmax((3.0 * x_adv[b]).double().tolist()))
+        kl_nat += _kl(q, _softmax((3.0 * x[b]).double().tolist()))
+    return kl_adv / b_size, kl_nat / b_size
+
+
+T_BIAS = torch.tensor([0.5, -1.0, 2.0, 0.0])
+
+
+def test_attack_spec() -> None:
+    spec = RSLAD().attack_spec(THREAT)
+    assert (spec.eps, spec.alpha, spec.steps) == (THREAT.eps, THREAT.alpha, 10)
+    assert spec.init == "gauss" and spec.init_std == pytest.approx(1e-3)
+    assert spec.student_mode == "eval"
+
+
+def test_five_sixths_one_sixth_mean_all_by_hand() -> None:
+    ctx = _ctx(X, X_ADV, Y, T_BIAS)
+    out = RSLAD(num_classes=4).loss(ctx)
+    kl_adv, kl_nat = _hand(X, X_ADV, Y, T_BIAS)
+    assert out.terms["kl_adv"].item() == pytest.approx(kl_adv / 4, rel=1e-5)  # mean over B*C
+    assert out.terms["kl_nat"].item() == pytest.approx(kl_nat / 4, rel=1e-5)
+    assert out.total.item() == pytest.approx((5 / 6) * kl_adv / 4 + (1 / 6) * kl_nat / 4, rel=1e-5)
+    assert ctx.teachers["robust"].net.calls == 1  # clean teacher, once
+
+
+def test_cifar100_scale_times_ten() -> None:
+    torch.manual_seed(0)
+    x, x_adv = torch.rand(3, 100), torch.rand(3, 100)
+    y, t_bias = torch.tensor([4, 50, 99]), torch.randn(100)
+    kl_adv, kl_nat = _hand(x, x_adv, y, t_bias)
+    expected = 10.0 * ((5 / 6) * kl_adv + (1 / 6) * kl_nat) / 100
+    distiller = RSLAD(num_classes=100)
+    assert distiller.kl_scale == 10.0
+    assert distiller.loss(_ctx(x, x_adv, y, t_bias)).total.item() == pytest.approx(expected, rel=1e-5)
+    explicit = RSLAD(RSLAD.Config(kl_scale=1.0), num_classes=100)
+    assert explicit.loss(_ctx(x, x_adv, y, t_bias)).total.item() == pytest.approx(expected / 10, rel=1e-5)
+    assert RSLAD(num_classes=10).kl_scale == 1.0
+    assert RSLAD(RSLAD.Config(kl_reduction="batchmean"), num_classes=100).kl_scale == 1.0
+
+
+@pytest.mark.parametrize("mix", [0.5, 0.0])
+def test_label_mixing_target_by_hand(mix: float) -> None:
+    out = RSLAD(RSLAD.Config(label_mix_alpha=mix)).loss(_ctx(X, X_ADV, Y, T_BIAS))
+    kl_adv, kl_nat = _hand(X, X_ADV, Y, T_BIAS, mix=mix)
+    assert torch.isfinite(out.total)
+    assert out.total.item() == pytest.approx(((5 / 6) * kl_adv + (1 / 6) * kl_nat) / 4, rel=1e-5)
+
+
+def test_adv_weight_option() -> None:
+    out = RSLAD(RSLAD.Config(adv_weight=0.5, kl_reduction="batchmean")).loss(_ctx(X, X_ADV, Y, T_BIAS))
+    kl_adv, kl_nat = _hand(X, X_ADV, Y, T_BIAS)
+    assert out.total.item() == pytest.approx(0.5 * kl_adv + 0.5 * kl_nat, rel=1e-5)
+
+
+def test_attack_loss_uses_unmixed_target_unless_asked() -> None:
+    expected_plain = [_kl(_softmax((4.0 * X[b] + T_BIAS).double().tolist()),
+                          _softmax((3.0 * X_ADV[b]).double().tolist())) for b in range(3)]
+    got = RSLAD(RSLAD.Config(label_mix_alpha=0.5)).attack_loss(_ctx(X, X_ADV, Y, T_BIAS), X_ADV)
+    assert got.tolist() == pytest.approx(expected_plain, rel=1e-5)
+    mixed = RSLAD(RSLAD.Config(label_mix_alpha=0.5, mix_in_attack=True)).attack_loss(_ctx(X, X_ADV, Y, T_BIAS), X_ADV)
+    expected_mixed = []
+    for b in range(3):
+        p_t = _softmax((4.0 * X[b] + T_BIAS).double().tolist())
+        q = [0.5 * p + 0.5 * (1.0 if k == int(Y[b]) else 0.0) for k, p in enumerate(p_t)]
+        expected_mixed.append(_kl(q, _softmax((3.0 * X_ADV[b]).double().tolist())))
+    assert mixed.tolist() == pytest.approx(expected_mixed, rel=1e-5)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_end_to_end_batch() -> None:
+    torch.manual_seed(0)
+    student, teacher = TinyNet().train(), Teacher(TinyNet())
+    distiller = RSLAD(RSLAD.Config(label_mix_alpha=0.5))
+    threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=2)
+    ctx = BatchContext(x=torch.rand(4, 3, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
+                       teachers=TeacherSet({"robust": teacher}), threat=threat)
+    distiller.prepare(ctx)
+    spec = distiller.attack_spec(threat)
+    bn = student.body[1]
+    tracked = int(bn.num_batches_tracked)
+    atk = DistillationAttack(student, lambda xa: distiller.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
+                             steps=spec.steps, init=spec.init, init_std=spec.init_std,
+                             student_mode=spec.student_mode)
+    ctx.x_adv = atk(ctx.x, ctx.y)
+    assert int(bn.num_batches_tracked) == tracked  # eval-mode attack leaves BN statistics alone
+    assert student.training
+    assert (ctx.x_adv - ctx.x).abs().max() <= threat.eps + 1e-6
+    out = distiller.loss(ctx)
+    assert torch.isfinite(out.total) and out.total.ndim == 0
+    out.total.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_registration_and_validation() -> None:
+    registry = Registry("method")
+    rslad.rbkd_register_methods(registry.bound("rslad"))
+    assert registry.get("rslad") is RSLAD
+    assert RSLAD.teacher_roles == ("robust",)
+    with pytest.raises(UserError):
+        RSLAD.Config(label_mix_alpha=1.5)
+    with pytest.raises(UserError):
+        RSLAD.Config(kl_scale=0.0)
+    assert RSLAD.config_from_mapping({"label_mix_alpha": 0.5}).label_mix_alpha == 0.5
+
+
+def test_contract() -> None:
+    check_distiller(RSLAD)
+    check_distiller(RSLAD, config=RSLAD.Config(label_mix_alpha=0.0, mix_in_attack=True))

@@ -1,0 +1,40 @@
+"""The method contract, run over every registered method (timm's test_models habit)."""
+
+from __future__ import annotations
+
+import pytest
+
+from robustbench_kd.plugin_host import PluginHost
+from robustbench_kd.testing import check_distiller
+
+METHODS = PluginHost.create(autoload=False).methods.names()
+
+
+def test_every_builtin_method_is_registered():
+    assert set(METHODS) >= {"standard", "pgd-at", "trades", "kd", "ard", "rslad", "akd"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_contract(host, name):
+    check_distiller(host.methods.get(name))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_declares_roles_it_uses(host, name):
+    """A method must not read a teacher role it did not declare."""
+    from robustbench_kd.errors import UserError
+    from robustbench_kd.testing.contract import contract_batch
+    from robustbench_kd.teachers import TeacherSet
+
+    cls = host.methods.get(name)
+    distiller, ctx = contract_batch(cls)
+    declared = set(cls.teacher_roles) | set(cls.optional_teacher_roles)
+    ctx.teachers = TeacherSet({r: t for r, t in ctx.teachers.items() if r in declared})
+    distiller.prepare(ctx)
+    spec = distiller.attack_spec(ctx.threat)
+    if spec is not None:
+        ctx.x_adv = ctx.x.clone()
+    try:
+        distiller.loss(ctx)
+    except UserError as exc:  # pragma: no cover - the failure message names the role
+        pytest.fail(f"{name} used an undeclared teacher role: {exc}")

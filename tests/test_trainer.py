@@ -1,0 +1,117 @@
+"""Trainer: end-to-end runs on digits, exact resume, checkpoints usable as teachers, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from robustbench_kd.checkpoint import load_checkpoint
+from robustbench_kd.config import config_from_mapping
+from robustbench_kd.errors import UserError
+from robustbench_kd.trainer import train
+
+
+def digits_config(out_dir, **sections):
+    raw = {
+        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
+        "data": {"dataset": "digits", "batch_size": 100, "n_train": 300},
+        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
+        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
+        "method": {"name": "pgd-at"},
+        "optim": {"epochs": 3, "lr": 0.05, "schedule": "multistep", "milestones": [2]},
+    }
+    for key, value in sections.items():
+        raw[key] = value
+    return config_from_mapping(raw)
+
+
+def weights(run):
+    return {k: v.clone() for k, v in run.student.state_dict().items()}
+
+
+def test_resume_after_epoch_k_equals_uninterrupted(tmp_path, host):
+    """Stop after epoch 1, resume, finish: bitwise equal to an uninterrupted 3-epoch run."""
+    full = train(digits_config(tmp_path / "full"), host=host)
+    split_cfg = digits_config(tmp_path / "split")
+    train(split_cfg, host=host, stop_after=1)
+    resumed = train(split_cfg, host=host, resume=True)
+    for key, value in weights(full).items():
+        assert torch.equal(value, resumed.student.state_dict()[key]), key
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_resume_restores_onecycle_schedule(tmp_path, host):
+    optim = {"epochs": 2, "lr": 0.05, "schedule": "onecycle", "max_lr": 0.1}
+    full = train(digits_config(tmp_path / "a", optim=optim), host=host)
+    cfg = digits_config(tmp_path / "b", optim=optim)
+    train(cfg, host=host, stop_after=1)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(cfg, host=host)
+    resumed = train(cfg, host=host, resume=True)
+    # OneCycle steps per batch: only the checkpointed scheduler state makes the resumed LR trajectory
+    # and the weights identical.
+    assert resumed.optimizer.param_groups[0]["lr"] == full.optimizer.param_groups[0]["lr"]
+    for key, value in weights(full).items():
+        assert torch.equal(value, resumed.student.state_dict()[key]), key
+
+
+def test_outputs_written(tmp_path, host):
+    run = train(digits_config(tmp_path / "r", checkpoint={"every": 1}), host=host)
+    out = tmp_path / "r"
+    assert (out / "config.yaml").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all("ce_adv" in r for r in rows)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "epoch_001.pt", "epoch_002.pt", "epoch_003.pt", "last.pt"]
+    data = load_checkpoint(out / "checkpoints" / "epoch_002.pt")
+    assert data["epoch"] == 2 and data["student_arch"]["name"] == "small-cnn"
+    assert run.epoch == 3
+
+
+def test_intermediate_checkpoint_is_a_teacher(tmp_path, host):
+    """AKD's early-stopped teachers: file:RUN/checkpoints/epoch_NNN.pt loads as a frozen teacher."""
+    train(digits_config(tmp_path / "teacher", checkpoint={"every": 1}), host=host)
+    spec = f"file:{tmp_path / 'teacher' / 'checkpoints' / 'epoch_001.pt'}"
+    cfg = digits_config(tmp_path / "student", method={"name": "akd", "alpha": 0.5},
+                        teachers={"robust": {"specs": [spec, spec], "weights": [0.3, 0.7]}},
+                        optim={"epochs": 1, "lr": 0.05})
+    run = train(cfg, host=host)
+    teacher = run.teachers["robust"]
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    saved = load_checkpoint(tmp_path / "teacher" / "checkpoints" / "epoch_001.pt")["student"]
+    member = teacher.members[0].net.state_dict()
+    assert all(torch.equal(saved[k], member[k]) for k in saved)
+
+
+def test_quick_eval_every_epoch_is_logged(tmp_path, host):
+    run = train(digits_config(tmp_path / "r", eval={"every": 1, "n_examples": 32, "pgd_steps": 2},
+                              optim={"epochs": 1, "lr": 0.05}), host=host)
+    row = run.history[-1]
+    assert 0 <= row["val_clean_acc"] <= 1 and 0 <= row["val_pgd2_acc"] <= row["val_clean_acc"]
+
+
+@pytest.mark.parametrize("method,teachers,error", [
+    ("rslad", {}, "needs teacher role"),
+    ("pgd-at", {"robust": "file:x.pt"}, "does not use teacher role"),
+])
+def test_teacher_roles_are_checked(tmp_path, host, method, teachers, error):
+    with pytest.raises(UserError, match=error):
+        train(digits_config(tmp_path / "r", method={"name": method}, teachers=teachers), host=host)
+
+
+def test_teacher_with_wrong_class_count_is_rejected(tmp_path, host):
+    from robustbench_kd.students import build_student
+
+    net = build_student("small-cnn", num_classes=3, in_channels=1, image_size=8)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "t.pt")
+    cfg = digits_config(tmp_path / "r", method={"name": "rslad"},
+                        teachers={"robust": f"file:{tmp_path / 't.pt'}?arch=small-cnn"})
+    with pytest.raises(UserError):
+        train(cfg, host=host)
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, host):
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(digits_config(tmp_path / "r"), host=host, resume=True)
