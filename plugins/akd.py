@@ -124,13 +124,15 @@ class AKD(Distiller):
         return mix_with_labels(ctx.teacher_probs("robust", "adv"), ctx.y, self.config.alpha)
 
     def loss(self, ctx: BatchContext) -> LossOutput:
+        teacher_probs = ctx.teacher_probs("robust", "adv")
+        q = mix_with_labels(teacher_probs, ctx.y, self.config.alpha)
         logits_adv = self.student_logits(ctx, ctx.x_adv)
-        total = soft_cross_entropy_per_sample(logits_adv, self.target(ctx)).mean()
+        total = soft_cross_entropy_per_sample(logits_adv, q).mean()
         detached = logits_adv.detach()
         terms = {
             "ce_mixed": total.detach(),
             "ce_label": F.cross_entropy(detached, ctx.y),
-            "ce_teacher": soft_cross_entropy_per_sample(detached, ctx.teacher_probs("robust", "adv")).mean(),
+            "ce_teacher": soft_cross_entropy_per_sample(detached, teacher_probs).mean(),
         }
         return LossOutput(total=total, terms=terms)
 

@@ -67,9 +67,12 @@ class PGDAT(Distiller):
         ``ce_adv`` (CE on x'), and ``ce_nat`` (CE on x) when ``clean_weight > 0``.
 
     Deviations / notes:
-        * A trainer must build the attack through the plugin host (``PluginHost.make_attack``) for
-          ``fast_step_factor > 1`` to take effect; constructing ``DistillationAttack`` straight from
-          ``attack_spec`` gives the clipped step ``alpha = eps``.
+        * ``fast_step_factor > 1`` takes effect where the attack is built through the plugin host
+          (``PluginHost.make_attack``, as the trainer does); code that builds ``DistillationAttack``
+          straight from ``attack_spec`` (e.g. ``robustbench_kd.testing.check_distiller``) gets the
+          clipped step ``alpha = eps``.
+        * The reference FGSM-RS also uses a cyclic LR and mixed precision; those are run options
+          (``optim``), not part of the method.
 
     Examples::
 

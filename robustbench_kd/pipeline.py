@@ -10,6 +10,7 @@ import torch
 
 from . import builders
 from .config import ModelInfoSection, RunConfig
+from .data import to_float
 from .errors import UserError
 from .plugin_host import PluginHost
 from .report import ModelReport, evaluate_and_write
@@ -37,7 +38,7 @@ def evaluate_run(run: Any, *, export_dir: Path | None = None) -> list[ModelRepor
     """Final evaluation of a finished run: the student, then each teacher role (for comparison)."""
     cfg = run.config
     n = cfg.eval.final_n_examples
-    x, y = run.data.test_x[:n] if n else run.data.test_x, run.data.test_y[:n] if n else run.data.test_y
+    x, y = to_float(run.data.test_x[:n]), run.data.test_y[:n]
     common = dict(dataset=run.data.name, norm=cfg.threat.norm, eps=cfg.threat.eps, attacks=list(cfg.eval.attacks),
                   out_dir=export_dir or run.out_dir, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
                   pgd_steps=cfg.eval.pgd_steps, device=run.device, progress=cfg.run.progress)
@@ -75,9 +76,7 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
     if ":" not in spec or Path(spec).exists():
         spec = f"file:{spec}"
     model = builders.load_teacher(host, spec, ctx).net
-    x, y = data.test_x, data.test_y
-    if n_examples is not None:
-        x, y = x[:n_examples], y[:n_examples]
+    x, y = to_float(data.test_x[:n_examples]), data.test_y[:n_examples]
     return evaluate_and_write(model, x, y, label=model_id or spec, model_id=model_id, dataset=data.name, norm=norm,
                               eps=eps, attacks=attacks, out_dir=out_dir, meta=meta, batch_size=batch_size,
                               seed=seed, pgd_steps=pgd_steps, device=torch_device, progress=progress, host=host)

@@ -34,7 +34,7 @@ from . import builders
 from .checkpoint import load_checkpoint, restore_plain, save_checkpoint
 from .config import RunConfig
 from .context import BatchContext
-from .data import DataSplits, epoch_generator, iterate_batches, num_batches
+from .data import DataSplits, epoch_generator, to_float, iterate_batches, num_batches
 from .distiller import Distiller
 from .errors import UserError
 from .io import atomic_write_text
@@ -239,7 +239,7 @@ def quick_eval(run: Run) -> dict[str, float]:
 
     cfg = run.config
     n = cfg.eval.n_examples
-    result = evaluate_model(run.student, run.data.test_x[:n], run.data.test_y[:n], norm=cfg.threat.norm,
+    result = evaluate_model(run.student, to_float(run.data.test_x[:n]), run.data.test_y[:n], norm=cfg.threat.norm,
                             eps=cfg.threat.eps, attacks=("clean", "pgd"), batch_size=cfg.eval.batch_size,
                             seed=cfg.eval.seed, pgd_steps=cfg.eval.pgd_steps, device=run.device, progress=False)
     return {f"val_{k.replace('-', '')}_acc": v for k, v in result.accuracy.items()}

@@ -16,7 +16,7 @@ def test_every_builtin_method_is_registered():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_method_contract(host, name):
-    check_distiller(host.methods.get(name))
+    check_distiller(host.methods.get(name), host=host)
 
 
 @pytest.mark.parametrize("name", METHODS)

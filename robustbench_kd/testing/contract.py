@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attacks import DistillationAttack
 from ..context import BatchContext
 from ..distiller import Distiller, LossOutput
 from ..teachers import Teacher, TeacherSet
@@ -70,8 +69,18 @@ def contract_batch(cls: type[Distiller], *, num_classes: int = 4, batch: int = 6
     return distiller, ctx
 
 
-def check_distiller(cls: type[Distiller], *, config: Any = None, num_classes: int = 4, epoch: int = 0) -> LossOutput:
-    """Run one training step of ``cls`` and assert the contract (see the module docstring)."""
+def check_distiller(cls: type[Distiller], *, config: Any = None, num_classes: int = 4, epoch: int = 0,
+                    host: Any = None) -> LossOutput:
+    """Run one training step of ``cls`` and assert the contract (see the module docstring).
+
+    The attack is built through ``host.make_attack`` exactly as the trainer does, so an attack a
+    plugin substitutes through ``rbkd_make_attack`` is checked too (default host: a fresh one with
+    entry-point plugins loaded).
+    """
+    if host is None:
+        from ..plugin_host import PluginHost
+
+        host = PluginHost.create()
     assert isinstance(getattr(cls, "name", None), str) and _KEBAB.match(cls.name), \
         f"{cls.__name__}.name must be kebab-case, got {getattr(cls, 'name', None)!r}"
     assert getattr(cls, "paper", "") or (cls.__doc__ or "").strip(), f"{cls.__name__} must cite its paper"
@@ -85,16 +94,17 @@ def check_distiller(cls: type[Distiller], *, config: Any = None, num_classes: in
     spec = distiller.attack_spec(threat)
     if spec is not None:
         x_probe = ctx.x.clone().requires_grad_(True)
+        student.train(spec.student_mode == "train")  # probe in the mode the attack will use
         per_sample = distiller.attack_loss(ctx, x_probe)
+        student.train()
         assert per_sample.shape == (len(ctx.y),), \
             f"{cls.name}: attack_loss must return one value per sample, got shape {tuple(per_sample.shape)}"
         assert torch.isfinite(per_sample).all(), f"{cls.name}: attack_loss is not finite"
         (grad,) = torch.autograd.grad(per_sample.sum(), x_probe)
         assert torch.isfinite(grad).all(), f"{cls.name}: attack_loss gradient is not finite"
         student.zero_grad(set_to_none=True)
-        attack = DistillationAttack(student, lambda xa: distiller.attack_loss(ctx, xa), eps=spec.eps,
-                                    alpha=spec.alpha, steps=spec.steps, norm=spec.norm, init=spec.init,
-                                    init_std=spec.init_std, student_mode=spec.student_mode)
+        attack = host.make_attack(distiller=distiller, student=student, spec=spec,
+                                  loss_fn=lambda xa: distiller.attack_loss(ctx, xa))
         ctx.x_adv = attack(ctx.x, ctx.y)
         assert student.training, f"{cls.name}: the attack left the student in eval mode"
         assert (ctx.x_adv - ctx.x).abs().max() <= spec.eps + 1e-6, f"{cls.name}: x' left the eps-ball"

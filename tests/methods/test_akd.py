@@ -48,7 +48,7 @@ def _softmax(row: list[float]) -> list[float]:
 
 def _soft_ce(q: list[float], logits: list[float]) -> float:
     lse = math.log(sum(math.exp(v) for v in logits))
-    return -sum(qi * (v - lse) for qi, v in zip(q, logits))
+    return -sum(qi * (v - lse) for qi, v in zip(q, logits, strict=True))
 
 
 def _ctx(teacher: nn.Module) -> BatchContext:
@@ -109,7 +109,7 @@ def test_weighted_ensemble_gives_eq5_by_hand() -> None:
     def mixed_teacher(b: int) -> list[float]:
         p1 = _softmax((4.0 * X_ADV[b] + BIAS_1).double().tolist())
         p2 = _softmax((-2.0 * X_ADV[b] + BIAS_2).double().tolist())
-        return [0.25 * a + 0.75 * c for a, c in zip(p1, p2)]
+        return [0.25 * a + 0.75 * c for a, c in zip(p1, p2, strict=True)]
 
     ctx = _ctx(ensemble)
     out = AKD(AKD.Config(alpha=alpha)).loss(ctx)

@@ -45,7 +45,7 @@ def _softmax(row: list[float], tau: float = 1.0) -> list[float]:
 
 
 def _kl(p: list[float], q: list[float]) -> float:
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
 
 
 def _ce(row: list[float], y: int) -> float:

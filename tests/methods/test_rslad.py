@@ -46,7 +46,7 @@ def _softmax(row: list[float]) -> list[float]:
 
 def _kl(q: list[float], p: list[float]) -> float:
     """KL(q || p) with 0 log 0 = 0."""
-    return sum(qi * (math.log(qi) - math.log(pi)) for qi, pi in zip(q, p) if qi > 0)
+    return sum(qi * (math.log(qi) - math.log(pi)) for qi, pi in zip(q, p, strict=True) if qi > 0)
 
 
 def _ctx(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, t_bias: torch.Tensor) -> BatchContext:

@@ -44,7 +44,7 @@ def _softmax(row: list[float]) -> list[float]:
 
 
 def _kl(p: list[float], q: list[float]) -> float:
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
 
 
 def _ce(row: list[float], y: int) -> float:
