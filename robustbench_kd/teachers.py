@@ -109,6 +109,12 @@ class TeacherSet(Mapping[str, nn.Module]):
             have = ", ".join(self._by_role) or "none"
             raise UserError(f"no teacher for role {role!r} (configured roles: {have})") from None
 
+    def __contains__(self, role: object) -> bool:
+        return role in self._by_role
+
+    def get(self, role: str, default: nn.Module | None = None) -> nn.Module | None:  # type: ignore[override]
+        return self._by_role.get(role, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._by_role)
 
