@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from robustbench_kd.attacks import AttackLoss, DistillationAttack
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
@@ -56,9 +55,8 @@ class PGDAT(Distiller):
         fast (bool): single-step FGSM-RS ("fast AT") instead of PGD: 1 step, uniform start.
             (Default: False.)
         fast_step_factor (float): FGSM-RS step size as a multiple of eps. (Default: 1.25, Wong et
-            al.) The step exceeds eps on purpose -- the projection clips it -- which
-            ``AttackSpec`` forbids, so the spec reports ``alpha = min(factor, 1) * eps`` and this
-            module's ``rbkd_make_attack`` hook builds the one-step attack with the real step size.
+            al.) The step exceeds eps on purpose -- the projection clips it -- so the spec sets
+            ``large_step=True``, the one case where ``AttackSpec`` accepts ``alpha > eps``.
 
     Teacher roles:
         none.
@@ -67,10 +65,6 @@ class PGDAT(Distiller):
         ``ce_adv`` (CE on x'), and ``ce_nat`` (CE on x) when ``clean_weight > 0``.
 
     Deviations / notes:
-        * ``fast_step_factor > 1`` takes effect where the attack is built through the plugin host
-          (``PluginHost.make_attack``, as the trainer does); code that builds ``DistillationAttack``
-          straight from ``attack_spec`` (e.g. ``robustbench_kd.testing.check_distiller``) gets the
-          clipped step ``alpha = eps``.
         * The reference FGSM-RS also uses a cyclic LR and mixed precision; those are run options
           (``optim``), not part of the method.
 
@@ -123,9 +117,9 @@ class PGDAT(Distiller):
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         cfg = self.config
         if cfg.fast:
-            # AttackSpec rejects alpha > eps; the real step is applied by rbkd_make_attack below.
-            return AttackSpec(eps=threat.eps, alpha=min(cfg.fast_step_factor, 1.0) * threat.eps, steps=1,
-                              norm=threat.norm, init="uniform", student_mode=cfg.attack_student_mode)
+            # FGSM-RS steps 1.25 eps from a uniform start; the projection clips it back into the ball.
+            return AttackSpec(eps=threat.eps, alpha=self.fast_step_size(threat.eps), steps=1, norm=threat.norm,
+                              init="uniform", student_mode=cfg.attack_student_mode, large_step=True)
         steps = threat.steps if cfg.steps is None else cfg.steps
         return AttackSpec(eps=threat.eps, alpha=threat.alpha, steps=steps, norm=threat.norm,
                           init=cfg.init, student_mode=cfg.attack_student_mode)
@@ -144,35 +138,6 @@ class PGDAT(Distiller):
         else:
             total = ce_adv
         return LossOutput(total=total, terms=terms)
-
-
-class FastGradientAttack(DistillationAttack):
-    """FGSM with random start (Wong et al. 2020): one step of ``step_size`` (may exceed eps).
-
-    The step is larger than eps by design (1.25 eps): the projection back onto the eps-ball and
-    [0,1] clips it. Everything else (mode handling, init, projection) is ``DistillationAttack``'s.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: AttackLoss, *, eps: float, step_size: float,
-                 norm: str = "Linf", init: str = "uniform", init_std: float = 1e-3,
-                 student_mode: str = "eval") -> None:
-        if step_size <= 0:
-            raise UserError(f"fast attack step size must be positive, got {step_size}")
-        super().__init__(model, loss_fn, eps=eps, alpha=min(step_size, eps), steps=1, norm=norm,
-                         init=init, init_std=init_std, student_mode=student_mode)
-        self.alpha = float(step_size)
-
-
-@hookimpl
-def rbkd_make_attack(distiller: Distiller, student: nn.Module, spec: AttackSpec, loss_fn: AttackLoss) -> Any:
-    """Build the FGSM-RS attack for ``pgd-at`` with ``fast=True``; defer to other plugins otherwise."""
-    if not isinstance(distiller, PGDAT) or not distiller.config.fast:
-        return None
-    step = distiller.fast_step_size(spec.eps)
-    if step <= spec.alpha:
-        return None  # the built-in PGD with the spec's budget is exactly this attack
-    return FastGradientAttack(student, loss_fn, eps=spec.eps, step_size=step, norm=spec.norm,
-                              init=spec.init, init_std=spec.init_std, student_mode=spec.student_mode)
 
 
 @hookimpl

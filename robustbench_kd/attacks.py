@@ -61,6 +61,8 @@ class DistillationAttack(Attack):
             [0,1]), ``"gauss"`` (x + init_std * N(0, I), not clamped before the first step, as in
             TRADES/RSLAD), or ``"none"``.
         student_mode: ``"eval"`` or ``"train"`` (see the module docstring).
+        allow_large_step: accept ``alpha > eps`` (FGSM with random start); otherwise that is an
+            error, because it almost always means eps and alpha were swapped.
 
     Examples::
 
@@ -71,7 +73,7 @@ class DistillationAttack(Attack):
 
     def __init__(self, model: nn.Module, loss_fn: AttackLoss, *, eps: float, alpha: float, steps: int,
                  norm: str = "Linf", init: str = "uniform", init_std: float = 1e-3,
-                 student_mode: str = "eval") -> None:
+                 student_mode: str = "eval", allow_large_step: bool = False) -> None:
         super().__init__("DistillationAttack", model)
         if norm not in ("Linf", "L2"):
             raise UserError(f"attack norm must be 'Linf' or 'L2', got {norm!r}")
@@ -81,7 +83,7 @@ class DistillationAttack(Attack):
             raise UserError(f"student_mode must be one of {', '.join(STUDENT_MODES)}, got {student_mode!r}")
         if eps < 0 or alpha < 0 or steps < 0:
             raise UserError(f"attack eps, alpha and steps must be >= 0, got {eps}, {alpha}, {steps}")
-        if steps > 0 and alpha > eps + 1e-12:
+        if steps > 0 and alpha > eps + 1e-12 and not allow_large_step:
             raise UserError(f"attack step size alpha={alpha:.6g} exceeds eps={eps:.6g}")
         self.loss_fn = loss_fn
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)

@@ -52,6 +52,9 @@ class AttackSpec:
             MTARD, AdaAD) or ``"train"`` (ARD, IAD: batch statistics, running stats updated per step).
         teacher_grad: the attack loss differentiates the teacher w.r.t. its input (AdaAD, SmaraAD);
             informational: teachers always allow input gradients, their parameters never get any.
+        large_step: allow ``alpha > eps``. Only single-step FGSM with random start (Wong et al.
+            2020, step 1.25 eps) needs it; everywhere else a step above the radius means swapped
+            arguments, so it is rejected.
     """
 
     eps: float
@@ -62,6 +65,7 @@ class AttackSpec:
     init_std: float = 1e-3
     student_mode: str = "eval"
     teacher_grad: bool = False
+    large_step: bool = False
 
     def __post_init__(self) -> None:
         if self.init not in ATTACK_INITS:
@@ -70,7 +74,7 @@ class AttackSpec:
             raise UserError(
                 f"attack student_mode must be one of {', '.join(STUDENT_MODES)}, got {self.student_mode!r}"
             )
-        if self.steps > 0 and self.alpha > self.eps + 1e-12:
+        if self.steps > 0 and self.alpha > self.eps + 1e-12 and not self.large_step:
             raise UserError(
                 f"attack step size alpha={self.alpha:.6g} exceeds eps={self.eps:.6g}; "
                 "pass them by keyword and check they are not swapped"

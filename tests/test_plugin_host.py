@@ -146,3 +146,30 @@ def test_every_hook_is_documented_and_has_a_facade_call():
         assert (getattr(hookspecs, name).__doc__ or "").strip(), f"{name} has no docstring"
         short = name.removeprefix("rbkd_").removeprefix("register_")
         assert short in facade, f"PluginHost has no method for {name}"
+
+
+def test_third_party_example_shows_in_methods_and_trains(tmp_path, monkeypatch, capsys):
+    """The example package: listed by `robustbench-kd methods` with its distribution, trained by `distill`."""
+    from robustbench_kd.cli import main
+
+    install_example_plugin(tmp_path / "site", monkeypatch)
+    assert main(["methods"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("mart "))
+    assert "rbkd-mart 0.1.0" in row and "ICLR 2020" in row
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'[run]\nname = "MartExample"\nout_dir = "{tmp_path / "run"}"\nprogress = false\n'
+        '[data]\nn_train = 128\n[threat]\nsteps = 2\nalpha = 0.1\n[method]\nname = "mart"\n'
+        '[optim]\nepochs = 1\n[eval]\nattacks = ["clean", "pgd"]\nfinal_n_examples = 32\npgd_steps = 2\n'
+    )
+    assert main(["distill", str(config)]) == 0
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"bce"' in metrics and '"kl_weighted"' in metrics
+
+
+def test_readme_documents_every_hook():
+    from robustbench_kd import hookspecs
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in (n for n in dir(hookspecs) if n.startswith("rbkd_")):
+        assert f"`{name}(" in readme, f"README's hook table misses {name}"

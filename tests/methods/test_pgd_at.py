@@ -19,7 +19,7 @@ from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd_plugins import attack as builtin_attack
 from robustbench_kd_plugins import pgd_at
-from robustbench_kd_plugins.pgd_at import PGDAT, FastGradientAttack
+from robustbench_kd_plugins.pgd_at import PGDAT
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 
@@ -70,7 +70,7 @@ def test_fast_attack_spec_is_single_step_uniform() -> None:
     spec = distiller.attack_spec(THREAT)
     assert spec.steps == 1
     assert spec.init == "uniform"
-    assert spec.alpha == pytest.approx(THREAT.eps)  # clipped in the spec; the hook applies 1.25 eps
+    assert spec.alpha == pytest.approx(1.25 * THREAT.eps) and spec.large_step
     assert distiller.fast_step_size(THREAT.eps) == pytest.approx(1.25 * THREAT.eps)
     small = PGDAT(PGDAT.Config(fast=True, fast_step_factor=0.5)).attack_spec(THREAT)
     assert small.alpha == pytest.approx(0.5 * THREAT.eps)
@@ -121,13 +121,14 @@ def _plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-def test_make_attack_hook_builds_fgsm_rs_only_for_fast() -> None:
+def test_fast_spec_is_fgsm_rs_with_a_step_above_eps() -> None:
     pm = _plugin_manager()
     student = Scale()
     loss_fn = lambda xa: xa.sum(dim=1)  # noqa: E731
     fast = PGDAT(PGDAT.Config(fast=True))
-    atk = pm.hook.rbkd_make_attack(distiller=fast, student=student, spec=fast.attack_spec(THREAT), loss_fn=loss_fn)
-    assert isinstance(atk, FastGradientAttack)
+    spec = fast.attack_spec(THREAT)
+    assert spec.large_step and spec.steps == 1 and spec.init == "uniform"
+    atk = pm.hook.rbkd_make_attack(distiller=fast, student=student, spec=spec, loss_fn=loss_fn)
     assert atk.alpha == pytest.approx(1.25 * THREAT.eps)
     assert atk.steps == 1
     plain = PGDAT()
@@ -142,7 +143,8 @@ def test_fgsm_rs_takes_a_step_larger_than_eps() -> None:
     x = torch.full((64, 16), 0.5)
     direction = torch.where(torch.arange(16) % 2 == 0, 1.0, -1.0)
     loss_fn = lambda xa: (xa * direction).sum(dim=1)  # noqa: E731  gradient sign == direction
-    fast = FastGradientAttack(Scale(), loss_fn, eps=eps, step_size=1.25 * eps)(x, torch.zeros(64, dtype=torch.long))
+    fast = DistillationAttack(Scale(), loss_fn, eps=eps, alpha=1.25 * eps, steps=1, allow_large_step=True)(
+        x, torch.zeros(64, dtype=torch.long))
     moved = (fast - x) * direction
     assert moved.max() <= eps + 1e-6
     assert moved.min() >= 0.25 * eps - 1e-6  # any start in [-eps, eps] plus 1.25 eps
