@@ -46,8 +46,14 @@ def load_data(host: PluginHost, config: RunConfig) -> DataSplits:
 
 def build_student(host: PluginHost, config: RunConfig, data: DataSplits) -> nn.Module:
     factory = host.students.get(config.student.arch)
-    return factory(num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size,
-                   **config.student.options)
+    net = factory(num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size,
+                  **config.student.options)
+    if config.student.init_from:
+        from .checkpoint import load_checkpoint, load_weights, state_dict_of
+
+        path = Path(config.student.init_from).expanduser()
+        load_weights(net, state_dict_of(load_checkpoint(path)), source=f"student.init_from {path}")
+    return net
 
 
 def build_distiller(host: PluginHost, config: RunConfig, num_classes: int) -> Distiller:

@@ -5,7 +5,7 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [run]        name, out_dir, seed, device, deterministic, progress
     [data]       dataset, data_dir, download, verify_md5, batch_size, test_batch_size, augment, n_train
     [threat]     norm, eps, alpha, steps                     (eps/alpha accept "8/255")
-    [student]    arch, options = {...}
+    [student]    arch, options = {...}, init_from
     [teachers]   <role> = "scheme:ref"  or  <role> = {specs = [...], weights = [...], combine = "probs"}
     [zoo]        model_dir, allow_download
     [method]     name, then the method's own options (see `robustbench-kd methods --options NAME`)
@@ -63,6 +63,7 @@ class DataSection:
 class StudentSection:
     arch: str = "small-cnn"
     options: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None        #: start from these weights (a checkpoint path): fine-tuning stages
 
 
 @dataclass(frozen=True, kw_only=True)

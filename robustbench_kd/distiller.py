@@ -173,6 +173,14 @@ class Distiller(nn.Module, ABC):
     def after_step(self, ctx: BatchContext, out: LossOutput) -> None:
         """Hook after the optimiser step. Default: nothing."""
 
+    def on_train_start(self, run: Any) -> None:
+        """Hook once before the first epoch (also after a resume, with the method state restored).
+
+        ``run`` is the :class:`robustbench_kd.trainer.Run`: ``run.config`` gives the optimiser
+        schedule (e.g. MTARD decays its weight-update rate at ``run.config.optim.milestones``),
+        ``run.data`` the training set size, ``run.epoch`` the epochs already done. Default: nothing.
+        """
+
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         """Hook at the start of each epoch (0-based). Default: nothing."""
 

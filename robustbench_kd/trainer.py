@@ -270,6 +270,7 @@ def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = F
         raise UserError(f"{run.out_dir} already holds a run ({last}); pass --resume to continue it, "
                         "or choose another run.out_dir")
     atomic_write_text(run.out_dir / "config.yaml", _yaml(config.to_dict()))
+    run.distiller.on_train_start(run)
     run.host.train_start(run)
     last_epoch = config.optim.epochs if stop_after is None else min(stop_after, config.optim.epochs)
     for epoch in range(run.epoch, last_epoch):

@@ -115,3 +115,46 @@ def test_teacher_with_wrong_class_count_is_rejected(tmp_path, host):
 def test_resume_without_checkpoint_is_an_error(tmp_path, host):
     with pytest.raises(UserError, match="no checkpoint"):
         train(digits_config(tmp_path / "r"), host=host, resume=True)
+
+
+def test_student_init_from_a_checkpoint(tmp_path, host):
+    first = train(digits_config(tmp_path / "a", optim={"epochs": 1, "lr": 0.05}), host=host)
+    cfg = digits_config(tmp_path / "b", student={"arch": "small-cnn", "options": {"width": 0.5},
+                                                 "init_from": str(tmp_path / "a" / "checkpoints" / "last.pt")})
+    from robustbench_kd.trainer import setup_run
+
+    run = setup_run(cfg, host)
+    for key, value in first.student.state_dict().items():
+        assert torch.equal(value, run.student.state_dict()[key]), key
+
+
+def test_distiller_sees_the_run_before_training(tmp_path):
+    from robustbench_kd import Distiller, LossOutput, hookimpl
+    from robustbench_kd.plugin_host import PluginHost
+
+    seen = {}
+
+    class Probe(Distiller):
+        """Probe method for the on_train_start hook."""
+
+        name = "probe"
+
+        def attack_spec(self, threat):
+            return None
+
+        def on_train_start(self, run):
+            seen["milestones"] = list(run.config.optim.milestones)
+            seen["epoch"] = run.epoch
+
+        def loss(self, ctx):
+            return LossOutput(torch.nn.functional.cross_entropy(ctx.student(ctx.x), ctx.y))
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def rbkd_register_methods(registry):
+            registry.add(Probe)
+
+    host = PluginHost.create(autoload=False, extra=[Plugin])
+    train(digits_config(tmp_path / "r", method={"name": "probe"}, optim={"epochs": 1, "milestones": [5]}), host=host)
+    assert seen == {"milestones": [5], "epoch": 0}
