@@ -43,6 +43,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("ard", "robustbench_kd_plugins.ard"),
     ("rslad", "robustbench_kd_plugins.rslad"),
     ("akd", "robustbench_kd_plugins.akd"),
+    ("mtard", "robustbench_kd_plugins.mtard"),
 )
 
 
