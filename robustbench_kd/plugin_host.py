@@ -43,6 +43,8 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("ard", "robustbench_kd_plugins.ard"),
     ("rslad", "robustbench_kd_plugins.rslad"),
     ("akd", "robustbench_kd_plugins.akd"),
+    ("iad", "robustbench_kd_plugins.iad"),
+    ("adaad", "robustbench_kd_plugins.adaad"),
     ("mtard", "robustbench_kd_plugins.mtard"),
 )
 
