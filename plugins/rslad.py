@@ -10,6 +10,7 @@ from torch import Tensor
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.ikl import ClassPrior, check_divergence_options, ikl_per_sample, sample_weight_vectors
 from robustbench_kd.losses import KL_REDUCTIONS, kl_per_sample, mix_with_labels, reduce_kl
 
 if TYPE_CHECKING:
@@ -43,6 +44,22 @@ class RSLAD(Distiller):
 
         x' = PGD_{eps, alpha, K}( KL(p_T(x) || p_S(x')) ),  x'_0 = x + 0.001 N(0, I), student in eval mode
 
+    IKL instead of KL (``divergence="ikl"``; methods.md §10.4 [SUGGESTION], :mod:`robustbench_kd.ikl`):
+    each KL(q || p_S(.)) above becomes, per sample,
+
+        ikl_mse_weight * (1/4) sum_{j,k} w_y^{jk} (Dt_jk - Ds_jk)^2 + ikl_sce_weight * ( -sum_j q_j log p_S(.)_j )
+
+    (q the possibly label-mixed target of the sCE; the wMSE always matches the unmixed teacher logits)
+    with Dt_jk = z_T(x)^j - z_T(x)^k (teacher on the clean batch, detached), Ds_jk the same differences of
+    the student's logits on x' (resp. x), which receive the wMSE gradient (IKL's "broken asymmetry":
+    in plain KL the student gets none of it). w_y = s_bar_y s_bar_y^T with s_bar_y the mean of the
+    teacher's clean ``softmax(z_T/ikl_prior_temperature)`` over class y in the previous epoch (uniform
+    1/C in the first epoch; accumulated in :meth:`after_step`, finalised in :meth:`on_epoch_end`, saved
+    in the checkpoint as buffers ``prior.*``); ``ikl_class_prior=False`` uses per-sample teacher weights
+    instead. The sCE has KL's gradient, so ``ikl_mse_weight=0`` trains exactly like ``divergence="kl"``.
+    Reductions, s and lam apply as for the KL. The attack keeps the KL: its input gradient equals that
+    of IKL-AT's sCE-only attack (the teacher side is constant).
+
     The attack target is the UNMIXED clean-teacher distribution (the AKD paper only changes the
     training loss; methods.md §3.1 [SUGGESTION]); ``mix_in_attack=True`` uses q instead. Budget: the
     run's threat (reference: 8/255, 2/255, 10).
@@ -56,13 +73,22 @@ class RSLAD(Distiller):
             a ~ 0.5 the best clean/robust trade-off for RSLAD, Fig. S2.)
         mix_in_attack (bool): attack q instead of p_T(x). (Default: False.)
         attack_student_mode (str): student BN mode in the attack. (Default: "eval", code.)
+        divergence (str): ``"kl"`` (RSLAD) or ``"ikl"`` (see above). (Default: "kl".)
+        ikl_mse_weight (float): wMSE weight (paper alpha, IKL code ``beta``). (Default: 5.0,
+            [SUGGESTION]: the IKL-AT scripts' wMSE:sCE ratio 20:4 with the sCE kept at KL's scale.)
+        ikl_sce_weight (float): sCE weight (paper beta, IKL code ``alpha``). (Default: 1.0.)
+        ikl_prior_temperature (float): T of the teacher softmax behind the class prior. (Default: 4.0,
+            IKL-AT scripts ``--T 4``.)
+        ikl_class_prior (bool): class-wise weights (IKL ``GI``); False = per-sample teacher weights.
+            (Default: True.)
 
     Teacher roles:
         robust: the robust teacher (reference: TRADES WRN-34-10 on CIFAR-10, Gowal2020Uncovering
         WRN-70-16 on CIFAR-100).
 
     Terms logged:
-        ``kl_adv``, ``kl_nat``: the reduced KLs (scale s included, weights not).
+        ``kl_adv``, ``kl_nat``: the reduced KLs (scale s included, weights not); ``ikl_adv``, ``ikl_nat``
+        instead with ``divergence="ikl"``.
 
     Deviations / notes:
         * The reference writes the element-wise KL as ``-log p_S * p_T + log(p_T + 1e-5) * p_T``; the
@@ -73,6 +99,7 @@ class RSLAD(Distiller):
 
         >>> rslad = RSLAD(num_classes=10)                       # 5/6 adv + 1/6 nat, mean_all
         >>> rslad_lm = RSLAD(RSLAD.Config(label_mix_alpha=0.5))   # AKD paper's label-mixed RSLAD
+        >>> rslad_ikl = RSLAD(RSLAD.Config(divergence="ikl"))      # IKL replaces both KLs
         >>> # run config: [method] name = "rslad", label_mix_alpha = 0.5
     """
 
@@ -93,6 +120,11 @@ class RSLAD(Distiller):
         label_mix_alpha: float = 1.0
         mix_in_attack: bool = False
         attack_student_mode: str = "eval"
+        divergence: str = "kl"
+        ikl_mse_weight: float = 5.0
+        ikl_sce_weight: float = 1.0
+        ikl_prior_temperature: float = 4.0
+        ikl_class_prior: bool = True
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.adv_weight <= 1.0:
@@ -110,6 +142,17 @@ class RSLAD(Distiller):
                     f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
                     f"got {self.attack_student_mode!r}"
                 )
+            check_divergence_options(divergence=self.divergence, mse_weight=self.ikl_mse_weight,
+                                     sce_weight=self.ikl_sce_weight, prior_temperature=self.ikl_prior_temperature)
+
+    def __init__(self, config: RSLAD.Config | None = None, *, num_classes: int = 10) -> None:
+        super().__init__(config, num_classes=num_classes)
+        cfg = self.config
+        # Only with IKL's class prior: a KL run's state_dict (and its checkpoints) stay as they were.
+        self.prior: ClassPrior | None = (
+            ClassPrior(num_classes, temperature=cfg.ikl_prior_temperature)
+            if cfg.divergence == "ikl" and cfg.ikl_class_prior else None
+        )
 
     @property
     def kl_scale(self) -> float:
@@ -133,6 +176,19 @@ class RSLAD(Distiller):
         target = self.target(ctx) if self.config.mix_in_attack else ctx.teacher_probs("robust", "clean")
         return kl_per_sample(self.student_logits(ctx, x_adv), target)
 
+    def divergence_per_sample(self, ctx: BatchContext, student_logits: Tensor, q: Tensor) -> Tensor:
+        """KL(q || p_S) or, with ``divergence="ikl"``, IKL(teacher -> student) per sample (sCE target q)."""
+        cfg = self.config
+        if cfg.divergence == "kl":
+            return kl_per_sample(student_logits, q)
+        teacher_logits = ctx.teacher_logits("robust", "clean")
+        if self.prior is not None:
+            weights = self.prior.weight_vectors(ctx.y)
+        else:
+            weights = sample_weight_vectors(teacher_logits, cfg.ikl_prior_temperature)
+        return ikl_per_sample(student_logits, teacher_logits, weights, mse_weight=cfg.ikl_mse_weight,
+                              sce_weight=cfg.ikl_sce_weight, target_probs=q).total
+
     def loss(self, ctx: BatchContext) -> LossOutput:
         cfg = self.config
         q = self.target(ctx)
@@ -140,10 +196,20 @@ class RSLAD(Distiller):
         logits_adv = self.student_logits(ctx, ctx.x_adv)
         logits_nat = self.student_logits(ctx, ctx.x)
         c = logits_adv.shape[1]
-        kl_adv = s * reduce_kl(kl_per_sample(logits_adv, q), cfg.kl_reduction, c)
-        kl_nat = s * reduce_kl(kl_per_sample(logits_nat, q), cfg.kl_reduction, c)
+        kl_adv = s * reduce_kl(self.divergence_per_sample(ctx, logits_adv, q), cfg.kl_reduction, c)
+        kl_nat = s * reduce_kl(self.divergence_per_sample(ctx, logits_nat, q), cfg.kl_reduction, c)
         total = cfg.adv_weight * kl_adv + (1.0 - cfg.adv_weight) * kl_nat
-        return LossOutput(total=total, terms={"kl_adv": kl_adv.detach(), "kl_nat": kl_nat.detach()})
+        prefix = "kl" if cfg.divergence == "kl" else "ikl"
+        return LossOutput(total=total, terms={f"{prefix}_adv": kl_adv.detach(), f"{prefix}_nat": kl_nat.detach()})
+
+    def after_step(self, ctx: BatchContext, out: LossOutput) -> None:
+        if self.prior is not None:
+            self.prior.accumulate(ctx.teacher_logits("robust", "clean"), ctx.y)
+
+    def on_epoch_end(self, epoch: int, num_epochs: int) -> dict[str, float]:
+        if self.prior is not None:
+            self.prior.finalize()
+        return {}
 
 
 @hookimpl

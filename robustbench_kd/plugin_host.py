@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("iad", "robustbench_kd_plugins.iad"),
     ("adaad", "robustbench_kd_plugins.adaad"),
     ("mtard", "robustbench_kd_plugins.mtard"),
+    ("ikl-at", "robustbench_kd_plugins.ikl_at"),
 )
 
 

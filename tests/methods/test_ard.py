@@ -170,3 +170,73 @@ def test_contract() -> None:
     check_distiller(ARD)
     check_distiller(ARD, config=ARD.Config(alpha=0.5))
     check_distiller(ARD, config=ARD.Config(clean_forward_when_unused=False))
+
+
+# -- IKL in place of the KL (divergence="ikl", methods.md §10.4) ----------------------------------
+def _wmse(o_t: list[float], o_l: list[float], s: list[float]) -> float:
+    c = len(o_t)
+    return 0.25 * sum(s[j] * s[k] * ((o_t[j] - o_t[k]) - (o_l[j] - o_l[k])) ** 2 for j in range(c) for k in range(c))
+
+
+def _hand_ikl(tau: float, mse_w: float, sce_w: float, rows: list[list[float]] | None = None) -> float:
+    """batchmean of mse_w * wMSE(z_T(x)/tau, z_S(x')/tau) + sce_w * sCE(p_T^tau(x) -> p_S^tau(x'))."""
+    rows = rows or [[0.25] * 4] * 4
+    total = 0.0
+    for b in range(3):
+        zt = [v / tau for v in (40.0 * X[b] + T_BIAS).double().tolist()]
+        zs = [v / tau for v in (30.0 * X_ADV[b]).double().tolist()]
+        q, p = _softmax(zt), _softmax(zs)
+        sce = -sum(qi * math.log(pi) for qi, pi in zip(q, p, strict=True))
+        total += mse_w * _wmse(zt, zs, rows[int(Y[b])]) + sce_w * sce
+    return total / 3
+
+
+def test_default_divergence_is_kl_without_prior_state() -> None:
+    assert ARD.Config().divergence == "kl"
+    assert ARD(num_classes=4).state_dict() == {}
+    assert set(ARD(ARD.Config(divergence="ikl"), num_classes=4).state_dict()) == {"prior.prior", "prior.accumulator"}
+
+
+def test_ikl_by_hand_at_temperature() -> None:
+    config = ARD.Config(divergence="ikl", temperature=2.0, alpha=0.5, kl_reduction="batchmean")
+    out = ARD(config, num_classes=4).loss(_ctx())
+    ikl = _hand_ikl(2.0, mse_w=5.0, sce_w=1.0)
+    _, ce = _hand(2.0)
+    assert out.terms["ikl_adv"].item() == pytest.approx(ikl, rel=1e-5)
+    assert out.total.item() == pytest.approx(0.5 * 4.0 * ikl + 0.5 * ce, rel=1e-5)
+    assert "kl_adv" not in out.terms
+
+
+def test_ikl_tau_squared_cancels_on_the_wmse() -> None:
+    """At tau = 30 the wMSE part of alpha tau^2 IKL equals the wMSE of the raw logits."""
+    config = ARD.Config(divergence="ikl", ikl_sce_weight=0.0, ikl_mse_weight=1.0, kl_reduction="batchmean")
+    out = ARD(config, num_classes=4).loss(_ctx())
+    raw = _hand_ikl(1.0, mse_w=1.0, sce_w=0.0)
+    assert out.total.item() == pytest.approx(raw, rel=1e-5)
+
+
+def test_ikl_prior_from_teacher_clean_outputs() -> None:
+    distiller = ARD(ARD.Config(divergence="ikl", temperature=2.0, kl_reduction="batchmean"), num_classes=4)
+    ctx = _ctx()
+    distiller.after_step(ctx, distiller.loss(ctx))
+    distiller.on_epoch_end(0, 2)
+    rows = [[0.25] * 4 for _ in range(4)]
+    for b in range(3):  # the prior's own temperature (4), not tau
+        rows[int(Y[b])] = _softmax((40.0 * X[b] + T_BIAS).double().tolist(), 4.0)
+    assert torch.allclose(distiller.prior.prior, torch.tensor(rows), atol=1e-6)
+    out = distiller.loss(_ctx())
+    assert out.total.item() == pytest.approx(4.0 * _hand_ikl(2.0, 5.0, 1.0, rows), rel=1e-5)
+
+
+def test_ikl_without_wmse_trains_exactly_like_kl() -> None:
+    grads = []
+    for config in (ARD.Config(alpha=0.7), ARD.Config(alpha=0.7, divergence="ikl", ikl_mse_weight=0.0)):
+        ctx = _ctx()
+        ARD(config, num_classes=4).loss(ctx).total.backward()
+        grads.append(ctx.student.w.grad.item())
+    assert grads[1] == pytest.approx(grads[0], rel=1e-6)
+
+
+def test_contract_ikl() -> None:
+    check_distiller(ARD, config=ARD.Config(divergence="ikl"))
+    check_distiller(ARD, config=ARD.Config(divergence="ikl", ikl_class_prior=False, alpha=0.5))

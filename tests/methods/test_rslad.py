@@ -183,3 +183,124 @@ def test_registration_and_validation() -> None:
 def test_contract() -> None:
     check_distiller(RSLAD)
     check_distiller(RSLAD, config=RSLAD.Config(label_mix_alpha=0.0, mix_in_attack=True))
+
+
+# -- IKL in place of the KL (divergence="ikl", methods.md §10.4) ----------------------------------
+def _wmse(o_t: list[float], o_l: list[float], s: list[float]) -> float:
+    c = len(o_t)
+    return 0.25 * sum(s[j] * s[k] * ((o_t[j] - o_t[k]) - (o_l[j] - o_l[k])) ** 2 for j in range(c) for k in range(c))
+
+
+def _sce(q: list[float], p: list[float]) -> float:
+    return -sum(qi * math.log(pi) for qi, pi in zip(q, p, strict=True))
+
+
+def _hand_ikl(rows: list[list[float]], mse_w: float = 5.0, sce_w: float = 1.0) -> tuple[float, float]:
+    """(batchmean IKL(teacher(x) -> student(x')), batchmean IKL(teacher(x) -> student(x))), w = rows[y] rows[y]^T."""
+    adv = nat = 0.0
+    for b in range(3):
+        zt = (4.0 * X[b] + T_BIAS).double().tolist()
+        s = rows[int(Y[b])]
+        for zs, acc in (((3.0 * X_ADV[b]).double().tolist(), "adv"), ((3.0 * X[b]).double().tolist(), "nat")):
+            value = mse_w * _wmse(zt, zs, s) + sce_w * _sce(_softmax(zt), _softmax(zs))
+            if acc == "adv":
+                adv += value
+            else:
+                nat += value
+    return adv / 3, nat / 3
+
+
+def test_default_divergence_is_kl_without_prior_state() -> None:
+    assert RSLAD.Config().divergence == "kl"
+    assert RSLAD(num_classes=4).state_dict() == {}
+    assert set(RSLAD(RSLAD.Config(divergence="ikl"), num_classes=4).state_dict()) == {"prior.prior",
+                                                                                     "prior.accumulator"}
+    assert RSLAD(RSLAD.Config(divergence="ikl", ikl_class_prior=False), num_classes=4).state_dict() == {}
+
+
+def test_ikl_first_epoch_by_hand_mean_all() -> None:
+    out = RSLAD(RSLAD.Config(divergence="ikl"), num_classes=4).loss(_ctx(X, X_ADV, Y, T_BIAS))
+    adv, nat = _hand_ikl([[0.25] * 4] * 4)  # uniform prior in the first epoch
+    assert out.terms["ikl_adv"].item() == pytest.approx(adv / 4, rel=1e-5)  # mean over B*C, as the KL
+    assert out.terms["ikl_nat"].item() == pytest.approx(nat / 4, rel=1e-5)
+    assert out.total.item() == pytest.approx((5 / 6) * adv / 4 + (1 / 6) * nat / 4, rel=1e-5)
+    assert "kl_adv" not in out.terms
+
+
+def test_ikl_prior_from_teacher_clean_outputs_lags_one_epoch() -> None:
+    distiller = RSLAD(RSLAD.Config(divergence="ikl", ikl_mse_weight=2.0, ikl_sce_weight=0.5,
+                                   kl_reduction="batchmean"), num_classes=4)
+    ctx = _ctx(X, X_ADV, Y, T_BIAS)
+    distiller.after_step(ctx, distiller.loss(ctx))
+    assert torch.equal(distiller.prior.prior, torch.full((4, 4), 0.25))
+    distiller.on_epoch_end(0, 2)
+    rows = [[0.25] * 4 for _ in range(4)]
+    for b in range(3):  # one sample per class: the row is the teacher's clean softmax at T = 4
+        rows[int(Y[b])] = _softmax(((4.0 * X[b] + T_BIAS) / 4.0).double().tolist())
+    assert torch.allclose(distiller.prior.prior, torch.tensor(rows), atol=1e-6)
+    out = distiller.loss(_ctx(X, X_ADV, Y, T_BIAS))
+    adv, nat = _hand_ikl(rows, mse_w=2.0, sce_w=0.5)
+    assert out.total.item() == pytest.approx((5 / 6) * adv + (1 / 6) * nat, rel=1e-5)
+
+
+def test_ikl_without_wmse_trains_exactly_like_kl() -> None:
+    grads = []
+    for config in (RSLAD.Config(label_mix_alpha=0.5),
+                   RSLAD.Config(label_mix_alpha=0.5, divergence="ikl", ikl_mse_weight=0.0)):
+        ctx = _ctx(X, X_ADV, Y, T_BIAS)
+        RSLAD(config, num_classes=4).loss(ctx).total.backward()
+        grads.append(ctx.student.w.grad.item())
+    assert grads[1] == pytest.approx(grads[0], rel=1e-6)
+    ctx = _ctx(X, X_ADV, Y, T_BIAS)  # the wMSE adds a gradient the KL never gives the student
+    RSLAD(RSLAD.Config(divergence="ikl"), num_classes=4).loss(ctx).total.backward()
+    assert ctx.student.w.grad.item() != pytest.approx(grads[0], rel=1e-3)
+
+
+def test_ikl_attack_is_unchanged() -> None:
+    kl = RSLAD(num_classes=4).attack_loss(_ctx(X, X_ADV, Y, T_BIAS), X_ADV)
+    ikl = RSLAD(RSLAD.Config(divergence="ikl"), num_classes=4).attack_loss(_ctx(X, X_ADV, Y, T_BIAS), X_ADV)
+    assert torch.equal(kl, ikl)
+
+
+def test_ikl_validation() -> None:
+    with pytest.raises(UserError, match="divergence"):
+        RSLAD.Config(divergence="js")
+    with pytest.raises(UserError, match="ikl_sce_weight"):
+        RSLAD.Config(divergence="ikl", ikl_sce_weight=-1.0)
+
+
+def test_contract_ikl() -> None:
+    check_distiller(RSLAD, config=RSLAD.Config(divergence="ikl"))
+    check_distiller(RSLAD, config=RSLAD.Config(divergence="ikl", ikl_class_prior=False, label_mix_alpha=0.5))
+
+
+def test_ikl_resume_restores_the_prior_exactly(tmp_path, host) -> None:
+    from robustbench_kd.config import config_from_mapping
+    from robustbench_kd.students import build_student
+    from robustbench_kd.trainer import train
+
+    torch.manual_seed(0)
+    teacher = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=1.0)
+    torch.save({"state_dict": teacher.state_dict()}, tmp_path / "teacher.pt")
+
+    def config(out: str):
+        return config_from_mapping({
+            "run": {"out_dir": str(tmp_path / out), "progress": False, "deterministic": True, "seed": 3},
+            "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
+            "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
+            "student": {"arch": "small-cnn", "options": {"width": 0.5}},
+            "method": {"name": "rslad", "divergence": "ikl"},
+            "teachers": {"robust": f"file:{tmp_path / 'teacher.pt'}?arch=small-cnn&width=1.0"},
+            "optim": {"epochs": 2, "lr": 0.1},
+            "eval": {"attacks": []},
+        })
+
+    full = train(config("full"), host=host)
+    train(config("split"), host=host, stop_after=1)
+    resumed = train(config("split"), host=host, resume=True)
+    assert not torch.equal(full.distiller.prior.prior, torch.full((10, 10), 0.1))
+    for key, value in full.student.state_dict().items():
+        assert torch.equal(value, resumed.student.state_dict()[key]), key
+    for key, value in full.distiller.state_dict().items():
+        assert torch.equal(value, resumed.distiller.state_dict()[key]), key
+    assert "ikl_adv" in resumed.history[-1]
