@@ -46,6 +46,8 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("iad", "robustbench_kd_plugins.iad"),
     ("adaad", "robustbench_kd_plugins.adaad"),
     ("mtard", "robustbench_kd_plugins.mtard"),
+    ("smaraad", "robustbench_kd_plugins.smaraad"),
+    ("smaraad-plus", "robustbench_kd_plugins.smaraad_plus"),
     ("ikl-at", "robustbench_kd_plugins.ikl_at"),
 )
 
