@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.modes import module_mode
 from robustbench_kd.ikl import ClassPrior, ikl_per_sample, sample_weight_vectors
 
 if TYPE_CHECKING:
@@ -242,7 +241,7 @@ class IKLAT(Distiller):
         """z(x) of the current student in the attack's BN mode, no grad; once per batch (``ctx.extras``)."""
         logits = ctx.extras.get(CLEAN_LOGITS_KEY)
         if logits is None:
-            with torch.no_grad(), _mode(ctx.student, self.config.attack_student_mode):
+            with torch.no_grad(), module_mode(ctx.student, self.config.attack_student_mode):
                 logits = self.student_logits(ctx, ctx.x)
             ctx.extras[CLEAN_LOGITS_KEY] = logits
         return logits
@@ -278,19 +277,6 @@ class IKLAT(Distiller):
             return {}
         self.prior.finalize()
         return {"prior_true_class": float(self.prior.prior.diagonal().mean())}
-
-
-@contextmanager
-def _mode(module: nn.Module, mode: str) -> Iterator[None]:
-    """Put ``module`` in eval mode for ``mode == "eval"`` (else leave it), restoring every submodule's flag."""
-    saved = [(m, m.training) for m in module.modules()]
-    if mode == "eval":
-        module.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in saved:
-            m.training = was_training
 
 
 @hookimpl

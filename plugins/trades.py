@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.modes import module_mode
 from robustbench_kd.losses import KL_REDUCTIONS, kl_logits_per_sample, kl_per_sample, reduce_kl
 
 if TYPE_CHECKING:
@@ -119,7 +118,7 @@ class TRADES(Distiller):
         """
         target = ctx.extras.get(CLEAN_PROBS_KEY)
         if target is None:
-            with torch.no_grad(), _mode(ctx.student, self.config.attack_student_mode):
+            with torch.no_grad(), module_mode(ctx.student, self.config.attack_student_mode):
                 target = torch.softmax(self.student_logits(ctx, ctx.x), dim=1)
             ctx.extras[CLEAN_PROBS_KEY] = target
         return target
@@ -136,19 +135,6 @@ class TRADES(Distiller):
         kl_adv = reduce_kl(kl_logits_per_sample(logits_adv, target_logits), cfg.kl_reduction, logits_adv.shape[1])
         total = ce_nat + cfg.beta * kl_adv
         return LossOutput(total=total, terms={"ce_nat": ce_nat.detach(), "kl_adv": kl_adv.detach()})
-
-
-@contextmanager
-def _mode(module: nn.Module, mode: str) -> Iterator[None]:
-    """Put ``module`` in eval mode for ``mode == "eval"`` (else leave it), restoring every submodule's flag."""
-    saved = [(m, m.training) for m in module.modules()]
-    if mode == "eval":
-        module.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in saved:
-            m.training = was_training
 
 
 @hookimpl

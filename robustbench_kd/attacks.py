@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .distiller import ATTACK_INITS, STUDENT_MODES
 from .errors import UserError
+from .modes import module_mode
 
 AttackLoss = Callable[[Tensor], Tensor]
 
@@ -91,21 +92,16 @@ class DistillationAttack(Attack):
         self.student_mode = student_mode
         self.supported_mode = ["default"]
 
-    # torchattacks calls these around forward(); we restore modes ourselves in __call__.
+    # torchattacks calls these around forward(); module_mode in __call__ switches and restores instead.
     def _change_model_mode(self, given_training: bool) -> None:
-        if self.student_mode == "eval":
-            self.model.eval()
+        pass
 
     def _recover_model_mode(self, given_training: bool) -> None:
         pass
 
     def __call__(self, inputs: Tensor, labels: Tensor | None = None, *args, **kwargs) -> Tensor:
-        modes = [(m, m.training) for m in self.model.modules()]
-        try:
+        with module_mode(self.model, self.student_mode):
             return super().__call__(inputs, labels, *args, **kwargs)
-        finally:
-            for module, was_training in modes:
-                module.training = was_training
 
     def _init(self, x: Tensor) -> Tensor:
         if self.init == "none" or self.eps == 0:

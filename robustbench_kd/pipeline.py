@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from . import builders
 from .config import ModelInfoSection, RunConfig

@@ -94,6 +94,8 @@ class PluginHost:
         if autoload:
             _load_entry_points(pm, distributions)
         for obj in extra:
+            if pm.is_registered(obj):  # e.g. a built-in plugin module passed again: nothing to add
+                continue
             name = getattr(obj, "__name__", None) or type(obj).__name__
             _register(pm, obj, name, "(registered in code)", distributions)
         try:
