@@ -48,6 +48,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("mtard", "robustbench_kd_plugins.mtard"),
     ("smaraad", "robustbench_kd_plugins.smaraad"),
     ("smaraad-plus", "robustbench_kd_plugins.smaraad_plus"),
+    ("gacd", "robustbench_kd_plugins.gacd"),
     ("ikl-at", "robustbench_kd_plugins.ikl_at"),
 )
 
