@@ -3,11 +3,14 @@ RobustBench zoo architecture as teacher on tiny CIFAR fixtures (offline)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+import yaml
 
+from robustbench_kd.cli import main
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.students import build_student
@@ -32,19 +35,25 @@ def digits_teacher(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_trains_on_digits(tmp_path, host, digits_teacher, name):
+def test_distill_command_trains_on_digits(tmp_path, host, digits_teacher, name):
+    """`robustbench-kd distill RUN.yaml` for every method: 2 epochs, then a small final evaluation."""
     cls = host.methods.get(name)
-    cfg = config_from_mapping({
-        "run": {"out_dir": str(tmp_path / "run"), "progress": False},
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": {"name": "E2E", "out_dir": str(tmp_path / "run"), "progress": False},
         "data": {"dataset": "digits", "n_train": 200, "batch_size": 50},
         "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
         "teachers": teachers_for(cls, digits_teacher),
         "method": {"name": name},
         "optim": {"epochs": 2, "lr": 0.05},
-    })
-    run = train(cfg, host=host)
-    assert [row["epoch"] for row in run.history] == [1, 2]
-    assert all(math.isfinite(row["loss"]) for row in run.history)
+        "eval": {"attacks": ["clean", "pgd"], "pgd_steps": 2, "final_n_examples": 16, "teachers": False},
+    }))
+    assert main(["-q", "distill", str(config)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert all(math.isfinite(row["loss"]) for row in rows)
+    results = json.loads((tmp_path / "run" / "results" / "E2E.json").read_text())
+    assert 0 <= results["accuracy"]["pgd-2"] <= results["accuracy"]["clean"] <= 1
 
 
 @pytest.fixture(scope="module")
