@@ -16,9 +16,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,26 @@ def base_config(out_dir: Path, name: str, *, epochs: int, n_eval: int, seed: int
     }
 
 
+def _stage_depth(name: str) -> int:
+    return 0 if name not in STAGE_OF else 1 + _stage_depth(STAGE_OF[name])
+
+
+def reuse_or_run(raw: dict[str, Any], host: PluginHost, reuse: bool) -> tuple[dict[str, float], float]:
+    """With --reuse, read a finished run's results instead of training it again."""
+    run_dir = Path(raw["run"]["out_dir"])
+    results = run_dir / "results" / f"{raw['run']['name']}.json"
+    if reuse and results.is_file():
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return json.loads(results.read_text())["accuracy"], sum(r["seconds"] for r in rows)
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script owns --out; teachers are reused
+    return run_one(raw, host)
+
+
 def run_one(raw: dict[str, Any], host: PluginHost) -> tuple[dict[str, float], float]:
-    start = time.perf_counter()
+    """Train and evaluate; return the accuracies and the training time (from the metrics log)."""
     reports = distill(config_from_mapping(raw), host=host)
-    return reports[0].accuracy, time.perf_counter() - start
+    rows = (Path(raw["run"]["out_dir"]) / "metrics.jsonl").read_text().splitlines()
+    return reports[0].accuracy, sum(json.loads(line)["seconds"] for line in rows)
 
 
 def main() -> None:
@@ -55,11 +71,14 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--reuse", action="store_true", help="reuse methods whose results already exist in --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out).resolve()
     host = PluginHost.create()
     names = host.methods.names() if args.methods == "all" else args.methods.split(",")
+    # A stage runs after the stage it starts from.
+    names = sorted(names, key=lambda n: (_stage_depth(n), n))
     rows: list[tuple[str, str, dict[str, float], float]] = []
 
     teachers = {}
@@ -67,25 +86,22 @@ def main() -> None:
         raw = base_config(out, f"teacher_{role}", epochs=args.epochs, n_eval=args.n_eval, seed=args.seed)
         raw["student"]["options"]["width"] = 2.0
         raw["method"] = {"name": method}
-        last = out / f"teacher_{role}" / "checkpoints" / "last.pt"
-        if not last.is_file():
-            acc, secs = run_one(raw, host)
-            rows.append((f"teacher ({role}: {method}, 2x width)", "-", acc, secs))
-        teachers[role] = f"file:{last}"
+        acc, secs = reuse_or_run(raw, host, reuse=True)  # teachers are always reused when present
+        rows.append((f"teacher ({role}: {method}, 2x width)", "-", acc, secs))
+        teachers[role] = f"file:{out / f'teacher_{role}' / 'checkpoints' / 'last.pt'}"
 
     for name in names:
         cls = host.methods.get(name)
         raw = base_config(out, name, epochs=args.epochs, n_eval=args.n_eval, seed=args.seed)
         raw["method"] = {"name": name}
         raw["teachers"] = {role: teachers[role] for role in cls.teacher_roles}
-        shutil.rmtree(out / name, ignore_errors=True)  # this script owns --out; teachers are reused
         if name in STAGE_OF:
             raw["student"]["init_from"] = str(out / STAGE_OF[name] / "checkpoints" / "last.pt")
-        acc, secs = run_one(raw, host)
+        acc, secs = reuse_or_run(raw, host, args.reuse)
         rows.append((name, ", ".join(cls.teacher_roles) or "-", acc, secs))
 
     lines = [f"Digits, L_inf eps = 0.2, {args.epochs} epochs, small-CNN students, first {args.n_eval} test images",
-             "", "| model | teachers | clean | PGD-20 | AutoAttack | train+eval s |", "|---|---|---|---|---|---|"]
+             "", "| model | teachers | clean | PGD-20 | AutoAttack | train s |", "|---|---|---|---|---|---|"]
     for label, roles, acc, secs in rows:
         pgd = next((v for k, v in acc.items() if k.startswith("pgd")), float("nan"))
         lines.append(f"| {label} | {roles} | {100 * acc['clean']:.2f} | {100 * pgd:.2f} | "
