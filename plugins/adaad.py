@@ -13,6 +13,7 @@ from torch import Tensor
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.losses import KL_REDUCTIONS, kl_logits_per_sample, kl_per_sample, reduce_kl
 from robustbench_kd_plugins.iad import introspection_kl, reliability_weights
 
@@ -148,8 +149,7 @@ class AdaAD(Distiller):
         clean_forward_when_unused: bool = True
 
         def __post_init__(self) -> None:
-            if self.variant not in VARIANTS:
-                raise UserError(f"method.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+            check_choice("variant", self.variant, VARIANTS)
             if not 0.0 <= self.alpha <= 1.0:
                 raise UserError(f"method.alpha must be in [0, 1], got {self.alpha}")
             if self.temperature is not None and not self.temperature > 0.0:
@@ -163,13 +163,8 @@ class AdaAD(Distiller):
                 raise UserError(f"method.beta must be >= 0, got {self.beta}")
             if isinstance(self.begin, bool) or not isinstance(self.begin, int) or self.begin < 0:
                 raise UserError(f"method.begin must be a non-negative integer epoch, got {self.begin!r}")
-            if self.init not in ATTACK_INITS:
-                raise UserError(f"method.init must be one of {', '.join(ATTACK_INITS)}, got {self.init!r}")
-            if self.attack_student_mode not in STUDENT_MODES:
-                raise UserError(
-                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
-                    f"got {self.attack_student_mode!r}"
-                )
+            check_choice("init", self.init, ATTACK_INITS)
+            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
 
     def __init__(self, config: Any = None, *, num_classes: int = 10) -> None:
         super().__init__(config, num_classes=num_classes)

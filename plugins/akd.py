@@ -12,6 +12,7 @@ from torch import Tensor
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.losses import mix_with_labels, soft_cross_entropy_per_sample
 
 if TYPE_CHECKING:
@@ -102,13 +103,8 @@ class AKD(Distiller):
                 raise UserError(f"method.alpha must be in [0, 1], got {self.alpha}")
             if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 0):
                 raise UserError(f"method.steps must be a non-negative integer or None, got {self.steps!r}")
-            if self.init not in ATTACK_INITS:
-                raise UserError(f"method.init must be one of {', '.join(ATTACK_INITS)}, got {self.init!r}")
-            if self.attack_student_mode not in STUDENT_MODES:
-                raise UserError(
-                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
-                    f"got {self.attack_student_mode!r}"
-                )
+            check_choice("init", self.init, ATTACK_INITS)
+            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         cfg = self.config

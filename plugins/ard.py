@@ -12,6 +12,7 @@ from torch import Tensor
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.ikl import ClassPrior, check_divergence_options, ikl_per_sample, sample_weight_vectors
 from robustbench_kd.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
 
@@ -126,17 +127,9 @@ class ARD(Distiller):
                 raise UserError(f"method.temperature must be positive, got {self.temperature}")
             if not 0.0 <= self.alpha <= 1.0:
                 raise UserError(f"method.alpha must be in [0, 1], got {self.alpha}")
-            if self.kl_reduction not in KL_REDUCTIONS:
-                raise UserError(
-                    f"method.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}"
-                )
-            if self.init not in ATTACK_INITS:
-                raise UserError(f"method.init must be one of {', '.join(ATTACK_INITS)}, got {self.init!r}")
-            if self.attack_student_mode not in STUDENT_MODES:
-                raise UserError(
-                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
-                    f"got {self.attack_student_mode!r}"
-                )
+            check_choice("kl_reduction", self.kl_reduction, KL_REDUCTIONS)
+            check_choice("init", self.init, ATTACK_INITS)
+            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
             check_divergence_options(divergence=self.divergence, mse_weight=self.ikl_mse_weight,
                                      sce_weight=self.ikl_sce_weight, prior_temperature=self.ikl_prior_temperature)
 

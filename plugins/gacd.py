@@ -31,6 +31,7 @@ from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Di
 from robustbench_kd.errors import UserError
 from robustbench_kd.features import FeatureTap, final_linear
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.teachers import EnsembleTeacher
 
 if TYPE_CHECKING:
@@ -657,11 +658,8 @@ class GACDAFT(Distiller):
             if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
                                            or self.steps < 0):
                 raise UserError(f"method.steps must be a non-negative integer or None, got {self.steps!r}")
-            if self.init not in ATTACK_INITS:
-                raise UserError(f"method.init must be one of {', '.join(ATTACK_INITS)}, got {self.init!r}")
-            if self.attack_student_mode not in STUDENT_MODES:
-                raise UserError(f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
-                                f"got {self.attack_student_mode!r}")
+            check_choice("init", self.init, ATTACK_INITS)
+            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         cfg = self.config

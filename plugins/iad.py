@@ -13,6 +13,7 @@ from torch import Tensor
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.losses import KL_REDUCTIONS, kl_logits_per_sample, kl_per_sample, reduce_kl
 
 if TYPE_CHECKING:
@@ -170,8 +171,7 @@ class IAD(Distiller):
         clean_forward_when_unused: bool | None = None
 
         def __post_init__(self) -> None:
-            if self.variant not in VARIANTS:
-                raise UserError(f"method.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+            check_choice("variant", self.variant, VARIANTS)
             if not self.temperature > 0.0:
                 raise UserError(f"method.temperature must be positive, got {self.temperature}")
             if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
@@ -191,17 +191,9 @@ class IAD(Distiller):
             if self.begin is not None and (isinstance(self.begin, bool) or not isinstance(self.begin, int)
                                            or self.begin < 0):
                 raise UserError(f"method.begin must be a non-negative integer epoch or None, got {self.begin!r}")
-            if self.kl_reduction not in KL_REDUCTIONS:
-                raise UserError(
-                    f"method.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}"
-                )
-            if self.init not in ATTACK_INITS:
-                raise UserError(f"method.init must be one of {', '.join(ATTACK_INITS)}, got {self.init!r}")
-            if self.attack_student_mode not in STUDENT_MODES:
-                raise UserError(
-                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
-                    f"got {self.attack_student_mode!r}"
-                )
+            check_choice("kl_reduction", self.kl_reduction, KL_REDUCTIONS)
+            check_choice("init", self.init, ATTACK_INITS)
+            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
 
         def resolved(self, key: str) -> Any:
             """The value of option ``key`` with None replaced by the reference default of the variant."""

@@ -12,6 +12,7 @@ from torch import Tensor
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.modes import module_mode
 from robustbench_kd.ikl import ClassPrior, ikl_per_sample, sample_weight_vectors
 
@@ -158,21 +159,11 @@ class IKLAT(Distiller):
                     raise UserError(f"method.{key} must be positive, got {getattr(self, key)}")
             if not 0.0 <= self.prior_mix <= 1.0:
                 raise UserError(f"method.prior_mix must be in [0, 1], got {self.prior_mix}")
-            if self.eps_schedule not in EPS_SCHEDULES:
-                raise UserError(
-                    f"method.eps_schedule must be one of {', '.join(EPS_SCHEDULES)}, got {self.eps_schedule!r}"
-                )
-            if self.attack_budget not in ATTACK_BUDGETS:
-                raise UserError(
-                    f"method.attack_budget must be one of {', '.join(ATTACK_BUDGETS)}, got {self.attack_budget!r}"
-                )
+            check_choice("eps_schedule", self.eps_schedule, EPS_SCHEDULES)
+            check_choice("attack_budget", self.attack_budget, ATTACK_BUDGETS)
             if self.attack_mse_weight is not None and not self.attack_mse_weight >= 0.0:
                 raise UserError(f"method.attack_mse_weight must be >= 0 or None, got {self.attack_mse_weight}")
-            if self.attack_student_mode not in STUDENT_MODES:
-                raise UserError(
-                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
-                    f"got {self.attack_student_mode!r}"
-                )
+            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
             if self.awp:
                 raise UserError(
                     "method.awp: adversarial weight perturbation is not implemented yet for ikl-at; "

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
 
 if TYPE_CHECKING:
@@ -86,10 +87,7 @@ class KD(Distiller):
                 raise UserError(
                     f"method.kd_weight and method.ce_weight must be >= 0, got {self.kd_weight}, {self.ce_weight}"
                 )
-            if self.kl_reduction not in KL_REDUCTIONS:
-                raise UserError(
-                    f"method.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}"
-                )
+            check_choice("kl_reduction", self.kl_reduction, KL_REDUCTIONS)
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         return None

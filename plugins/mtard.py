@@ -14,6 +14,7 @@ from torch import Tensor
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
 
 if TYPE_CHECKING:
@@ -160,19 +161,12 @@ class MTARD(Distiller):
                 object.__setattr__(self, "weight_lr_milestones", tuple(milestones))
             if not self.relative_power > 0.0:
                 raise UserError(f"method.relative_power must be positive, got {self.relative_power}")
-            if self.kl_reduction not in KL_REDUCTIONS:
-                raise UserError(
-                    f"method.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}"
-                )
+            check_choice("kl_reduction", self.kl_reduction, KL_REDUCTIONS)
             if self.kl_scale is not None and not self.kl_scale > 0.0:
                 raise UserError(f"method.kl_scale must be positive or None, got {self.kl_scale}")
             if not self.teacher_log_eps >= 0.0:
                 raise UserError(f"method.teacher_log_eps must be >= 0, got {self.teacher_log_eps}")
-            if self.attack_student_mode not in STUDENT_MODES:
-                raise UserError(
-                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
-                    f"got {self.attack_student_mode!r}"
-                )
+            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
 
     w_adv: Tensor
     w_nat: Tensor

@@ -11,6 +11,7 @@ from torch import Tensor
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
@@ -96,13 +97,8 @@ class PGDAT(Distiller):
         def __post_init__(self) -> None:
             if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 0):
                 raise UserError(f"method.steps must be a non-negative integer or None, got {self.steps!r}")
-            if self.init not in ATTACK_INITS:
-                raise UserError(f"method.init must be one of {', '.join(ATTACK_INITS)}, got {self.init!r}")
-            if self.attack_student_mode not in STUDENT_MODES:
-                raise UserError(
-                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
-                    f"got {self.attack_student_mode!r}"
-                )
+            check_choice("init", self.init, ATTACK_INITS)
+            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
             if not 0.0 <= self.clean_weight <= 1.0:
                 raise UserError(f"method.clean_weight must be in [0, 1], got {self.clean_weight}")
             if not self.fast_step_factor > 0.0:

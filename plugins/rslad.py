@@ -10,6 +10,7 @@ from torch import Tensor
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.ikl import ClassPrior, check_divergence_options, ikl_per_sample, sample_weight_vectors
 from robustbench_kd.losses import KL_REDUCTIONS, kl_per_sample, mix_with_labels, reduce_kl
 
@@ -129,19 +130,12 @@ class RSLAD(Distiller):
         def __post_init__(self) -> None:
             if not 0.0 <= self.adv_weight <= 1.0:
                 raise UserError(f"method.adv_weight must be in [0, 1], got {self.adv_weight}")
-            if self.kl_reduction not in KL_REDUCTIONS:
-                raise UserError(
-                    f"method.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}"
-                )
+            check_choice("kl_reduction", self.kl_reduction, KL_REDUCTIONS)
             if self.kl_scale is not None and not self.kl_scale > 0.0:
                 raise UserError(f"method.kl_scale must be positive or None, got {self.kl_scale}")
             if not 0.0 <= self.label_mix_alpha <= 1.0:
                 raise UserError(f"method.label_mix_alpha must be in [0, 1], got {self.label_mix_alpha}")
-            if self.attack_student_mode not in STUDENT_MODES:
-                raise UserError(
-                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
-                    f"got {self.attack_student_mode!r}"
-                )
+            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
             check_divergence_options(divergence=self.divergence, mse_weight=self.ikl_mse_weight,
                                      sce_weight=self.ikl_sce_weight, prior_temperature=self.ikl_prior_temperature)
 

@@ -14,6 +14,7 @@ from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Di
 from robustbench_kd.errors import UserError
 from robustbench_kd.features import locate_feature_map
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.losses import kl_logits_per_sample
 from robustbench_kd.soft_rank import near_tie_fraction, soft_spearman
 from robustbench_kd.teachers import EnsembleTeacher
@@ -165,8 +166,7 @@ class SmaraAD(Distiller):
                 raise UserError(f"method.alpha must be in [0, 1], got {self.alpha}")
             if not self.gamma > 0.0:
                 raise UserError(f"method.gamma must be positive, got {self.gamma}")
-            if self.rank_on not in RANK_INPUTS:
-                raise UserError(f"method.rank_on must be one of {', '.join(RANK_INPUTS)}, got {self.rank_on!r}")
+            check_choice("rank_on", self.rank_on, RANK_INPUTS)
             for key in ("align_weight", "attack_align_weight"):
                 if not getattr(self, key) >= 0.0:
                     raise UserError(f"method.{key} must be >= 0, got {getattr(self, key)}")

@@ -13,6 +13,7 @@ from torch import Tensor
 from robustbench_kd.distiller import LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.soft_rank import soft_spearman
 from robustbench_kd_plugins.smaraad import PAPER, SmaraAD
 
@@ -112,10 +113,7 @@ class SmaraADPlus(SmaraAD):
                 raise UserError(f"method.lam must be in [0, 1], got {self.lam}")
             if self.self_rho_sign not in (-1.0, 1.0):
                 raise UserError(f"method.self_rho_sign must be -1.0 or 1.0, got {self.self_rho_sign}")
-            if self.entropy_source not in ENTROPY_SOURCES:
-                raise UserError(
-                    f"method.entropy_source must be one of {', '.join(ENTROPY_SOURCES)}, got {self.entropy_source!r}"
-                )
+            check_choice("entropy_source", self.entropy_source, ENTROPY_SOURCES)
             if isinstance(self.begin_epoch, bool) or not isinstance(self.begin_epoch, int) or self.begin_epoch < 0:
                 raise UserError(f"method.begin_epoch must be an integer >= 0, got {self.begin_epoch!r}")
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.validation import check_choice
 from robustbench_kd.modes import module_mode
 from robustbench_kd.losses import KL_REDUCTIONS, kl_logits_per_sample, kl_per_sample, reduce_kl
 
@@ -91,15 +92,8 @@ class TRADES(Distiller):
         def __post_init__(self) -> None:
             if not self.beta >= 0.0:
                 raise UserError(f"method.beta must be >= 0, got {self.beta}")
-            if self.kl_reduction not in KL_REDUCTIONS:
-                raise UserError(
-                    f"method.kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}"
-                )
-            if self.attack_student_mode not in STUDENT_MODES:
-                raise UserError(
-                    f"method.attack_student_mode must be one of {', '.join(STUDENT_MODES)}, "
-                    f"got {self.attack_student_mode!r}"
-                )
+            check_choice("kl_reduction", self.kl_reduction, KL_REDUCTIONS)
+            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         return AttackSpec(eps=threat.eps, alpha=threat.alpha, steps=threat.steps, norm=threat.norm,
