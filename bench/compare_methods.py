@@ -6,8 +6,9 @@
 1. Trains the teachers once: a robust one (PGD-AT, 2x-wide small CNN, the quickstart's teacher) and a
    natural one (standard training, same architecture) for methods that also use a ``natural`` role.
 2. For each method: a small-CNN student, the same epochs, schedule and seed, the method's default
-   options (the reference code's), teachers by role. Stage methods (``gacd-linear``, ``gacd-aft``)
-   start from the weights of the stage before them.
+   options (the reference code's), teachers by role. GACD's later stages (``gacd-linear``,
+   ``gacd-aft``) start from the distilled ``gacd`` weights. Then the ``VARIANTS`` (flags that the
+   default run shows to matter) unless ``--no-variants``.
 3. Evaluates every model on the first ``--n-eval`` test digits: clean, PGD-20 (step 0.05) and the
    original AutoAttack (standard), eps = 0.2 L_inf, and prints a Markdown table (also written to
    ``<out>/comparison.md``).
@@ -27,7 +28,15 @@ from robustbench_kd.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 
 #: stage methods and the method whose final weights they start from
-STAGE_OF = {"gacd-linear": "gacd", "gacd-aft": "gacd-linear"}
+STAGE_OF = {"gacd-linear": "gacd", "gacd-aft": "gacd"}  # AFT fine-tunes the distilled network (paper)
+
+#: extra rows: label -> (method, options). Why each is here: README "All methods side by side".
+VARIANTS = {
+    "ard (kl_reduction=batchmean)": ("ard", {"kl_reduction": "batchmean"}),
+    "rslad (kl_reduction=batchmean)": ("rslad", {"kl_reduction": "batchmean"}),
+    "smaraad (gamma=100)": ("smaraad", {"gamma": 100.0}),
+    "smaraad-plus (gamma=100)": ("smaraad-plus", {"gamma": 100.0}),
+}
 
 
 def base_config(out_dir: Path, name: str, *, epochs: int, n_eval: int, seed: int) -> dict[str, Any]:
@@ -72,6 +81,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--reuse", action="store_true", help="reuse methods whose results already exist in --out")
+    parser.add_argument("--no-variants", action="store_true", help="only the methods' default options")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out).resolve()
@@ -90,15 +100,19 @@ def main() -> None:
         rows.append((f"teacher ({role}: {method}, 2x width)", "-", acc, secs))
         teachers[role] = f"file:{out / f'teacher_{role}' / 'checkpoints' / 'last.pt'}"
 
-    for name in names:
+    runs = [(name, name, {}) for name in names]
+    if not args.no_variants:
+        runs += [(label, name, options) for label, (name, options) in VARIANTS.items() if name in names]
+    for label, name, options in runs:
         cls = host.methods.get(name)
-        raw = base_config(out, name, epochs=args.epochs, n_eval=args.n_eval, seed=args.seed)
-        raw["method"] = {"name": name}
+        slug = label.replace(" (", "_").replace("=", "-").rstrip(")")
+        raw = base_config(out, slug, epochs=args.epochs, n_eval=args.n_eval, seed=args.seed)
+        raw["method"] = {"name": name, **options}
         raw["teachers"] = {role: teachers[role] for role in cls.teacher_roles}
         if name in STAGE_OF:
             raw["student"]["init_from"] = str(out / STAGE_OF[name] / "checkpoints" / "last.pt")
         acc, secs = reuse_or_run(raw, host, args.reuse)
-        rows.append((name, ", ".join(cls.teacher_roles) or "-", acc, secs))
+        rows.append((label, ", ".join(cls.teacher_roles) or "-", acc, secs))
 
     lines = [f"Digits, L_inf eps = 0.2, {args.epochs} epochs, small-CNN students, first {args.n_eval} test images",
              "", "| model | teachers | clean | PGD-20 | AutoAttack | train s |", "|---|---|---|---|---|---|"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,8 +25,13 @@ if TYPE_CHECKING:
     from robustbench_kd.registry import Registrar
     from robustbench_kd.threat import ThreatSpec
 
+log = logging.getLogger(__name__)
+
 #: What the soft ranks are computed on.
 RANK_INPUTS = ("probs", "logits")
+
+#: top-1 agreement with the teacher below this multiple of chance (1 / C) over an epoch is a collapse.
+COLLAPSE_AGREEMENT = 2.0
 
 PAPER = (
     "Shenglin Yin, Zhen Xiao, Mingxuan Song, Jieyi Long. Adversarial Distillation Based on Slack Matching and "
@@ -125,13 +131,21 @@ class SmaraAD(Distiller):
 
     Terms logged:
         ``rho_adv`` (soft Spearman of S(x') and T(x')), ``align_adv`` (L_align(x'), if a > 0),
-        ``near_ties`` (share of class pairs of S(x')'s scores with |gamma diff| < 10), and
+        ``near_ties`` (share of class pairs of S(x')'s scores with |gamma diff| < 10),
+        ``top1_agree`` (share of x' where S and T pick the same class), and
         ``rho_nat`` / ``align_nat`` when alpha < 1.
 
     Deviations / notes:
         * Soft rank as in the public snippet (sum over all j, self term included), but vectorised on
           tensors per sample; the snippet's ``torch.tensor(list)`` would detach the ranks.
         * The README's example returns +rho as the loss; we minimise -rho as in Eq. 5.
+        * Collapse with the paper's defaults (measured, ``bench/compare_methods.py``): trained from
+          scratch on the digits, gamma = 1000 on probabilities drives the student within the first
+          epoch to one confident class for every input (near_ties -> 0.8: one score far from nine
+          tied ones), a state where no pair involving the top class carries gradient, so it never
+          leaves (10% accuracy). ``gamma = 100`` learns (clean accuracy equal to the teacher's in
+          5 epochs). ``top1_agree`` logs the student/teacher top-1 agreement on x'; an epoch below
+          twice chance logs a warning naming these flags. Defaults stay the paper's.
 
     Examples::
 
@@ -181,6 +195,7 @@ class SmaraAD(Distiller):
         cfg = self.config
         self.alignment = CamAlignment(classes=cfg.cam_class, normalization=cfg.cam_normalization,
                                       resize=cfg.cam_resize)
+        self._agreement: list = [0.0, 0]  # this epoch's sum of batch top-1 agreements, number of batches
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -258,6 +273,10 @@ class SmaraAD(Distiller):
         adv = -rho_adv
         terms["rho_adv"] = rho_adv.detach().mean()
         terms["near_ties"] = near_tie_fraction(self.scores(logits_adv.detach()), cfg.gamma)
+        agree = (logits_adv.detach().argmax(1) == teacher_adv.argmax(1)).float().mean()
+        terms["top1_agree"] = agree
+        self._agreement[0] = self._agreement[0] + agree  # stays a tensor: no device sync per step
+        self._agreement[1] += 1
         if use_cam:
             assert cam_s_adv is not None and cam_t_adv is not None
             align_adv = self.alignment.loss(cam_t_adv, cam_s_adv, ctx.x_adv)
@@ -286,6 +305,20 @@ class SmaraAD(Distiller):
     def loss(self, ctx: BatchContext) -> LossOutput:
         g = self.guidance(ctx)
         return LossOutput(total=g.per_sample.mean(), terms=g.terms)
+
+    def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
+        self._agreement = [0.0, 0]
+
+    def on_epoch_end(self, epoch: int, num_epochs: int) -> dict[str, float]:
+        """Warn when the student has collapsed away from the teacher's top class (see the class notes)."""
+        total, batches = float(self._agreement[0]), self._agreement[1]
+        if batches and total / batches < COLLAPSE_AGREEMENT * 1.0 / self.num_classes:
+            log.warning(
+                "%s: in epoch %d the student picked the teacher's top class on x' for only %.1f%% of the "
+                "samples (chance: %.1f%%): slack matching has lost its gradient (soft ranks at gamma = %g "
+                "only move near-tied scores); try method.gamma = 100 or method.rank_on = \"logits\"",
+                self.name, epoch + 1, 100 * total / batches, 100 / self.num_classes, self.config.gamma)
+        return {}
 
 
 def _check_single(teacher: nn.Module) -> None:

@@ -5,7 +5,8 @@
 * the registry key is kebab-case and the class cites a paper;
 * the attack keeps x' inside the eps-ball around x and inside [0,1], and ``attack_loss`` is a finite
   per-sample vector that is differentiable w.r.t. x';
-* the loss is a finite scalar; after backward the student has gradients;
+* the loss is a finite scalar; after backward the student has gradients -- or the method's own
+  trainable parameters do, and one optimiser step on them plus ``after_step`` changes the student;
 * every teacher is unchanged, in eval mode, and received no parameter gradient;
 * the student's train/eval mode is what it was before the attack.
 
@@ -118,8 +119,9 @@ def check_distiller(cls: type[Distiller], *, config: Any = None, num_classes: in
     for name, term in out.terms.items():
         assert not term.requires_grad, f"{cls.name}: logged term {name!r} must be detached"
     out.total.backward()
-    grads = [p.grad for p in student.parameters() if p.grad is not None]
-    assert grads and any(g.abs().sum() > 0 for g in grads), f"{cls.name}: the student received no gradient"
+    student_learns = any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    own = [p for p in distiller.trainable_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert student_learns or own, f"{cls.name}: neither the student nor the method's parameters received a gradient"
     for role, teacher in ctx.teachers.items():
         assert not teacher.training, f"{cls.name}: teacher {role!r} left eval mode"
         for pname, p in teacher.named_parameters():
@@ -128,6 +130,15 @@ def check_distiller(cls: type[Distiller], *, config: Any = None, num_classes: in
         after = teacher.state_dict()
         for key, value in before[role].items():
             assert torch.equal(value, after[key]), f"{cls.name}: teacher {role!r} changed ({key})"
-    distiller.after_step(ctx, out)
+    if student_learns:
+        distiller.after_step(ctx, out)
+    else:
+        # The method trains its own parameters and writes them into the student in after_step (e.g. a
+        # preconditioned classifier): one optimiser step on them must change the student.
+        weights = copy.deepcopy(student.state_dict())
+        torch.optim.SGD(own, lr=0.1).step()
+        distiller.after_step(ctx, out)
+        assert any(not torch.equal(v, student.state_dict()[k]) for k, v in weights.items()), \
+            f"{cls.name}: the student received no gradient and after_step did not update it either"
     distiller.on_epoch_end(epoch, ctx.num_epochs)
     return out

@@ -401,13 +401,87 @@ def test_linear_probe_trains_only_the_classifier_with_frozen_bn() -> None:
     student = ctx.student
     bn = student.body[1]
     stats = (bn.running_mean.clone(), int(bn.num_batches_tracked))
-    out = GACDLinear().loss(ctx)
+    out = GACDLinear(GACDLinear.Config(standardize=False)).loss(ctx)
     out.total.backward()
     assert student.training and bn.training  # modes restored
     assert torch.equal(bn.running_mean, stats[0]) and int(bn.num_batches_tracked) == stats[1]
     fc = student.body[-1]
     assert fc.weight.grad is not None and fc.weight.grad.abs().sum() > 0
     assert all(p.grad is None for name, p in student.named_parameters() if not name.startswith("body.5."))
+
+
+def _penultimate(student: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    student.eval()
+    with torch.no_grad():
+        return student.body[:-1](x)
+
+
+def test_standardised_probe_starts_as_the_classifier_and_folds_back_exactly() -> None:
+    ctx = _batch()
+    student, fc = ctx.student, ctx.student.body[-1]
+    probe = GACDLinear()
+    out = probe.loss(ctx)
+    assert student.training  # modes restored
+    feats = _penultimate(student, ctx.x)
+    mu, sigma = feats.mean(0), feats.std(0, unbiased=False)
+    sigma = sigma.clamp_min(0.1 * sigma.median())
+    torch.testing.assert_close(probe.feature_mean, mu)
+    torch.testing.assert_close(probe.feature_std, sigma)
+    # V = W sigma, c = b + W mu: the probe's logits equal the classifier's before any step.
+    torch.testing.assert_close(probe.probe((feats - mu) / sigma), fc(feats), rtol=1e-5, atol=1e-5)
+    ce_before = out.total.item()
+    student.train()
+    out.total.backward()
+    assert fc.weight.grad is None  # the classifier itself is not optimised ...
+    optimizer = torch.optim.SGD(probe.parameters(), lr=0.5)
+    optimizer.step()
+    probe.after_step(ctx, out)  # ... it receives the folded probe: W = V / sigma, b = c - W mu
+    torch.testing.assert_close(fc.weight, probe.probe.weight / sigma)
+    torch.testing.assert_close(fc.bias, probe.probe.bias - (probe.probe.weight / sigma) @ mu)
+    after = probe.loss(ctx)
+    torch.testing.assert_close(fc(feats), probe.probe((feats - mu) / sigma), rtol=1e-5, atol=1e-5)
+    assert after.total.item() < ce_before
+
+
+def test_standardised_probe_learns_offset_features_where_plain_sgd_cannot() -> None:
+    """Features with a large common offset (as stage 1 leaves them): same SGD, same steps."""
+    torch.manual_seed(0)
+    centres = torch.randn(4, 16)
+    y = torch.arange(256) % 4
+    x = centres[y] + 0.3 * torch.randn(256, 16)
+
+    class Offset(nn.Module):  # penultimate = 30 + 10 x, then the classifier
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.fc(30.0 + 10.0 * inputs)
+
+    def train_probe(standardize: bool) -> tuple[list[float], float]:
+        torch.manual_seed(1)
+        student = Offset()
+        method = GACDLinear(GACDLinear.Config(standardize=standardize), num_classes=4)
+        ctx = BatchContext(x=x, y=y, index=torch.arange(256), student=student, teachers=TeacherSet({}),
+                           threat=THREAT)
+        method.loss(ctx)  # materialise the probe (standardised) before building the optimiser
+        params = list(method.parameters()) if standardize else list(student.fc.parameters())
+        optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        losses = []
+        for _ in range(30):
+            out = method.loss(ctx)
+            optimizer.zero_grad()
+            out.total.backward()
+            optimizer.step()
+            method.after_step(ctx, out)
+            losses.append(out.total.item())
+        with torch.no_grad():
+            return losses, (student(x).argmax(1) == y).float().mean().item()
+
+    losses, accuracy = train_probe(standardize=True)
+    assert all(a > b for a, b in zip(losses[::5], losses[5::5])) and accuracy == 1.0  # steady descent
+    losses, _ = train_probe(standardize=False)
+    assert max(losses) > 10 * losses[0]  # the same SGD on the raw features blows up first
 
 
 # -- training: resume and the three stages on digits -----------------------------------------------
@@ -484,3 +558,21 @@ def test_three_stages_end_to_end_on_digits(tmp_path, gacd_host, teacher_spec) ->
     assert not torch.equal(tuned["features.0.weight"], distilled["student"]["features.0.weight"])
     row = json.loads((tmp_path / "aft" / "metrics.jsonl").read_text().splitlines()[0])
     assert math.isfinite(row["ce_adv"])
+
+
+def test_linear_probe_resume_is_exact(tmp_path, gacd_host) -> None:
+    torch.manual_seed(5)
+    init = tmp_path / "stage1.pt"
+    torch.save({"state_dict": build_student("small-cnn", num_classes=10, in_channels=1, image_size=8,
+                                            width=0.5).state_dict()}, init)
+    student = {"arch": "small-cnn", "options": {"width": 0.5}, "init_from": str(init)}
+    sections = {"method": {"name": "gacd-linear"}, "student": student}
+    full = train(_digits_config(tmp_path / "full", **sections), host=gacd_host)
+    cfg = _digits_config(tmp_path / "split", **sections)
+    train(cfg, host=gacd_host, stop_after=1)
+    resumed = train(cfg, host=gacd_host, resume=True)
+    for key, value in full.student.state_dict().items():
+        assert torch.equal(value, resumed.student.state_dict()[key]), key
+    for key, value in full.distiller.state_dict().items():
+        assert torch.equal(value, resumed.distiller.state_dict()[key]), key
+    assert full.distiller.feature_mean.shape == (full.distiller.probe.in_features,)

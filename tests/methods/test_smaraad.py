@@ -324,6 +324,29 @@ def test_loss_with_clean_terms_and_options_by_hand() -> None:
     assert no_cam.total.item() == pytest.approx(2.0 - sum(r for r, _ in adv_label) / 3, rel=1e-5)
 
 
+def test_top1_agreement_is_logged_and_a_collapsed_epoch_warns(caplog) -> None:
+    x, x_adv, y = _data()
+    ctx = _ctx(x, x_adv, y)
+    with torch.no_grad():
+        agree = (ctx.student(x_adv).argmax(1) == ctx.teachers["robust"](x_adv).argmax(1)).float().mean()
+    method = SmaraAD(num_classes=4)
+    method.on_epoch_start(0, 1)
+    out = method.loss(ctx)
+    assert out.terms["top1_agree"].item() == pytest.approx(agree.item())
+    caplog.set_level("WARNING")
+    method.on_epoch_end(0, 1)
+    collapsed = agree.item() < 2 / 4
+    assert any("method.gamma = 100" in r.getMessage() for r in caplog.records) == collapsed
+    caplog.clear()
+    method._agreement = [torch.tensor(0.1), 1]  # an epoch where S and T agreed on 10% of x' (< 2 x 25%)
+    method.on_epoch_end(1, 2)
+    assert "slack matching has lost its gradient" in caplog.text and "only 10.0%" in caplog.text
+    caplog.clear()
+    method._agreement = [torch.tensor(0.9), 1]
+    method.on_epoch_end(2, 3)
+    assert not caplog.records
+
+
 def test_student_gets_gradient_from_both_terms() -> None:
     x, x_adv, y = _data()
     ctx = _ctx(x, x_adv, y)
