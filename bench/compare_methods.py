@@ -34,6 +34,8 @@ STAGE_OF = {"gacd-linear": "gacd", "gacd-aft": "gacd"}  # AFT fine-tunes the dis
 VARIANTS = {
     "ard (kl_reduction=batchmean)": ("ard", {"kl_reduction": "batchmean"}),
     "rslad (kl_reduction=batchmean)": ("rslad", {"kl_reduction": "batchmean"}),
+    "adaad (kl_reduction=batchmean)": ("adaad", {"kl_reduction": "batchmean"}),
+    "mtard (kl_reduction=batchmean)": ("mtard", {"kl_reduction": "batchmean"}),
     "smaraad (gamma=100)": ("smaraad", {"gamma": 100.0}),
     "smaraad-plus (gamma=100)": ("smaraad-plus", {"gamma": 100.0}),
 }
