@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import RunConfig
-from .data import DataSplits
+from .data import DataSplits, split_validation
 from .distiller import Distiller
 from .errors import UserError
 from .plugin_host import PluginHost
@@ -34,8 +34,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(host: PluginHost, config: RunConfig) -> DataSplits:
+    """Load the configured dataset, hold out ``data.val_size`` training images, then apply ``n_train``.
+
+    The validation split is drawn from the loader's whole training set before ``n_train`` truncates
+    it, so it is the same images whatever ``n_train`` is.
+    """
     loader = host.datasets.get(config.data.dataset)
     data = loader(config.data)
+    if config.data.val_size:
+        data = split_validation(data, config.data.val_size)
     if config.data.n_train is not None:
         n = config.data.n_train
         if n < 1:

@@ -1,4 +1,4 @@
-"""``robustbench-kd``: methods, distill, evaluate, quickstart.
+"""``robustbench-kd``: methods, distill, evaluate, merge-shards, quickstart.
 
 Only argparse is imported at module level so ``--help`` and ``methods`` start fast (no robustbench,
 timm or scikit-learn). A :class:`UserError` prints one line and exits 2; ``--debug`` shows tracebacks.
@@ -50,10 +50,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--name", default=None, help="model id: writes model_info/ and models/ under --out")
+    p.add_argument("--name", default=None,
+                   help="model id: writes model_info/, models/, results/ and the submission bundle "
+                        "submission/<ID>/ under --out")
+    meta = p.add_argument_group("leaderboard metadata (model_info JSON and submission bundle; with --name)")
+    meta.add_argument("--title", default=None, help="paper title (the entry's 'name' field)")
+    meta.add_argument("--authors", default=None, help="paper authors, e.g. 'A. Author, B. Author'")
+    meta.add_argument("--venue", default=None, help="e.g. 'ICML 2024' or 'arXiv, Jun 2024'")
+    meta.add_argument("--link", default=None, help="paper URL")
+    meta.add_argument("--architecture", default=None,
+                      help="architecture name, e.g. WideResNet-34-10 (default: derived from the model)")
+    meta.add_argument("--additional-data", action="store_true",
+                      help="training used data beyond the dataset's training set")
+    meta.add_argument("--reported", default=None, help="robust accuracy claimed in the paper, in percent")
     p.add_argument("--out", default=".", help="output directory (default: current directory)")
     p.add_argument("--model-dir", default="./models", help="RobustBench model directory")
     p.add_argument("--allow-download", action="store_true", help="let robustbench download zoo weights")
+    p.add_argument("--no-sanity", action="store_true",
+                   help="skip the evaluation sanity suite (eps sweep, unbounded eps, determinism, AA flags)")
+    p.add_argument("--teacher", default=None, metavar="SPEC",
+                   help="a model (same spec forms) whose PGD adversarials are transferred to the evaluated "
+                        "model: a sanity check for gradient masking")
+    # Sharded and resumable evaluation (issue 4): robustbench_kd/evaluation/shards.py
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="evaluate only shard I of N (0-based, contiguous slices) and write "
+                        "<out>/shards/<name>/shard_I_of_N.json; needs --name; merge with merge-shards")
+    p.add_argument("--aa-state", default=None, metavar="PATH",
+                   help="AutoAttack state file: an interrupted run given the same file resumes where it "
+                        "stopped (default with --shard: <out>/shards/<name>/aa_state_I_of_N.json)")
+
+    p = sub.add_parser("merge-shards", help="merge the shard files of `evaluate --shard` into the results")
+    p.add_argument("directory", help="<out>/shards/<name>, holding shard_<i>_of_<n>.json")
+    p.add_argument("--out", default=None, help="output directory (default: the shard runs' --out)")
 
     p = sub.add_parser("quickstart", help="offline demo: robust teacher -> distilled student -> AutoAttack")
     p.add_argument("--out", default="quickstart-out", help="output directory (default quickstart-out)")
@@ -65,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the submission bundle
     if args.command is None:
         parser.print_help()
         return 0
@@ -80,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"robustbench-kd: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.command == "evaluate":
+            # AutoAttack's state file (--aa-state, or a shard's own) has kept every finished batch.
+            resumable = args.aa_state is not None or args.shard is not None
+            print("robustbench-kd: interrupted" + ("; run the same command again to resume AutoAttack"
+                                                   if resumable else ""), file=sys.stderr)
+            return 130
         print("robustbench-kd: interrupted; the last completed epoch is in checkpoints/last.pt", file=sys.stderr)
         return 130
 
@@ -126,6 +161,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .config import ModelInfoSection
+    from .evaluation.shards import parse_shard
     from .pipeline import evaluate_spec
     from .report import format_table
     from .threat import parse_number, validate_eps
@@ -140,7 +179,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                            attacks=attacks, n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
                            pgd_steps=args.pgd_steps, out_dir=Path(args.out), model_id=args.name,
                            model_dir=args.model_dir, allow_download=args.allow_download, download=args.download,
-                           verify_md5=not args.no_verify_md5, device=args.device)
+                           verify_md5=not args.no_verify_md5, device=args.device,
+                           sanity=not args.no_sanity, teacher=args.teacher,
+                           meta=ModelInfoSection(title=args.title, authors=args.authors, venue=args.venue,
+                                                 link=args.link, architecture=args.architecture,
+                                                 additional_data=args.additional_data, reported=args.reported),
+                           command=shlex.join(["robustbench-kd", *args.argv]),
+                           shard=None if args.shard is None else parse_shard(args.shard),
+                           aa_state=None if args.aa_state is None else Path(args.aa_state))
+    print(format_table([report]))
+    _print_outputs([report])
+    return 0
+
+
+def _cmd_merge_shards(args: argparse.Namespace) -> int:
+    from .evaluation.shards import merge_and_write
+    from .plugin_host import PluginHost
+    from .report import format_table
+
+    report = merge_and_write(Path(args.directory), None if args.out is None else Path(args.out),
+                             host=PluginHost.create())
     print(format_table([report]))
     _print_outputs([report])
     return 0
@@ -167,13 +225,16 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _print_outputs(reports) -> None:
     for rep in reports:
-        for path in (rep.model_info_path, rep.checkpoint_path, rep.results_path):
+        sanity = getattr(rep, "sanity", None)  # evaluation sanity suite (issue 4)
+        if sanity is not None and not sanity.reliable:
+            print(f"UNRELIABLE evaluation of {rep.label}: " + "; ".join(sanity.reasons))
+        for path in (rep.model_info_path, rep.checkpoint_path, rep.results_path, rep.bundle_path):
             if path is not None:
                 print(f"wrote {path}")
 
 
 _COMMANDS = {"methods": _cmd_methods, "distill": _cmd_distill, "evaluate": _cmd_evaluate,
-             "quickstart": _cmd_quickstart}
+             "merge-shards": _cmd_merge_shards, "quickstart": _cmd_quickstart}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -152,12 +152,62 @@ def _register_shim() -> types.ModuleType:
     # register; an empty path makes unknown submodules fail with a plain ModuleNotFoundError.
     shim.__path__ = []  # type: ignore[attr-defined]
     for sub in _SUBMODULES:
-        module = importlib.import_module(f"pyautoattack.{sub}")
+        module = _state_module() if sub == "state" else importlib.import_module(f"pyautoattack.{sub}")
         setattr(shim, sub, module)
         sys.modules[f"autoattack.{sub}"] = module
     sys.modules["autoattack"] = shim
     logger.debug("registered the 'autoattack' shim over pyautoattack %s", shim.__version__)
     return shim
+
+
+def _state_module() -> types.ModuleType:
+    """``autoattack.state`` of the shim: pyautoattack's module with a working ``EvaluationState``.
+
+    robustbench's ``benchmark(aa_state_path=...)`` reads the state file back with
+    ``EvaluationState.from_disk(path).robust_flags.mean()``. With pyautoattack 0.2.0 that fails twice:
+    its own resume is broken (so the adapter writes our resumable format instead), and ``mean()`` of
+    its bool flags raises. The class registered here reads our files (and AutoAttack's own) and
+    returns flags whose ``mean()`` is the robust accuracy.
+    """
+    import pyautoattack.state as base
+
+    module = types.ModuleType("autoattack.state", base.__doc__)
+    module.__dict__.update({k: v for k, v in vars(base).items() if not k.startswith("__")})
+    module.EvaluationState = _evaluation_state_class()  # type: ignore[attr-defined]
+    return module
+
+
+@functools.cache
+def _evaluation_state_class() -> type:
+    import torch
+    from pyautoattack.state import EvaluationState as _Base
+
+    class RobustFlags(torch.Tensor):
+        """Bool robust flags whose ``mean()`` is the robust accuracy (torch refuses bool means)."""
+
+        def mean(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+            return torch.Tensor.mean(self.as_subclass(torch.Tensor).float(), *args, **kwargs)
+
+    class EvaluationState(_Base):  # type: ignore[misc, valid-type]
+        """pyautoattack's ``EvaluationState`` whose ``from_disk`` reads resumable state files.
+
+        Reads the files :func:`robustbench_kd.evaluation.autoattack.run_resumable` writes (what the
+        adapter's ``run_standard_evaluation(state_path=...)`` produces) and AutoAttack's own, whose
+        attack set is a string. The loaded object has ``path=None`` so that touching it never
+        overwrites the file in AutoAttack's (lossy) format.
+        """
+
+        @classmethod
+        def from_disk(cls, path: Path) -> EvaluationState:  # type: ignore[override]
+            from robustbench_kd.evaluation.autoattack import read_autoattack_state
+
+            state = read_autoattack_state(path)
+            return cls(_attacks_to_run=set(state.attacks), path=None, _run_attacks=set(state.completed),
+                       _robust_flags=state.robust.as_subclass(RobustFlags),
+                       _clean_accuracy=state.accuracy.get("clean", float("nan")))
+
+    EvaluationState.__module__ = "autoattack.state"
+    return EvaluationState
 
 
 def _install_autoattack() -> types.ModuleType:
@@ -347,11 +397,22 @@ def _adapter_class() -> type:
             """Run the configured attacks; return ``x_adv``, or ``(x_adv, y_adv)`` with return_labels.
 
             ``batch_size`` is accepted as an alias of ``bs`` for pyautoattack-style callers.
+
+            ``state_path`` makes the run resumable, and resuming actually works (pyautoattack
+            0.2.0's own resume always fails: see :func:`robustbench_kd.evaluation.autoattack.
+            run_resumable`, which runs it here). The file is then ours, not an ``EvaluationState``
+            dump; ``autoattack.state.EvaluationState.from_disk`` (what ``benchmark`` reads) reads it.
+            As in AutoAttack, after a resume only the adversarial examples found in this session
+            are in ``x_adv`` (``y_adv`` covers all sessions).
             """
-            path = Path(state_path) if state_path is not None else None
+            size = bs if batch_size is None else batch_size
+            if state_path is not None:
+                from robustbench_kd.evaluation.autoattack import run_resumable
+
+                run = run_resumable(self, x_orig, y_orig, batch_size=size, state_path=state_path)
+                return (run.x_adv, run.y_adv) if return_labels else run.x_adv
             with _log_to_file(self.log_path):
-                x_adv, y_adv = super().run_standard_evaluation(
-                    x_orig, y_orig, batch_size=bs if batch_size is None else batch_size, state_path=path)
+                x_adv, y_adv = super().run_standard_evaluation(x_orig, y_orig, batch_size=size)
             return (x_adv, y_adv) if return_labels else x_adv
 
         def run_standard_evaluation_individual(self, x_orig: torch.Tensor, y_orig: torch.Tensor,

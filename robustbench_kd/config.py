@@ -3,7 +3,7 @@
 A run file has these sections (all optional; defaults give a CPU run on the embedded digits data)::
 
     [run]        name, out_dir, seed, device, deterministic, progress
-    [data]       dataset, data_dir, download, verify_md5, batch_size, test_batch_size, augment, n_train
+    [data]       dataset, data_dir, download, verify_md5, batch_size, test_batch_size, augment, n_train, val_size
     [threat]     norm, eps, alpha, steps                     (eps/alpha accept "8/255")
     [student]    arch, options = {...}, init_from
     [teachers]   <role> = "scheme:ref"  or  <role> = {specs = [...], weights = [...], combine = "probs"}
@@ -11,7 +11,8 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [method]     name, then the method's own options (see `robustbench-kd methods --options NAME`)
     [optim]      epochs, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma, max_lr, pct_start
     [checkpoint] every
-    [eval]       every, n_examples, pgd_steps, attacks, final_n_examples, teachers, batch_size, seed
+    [eval]       every, select, n_examples, pgd_steps, attacks, final_n_examples, teachers, batch_size, seed,
+                 sanity
     [model_info] title, authors, venue, link, architecture, additional_data, reported, footnote
 
 Unknown sections or keys are errors that list the valid ones.
@@ -31,6 +32,7 @@ from .errors import UserError, close_matches
 from .threat import ThreatSpec, parse_number
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "exponential", "constant")
+SELECT_METRICS = ("pgd", "clean")  #: validation metrics eval.select may rank epochs by
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +59,19 @@ class DataSection:
     test_batch_size: int = 256
     augment: bool | None = None         #: random crop + flip; None = on for CIFAR, off for digits
     n_train: int | None = None          #: use only the first n training examples (debugging)
+    #: held out of the training set for eval.every and best.pt: a fraction in (0, 1) or a count of images;
+    #: drawn with a fixed seed (not run.seed) before n_train applies; never augmented
+    val_size: int | float = 0
+
+    def __post_init__(self) -> None:
+        v = self.val_size
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not number or not v >= 0 or (v >= 1 and not float(v).is_integer()):  # `not v >= 0` catches NaN
+            raise UserError(f"data.val_size must be 0 (no validation split), a fraction in (0, 1) or a whole "
+                            f"number of training images, got {v!r}")
+        if v == 0 or v >= 1:
+            # Files give 1000 as a float (the field also takes fractions); keep counts as ints.
+            object.__setattr__(self, "val_size", int(v))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +125,8 @@ class CheckpointSection:
 class EvalSection:
     """Evaluation during and after training."""
 
-    every: int = 0                      #: quick clean + PGD check on n_examples test points every N epochs
+    every: int = 0                      #: clean + PGD check on n_examples validation points every N epochs (needs data.val_size)
+    select: str = "pgd"                 #: best.pt = the epoch with the best validation "pgd" (or "clean") accuracy
     n_examples: int = 256
     pgd_steps: int = 20
     attacks: list[str] = field(default_factory=lambda: ["clean", "pgd", "autoattack"])  #: final evaluation
@@ -118,6 +134,14 @@ class EvalSection:
     teachers: bool = True               #: also evaluate the teachers at the end (reported beside the student)
     batch_size: int = 256
     seed: int = 0
+    sanity: bool = True                 #: run the evaluation sanity suite (gradient masking) before writing results
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECT_METRICS:
+            raise UserError(f"eval.select must be one of {', '.join(SELECT_METRICS)}, got {self.select!r}"
+                            f"{close_matches(self.select, SELECT_METRICS)}")
+        if self.every < 0:
+            raise UserError(f"eval.every must be >= 0 (0: no evaluation during training), got {self.every}")
 
 
 @dataclass(frozen=True, kw_only=True)

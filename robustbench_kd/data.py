@@ -7,12 +7,16 @@ carries the dataset indices of its samples (per-sample state: GACD's memory bank
 
 The embedded default is scikit-learn's bundled handwritten digits (1797 real 8x8 images that ship
 inside the scikit-learn wheel): no download, minutes on a laptop CPU.
+
+Validation: :func:`split_validation` holds out a fixed random subset of the *training* set
+(``data.val_size``) for the per-epoch evaluation and best-checkpoint choice, so the test set is read
+only by the final evaluation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +26,16 @@ from .errors import UserError
 
 DIGITS_TRAIN = 1500  # the remaining 297 digits are the test set (ecosystem §9 split)
 DIGITS_SPLIT_SEED = 20240  # fixed: the test set must not depend on the run's seed
+VAL_SPLIT_SEED = 20241  # fixed: the validation split must not depend on the run's seed either
 
 
 @dataclass
 class DataSplits:
-    """Train and test tensors of one dataset.
+    """Train, test and (optionally) validation tensors of one dataset.
 
-    Images are uint8 in [0,255] or float in [0,1], shape (N, C, H, W); labels int64 (N,).
+    Images are uint8 in [0,255] or float in [0,1], shape (N, C, H, W); labels int64 (N,). ``val_x``/
+    ``val_y`` are None unless a validation split was held out of the training set
+    (:func:`split_validation`) or the loader provides one.
     """
 
     name: str
@@ -38,6 +45,8 @@ class DataSplits:
     test_y: Tensor
     num_classes: int
     augment_default: bool = False
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
 
     @property
     def in_channels(self) -> int:
@@ -47,8 +56,17 @@ class DataSplits:
     def image_size(self) -> int:
         return int(self.train_x.shape[-1])
 
+    @property
+    def has_validation(self) -> bool:
+        return self.val_x is not None
+
     def __post_init__(self) -> None:
-        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+        splits = [("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)]
+        if (self.val_x is None) != (self.val_y is None):
+            raise UserError(f"dataset {self.name!r}: a validation split needs both images and labels")
+        if self.val_x is not None:
+            splits.append(("validation", self.val_x, self.val_y))
+        for split, x, y in splits:
             if len(x) == 0:
                 raise UserError(f"dataset {self.name!r} has an empty {split} split")
             if len(x) != len(y):
@@ -82,6 +100,47 @@ def load_cifar_splits(name: str, root: str, *, download: bool, verify_md5: bool)
     vx, vy = load_cifar(name, root, train=False, download=download, verify_md5=verify_md5)
     return DataSplits(name, tx, ty, vx, vy, num_classes=100 if name == "cifar100" else 10,
                       augment_default=True)
+
+
+def validation_count(val_size: float, n_train: int) -> int:
+    """How many of ``n_train`` training images ``data.val_size`` holds out.
+
+    0 -> none; a fraction in (0, 1) -> ``round(val_size * n_train)`` (at least 1); a whole number >= 1 ->
+    that many images. At least one image must stay for training (UserError otherwise).
+    """
+    if val_size == 0:
+        return 0
+    if 0 < val_size < 1:
+        count = max(1, round(val_size * n_train))
+    elif val_size >= 1 and float(val_size).is_integer():
+        count = int(val_size)
+    else:
+        raise UserError(f"data.val_size must be 0, a fraction in (0, 1) or a whole number of images, got {val_size!r}")
+    if count >= n_train:
+        raise UserError(f"data.val_size = {val_size} holds out {count} of the {n_train} training images; "
+                        "leave at least one for training (use a smaller count or fraction)")
+    return count
+
+
+def split_validation(data: DataSplits, val_size: float, *, seed: int = VAL_SPLIT_SEED) -> DataSplits:
+    """Hold out a validation split of the training set; returns a new :class:`DataSplits`.
+
+    The held-out images are a uniformly random subset drawn from a generator seeded with ``seed`` alone
+    (never the run's seed), so every run on a dataset with the same ``val_size`` validates on the same
+    images and resume sees the same split. Validation images keep the random draw order (so any prefix
+    is itself a random subset); the remaining training images keep the loader's order (so
+    ``data.n_train``'s "first n" still means the loader's first n). The test split is not touched.
+    """
+    n = len(data.train_y)
+    count = validation_count(val_size, n)
+    if count == 0:
+        return data
+    if data.val_x is not None:
+        raise UserError(f"dataset {data.name!r} brings its own validation split; leave data.val_size = 0")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:count], order[count:].sort().values
+    return replace(data, train_x=data.train_x[train_idx], train_y=data.train_y[train_idx],
+                   val_x=data.train_x[val_idx], val_y=data.train_y[val_idx])
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:

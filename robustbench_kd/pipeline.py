@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
 
 from . import builders
+from .bundle import constructor_for_run, constructor_for_spec, distill_command
 from .config import ModelInfoSection, RunConfig
 from .data import to_float
 from .errors import UserError
@@ -34,35 +36,88 @@ def distill(config: RunConfig, *, host: PluginHost | None = None, resume: bool =
 
 
 def evaluate_run(run: Any, *, export_dir: Path | None = None) -> list[ModelReport]:
-    """Final evaluation of a finished run: the student, then each teacher role (for comparison)."""
+    """Final evaluation of a finished run: its student model(s), then each teacher role (for comparison).
+
+    The students are :func:`final_students`: the selected one under the model id ``run.name`` (the
+    leaderboard entry), then the other under ``<name>_last``. This is the first read of the test set.
+    """
     cfg = run.config
     n = cfg.eval.final_n_examples
     x, y = to_float(run.data.test_x[:n]), run.data.test_y[:n]
     common = dict(dataset=run.data.name, norm=cfg.threat.norm, eps=cfg.threat.eps, attacks=list(cfg.eval.attacks),
                   out_dir=export_dir or run.out_dir, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
                   pgd_steps=cfg.eval.pgd_steps, device=run.device, progress=cfg.run.progress)
-    reports = [evaluate_and_write(run.student, x, y, label=f"student {cfg.run.name}", model_id=cfg.run.name,
-                                  meta=cfg.model_info, architecture=cfg.student.arch, host=run.host, run=run,
-                                  **common)]
+    # Sanity suite (issue 4): the 'robust' teacher, when there is one, drives its transfer-attack check.
+    sanity = {"sanity": cfg.eval.sanity, "teacher": run.teachers.get("robust")}
+    reports = [evaluate_and_write(net, x, y, label=label, model_id=model_id, meta=cfg.model_info,
+                                  constructor=constructor_for_run(run), command=distill_command(run), host=run.host,
+                                  run=run, **sanity, **common)
+               for model_id, label, net in final_students(run)]
     if cfg.eval.teachers:
         for role, teacher in run.teachers.items():
             reports.append(evaluate_and_write(teacher, x, y, label=f"teacher {role} ({teacher.spec})",
-                                              model_id=None, **common))
+                                              model_id=None, sanity=False, **common))
     return reports
+
+
+def final_students(run: Any) -> list[tuple[str, str, Any]]:
+    """The student networks a finished run reports, as ``(model_id, label, network)``, selected first.
+
+    * With a best record (a validation split and ``eval.every``): ``checkpoints/best.pt`` as ``<name>``,
+      then the last epoch's weights as ``<name>_last``; when the best epoch is the last one, a single
+      entry ``<name>`` (the same weights: one evaluation, not two).
+    * Without one: the last epoch's weights as ``<name>``.
+
+    A best record whose ``best.pt`` is missing or holds another epoch is a UserError, not a silent
+    fallback to the last epoch.
+    """
+    import copy
+
+    from .checkpoint import load_checkpoint, load_weights
+
+    name, best = run.config.run.name, getattr(run, "best", None)
+    if best is None:
+        return [(name, f"student {name}", run.student)]
+    if best["epoch"] == run.epoch:
+        return [(name, f"student {name} (best = last, epoch {run.epoch})", run.student)]
+    path = run.checkpoint_dir / "best.pt"
+    saved = load_checkpoint(path, map_location=run.device)
+    if saved.get("epoch") != best["epoch"]:
+        raise UserError(f"{path} holds epoch {saved.get('epoch')} but the run recorded epoch {best['epoch']} as best; "
+                        "restore that file or evaluate checkpoints/last.pt with `robustbench-kd evaluate`")
+    selected = load_weights(copy.deepcopy(run.student), saved["student"], source=str(path)).eval()
+    # EMA (issue 5): when the run keeps averaged weights, append them here as f"{name}_ema".
+    return [(name, f"student {name} (best, epoch {best['epoch']})", selected),
+            (f"{name}_last", f"student {name}_last (last, epoch {run.epoch})", run.student)]
 
 
 def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: float, attacks: list[str],
                   n_examples: int | None, batch_size: int, seed: int, pgd_steps: int, out_dir: Path,
                   model_id: str | None, model_dir: str, allow_download: bool = False, download: bool = False,
                   verify_md5: bool = True, device: str = "auto", meta: ModelInfoSection | None = None,
-                  host: PluginHost | None = None, progress: bool = True) -> ModelReport:
+                  host: PluginHost | None = None, progress: bool = True, sanity: bool = True,
+                  teacher: str | None = None, command: str | None = None, shard: tuple[int, int] | None = None,
+                  aa_state: str | Path | None = None) -> ModelReport:
     """Evaluate a model given as a teacher spec (``file:...``, ``robustbench:...``) on a test set.
 
     The test examples are the first ``n_examples`` of the test split, unshuffled, as in
-    ``robustbench.eval.benchmark``.
+    ``robustbench.eval.benchmark``. ``sanity`` runs the evaluation sanity suite; ``teacher`` (a spec
+    like the model's) adds its transfer-attack check. An eps in the wrong unit fails before loading.
+    With ``model_id`` the submission bundle's zoo entry rebuilds the architecture the spec names;
+    ``command`` (the command line) is recorded in the bundle's README.
+
+    ``shard=(i, n)`` evaluates only shard i of n of the examples and writes its shard file instead of the
+    outputs (:mod:`robustbench_kd.evaluation.shards`; needs ``model_id``; merge with ``merge-shards``).
+    ``aa_state`` makes AutoAttack resumable through that state file (a shard has one by default).
     """
     from .config import DataSection
+    from .evaluation.autoattack import autoattack_state
+    from .threat import parse_number, validate_eps
 
+    validate_eps(parse_number(eps, what="eps"), norm, what="eps")
+    if shard is not None and model_id is None:
+        raise UserError("--shard needs --name ID: the shards are written to <out>/shards/ID and merged under "
+                        "that model id")
     host = host or PluginHost.create()
     if n_examples is not None and n_examples < 1:
         raise UserError(f"--n-examples must be >= 1, got {n_examples}")
@@ -75,7 +130,26 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
     if ":" not in spec or Path(spec).exists():
         spec = f"file:{spec}"
     model = builders.load_teacher(host, spec, ctx).net
+    if teacher is not None and (":" not in teacher or Path(teacher).exists()):
+        teacher = f"file:{teacher}"
+    transfer_from = builders.load_teacher(host, teacher, ctx) if teacher is not None and sanity else None
     x, y = to_float(data.test_x[:n_examples]), data.test_y[:n_examples]
-    return evaluate_and_write(model, x, y, label=model_id or spec, model_id=model_id, dataset=data.name, norm=norm,
-                              eps=eps, attacks=attacks, out_dir=out_dir, meta=meta, batch_size=batch_size,
-                              seed=seed, pgd_steps=pgd_steps, device=torch_device, progress=progress, host=host)
+    if shard is not None:  # sharded evaluation: this shard's flags only, merged later by merge-shards
+        from .evaluation.shards import evaluate_shard
+
+        constructor = constructor_for_spec(spec, num_classes=data.num_classes, in_channels=data.in_channels,
+                                           image_size=data.image_size)
+        return evaluate_shard(model, x, y, shard=shard, spec=spec, model_id=model_id, dataset=data.name, norm=norm,
+                              eps=eps, attacks=attacks, out_dir=out_dir, batch_size=batch_size, seed=seed,
+                              pgd_steps=pgd_steps, device=torch_device, progress=progress, aa_state=aa_state,
+                              meta=meta, sanity=sanity, teacher=transfer_from,
+                              architecture=getattr(constructor, "architecture", None))
+    with autoattack_state(aa_state) if aa_state is not None else contextlib.nullcontext():
+        return evaluate_and_write(model, x, y, label=model_id or spec, model_id=model_id, dataset=data.name,
+                                  norm=norm, eps=eps, attacks=attacks, out_dir=out_dir, meta=meta,
+                                  batch_size=batch_size, seed=seed, pgd_steps=pgd_steps, device=torch_device,
+                                  progress=progress, host=host, sanity=sanity, teacher=transfer_from,
+                                  command=command,
+                                  constructor=constructor_for_spec(spec, num_classes=data.num_classes,
+                                                                   in_channels=data.in_channels,
+                                                                   image_size=data.image_size) if model_id else None)

@@ -15,6 +15,12 @@ are seeded from (run.seed, k) alone, and ``checkpoints/last.pt`` is written atom
 epoch with the student, optimiser, scheduler and method state. A run stopped after epoch k and
 resumed therefore ends with the same weights as an uninterrupted run (bitwise on CPU with
 ``run.deterministic``).
+
+Checkpoint selection without test-set leakage: with ``eval.every = N`` the student is evaluated (clean
+and PGD) every N epochs on the validation split held out of the training set (``data.val_size``),
+never on the test set, which only the final evaluation reads. Whenever the ``eval.select`` metric
+improves, ``checkpoints/best.pt`` is written (before ``last.pt``, both atomically); the best-so-far
+record travels in every checkpoint, so a resumed run never replaces ``best.pt`` with a worse epoch.
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ class Run:
     epoch: int = 0            #: epochs completed
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: best validation epoch so far: {"epoch", "metric", <val metrics>, "protocol"}; None before any
+    best: dict[str, Any] | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -101,6 +109,7 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     torch.manual_seed(config.run.seed)
     device = builders.resolve_device(config.run.device)
     data = builders.load_data(host, config)
+    check_validation(config, data)
     distiller = builders.build_distiller(host, config, data.num_classes).to(device)
     student = builders.build_student(host, config, data).to(device)
     teachers = builders.load_teachers(host, config, data, distiller, device)
@@ -110,6 +119,25 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     return Run(config=config, host=host, out_dir=Path(config.run.out_dir), device=device, data=data,
                student=student, teachers=teachers, distiller=distiller, optimizer=optimizer,
                scheduler=scheduler, per_batch_schedule=per_batch)
+
+
+def check_validation(config: RunConfig, data: DataSplits) -> None:
+    """Per-epoch evaluation needs a validation split, and a validation split needs evaluating.
+
+    The first rule keeps the test set out of checkpoint selection; the second stops a run from quietly
+    training on fewer images for nothing.
+    """
+    if config.eval.every > 0 and not data.has_validation:
+        raise UserError(
+            f"eval.every = {config.eval.every} evaluates during training on a validation split, and there is "
+            "none: set data.val_size (e.g. 0.1, or 1000 training images); the test set is kept for the final "
+            "evaluation"
+        )
+    if data.has_validation and config.eval.every == 0:
+        raise UserError(
+            f"data.val_size holds out {len(data.val_y)} training images but eval.every = 0 never evaluates "
+            "them; set eval.every (e.g. 1) to select best.pt on them, or data.val_size = 0"
+        )
 
 
 def _drop_last(config: RunConfig, data: DataSplits) -> bool:
@@ -136,11 +164,19 @@ def checkpoint_payload(run: Run) -> dict[str, Any]:
         "method_state": run.distiller.method_state(),
         "config": cfg.to_dict(),
         "history": run.history,
+        "best": run.best,
     }
 
 
-def write_checkpoints(run: Run) -> None:
+def write_checkpoints(run: Run, *, improved: bool = False) -> None:
+    """``last.pt`` (every epoch), ``best.pt`` when this epoch improved, ``epoch_NNN.pt`` every N epochs.
+
+    ``best.pt`` goes first: a crash between the two writes leaves ``last.pt`` at the previous epoch, whose
+    best record is older, so the resumed epoch re-evaluates and rewrites ``best.pt`` the same way.
+    """
     payload = checkpoint_payload(run)
+    if improved:
+        save_checkpoint(run.checkpoint_dir / "best.pt", payload)
     save_checkpoint(run.checkpoint_dir / "last.pt", payload)
     every = run.config.checkpoint.every
     if every and run.epoch % every == 0:
@@ -157,6 +193,18 @@ def resume_from(run: Run, path: Path) -> None:
                 f"cannot resume {path}: its [{key}] section {saved.get(key)} differs from the config's "
                 f"{run.config.to_dict()[key]}"
             )
+    # A different validation split would change the training set mid-run.
+    saved_val = saved.get("data", {}).get("val_size", 0)
+    if saved_val != run.config.data.val_size:
+        raise UserError(f"cannot resume {path}: it was trained with data.val_size = {saved_val}, the config "
+                        f"has {run.config.data.val_size}; use the same value")
+    best = data.get("best")
+    if best is not None and best.get("protocol") != selection_protocol(run):
+        raise UserError(
+            f"cannot resume {path}: its best.pt was chosen by {best.get('protocol')}, the config now ranks by "
+            f"{selection_protocol(run)}; restore the [eval] settings (select, n_examples, pgd_steps, seed) "
+            "or start a new run"
+        )
     run.student.load_state_dict(data["student"])
     run.optimizer.load_state_dict(restore_plain(data["optimizer"]))
     if run.scheduler is not None and data.get("scheduler") is not None:
@@ -166,6 +214,10 @@ def resume_from(run: Run, path: Path) -> None:
     run.epoch = int(data["epoch"])
     run.global_step = int(data["global_step"])
     run.history = list(data.get("history", []))
+    run.best = best
+    if best is not None and not (run.checkpoint_dir / "best.pt").is_file():
+        log.warning("resuming %s: the record says epoch %d was best but %s is missing; it is rewritten when "
+                    "a later epoch beats that record", path, best["epoch"], run.checkpoint_dir / "best.pt")
     log.info("resumed from %s after epoch %d", path, run.epoch)
 
 
@@ -234,15 +286,52 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 
 def quick_eval(run: Run) -> dict[str, float]:
-    """Clean and PGD accuracy on the first ``eval.n_examples`` test points (RNG isolated)."""
+    """Clean and PGD accuracy on the first ``eval.n_examples`` validation points (RNG isolated).
+
+    Keys ``val_clean_acc`` and ``val_pgd<steps>_acc``. The validation split is held out of the training
+    set and never augmented; the test set is never read here (UserError without a validation split).
+    """
     from .evaluation import evaluate_model
 
     cfg = run.config
+    if not run.data.has_validation:
+        raise UserError("evaluation during training needs a validation split: set data.val_size")
     n = cfg.eval.n_examples
-    result = evaluate_model(run.student, to_float(run.data.test_x[:n]), run.data.test_y[:n], norm=cfg.threat.norm,
+    result = evaluate_model(run.student, to_float(run.data.val_x[:n]), run.data.val_y[:n], norm=cfg.threat.norm,
                             eps=cfg.threat.eps, attacks=("clean", "pgd"), batch_size=cfg.eval.batch_size,
                             seed=cfg.eval.seed, pgd_steps=cfg.eval.pgd_steps, device=run.device, progress=False)
     return {f"val_{k.replace('-', '')}_acc": v for k, v in result.accuracy.items()}
+
+
+def selection_metrics(config: RunConfig) -> tuple[str, str]:
+    """(ranking key, tie-break key) among :func:`quick_eval`'s metrics for ``eval.select``.
+
+    ``pgd`` ranks by ``val_pgd<steps>_acc`` and breaks ties by clean accuracy; ``clean`` the reverse.
+    """
+    pgd, clean = f"val_pgd{config.eval.pgd_steps}_acc", "val_clean_acc"
+    return (clean, pgd) if config.eval.select == "clean" else (pgd, clean)
+
+
+def selection_protocol(run: Run) -> dict[str, Any]:
+    """What makes two epochs' validation numbers comparable; stored with the best record."""
+    cfg = run.config
+    n_val = len(run.data.val_y) if run.data.has_validation else 0
+    return {"metric": selection_metrics(cfg)[0], "n_examples": min(cfg.eval.n_examples, n_val),
+            "eps": float(cfg.threat.eps), "norm": cfg.threat.norm, "seed": cfg.eval.seed}
+
+
+def update_best(run: Run, epoch: int, metrics: dict[str, Any]) -> bool:
+    """Record ``epoch`` (1-based) as the best so far if it beats the record; return whether it did.
+
+    Strictly better only: on a full tie the earlier epoch stays best.
+    """
+    key, tie = selection_metrics(run.config)
+    score = (metrics[key], metrics[tie])
+    if run.best is not None and score <= (run.best[key], run.best[tie]):
+        return False
+    run.best = {"epoch": epoch, "metric": key, key: float(metrics[key]), tie: float(metrics[tie]),
+                "protocol": selection_protocol(run)}
+    return True
 
 
 def write_metrics(run: Run) -> None:
@@ -279,12 +368,18 @@ def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = F
         metrics = train_one_epoch(run, epoch)
         metrics.update(run.distiller.on_epoch_end(epoch, config.optim.epochs))
         every = config.eval.every
+        improved = False
         if every and ((epoch + 1) % every == 0 or epoch + 1 == config.optim.epochs):
             metrics.update(quick_eval(run))
+            improved = update_best(run, epoch + 1, metrics)
+            metrics["best_epoch"] = run.best["epoch"]
+            if improved:
+                log.info("epoch %d is the best so far (%s=%.4g): writing %s", epoch + 1, run.best["metric"],
+                         run.best[run.best["metric"]], run.checkpoint_dir / "best.pt")
         run.host.epoch_end(run, epoch, metrics)
         run.epoch = epoch + 1
         run.history.append(metrics)
-        write_checkpoints(run)
+        write_checkpoints(run, improved=improved)
         write_metrics(run)
         log.info("epoch %d/%d %s", epoch + 1, config.optim.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))

@@ -86,10 +86,20 @@ def test_intermediate_checkpoint_is_a_teacher(tmp_path, host):
 
 
 def test_quick_eval_every_epoch_is_logged(tmp_path, host):
-    run = train(digits_config(tmp_path / "r", eval={"every": 1, "n_examples": 32, "pgd_steps": 2},
+    """The per-epoch check runs on the validation split (data.val_size) and names the best epoch."""
+    run = train(digits_config(tmp_path / "r", data={"dataset": "digits", "batch_size": 100, "n_train": 300,
+                                                    "val_size": 64},
+                              eval={"every": 1, "n_examples": 32, "pgd_steps": 2},
                               optim={"epochs": 1, "lr": 0.05}), host=host)
     row = run.history[-1]
     assert 0 <= row["val_clean_acc"] <= 1 and 0 <= row["val_pgd2_acc"] <= row["val_clean_acc"]
+    assert row["best_epoch"] == 1 and (tmp_path / "r" / "checkpoints" / "best.pt").is_file()
+    assert len(run.data.val_y) == 64
+
+
+def test_quick_eval_without_a_validation_split_is_an_error(tmp_path, host):
+    with pytest.raises(UserError, match="set data.val_size"):
+        train(digits_config(tmp_path / "r", eval={"every": 1}), host=host)
 
 
 @pytest.mark.parametrize("method,teachers,error", [

@@ -5,7 +5,9 @@
   gradient-masking and randomness warnings collected;
 * :func:`fgsm`, :func:`pgd`: the white-box attacks themselves;
 * :func:`build_model_info`, :func:`write_model_info`: leaderboard JSON entries;
-* :func:`save_zoo_checkpoint`: checkpoints that ``robustbench.utils.load_model`` can read.
+* :func:`save_zoo_checkpoint`: checkpoints that ``robustbench.utils.load_model`` can read;
+* :func:`run_sanity_checks`: the evaluation sanity suite (eps sweep, unbounded eps, transfer from a
+  teacher, determinism, AutoAttack's flags) that marks a gradient-masked number unreliable.
 
 Importing this package does not import robustbench; AutoAttack is imported when first run.
 """
@@ -25,21 +27,33 @@ from .model_info import (
     write_model_info,
 )
 from .runner import VALID_ATTACKS, EvalResult, evaluate_model
+from .sanity import (
+    SANITY_CHECKS,
+    SanityReport,
+    check_eps_units,
+    check_evaluation,
+    run_sanity_checks,
+)
 
 __all__ = [
     "AUTOATTACK_VERSIONS",
     "LEADERBOARD_KEYS",
+    "SANITY_CHECKS",
     "THREAT_MODELS",
     "VALID_ATTACKS",
     "AutoAttackResult",
     "EvalResult",
+    "SanityReport",
     "build_model_info",
+    "check_eps_units",
+    "check_evaluation",
     "cw_margin_loss",
     "evaluate_model",
     "fgsm",
     "model_info_path",
     "pgd",
     "run_autoattack",
+    "run_sanity_checks",
     "save_zoo_checkpoint",
     "validate_model_id",
     "validate_model_info",

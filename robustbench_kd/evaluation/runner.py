@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +119,7 @@ def evaluate_model(
     autoattack_version: str = "standard",
     device: torch.device | str | None = None,
     progress: bool = True,
+    autoattack_log: str | os.PathLike[str] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``(x, y)`` under each attack in ``attacks``.
 
@@ -139,6 +141,9 @@ def evaluate_model(
         autoattack_version: version used for ``"autoattack"``: one of ``AUTOATTACK_VERSIONS``.
         device: where the computation runs; default: the device of the model's parameters.
         progress: show tqdm progress bars.
+        autoattack_log: if given, AutoAttack's full log (every attack, DEBUG progress included) is
+            appended to this file, for each AutoAttack run of this evaluation (``run_autoattack``'s
+            ``log_path``).
 
     Returns:
         an :class:`EvalResult`. PGD/CW/FGSM accuracy is the accuracy on the final adversarial
@@ -194,6 +199,7 @@ def evaluate_model(
                             seed=seed,
                             batch_size=batch_size,
                             device=run_device,
+                            log_path=autoattack_log,
                         )
                         bar.update(1)
                     flags = result.robust
