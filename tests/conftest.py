@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
 
 from robustbench_kd.plugin_host import PluginHost
 
@@ -33,3 +34,19 @@ def _keep_tracing(monkeypatch):
     except ImportError:  # pragma: no cover - pyautoattack is a dependency
         return
     monkeypatch.setattr(checks, "check_dynamic", lambda *a, **k: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_for_attacks(request):
+    """Modules marked ``pytestmark = pytest.mark.single_thread`` run torch on one thread.
+
+    Tiny models are dominated by thread synchronisation: on a busy 2-core box AutoAttack runs ~30x faster
+    single-threaded.
+    """
+    if request.node.get_closest_marker("single_thread") is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,34 +21,14 @@ from robustbench_kd.bundle import (
 from robustbench_kd.cli import main
 from robustbench_kd.errors import UserError
 from robustbench_kd.students import build_student
-from robustbench_kd.testing.fixtures import make_tiny_cifar, tiny_zoo_entry
+from robustbench_kd.testing.fixtures import CARMON2019_MODEL_INFO, make_tiny_cifar, tiny_zoo_entry
 
-# model_info/cifar10/Linf/Carmon2019Unlabeled.json of RobustBench, written out by hand (ecosystem.md §4.2).
-CARMON2019 = json.loads("""{
-  "link": "https://arxiv.org/abs/1905.13736",
-  "name": "Unlabeled Data Improves Adversarial Robustness",
-  "authors": "Yair Carmon, Aditi Raghunathan, Ludwig Schmidt, Percy Liang, John C. Duchi",
-  "additional_data": true,
-  "number_forward_passes": 1,
-  "dataset": "cifar10",
-  "venue": "NeurIPS 2019",
-  "architecture": "WideResNet-28-10",
-  "eps": "8/255",
-  "clean_acc": "89.69",
-  "reported": "62.5",
-  "autoattack_acc": "59.53",
-  "unreliable": false
-}""")
+pytestmark = pytest.mark.single_thread
+
+CARMON2019 = CARMON2019_MODEL_INFO
 MODEL_ID = "Tiny2026Bundle"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run much faster single-threaded (and the machine's cores are shared).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_leaderboard_format(info: dict) -> None:

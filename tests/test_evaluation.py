@@ -21,6 +21,8 @@ from robustbench_kd.evaluation import (
     run_autoattack,
 )
 
+pytestmark = pytest.mark.single_thread
+
 EPS = 8 / 255
 
 
@@ -40,14 +42,6 @@ class TinyCNN(nn.Module):
         return logits.softmax(dim=1) if self.softmax else logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are dominated by thread synchronisation: on a busy 2-core box AutoAttack runs
-    # ~30x faster single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

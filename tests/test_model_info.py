@@ -19,23 +19,9 @@ from robustbench_kd.evaluation import (
     write_model_info,
 )
 from robustbench_kd.io import atomic_torch_save, atomic_write_text
+from robustbench_kd.testing.fixtures import CARMON2019_MODEL_INFO
 
-# model_info/cifar10/Linf/Carmon2019Unlabeled.json from RobustBench master, copied by hand.
-CARMON = {
-    "link": "https://arxiv.org/abs/1905.13736",
-    "name": "Unlabeled Data Improves Adversarial Robustness",
-    "authors": "Yair Carmon, Aditi Raghunathan, Ludwig Schmidt, Percy Liang, John C. Duchi",
-    "additional_data": True,
-    "number_forward_passes": 1,
-    "dataset": "cifar10",
-    "venue": "NeurIPS 2019",
-    "architecture": "WideResNet-28-10",
-    "eps": "8/255",
-    "clean_acc": "89.69",
-    "reported": "62.5",
-    "autoattack_acc": "59.53",
-    "unreliable": False,
-}
+CARMON = CARMON2019_MODEL_INFO
 
 
 def _carmon(**overrides: object) -> dict:

@@ -30,16 +30,11 @@ from robustbench_kd.report import evaluate_and_write
 from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.trainer import train
 
+pytestmark = pytest.mark.single_thread
+
 EPS = 0.2  # digits: separates standard (0% AA) from adversarially trained models (ecosystem.md §9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are dominated by thread synchronisation; single-threaded they run several times faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _digits_run(out_dir, method: str, epochs: int, steps: int):

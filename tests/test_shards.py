@@ -28,16 +28,11 @@ from robustbench_kd.pipeline import evaluate_spec
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.testing.fixtures import make_tiny_cifar, tiny_zoo_entry
 
+pytestmark = pytest.mark.single_thread
+
 EPS = 4 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are dominated by thread synchronisation; AutoAttack runs far faster on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class PixelBins(nn.Module):

@@ -186,3 +186,22 @@ def tiny_zoo_entry(name: str, factory: Callable[[], torch.nn.Module], *, dataset
             entries.pop(name, None)
         else:
             entries[name] = previous
+
+
+#: ``model_info/cifar10/Linf/Carmon2019Unlabeled.json`` of RobustBench, written out by hand (ecosystem.md
+#: §4.2): the reference for the key set, key order and value types of a leaderboard entry.
+CARMON2019_MODEL_INFO: dict = {
+    "link": "https://arxiv.org/abs/1905.13736",
+    "name": "Unlabeled Data Improves Adversarial Robustness",
+    "authors": "Yair Carmon, Aditi Raghunathan, Ludwig Schmidt, Percy Liang, John C. Duchi",
+    "additional_data": True,
+    "number_forward_passes": 1,
+    "dataset": "cifar10",
+    "venue": "NeurIPS 2019",
+    "architecture": "WideResNet-28-10",
+    "eps": "8/255",
+    "clean_acc": "89.69",
+    "reported": "62.5",
+    "autoattack_acc": "59.53",
+    "unreliable": False,
+}
