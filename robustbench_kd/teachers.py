@@ -72,12 +72,16 @@ class EnsembleTeacher(nn.Module):
     architecture (:mod:`robustbench_kd.ensemble_vmap`), otherwise from a loop; both give the same
     output and the same input gradient (within float rounding).
 
+    ``"auto"`` vectorises on accelerators only: on CPU the vectorised call (a grouped convolution)
+    measured slower than the loop (``bench/ensemble_speed.py``), so CPU keeps the loop there.
+
     Args:
         members: the teachers.
         weights: beta_i >= 0 summing to 1 (normalised if they do not); default uniform 1/M.
         combine: ``"probs"`` or ``"logits"`` (above).
-        vectorize: ``"auto"`` (vectorise when the members share one architecture, else loop),
-            ``True`` (vectorise; a UserError if they do not) or ``False`` (always loop).
+        vectorize: ``"auto"`` (vectorise when the members share one architecture and the input is
+            not on the CPU, else loop), ``True`` (always vectorise; a UserError if the members do
+            not share one architecture) or ``False`` (always loop).
     """
 
     def __init__(self, members: Sequence[Teacher], *, weights: Sequence[float] | None = None,
@@ -115,15 +119,19 @@ class EnsembleTeacher(nn.Module):
                                 "use vectorize = \"auto\" or false")
             if reason is not None:
                 log.info("teacher ensemble %s evaluated in a loop: %s", self.spec, reason)
-        self.loop_reason = reason  #: why forward loops over the members (None when vectorised)
+        self.loop_reason = reason  #: why the members cannot be vectorised (None when they can)
         # A plain attribute (not a submodule): the stacks stay out of state_dict() and parameters().
         self._stacked: StackedMembers | None = StackedMembers(nets) if reason is None else None
         super().train(False)
 
     @property
-    def vectorized(self) -> bool:
-        """Whether forward evaluates the members in one vectorised call."""
+    def can_vectorize(self) -> bool:
+        """Whether the members can be evaluated in one vectorised call (one architecture, not disabled)."""
         return self._stacked is not None
+
+    def vectorizes_on(self, device: torch.device | str) -> bool:
+        """Whether forward on inputs on ``device`` uses the vectorised call."""
+        return self._stacked is not None and (self.vectorize is True or torch.device(device).type != "cpu")
 
     def train(self, mode: bool = True) -> EnsembleTeacher:
         return super().train(False)
@@ -137,7 +145,7 @@ class EnsembleTeacher(nn.Module):
 
     def member_logits(self, x: Tensor) -> Tensor:
         """All members' logits, shape (M, N, C)."""
-        if self._stacked is not None:
+        if self._stacked is not None and (self.vectorize is True or x.device.type != "cpu"):
             return self._stacked(x)
         return torch.stack([m(x) for m in self.members])
 

@@ -61,9 +61,9 @@ def input_grad(model, x, probe):
 def test_vectorised_matches_loop_outputs_and_input_gradients(family, combine):
     make, shape = FAMILIES[family]
     members = make()
-    vec = EnsembleTeacher(members, weights=WEIGHTS, combine=combine)  # "auto"
+    vec = EnsembleTeacher(members, weights=WEIGHTS, combine=combine, vectorize=True)
     loop = EnsembleTeacher(members, weights=WEIGHTS, combine=combine, vectorize=False)
-    assert vec.vectorized and not loop.vectorized
+    assert vec.vectorizes_on("cpu") and not loop.can_vectorize
     x = torch.rand(6, *shape, generator=torch.Generator().manual_seed(0))
     expected = hand_combination(members, WEIGHTS, x, combine)
     assert torch.allclose(vec(x), expected, atol=1e-5)
@@ -79,17 +79,25 @@ def test_vectorised_matches_loop_outputs_and_input_gradients(family, combine):
 def test_weights_are_respected():
     members = small_cnn_members()
     x = torch.rand(5, 3, 8, 8)
-    one_hot = EnsembleTeacher(members, weights=[0, 0, 1, 0])
-    assert one_hot.vectorized
+    one_hot = EnsembleTeacher(members, weights=[0, 0, 1, 0], vectorize=True)
     assert torch.allclose(one_hot(x), members[2](x).log_softmax(1), atol=1e-5)
-    logits = EnsembleTeacher(members, weights=[1, 2, 3, 4], combine="logits")  # normalised to 0.1..0.4
+    logits = EnsembleTeacher(members, weights=[1, 2, 3, 4], combine="logits", vectorize=True)  # normalised to 0.1..0.4
     assert torch.allclose(logits(x), hand_combination(members, WEIGHTS, x, "logits"), atol=1e-5)
+
+
+def test_auto_vectorises_on_accelerators_only():
+    """On CPU the loop measured faster (bench/ensemble_speed.py); elsewhere one call replaces M."""
+    ens = EnsembleTeacher(tiny_members())
+    assert ens.can_vectorize and ens.loop_reason is None
+    assert not ens.vectorizes_on("cpu") and ens.vectorizes_on("cuda") and ens.vectorizes_on("mps")
+    assert EnsembleTeacher(tiny_members(), vectorize=True).vectorizes_on("cpu")
+    assert not EnsembleTeacher(tiny_members(), vectorize=False).vectorizes_on("cuda")
 
 
 def test_mixed_architectures_fall_back_to_the_loop():
     members = small_cnn_members(2) + small_cnn_members(2, width=2.0)
     ens = EnsembleTeacher(members, weights=WEIGHTS)
-    assert not ens.vectorized
+    assert not ens.can_vectorize and ens.loop_reason.startswith("member 2 submodule 'features.0' is Conv2d(3, 64")
     x = torch.rand(4, 3, 8, 8)
     assert torch.allclose(ens(x), hand_combination(members, WEIGHTS, x, "probs"), atol=1e-5)
 
@@ -99,7 +107,7 @@ def test_equal_shapes_but_different_layer_settings_are_not_vectorised():
     a, b = TinyNet(4, seed=1), TinyNet(4, seed=2)
     b.conv.padding = (2, 2)
     ens = EnsembleTeacher([Teacher(a), Teacher(b)])
-    assert not ens.vectorized
+    assert not ens.can_vectorize and "submodule 'conv'" in ens.loop_reason
     x = torch.rand(3, 1, 8, 8)
     assert torch.allclose(ens(x), hand_combination([Teacher(a), Teacher(b)], [0.5, 0.5], x, "probs"), atol=1e-6)
 
@@ -109,7 +117,7 @@ def test_members_with_forward_hooks_are_looped_so_hooks_see_each_member():
     members = tiny_members(3)
     members[1].net.register_forward_hook(lambda *a: calls.append(1))
     ens = EnsembleTeacher(members)
-    assert not ens.vectorized and "forward hooks" in ens.loop_reason
+    assert not ens.can_vectorize and "forward hooks" in ens.loop_reason
     ens(torch.rand(2, 1, 8, 8))
     assert calls == [1]
 
@@ -124,11 +132,10 @@ def test_forcing_vectorisation_of_mixed_architectures_is_a_user_error():
 
 def test_stacks_follow_moves_casts_and_loaded_weights():
     members = tiny_members()
-    ens = EnsembleTeacher(members, weights=WEIGHTS)
+    ens = EnsembleTeacher(members, weights=WEIGHTS, vectorize=True)
     x = torch.rand(3, 1, 8, 8)
     ens(x)  # builds the stacks
     ens.to(torch.float64)
-    assert ens.vectorized
     x64 = x.double()
     assert ens(x64).dtype == torch.float64
     assert torch.allclose(ens(x64), hand_combination(members, WEIGHTS, x64, "probs"), atol=1e-10)
@@ -143,7 +150,7 @@ def test_stacks_follow_moves_casts_and_loaded_weights():
 
 def test_state_dict_and_members_are_unchanged_by_vectorising():
     members = tiny_members()
-    vec = EnsembleTeacher(members)
+    vec = EnsembleTeacher(members, vectorize=True)
     vec(torch.rand(2, 1, 8, 8))
     loop = EnsembleTeacher(tiny_members(), vectorize=False)
     assert list(vec.state_dict()) == list(loop.state_dict())
@@ -160,7 +167,7 @@ def test_config_accepts_vectorize_and_builders_pass_it(tmp_path):
     config = config_from_mapping({"teachers": {"robust": role}, "method": {"name": "akd"}})
     host = PluginHost.create(autoload=False)
     ctx = TeacherLoadContext(dataset="digits", num_classes=10, in_channels=1, image_size=8, students=host.students)
-    assert not load_role(host, config.teachers["robust"], ctx).vectorized
-    assert load_role(host, {**role, "vectorize": "auto"}, ctx).vectorized
+    assert not load_role(host, config.teachers["robust"], ctx).can_vectorize
+    assert load_role(host, {**role, "vectorize": True}, ctx).vectorizes_on("cpu")
     with pytest.raises(UserError, match=r"teachers.robust.vectorize must be \"auto\", true or false, got 'on'"):
         config_from_mapping({"teachers": {"robust": {**role, "vectorize": "on"}}, "method": {"name": "akd"}})
