@@ -45,7 +45,7 @@ MINIMAL_LOOPS = ("pgd-at", "rslad", "ard", "akd")
 
 
 def minimal_epoch(method: str, student, teacher, data: DataSplits, *, batch_size: int, eps: float, alpha: float,
-                  steps: int, lr: float) -> float:
+                  steps: int, lr: float, device: torch.device = torch.device("cpu")) -> float:
     """The method's necessary passes only, hand-written in the reference scripts' style; returns seconds.
 
     pgd-at: K CE steps (eval BN), student(x'). rslad: teacher(x), K KL steps (eval BN), student(x'),
@@ -58,7 +58,7 @@ def minimal_epoch(method: str, student, teacher, data: DataSplits, *, batch_size
     start = time.perf_counter()
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        x, y = data.train_x[idx].float(), data.train_y[idx]
+        x, y = data.train_x[idx].float().to(device), data.train_y[idx].to(device)
         if method in ("rslad", "ard"):
             with torch.no_grad():
                 z_t = teacher(x)
@@ -98,6 +98,8 @@ def minimal_epoch(method: str, student, teacher, data: DataSplits, *, batch_size
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
