@@ -31,18 +31,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from urllib.parse import parse_qsl
 
 import torch
-
 from reference_loop import REFERENCE_METHODS, reference_epoch
+from train_throughput import SyntheticDataPlugin, minimal_epoch
+
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.students import build_student
 from robustbench_kd.trainer import setup_run, train_one_epoch
-from train_throughput import SyntheticDataPlugin, minimal_epoch
 
 EPS, ALPHA, LR = 0.2, 0.05, 0.01
 
@@ -88,8 +89,9 @@ def make_run(method: str, args: argparse.Namespace, host: PluginHost, workdir: P
         "student": {"arch": s_arch, "options": s_opts},
         "method": {"name": method},
         "optim": {"epochs": 1000, "lr": LR, "schedule": "constant"},
-        "teachers": {"robust": f"file:{teacher_file}?{query}"},
     }
+    if host.methods.get(method).teacher_roles:  # pgd-at trains without one
+        raw["teachers"] = {"robust": f"file:{teacher_file}?{query}"}
     if speed:
         raw["speed"] = speed
     return setup_run(config_from_mapping(raw), host)
@@ -153,6 +155,49 @@ def mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+def compare(method: str, args: argparse.Namespace, host: PluginHost, workdir: Path, speed: dict[str, object],
+            device: torch.device) -> str:
+    """Time library, reference and minimal epochs of ``method`` (interleaved) and return the table row."""
+    library_note = None
+    try:
+        run = make_run(method, args, host, workdir, speed)
+    except UserError as exc:
+        if not speed:
+            raise
+        # This robustbench_kd may not know [speed] (or the value): still time the other loops.
+        library_note = f"not run: {exc}"
+        run = make_run(method, args, host, workdir, {})
+    teacher = run.teachers.get("robust")
+    data = run.data
+    common = {"batch_size": args.batch_size, "eps": EPS, "alpha": ALPHA, "steps": args.steps, "lr": LR}
+
+    def ref() -> None:
+        reference_epoch(method, run.student, teacher, data.train_x, data.train_y, device=device, **common)
+
+    def mini() -> None:
+        minimal_epoch(method, run.student, teacher, data, device=device, **common)
+
+    t_lib, t_ref, t_min = [], [], []
+    for r in range(args.repeats + 1):
+        a = timed(partial(train_one_epoch, run, r), device) if library_note is None else float("nan")
+        b, c = timed(ref, device), timed(mini, device)
+        if r:  # the first round warms up (and compiles, with --compile)
+            t_lib.append(a)
+            t_ref.append(b)
+            t_min.append(c)
+    m_ref = peak_memory(ref, device)
+    re, mi = statistics.median(t_ref), statistics.median(t_min)
+    n = len(data.train_y)
+    if library_note is None:
+        m_lib = peak_memory(partial(train_one_epoch, run, args.repeats + 1), device)
+        lo = statistics.median(t_lib)
+        lib_ips, ratio, lib_out, lib_mem = f"{n / lo:.0f}", f"{re / lo:.2f}x", f"{max(0.0, 1 - mi / lo):.1%}", mib(m_lib)
+    else:
+        lib_ips, ratio, lib_out, lib_mem = library_note, "n/a", "n/a", "n/a"
+    return (f"| {method} | {lib_ips} | {n / re:.0f} | {ratio} | {n / mi:.0f} | {lib_out} "
+            f"| {max(0.0, 1 - mi / re):.1%} | {lib_mem} | {mib(m_ref)} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="rslad,ard,akd", help=f"any of {', '.join(REFERENCE_METHODS)}")
@@ -188,47 +233,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
-            library_note = None
-            try:
-                run = make_run(method, args, host, Path(tmp), speed)
-            except UserError as exc:
-                if not speed:
-                    raise
-                # This robustbench_kd may not know [speed] (or the value): still time the other loops.
-                library_note = f"not run: {exc}"
-                run = make_run(method, args, host, Path(tmp), {})
-            teacher = run.teachers.get("robust")
-            data = run.data
-            common = dict(batch_size=args.batch_size, eps=EPS, alpha=ALPHA, steps=args.steps, lr=LR)
-
-            def lib(r: int) -> None:
-                train_one_epoch(run, r)
-
-            def ref() -> None:
-                reference_epoch(method, run.student, teacher, data.train_x, data.train_y, device=device, **common)
-
-            def mini() -> None:
-                minimal_epoch(method, run.student, teacher, data, device=device, **common)
-
-            t_lib, t_ref, t_min = [], [], []
-            for r in range(args.repeats + 1):
-                a = timed(lambda: lib(r), device) if library_note is None else float("nan")
-                b, c = timed(ref, device), timed(mini, device)
-                if r:  # the first round warms up (and compiles, with --compile)
-                    t_lib.append(a)
-                    t_ref.append(b)
-                    t_min.append(c)
-            m_ref = peak_memory(ref, device)
-            re, mi = statistics.median(t_ref), statistics.median(t_min)
-            n = len(data.train_y)
-            if library_note is None:
-                m_lib = peak_memory(lambda: lib(args.repeats + 1), device)
-                lo = statistics.median(t_lib)
-                lib_ips, ratio, lib_out, lib_mem = f"{n / lo:.0f}", f"{re / lo:.2f}x", f"{max(0.0, 1 - mi / lo):.1%}", mib(m_lib)
-            else:
-                lib_ips, ratio, lib_out, lib_mem = library_note, "n/a", "n/a", "n/a"
-            print(f"| {method} | {lib_ips} | {n / re:.0f} | {ratio} | {n / mi:.0f} | {lib_out} "
-                  f"| {max(0.0, 1 - mi / re):.1%} | {lib_mem} | {mib(m_ref)} |")
+            print(compare(method, args, host, Path(tmp), speed, device))
 
 
 if __name__ == "__main__":

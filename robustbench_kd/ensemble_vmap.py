@@ -15,7 +15,9 @@ Memory: the stacks are built lazily (first call, and again after the members are
 given new tensors) and every member parameter/buffer is then re-pointed at its slice of the stack,
 so the weights are stored once, not twice. In-place updates of a member (``load_state_dict``)
 therefore update the stack too; anything that replaces a member's tensors (``.to()``, ``.half()``,
-``load_state_dict(assign=True)``) is detected by storage address and triggers a rebuild.
+``load_state_dict(assign=True)``) is detected by storage address and triggers a rebuild. (A member's
+tensors are then views of the stack: ``torch.save`` of one member's ``state_dict()`` would write the
+whole stack, so clone them first if you ever save a vectorised member on its own.)
 
 Same architecture means more than equal parameter shapes: :func:`architecture_mismatch` compares
 the module tree (types, ``extra_repr`` such as stride/padding/eps) and the plain attributes of every
@@ -40,9 +42,8 @@ def _plain_attributes(module: nn.Module) -> dict[str, Any]:
     for key, value in vars(module).items():
         if key.startswith("_") or key == "training":
             continue
-        if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
-            out[key] = value
-        elif isinstance(value, Tensor):
+        plain_tuple = isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)
+        if isinstance(value, (*_PLAIN, Tensor)) or plain_tuple:
             out[key] = value
     return out
 

@@ -136,7 +136,7 @@ class EnsembleTeacher(nn.Module):
     def train(self, mode: bool = True) -> EnsembleTeacher:
         return super().train(False)
 
-    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - nn.Module's signature
+    def _apply(self, fn, *args, **kwargs):
         # .to()/.half()/.cuda() give the members new tensors: drop the old stacks now (they would
         # otherwise keep the old copy alive until the next forward notices and rebuilds).
         if self._stacked is not None:
