@@ -45,20 +45,21 @@ MINIMAL_LOOPS = ("pgd-at", "rslad", "ard", "akd")
 
 
 def minimal_epoch(method: str, student, teacher, data: DataSplits, *, batch_size: int, eps: float, alpha: float,
-                  steps: int, lr: float) -> float:
+                  steps: int, lr: float, device: torch.device | None = None) -> float:
     """The method's necessary passes only, hand-written in the reference scripts' style; returns seconds.
 
     pgd-at: K CE steps (eval BN), student(x'). rslad: teacher(x), K KL steps (eval BN), student(x'),
     student(x). ard: teacher(x), K CE steps in train mode, student(x'), student(x) without grad (the
     reference's clean pass at alpha = 1). akd: 7 CE steps (eval BN), teacher(x'), student(x').
     """
+    device = device or torch.device("cpu")
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(1))
     k = 7 if method == "akd" else steps
     start = time.perf_counter()
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        x, y = data.train_x[idx].float(), data.train_y[idx]
+        x, y = data.train_x[idx].float().to(device), data.train_y[idx].to(device)
         if method in ("rslad", "ard"):
             with torch.no_grad():
                 z_t = teacher(x)
@@ -98,6 +99,8 @@ def minimal_epoch(method: str, student, teacher, data: DataSplits, *, batch_size
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -151,8 +154,8 @@ def main() -> None:
     host = PluginHost.create(autoload=False, extra=[SyntheticDataPlugin(shape, args.n)])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data {shape} x {args.n}, "
           f"batch {args.batch_size}, PGD-{args.steps}, small-cnn student, 2x small-cnn teacher")
-    print(f"| method | library img/s | minimal loop img/s | time outside the necessary passes |")
-    print(f"|---|---|---|---|")
+    print("| method | library img/s | minimal loop img/s | time outside the necessary passes |")
+    print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             run = make_run(method, args, host, Path(tmp))

@@ -80,7 +80,7 @@ def load_teacher(host: PluginHost, text: str, ctx: TeacherLoadContext) -> Teache
 
 
 def load_role(host: PluginHost, role_spec: Any, ctx: TeacherLoadContext) -> nn.Module:
-    """A role is one spec string, a list of specs (uniform ensemble) or {specs, weights, combine}."""
+    """A role is one spec string, a list of specs (uniform ensemble) or {specs, weights, combine, vectorize}."""
     if isinstance(role_spec, str):
         return load_teacher(host, role_spec, ctx)
     if isinstance(role_spec, list):
@@ -89,7 +89,8 @@ def load_role(host: PluginHost, role_spec: Any, ctx: TeacherLoadContext) -> nn.M
     members = [load_teacher(host, s, ctx) for s in specs]
     if len(members) == 1 and role_spec.get("weights") is None:
         return members[0]
-    return EnsembleTeacher(members, weights=role_spec.get("weights"), combine=role_spec.get("combine", "probs"))
+    return EnsembleTeacher(members, weights=role_spec.get("weights"), combine=role_spec.get("combine", "probs"),
+                           vectorize=role_spec.get("vectorize", "auto"))
 
 
 def load_teachers(host: PluginHost, config: RunConfig, data: DataSplits, distiller: Distiller,

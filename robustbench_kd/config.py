@@ -6,7 +6,8 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [data]       dataset, data_dir, download, verify_md5, batch_size, test_batch_size, augment, n_train, val_size
     [threat]     norm, eps, alpha, steps                     (eps/alpha accept "8/255")
     [student]    arch, options = {...}, init_from
-    [teachers]   <role> = "scheme:ref"  or  <role> = {specs = [...], weights = [...], combine = "probs"}
+    [teachers]   <role> = "scheme:ref"  or  <role> = {specs = [...], weights = [...], combine = "probs",
+                                                           vectorize = "auto"}
     [zoo]        model_dir, allow_download
     [method]     name, then the method's own options (see `robustbench-kd methods --options NAME`)
     [optim]      epochs, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma, max_lr, pct_start
@@ -291,9 +292,9 @@ def _check_teachers(teachers: Mapping[str, Any]) -> None:
         if isinstance(spec, list) and all(isinstance(s, str) for s in spec):
             continue
         if isinstance(spec, Mapping):
-            unknown = set(spec) - {"specs", "weights", "combine"}
+            unknown = set(spec) - {"specs", "weights", "combine", "vectorize"}
             if unknown:
-                raise UserError(f"unknown key {where}.{sorted(unknown)[0]}; valid: specs, weights, combine")
+                raise UserError(f"unknown key {where}.{sorted(unknown)[0]}; valid: specs, weights, combine, vectorize")
             specs = spec.get("specs")
             if not isinstance(specs, list) or not specs or not all(isinstance(s, str) for s in specs):
                 raise UserError(f"{where}.specs must be a non-empty list of teacher spec strings")
@@ -302,6 +303,9 @@ def _check_teachers(teachers: Mapping[str, Any]) -> None:
                 not isinstance(weights, list) or not all(isinstance(w, (int, float)) for w in weights)
             ):
                 raise UserError(f"{where}.weights must be a list of numbers")
+            vectorize = spec.get("vectorize", "auto")
+            if vectorize != "auto" and not isinstance(vectorize, bool):
+                raise UserError(f"{where}.vectorize must be \"auto\", true or false, got {vectorize!r}")
             continue
         raise UserError(
             f"{where} must be a spec string, a list of specs, or a table {{specs=[...], weights=[...]}}; got {spec!r}"

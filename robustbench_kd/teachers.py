@@ -6,7 +6,9 @@
 * :class:`EnsembleTeacher` combines several teachers with weights beta_i (AKD Eq. 5). With
   ``combine="probs"`` it returns log(sum_i beta_i softmax(z_i)), whose softmax is exactly the
   weighted mean of the members' probabilities; with ``combine="logits"`` it returns
-  sum_i beta_i z_i. Either way it looks like one teacher returning logits.
+  sum_i beta_i z_i. Either way it looks like one teacher returning logits. Members of one
+  architecture are evaluated in one vectorised call (:mod:`robustbench_kd.ensemble_vmap`), others
+  in a loop; ``vectorize`` chooses.
 * :class:`TeacherSet` maps roles (``robust``, ``natural``, ...) to teachers.
 * A spec is ``scheme:ref`` -- ``robustbench:cifar10/Linf/Carmon2019Unlabeled`` or
   ``file:runs/x/checkpoints/epoch_020.pt`` (optionally ``?arch=resnet18``); schemes come from plugins.
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +27,10 @@ from urllib.parse import parse_qsl
 import torch
 from torch import Tensor, nn
 
+from .ensemble_vmap import StackedMembers, architecture_mismatch
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class Teacher(nn.Module):
@@ -57,19 +63,36 @@ class Teacher(nn.Module):
 class EnsembleTeacher(nn.Module):
     """Weighted ensemble of teachers that behaves as one teacher.
 
+    With member logits z_i and weights beta_i (sum 1), the output is
+
+    * ``combine="probs"``:  log sum_i beta_i softmax(z_i)  (its softmax is the weighted mean probability),
+    * ``combine="logits"``: sum_i beta_i z_i.
+
+    The z_i come from one vectorised call over stacked weights when the members share one
+    architecture (:mod:`robustbench_kd.ensemble_vmap`), otherwise from a loop; both give the same
+    output and the same input gradient (within float rounding).
+
+    ``"auto"`` vectorises on accelerators only: on CPU the vectorised call (a grouped convolution)
+    measured slower than the loop (``bench/ensemble_speed.py``), so CPU keeps the loop there.
+
     Args:
         members: the teachers.
         weights: beta_i >= 0 summing to 1 (normalised if they do not); default uniform 1/M.
-        combine: ``"probs"`` -> log(sum_i beta_i p_i), ``"logits"`` -> sum_i beta_i z_i.
+        combine: ``"probs"`` or ``"logits"`` (above).
+        vectorize: ``"auto"`` (vectorise when the members share one architecture and the input is
+            not on the CPU, else loop), ``True`` (always vectorise; a UserError if the members do
+            not share one architecture) or ``False`` (always loop).
     """
 
     def __init__(self, members: Sequence[Teacher], *, weights: Sequence[float] | None = None,
-                 combine: str = "probs") -> None:
+                 combine: str = "probs", vectorize: bool | str = "auto") -> None:
         super().__init__()
         if not members:
             raise UserError("a teacher ensemble needs at least one member")
         if combine not in ("probs", "logits"):
             raise UserError(f"teacher combine must be 'probs' or 'logits', got {combine!r}")
+        if vectorize != "auto" and not isinstance(vectorize, bool):
+            raise UserError(f"teacher vectorize must be \"auto\", true or false, got {vectorize!r}")
         if weights is None:
             weights = [1.0 / len(members)] * len(members)
         if len(weights) != len(members):
@@ -80,20 +103,59 @@ class EnsembleTeacher(nn.Module):
         self.members = nn.ModuleList(members)
         self.weights = [float(w) / total for w in weights]
         self.combine = combine
+        self.vectorize = vectorize
         self.spec = "+".join(getattr(m, "spec", "?") for m in members)
+        # The vectorised call runs the networks themselves: a plain Teacher only forwards to .net, and
+        # its own attributes (the spec string) differ per member without changing what is computed.
+        nets = [m.net if type(m) is Teacher else m for m in members]
+        if vectorize is False:
+            reason: str | None = "vectorize = false"
+        elif len(nets) < 2:
+            reason = "a single member"
+        else:
+            reason = architecture_mismatch(nets)
+            if reason is not None and vectorize is True:
+                raise UserError(f"teacher vectorize = true needs members of one architecture, but {reason}; "
+                                "use vectorize = \"auto\" or false")
+            if reason is not None:
+                log.info("teacher ensemble %s evaluated in a loop: %s", self.spec, reason)
+        self.loop_reason = reason  #: why the members cannot be vectorised (None when they can)
+        # A plain attribute (not a submodule): the stacks stay out of state_dict() and parameters().
+        self._stacked: StackedMembers | None = StackedMembers(nets) if reason is None else None
         super().train(False)
+
+    @property
+    def can_vectorize(self) -> bool:
+        """Whether the members can be evaluated in one vectorised call (one architecture, not disabled)."""
+        return self._stacked is not None
+
+    def vectorizes_on(self, device: torch.device | str) -> bool:
+        """Whether forward on inputs on ``device`` uses the vectorised call."""
+        return self._stacked is not None and (self.vectorize is True or torch.device(device).type != "cpu")
 
     def train(self, mode: bool = True) -> EnsembleTeacher:
         return super().train(False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.half()/.cuda() give the members new tensors: drop the old stacks now (they would
+        # otherwise keep the old copy alive until the next forward notices and rebuilds).
+        if self._stacked is not None:
+            self._stacked.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def member_logits(self, x: Tensor) -> Tensor:
+        """All members' logits, shape (M, N, C)."""
+        if self._stacked is not None and (self.vectorize is True or x.device.type != "cpu"):
+            return self._stacked(x)
+        return torch.stack([m(x) for m in self.members])
+
     def forward(self, x: Tensor) -> Tensor:
-        outputs = [m(x) for m in self.members]
+        z = self.member_logits(x)
+        w = torch.tensor(self.weights, dtype=z.dtype, device=z.device).view(-1, *([1] * (z.ndim - 1)))
         if self.combine == "logits":
-            return sum(w * z for w, z in zip(self.weights, outputs))
+            return (w * z).sum(dim=0)
         # log sum_i beta_i softmax(z_i), stably: logsumexp_i(log beta_i + log_softmax(z_i)).
-        stacked = torch.stack([torch.log_softmax(z, dim=1) for z in outputs])
-        log_w = torch.tensor(self.weights, dtype=stacked.dtype, device=stacked.device).log()
-        return torch.logsumexp(stacked + log_w.view(-1, 1, 1), dim=0)
+        return torch.logsumexp(torch.log_softmax(z, dim=-1) + w.log(), dim=0)
 
 
 class TeacherSet(Mapping[str, nn.Module]):

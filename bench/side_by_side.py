@@ -1,0 +1,240 @@
+"""Side by side: this library's training step against a reference-style loop, same data and models.
+
+Runs, in one process, on the same synthetic data, student and teacher, per method:
+
+* ``library``: robustbench_kd's trainer (``train_one_epoch``) for the method, with the ``[speed]``
+  switches given on the command line (``--amp``, ``--channels-last``, ``--compile``; library only);
+* ``reference``: the loop the methods' official scripts run (``bench/reference_loop.py``: teacher on
+  clean x every batch, separate forward passes, ``loss.item()`` every step, a fresh attack per batch);
+* ``minimal``: only the method's necessary forward/backward passes (``bench/train_throughput.py``).
+
+Reported: images/s of library and reference and their ratio; the share of each one's wall time spent
+outside the necessary passes, ``1 - t_minimal / t``; and the peak memory of one epoch (CUDA:
+``torch.cuda.max_memory_allocated`` above what was allocated before; CPU: the peak resident set size
+above the level before the epoch, after glibc's ``malloc_trim`` returned freed pages, sampled every
+millisecond from ``/proc/self/statm`` in an untimed extra epoch, since CPU tensors are invisible to
+``tracemalloc``). Interleaved repeats, medians.
+
+    python bench/side_by_side.py                                   # rslad, ard, akd; small CNN; digits shape; CPU
+    python bench/side_by_side.py --student resnet18 --teacher "resnet18" --dataset-shape 3,32,32 \\
+        --device cuda --amp bf16 --channels-last --batch-size 128 --n 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import resource
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import torch
+from reference_loop import REFERENCE_METHODS, reference_epoch
+from train_throughput import SyntheticDataPlugin, minimal_epoch
+
+from robustbench_kd.config import config_from_mapping
+from robustbench_kd.errors import UserError
+from robustbench_kd.plugin_host import PluginHost
+from robustbench_kd.students import build_student
+from robustbench_kd.trainer import setup_run, train_one_epoch
+
+EPS, ALPHA, LR = 0.2, 0.05, 0.01
+
+
+def parse_arch(text: str) -> tuple[str, dict[str, float | str]]:
+    """``small-cnn?width=2.0`` -> ("small-cnn", {"width": 2.0}) (the ``file:`` spec's query syntax)."""
+    arch, _, query = text.partition("?")
+    options: dict[str, float | str] = {}
+    for key, value in parse_qsl(query):
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return arch, options
+
+
+def speed_section(args: argparse.Namespace) -> dict[str, object]:
+    """The ``[speed]`` keys the user asked for (absent flags leave the library's defaults alone)."""
+    speed: dict[str, object] = {}
+    if args.amp is not None:
+        speed["amp"] = args.amp
+    if args.channels_last:
+        speed["channels_last"] = True
+    if args.compile is not None:
+        speed["compile"] = args.compile
+    return speed
+
+
+def make_run(method: str, args: argparse.Namespace, host: PluginHost, workdir: Path, speed: dict[str, object]):
+    """A trainer Run for ``method``: random student, random teacher saved as a ``file:`` checkpoint."""
+    data = host.datasets.get("synthetic")(None)
+    t_arch, t_opts = parse_arch(args.teacher)
+    s_arch, s_opts = parse_arch(args.student)
+    teacher = build_student(t_arch, num_classes=10, in_channels=data.in_channels, image_size=data.image_size,
+                            **t_opts)
+    teacher_file = workdir / "teacher.pt"
+    torch.save({"state_dict": teacher.state_dict()}, teacher_file)
+    query = "&".join([f"arch={t_arch}", *(f"{k}={v}" for k, v in t_opts.items())])
+    raw = {
+        "run": {"out_dir": str(workdir / method), "progress": False, "device": args.device},
+        "data": {"dataset": "synthetic", "batch_size": args.batch_size, "augment": False},
+        "threat": {"eps": EPS, "alpha": ALPHA, "steps": args.steps},
+        "student": {"arch": s_arch, "options": s_opts},
+        "method": {"name": method},
+        "optim": {"epochs": 1000, "lr": LR, "schedule": "constant"},
+    }
+    if host.methods.get(method).teacher_roles:  # pgd-at trains without one
+        raw["teachers"] = {"robust": f"file:{teacher_file}?{query}"}
+    if speed:
+        raw["speed"] = speed
+    return setup_run(config_from_mapping(raw), host)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="ascii") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_free_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``), so RSS starts at what is in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline then includes freed-but-kept pages
+        pass
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Bytes of peak memory ``fn`` needs above what was in use before it (None if not measurable)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if not os.path.exists("/proc/self/statm"):  # not Linux: the process high-water mark is all there is
+        fn()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    _release_free_heap()
+    before = _rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.001):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes()) - before
+
+
+def mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def compare(method: str, args: argparse.Namespace, host: PluginHost, workdir: Path, speed: dict[str, object],
+            device: torch.device) -> str:
+    """Time library, reference and minimal epochs of ``method`` (interleaved) and return the table row."""
+    library_note = None
+    try:
+        run = make_run(method, args, host, workdir, speed)
+    except UserError as exc:
+        if not speed:
+            raise
+        # This robustbench_kd may not know [speed] (or the value): still time the other loops.
+        library_note = f"not run: {exc}"
+        run = make_run(method, args, host, workdir, {})
+    teacher = run.teachers.get("robust")
+    data = run.data
+    common = {"batch_size": args.batch_size, "eps": EPS, "alpha": ALPHA, "steps": args.steps, "lr": LR}
+
+    def ref() -> None:
+        reference_epoch(method, run.student, teacher, data.train_x, data.train_y, device=device, **common)
+
+    def mini() -> None:
+        minimal_epoch(method, run.student, teacher, data, device=device, **common)
+
+    t_lib, t_ref, t_min = [], [], []
+    for r in range(args.repeats + 1):
+        a = timed(partial(train_one_epoch, run, r), device) if library_note is None else float("nan")
+        b, c = timed(ref, device), timed(mini, device)
+        if r:  # the first round warms up (and compiles, with --compile)
+            t_lib.append(a)
+            t_ref.append(b)
+            t_min.append(c)
+    m_ref = peak_memory(ref, device)
+    re, mi = statistics.median(t_ref), statistics.median(t_min)
+    n = len(data.train_y)
+    if library_note is None:
+        m_lib = peak_memory(partial(train_one_epoch, run, args.repeats + 1), device)
+        lo = statistics.median(t_lib)
+        lib_ips, ratio, lib_out, lib_mem = f"{n / lo:.0f}", f"{re / lo:.2f}x", f"{max(0.0, 1 - mi / lo):.1%}", mib(m_lib)
+    else:
+        lib_ips, ratio, lib_out, lib_mem = library_note, "n/a", "n/a", "n/a"
+    return (f"| {method} | {lib_ips} | {n / re:.0f} | {ratio} | {n / mi:.0f} | {lib_out} "
+            f"| {max(0.0, 1 - mi / re):.1%} | {lib_mem} | {mib(m_ref)} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="rslad,ard,akd", help=f"any of {', '.join(REFERENCE_METHODS)}")
+    parser.add_argument("--student", default="small-cnn", help="student arch, options as ?key=value")
+    parser.add_argument("--teacher", default="small-cnn?width=2.0", help="teacher arch, options as ?key=value")
+    parser.add_argument("--dataset-shape", default="1,8,8", help="C,H,W of synthetic data (1,8,8 = digits)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n", type=int, default=512, help="training images per epoch")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="PGD steps (AKD uses its own 7)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None, help="library: speed.amp")
+    parser.add_argument("--channels-last", action="store_true", help="library: speed.channels_last = true")
+    parser.add_argument("--compile", nargs="?", const="student", default=None,
+                        help="library: speed.compile (student, teachers, both; bare flag = student)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in REFERENCE_METHODS]
+    if unknown:
+        parser.error(f"no reference loop for {', '.join(unknown)}; choose from {', '.join(REFERENCE_METHODS)}")
+    device = torch.device(args.device)
+    shape = tuple(int(s) for s in args.dataset_shape.split(","))
+    host = PluginHost.create(autoload=False, extra=[SyntheticDataPlugin(shape, args.n)])
+    speed = speed_section(args)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, data {shape} x {args.n}, "
+          f"batch {args.batch_size}, PGD-{args.steps}, student {args.student}, teacher {args.teacher}, "
+          f"library [speed] {speed or 'defaults'}")
+    print("| method | library img/s | reference img/s | library / reference | minimal img/s "
+          "| outside necessary passes: library | reference | peak memory: library | reference |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            print(compare(method, args, host, Path(tmp), speed, device))
+
+
+if __name__ == "__main__":
+    main()
