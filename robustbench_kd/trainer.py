@@ -21,6 +21,9 @@ and PGD) every N epochs on the validation split held out of the training set (``
 never on the test set, which only the final evaluation reads. Whenever the ``eval.select`` metric
 improves, ``checkpoints/best.pt`` is written (before ``last.pt``, both atomically); the best-so-far
 record travels in every checkpoint, so a resumed run never replaces ``best.pt`` with a worse epoch.
+
+Under ``torchrun`` (:mod:`robustbench_kd.distributed`) each process trains on its slice of every global
+batch, only the outer loss goes through DistributedDataParallel, and rank 0 alone writes and evaluates.
 """
 
 from __future__ import annotations
@@ -263,7 +266,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         student.train()
         # DDP: only the outer loss goes through the wrapper (its backward averages the gradients); the
         # attack above ran on the unwrapped student, with input gradients only.
-        ctx.student = run.ddp_student or student
+        ctx.student = student if run.ddp_student is None else run.ddp_student
         out = distiller.loss(ctx)
         run.optimizer.zero_grad(set_to_none=True)
         out.total.backward()

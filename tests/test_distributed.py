@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,17 +84,18 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
-    """The reference: one process, global batch 50, two epochs."""
+    """The reference: one process, global batch 50, two epochs; its weights and its checkpoint."""
     out = tmp_path_factory.mktemp("single") / "run"
     run = train(config_from_mapping(raw_config(out)))
-    return {k: v.detach().clone() for k, v in run.student.state_dict().items()}
+    return SimpleNamespace(weights={k: v.detach().clone() for k, v in run.student.state_dict().items()},
+                           checkpoint=out / "checkpoints" / "last.pt")  # also a teacher for the method-state test
 
 
 def test_two_processes_match_one_process(tmp_path, single_run):
     out = tmp_path / "ddp"
     proc = torchrun(write_config(tmp_path / "run.yaml", raw_config(out)))
     check_ok(proc)
-    assert_same_weights(student_weights(out), single_run)
+    assert_same_weights(student_weights(out), single_run.weights)
     # Rank 0 alone logged and wrote; metrics cover the whole global batch (200 images per epoch).
     rows = [yaml.safe_load(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -105,7 +107,7 @@ def test_resume_ddp_checkpoint_in_one_process(tmp_path, single_run):
     check_ok(torchrun(write_config(tmp_path / "first.yaml", raw_config(out, optim={"epochs": 1, "lr": 0.05}))))
     resumed = train(config_from_mapping(raw_config(out)), resume=True)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
-    assert_same_weights({k: v.detach() for k, v in resumed.student.state_dict().items()}, single_run)
+    assert_same_weights({k: v.detach() for k, v in resumed.student.state_dict().items()}, single_run.weights)
 
 
 def test_resume_single_process_checkpoint_under_ddp(tmp_path, single_run):
@@ -113,7 +115,20 @@ def test_resume_single_process_checkpoint_under_ddp(tmp_path, single_run):
     train(config_from_mapping(raw_config(out)), stop_after=1)
     check_ok(torchrun(write_config(tmp_path / "run.yaml", raw_config(out)), "--resume"))
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2
-    assert_same_weights(student_weights(out), single_run)
+    assert_same_weights(student_weights(out), single_run.weights)
+
+
+def test_class_prior_is_the_same_as_in_one_process(tmp_path, single_run):
+    """Method state: RSLAD's IKL class prior (teacher outputs of every sample of the epoch) is summed over
+    the processes, so the DDP run ends the epoch with the prior one process computes."""
+    teacher = f"file:{single_run.checkpoint}"
+    raw = dict(method={"name": "rslad", "divergence": "ikl"}, teachers={"robust": teacher},
+               optim={"epochs": 1, "lr": 0.05})
+    single = train(config_from_mapping(raw_config(tmp_path / "one", **raw)))
+    check_ok(torchrun(write_config(tmp_path / "run.yaml", raw_config(tmp_path / "two", **raw))))
+    prior = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")["distiller"]["prior.prior"]
+    assert not torch.allclose(prior, torch.full_like(prior, 0.1))  # it was updated
+    torch.testing.assert_close(prior, single.distiller.prior.prior, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_not_divisible_is_a_one_line_error_under_torchrun(tmp_path):
