@@ -125,6 +125,7 @@ class AdaAD(Distiller):
     """
 
     name: ClassVar[str] = "adaad"
+    supports_distributed: ClassVar[bool] = True  # stateless, batch-mean loss
     paper: ClassVar[str] = (
         "Bo Huang, Mingyang Chen, Yi Wang, Junda Lu, Minhao Cheng, Wei Wang. Boosting Accuracy and Robustness "
         "of Student Models via Adaptive Adversarial Distillation. CVPR 2023"

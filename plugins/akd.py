@@ -83,6 +83,7 @@ class AKD(Distiller):
     """
 
     name: ClassVar[str] = "akd"
+    supports_distributed: ClassVar[bool] = True  # stateless, batch-mean loss
     paper: ClassVar[str] = (
         "Javier Maroto, Guillermo Ortiz-Jimenez, Pascal Frossard. On the benefits of knowledge distillation "
         "for adversarial robustness. arXiv 2022. arXiv:2203.07159"

@@ -100,6 +100,7 @@ class ARD(Distiller):
     """
 
     name: ClassVar[str] = "ard"
+    supports_distributed: ClassVar[bool] = True  # IKL class prior: summed over processes
     paper: ClassVar[str] = (
         "Micah Goldblum, Liam Fowl, Soheil Feizi, Tom Goldstein. Adversarially Robust Distillation. "
         "AAAI 2020. arXiv:1905.09747"

@@ -316,6 +316,7 @@ class GACD(Distiller):
     """
 
     name: ClassVar[str] = "gacd"
+    supports_distributed: ClassVar[bool] = False  # memory bank, NCE Z: per-process samples
     paper: ClassVar[str] = PAPER
     teacher_roles: ClassVar[tuple[str, ...]] = ("robust",)
 
@@ -592,6 +593,7 @@ class GACDLinear(Distiller):
     """
 
     name: ClassVar[str] = "gacd-linear"
+    supports_distributed: ClassVar[bool] = False  # frozen student: nothing for DDP
     paper: ClassVar[str] = PAPER
     teacher_roles: ClassVar[tuple[str, ...]] = ()
 
@@ -735,6 +737,7 @@ class GACDAFT(Distiller):
     """
 
     name: ClassVar[str] = "gacd-aft"
+    supports_distributed: ClassVar[bool] = True  # stateless, batch-mean loss
     paper: ClassVar[str] = PAPER
     teacher_roles: ClassVar[tuple[str, ...]] = ()
 

@@ -144,6 +144,7 @@ class IAD(Distiller):
     """
 
     name: ClassVar[str] = "iad"
+    supports_distributed: ClassVar[bool] = True  # only an epoch counter
     paper: ClassVar[str] = (
         "Jianing Zhu, Jiangchao Yao, Bo Han, Jingfeng Zhang, Tongliang Liu, Gang Niu, Jingren Zhou, Jianliang Xu, "
         "Hongxia Yang. Reliable Adversarial Distillation with Unreliable Teachers. ICLR 2022. arXiv:2106.04928"

@@ -127,6 +127,7 @@ class IKLAT(Distiller):
     """
 
     name: ClassVar[str] = "ikl-at"
+    supports_distributed: ClassVar[bool] = True  # class prior: summed over processes
     paper: ClassVar[str] = (
         "Jiequan Cui, Zhuotao Tian, Zhisheng Zhong, Xiaojuan Qi, Bei Yu, Hanwang Zhang. Decoupled Kullback-Leibler "
         "Divergence Loss. NeurIPS 2024. arXiv:2305.13948"

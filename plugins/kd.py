@@ -64,6 +64,7 @@ class KD(Distiller):
     """
 
     name: ClassVar[str] = "kd"
+    supports_distributed: ClassVar[bool] = True  # stateless, batch-mean loss
     paper: ClassVar[str] = (
         "Geoffrey Hinton, Oriol Vinyals, Jeff Dean. Distilling the Knowledge in a Neural Network. "
         "NIPS 2014 Deep Learning Workshop. arXiv:1503.02531"

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustbench_kd import distributed
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
@@ -123,6 +124,7 @@ class MTARD(Distiller):
     """
 
     name: ClassVar[str] = "mtard"
+    supports_distributed: ClassVar[bool] = True  # weights: losses averaged over processes
     paper: ClassVar[str] = (
         "Shiji Zhao, Jie Yu, Zhenlong Sun, Bo Zhang, Xingxing Wei. Enhanced Accuracy and Robustness via "
         "Multi-Teacher Adversarial Distillation. ECCV 2022, pp. 585-602 (extension: arXiv:2306.16170)"
@@ -224,6 +226,9 @@ class MTARD(Distiller):
         """
         la = loss_adv.detach().to(device=self.w_nat.device, dtype=STATE_DTYPE)
         ln = loss_nat.detach().to(device=self.w_nat.device, dtype=STATE_DTYPE)
+        # Under DDP each process has its slice's losses; their mean is the global batch's loss, so every
+        # process updates the same weights as one process would (no-op in a single process).
+        la, ln = distributed.all_reduce_mean(torch.stack([la, ln])).unbind()
         first = ~self.has_init_losses
         self.init_loss_adv.copy_(torch.where(first, la, self.init_loss_adv))
         self.init_loss_nat.copy_(torch.where(first, ln, self.init_loss_nat))

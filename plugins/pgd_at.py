@@ -77,6 +77,7 @@ class PGDAT(Distiller):
     """
 
     name: ClassVar[str] = "pgd-at"
+    supports_distributed: ClassVar[bool] = True  # stateless, batch-mean loss
     paper: ClassVar[str] = (
         "Aleksander Madry, Aleksandar Makelov, Ludwig Schmidt, Dimitris Tsipras, Adrian Vladu. "
         "Towards Deep Learning Models Resistant to Adversarial Attacks. ICLR 2018. arXiv:1706.06083"

@@ -105,6 +105,7 @@ class RSLAD(Distiller):
     """
 
     name: ClassVar[str] = "rslad"
+    supports_distributed: ClassVar[bool] = True  # IKL class prior: summed over processes
     paper: ClassVar[str] = (
         "Bojia Zi, Shihao Zhao, Xingjun Ma, Yu-Gang Jiang. Revisiting Adversarial Robustness Distillation: "
         "Robust Soft Labels Make Student Better. ICCV 2021. arXiv:2108.07969"

@@ -155,6 +155,7 @@ class SmaraAD(Distiller):
     """
 
     name: ClassVar[str] = "smaraad"
+    supports_distributed: ClassVar[bool] = False  # CAM taps through DDP: unverified
     paper: ClassVar[str] = PAPER
     teacher_roles: ClassVar[tuple[str, ...]] = ("robust",)
 

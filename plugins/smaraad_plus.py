@@ -94,6 +94,7 @@ class SmaraADPlus(SmaraAD):
     """
 
     name: ClassVar[str] = "smaraad-plus"
+    supports_distributed: ClassVar[bool] = False  # CAM taps through DDP: unverified
     paper: ClassVar[str] = PAPER
     teacher_roles: ClassVar[tuple[str, ...]] = ("robust",)
 

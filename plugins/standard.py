@@ -48,6 +48,7 @@ class Standard(Distiller):
     """
 
     name: ClassVar[str] = "standard"
+    supports_distributed: ClassVar[bool] = True  # stateless, batch-mean loss
     paper: ClassVar[str] = "Standard training (cross-entropy on clean inputs; no attack, no teacher)"
     teacher_roles: ClassVar[tuple[str, ...]] = ()
 

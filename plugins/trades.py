@@ -74,6 +74,7 @@ class TRADES(Distiller):
     """
 
     name: ClassVar[str] = "trades"
+    supports_distributed: ClassVar[bool] = True  # stateless, batch-mean loss
     paper: ClassVar[str] = (
         "Hongyang Zhang, Yaodong Yu, Jiantao Jiao, Eric P. Xing, Laurent El Ghaoui, Michael I. Jordan. "
         "Theoretically Principled Trade-off between Robustness and Accuracy. ICML 2019. arXiv:1901.08573"

@@ -147,16 +147,22 @@ def _print_options(cls) -> None:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    from . import distributed
     from .config import load_config
     from .pipeline import distill
     from .report import format_table
 
+    distributed.quiet_other_ranks()  # under torchrun: one log, from rank 0
     config = load_config(args.config, args.overrides)
-    reports = distill(config, resume=args.resume, final_eval=not args.no_eval)
+    try:
+        reports = distill(config, resume=args.resume, final_eval=not args.no_eval)
+    finally:
+        distributed.shutdown()
     if reports:
         print(format_table(reports))
         _print_outputs(reports)
-    print(f"run directory: {config.run.out_dir}")
+    if distributed.is_main():
+        print(f"run directory: {config.run.out_dir}")
     return 0
 
 

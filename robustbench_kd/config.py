@@ -2,7 +2,7 @@
 
 A run file has these sections (all optional; defaults give a CPU run on the embedded digits data)::
 
-    [run]        name, out_dir, seed, device, deterministic, progress
+    [run]        name, out_dir, seed, device, deterministic, progress, sync_bn
     [data]       dataset, data_dir, download, verify_md5, batch_size, test_batch_size, augment, n_train, val_size
     [threat]     norm, eps, alpha, steps                     (eps/alpha accept "8/255")
     [student]    arch, options = {...}, init_from
@@ -46,6 +46,7 @@ class RunSection:
     device: str = "auto"                #: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     deterministic: bool = False         #: torch.use_deterministic_algorithms (slower on GPU)
     progress: bool = True               #: tqdm progress bars
+    sync_bn: bool = False               #: torchrun/DDP: BatchNorm statistics over the global batch (distributed.py)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -105,12 +105,17 @@ class Distiller(nn.Module, ABC):
         paper: citation shown by ``robustbench-kd methods``.
         teacher_roles: roles the method needs (``()``, ``("robust",)``, ``("robust", "natural")``).
         optional_teacher_roles: roles it can use but does not need.
+        supports_distributed: the method trains correctly under torchrun/DDP, where each process sees
+            a slice of the global batch: its loss is a mean over the batch and any state it updates
+            from a step's samples is made identical on every process (all-reduce). Default False:
+            a method must opt in (see :meth:`check_distributed`).
     """
 
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     teacher_roles: ClassVar[tuple[str, ...]] = ()
     optional_teacher_roles: ClassVar[tuple[str, ...]] = ()
+    supports_distributed: ClassVar[bool] = False
 
     @dataclass(frozen=True, kw_only=True)
     class Config:
@@ -150,6 +155,20 @@ class Distiller(nn.Module, ABC):
             raise ValueError(f"{cls.__qualname__}.name must be lowercase kebab-case, got {name!r}")
         if not dataclasses.is_dataclass(cls.Config):
             raise ValueError(f"{cls.__qualname__}.Config must be a dataclass")
+
+    def check_distributed(self, world_size: int) -> None:
+        """Raise a one-line UserError if this configured method cannot train on ``world_size`` processes.
+
+        Called once before a DDP run. Default: refuse unless the class sets ``supports_distributed``, and
+        refuse ``kl_reduction = "sum"`` (DDP averages the per-process gradients, so a per-slice sum would
+        shrink the step by the number of processes). Override to refuse further option combinations.
+        """
+        if not self.supports_distributed:
+            raise UserError(f"method {self.name!r} does not support multi-process (torchrun/DDP) training: its "
+                            "state depends on every sample of a step; run it in one process")
+        if getattr(self.config, "kl_reduction", None) == "sum":
+            raise UserError(f"method.kl_reduction = 'sum' cannot be split over {world_size} processes (DDP averages "
+                            "gradients); use 'batchmean' or 'mean_all', or run in one process")
 
     # -- per-batch protocol ------------------------------------------------------------------
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:

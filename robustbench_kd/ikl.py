@@ -255,7 +255,14 @@ class ClassPrior(nn.Module):
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """End of epoch: the prior becomes the row-normalised accumulator (mixed with ``mix``); reset."""
+        """End of epoch: the prior becomes the row-normalised accumulator (mixed with ``mix``); reset.
+
+        Under DDP the accumulators of all processes are summed first, so every process gets the prior of
+        all the epoch's samples, as one process would.
+        """
+        from .distributed import all_reduce_sum_
+
+        all_reduce_sum_(self.accumulator)
         rows = self.accumulator.sum(dim=1, keepdim=True)
         seen = rows > 0
         normalised = torch.where(seen, self.accumulator / rows.clamp_min(torch.finfo(rows.dtype).tiny), self.prior)

@@ -26,11 +26,12 @@ def distill(config: RunConfig, *, host: PluginHost | None = None, resume: bool =
 
     The outputs go under ``export_dir`` (default: the run's ``out_dir``).
     """
+    from .distributed import is_main
     from .trainer import train
 
     host = host or PluginHost.create()
     run = train(config, host=host, resume=resume)
-    if not final_eval or not config.eval.attacks:
+    if not final_eval or not config.eval.attacks or not is_main():  # torchrun: rank 0 evaluates
         return []
     return evaluate_run(run, export_dir=export_dir)
 

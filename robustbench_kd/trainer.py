@@ -21,6 +21,9 @@ and PGD) every N epochs on the validation split held out of the training set (``
 never on the test set, which only the final evaluation reads. Whenever the ``eval.select`` metric
 improves, ``checkpoints/best.pt`` is written (before ``last.pt``, both atomically); the best-so-far
 record travels in every checkpoint, so a resumed run never replaces ``best.pt`` with a worse epoch.
+
+Under ``torchrun`` (:mod:`robustbench_kd.distributed`) each process trains on its slice of every global
+batch, only the outer loss goes through DistributedDataParallel, and rank 0 alone writes and evaluates.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import builders
+from . import builders, distributed
 from .checkpoint import load_checkpoint, restore_plain, save_checkpoint
 from .config import RunConfig
 from .context import BatchContext
@@ -70,6 +73,8 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     #: best validation epoch so far: {"epoch", "metric", <val metrics>, "protocol"}; None before any
     best: dict[str, Any] | None = None
+    #: the DDP wrapper of ``student`` used for the outer loss under torchrun; None in one process
+    ddp_student: nn.Module | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -107,18 +112,25 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(config.run.seed)
-    device = builders.resolve_device(config.run.device)
+    # torchrun (DDP): checks that need no other process come first, so a mistake fails every rank alike.
+    dist_env = distributed.from_environ()
+    device = distributed.resolve_device(config.run.device, dist_env)
+    distributed.check_batch_size(config.data.batch_size, dist_env)
     data = builders.load_data(host, config)
     check_validation(config, data)
     distiller = builders.build_distiller(host, config, data.num_classes).to(device)
+    distributed.check_method(distiller, dist_env)
+    distributed.init_process_group(dist_env, device)
     student = builders.build_student(host, config, data).to(device)
+    student = distributed.prepare_student(student, device, sync_bn=config.run.sync_bn)
     teachers = builders.load_teachers(host, config, data, distiller, device)
     optimizer = build_optimizer(config, student, distiller)
     steps = num_batches(len(data.train_y), config.data.batch_size, _drop_last(config, data))
     scheduler, per_batch = build_scheduler(config, optimizer, steps)
     return Run(config=config, host=host, out_dir=Path(config.run.out_dir), device=device, data=data,
                student=student, teachers=teachers, distiller=distiller, optimizer=optimizer,
-               scheduler=scheduler, per_batch_schedule=per_batch)
+               scheduler=scheduler, per_batch_schedule=per_batch,
+               ddp_student=distributed.wrap(student, device, sync_bn=config.run.sync_bn))
 
 
 def check_validation(config: RunConfig, data: DataSplits) -> None:
@@ -141,8 +153,9 @@ def check_validation(config: RunConfig, data: DataSplits) -> None:
 
 
 def _drop_last(config: RunConfig, data: DataSplits) -> bool:
-    # A final batch of one sample breaks train-mode BatchNorm; drop only that case.
-    return len(data.train_y) % config.data.batch_size == 1
+    # A final batch of one sample (per process) breaks train-mode BatchNorm, and under DDP a final
+    # batch must split evenly over the processes; drop only those cases.
+    return distributed.drop_last(len(data.train_y), config.data.batch_size, distributed.from_environ().world_size)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -225,17 +238,21 @@ def resume_from(run: Run, path: Path) -> None:
 def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     cfg, student, distiller, host = run.config, run.student, run.distiller, run.host
     # Everything random in this epoch derives from (seed, epoch): exact resume at epoch boundaries.
-    torch.manual_seed(epoch_generator(cfg.run.seed, epoch, stream=2).initial_seed())
+    # Under DDP each rank draws its own attack noise (distributed.rank_seed; rank 0's is a single run's).
+    torch.manual_seed(distributed.rank_seed(epoch_generator(cfg.run.seed, epoch, stream=2).initial_seed()))
     order_gen = epoch_generator(cfg.run.seed, epoch, stream=1)
     augment = run.data.augment_default if cfg.data.augment is None else cfg.data.augment
-    batches = iterate_batches(run.data.train_x, run.data.train_y, batch_size=cfg.data.batch_size,
-                              shuffle=True, generator=order_gen, augment=augment, device=run.device,
-                              drop_last=_drop_last(cfg, run.data))
+    # Every rank builds the same global batches and keeps its slice (no-op in one process).
+    batches = distributed.shard_batches(
+        iterate_batches(run.data.train_x, run.data.train_y, batch_size=cfg.data.batch_size, shuffle=True,
+                        generator=order_gen, augment=augment, device="cpu", drop_last=_drop_last(cfg, run.data)),
+        run.device)
     total = num_batches(len(run.data.train_y), cfg.data.batch_size, _drop_last(cfg, run.data))
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     start = time.perf_counter()
-    progress = _progress(batches, total, f"epoch {epoch + 1}/{cfg.optim.epochs}", cfg.run.progress)
+    progress = _progress(batches, total, f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                         cfg.run.progress and distributed.is_main())
     for step, (x, y, index) in enumerate(progress):
         student.train()
         ctx = BatchContext(x=x, y=y, index=index, student=student, teachers=run.teachers, threat=cfg.threat,
@@ -247,14 +264,20 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
                                       loss_fn=lambda xa, ctx=ctx: distiller.attack_loss(ctx, xa))
             ctx.x_adv = attack(x, y)
         student.train()
+        # DDP: only the outer loss goes through the wrapper (its backward averages the gradients); the
+        # attack above ran on the unwrapped student, with input gradients only.
+        ctx.student = student if run.ddp_student is None else run.ddp_student
         out = distiller.loss(ctx)
         run.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
+        ctx.student = student
+        distributed.average_gradients(distiller.trainable_parameters())
         run.optimizer.step()
         if run.per_batch_schedule:
             run.scheduler.step()
         distiller.after_step(ctx, out)
-        host.step_end(run, ctx, out)
+        if distributed.is_main():
+            host.step_end(run, ctx, out)
         # Accumulate on-device; one host sync per epoch, not per step.
         batch = len(y)
         sums["loss"] = sums.get("loss", 0) + out.total.detach() * batch
@@ -264,6 +287,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         run.global_step += 1
     if run.scheduler is not None and not run.per_batch_schedule:
         run.scheduler.step()
+    sums, seen = distributed.reduce_epoch_sums(sums, seen)  # DDP: the global batch's numbers
     elapsed = time.perf_counter() - start
     metrics = {name: float(value) / seen for name, value in sums.items()}
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
@@ -349,7 +373,7 @@ def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = F
             schedule still spans ``optim.epochs`` and ``resume`` continues where it stopped.
     """
     run = setup_run(config, host)
-    run.out_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()  # under torchrun only rank 0 writes files and evaluates
     last = run.checkpoint_dir / "last.pt"
     if resume:
         if not last.is_file():
@@ -358,17 +382,26 @@ def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = F
     elif last.is_file():
         raise UserError(f"{run.out_dir} already holds a run ({last}); pass --resume to continue it, "
                         "or choose another run.out_dir")
-    atomic_write_text(run.out_dir / "config.yaml", _yaml(config.to_dict()))
+    distributed.barrier()  # every rank has looked at last.pt before rank 0 writes anything
+    if main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.out_dir / "config.yaml", _yaml(config.to_dict()))
     run.distiller.on_train_start(run)
-    run.host.train_start(run)
+    if main:
+        run.host.train_start(run)
     last_epoch = config.optim.epochs if stop_after is None else min(stop_after, config.optim.epochs)
     for epoch in range(run.epoch, last_epoch):
         run.distiller.on_epoch_start(epoch, config.optim.epochs)
-        run.host.epoch_start(run, epoch)
+        if main:
+            run.host.epoch_start(run, epoch)
         metrics = train_one_epoch(run, epoch)
         metrics.update(run.distiller.on_epoch_end(epoch, config.optim.epochs))
         every = config.eval.every
         improved = False
+        if not main:  # rank 0 evaluates and writes; the others wait for it before the next epoch
+            run.epoch = epoch + 1
+            distributed.barrier()
+            continue
         if every and ((epoch + 1) % every == 0 or epoch + 1 == config.optim.epochs):
             metrics.update(quick_eval(run))
             improved = update_best(run, epoch + 1, metrics)
@@ -383,7 +416,9 @@ def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = F
         write_metrics(run)
         log.info("epoch %d/%d %s", epoch + 1, config.optim.epochs,
                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-    run.host.train_end(run, run.history[-1] if run.history else {})
+        distributed.barrier()
+    if main:
+        run.host.train_end(run, run.history[-1] if run.history else {})
     return run
 
 
