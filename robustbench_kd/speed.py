@@ -24,6 +24,8 @@ Decisions, and why:
   place would also be unsafe under ``copy.deepcopy``: the compiled call stays bound to the original).
 * Teachers are compiled in place (``nn.Module.compile``): their type (``Teacher``/``EnsembleTeacher``, which
   methods check), names (feature taps find layers by name), frozen parameters and eval mode are kept.
+* With compile on, dynamo guards on module hooks (``skip_nnmodule_hook_guards = False``, process-wide), so
+  feature taps registered after the first compiled call still run.
 * ``channels_last`` converts the student and teachers in place and the batch on entry; the attack's
   tensors inherit the layout from the batch.
 """
@@ -73,6 +75,12 @@ class SpeedPlan:
                 teacher.to(memory_format=torch.channels_last)
         if section.compile != "off":
             check_backend(section.compile_backend)
+            # Dynamo ignores forward hooks added after a module was first compiled unless it guards on them;
+            # feature taps (GACD, SmaraAD) add theirs per batch. Guarding makes such calls recompile (and fall
+            # back to eager past the recompile limit) instead of silently skipping the hooks. Process-wide.
+            import torch._dynamo as dynamo
+
+            dynamo.config.skip_nnmodule_hook_guards = False
         #: what the training loop calls: the compiled view of the student, or the student itself
         self.student: nn.Module = student
         if section.compile in ("student", "both"):
