@@ -15,6 +15,8 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [eval]       every, select, n_examples, pgd_steps, attacks, final_n_examples, teachers, batch_size, seed,
                  sanity
     [model_info] title, authors, venue, link, architecture, additional_data, reported, footnote
+    [speed]      amp, attack_fp32, channels_last, compile, compile_backend   (robustbench_kd.speed_config)
+    [ema]        decay, warmup, every                                       (robustbench_kd.speed_config)
 
 Unknown sections or keys are errors that list the valid ones.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import UserError, close_matches
+from .speed_config import EmaSection, SpeedSection
 from .threat import ThreatSpec, parse_number
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "exponential", "constant")
@@ -164,6 +167,7 @@ SECTIONS: dict[str, type] = {
     "run": RunSection, "data": DataSection, "threat": ThreatSpec, "student": StudentSection,
     "zoo": ZooSection, "optim": OptimSection, "checkpoint": CheckpointSection, "eval": EvalSection,
     "model_info": ModelInfoSection,
+    "speed": SpeedSection, "ema": EmaSection,  # issue 5: precision/compile switches, weight averaging
 }
 FREE_SECTIONS = ("teachers", "method")
 
@@ -183,6 +187,8 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     model_info: ModelInfoSection = field(default_factory=ModelInfoSection)
+    speed: SpeedSection = field(default_factory=SpeedSection)
+    ema: EmaSection = field(default_factory=EmaSection)
 
     @property
     def method_name(self) -> str:

@@ -142,6 +142,10 @@ class FeatureTap:
             raise UserError(f"feature_map_transform must be None or 'relu', got {feature_map_transform!r}")
         if feature_map_transform is not None and feature_map_module is None:
             raise UserError("feature_map_transform needs feature_map_module as well")
+        # A torch.compile view ([speed] compile): hook the module it wraps. The view's own call does not run
+        # hooks registered on the view, while the wrapped module's hooks run inside the compiled call.
+        while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
         self.model = model
         self.fc_name, self.fc = final_linear(model, fc_module)
         self._want_penultimate = penultimate

@@ -68,6 +68,7 @@ def final_students(run: Any) -> list[tuple[str, str, Any]]:
       then the last epoch's weights as ``<name>_last``; when the best epoch is the last one, a single
       entry ``<name>`` (the same weights: one evaluation, not two).
     * Without one: the last epoch's weights as ``<name>``.
+    * With ``[ema]`` on, the averaged weights at the end of training follow as ``<name>_ema``.
 
     A best record whose ``best.pt`` is missing or holds another epoch is a UserError, not a silent
     fallback to the last epoch.
@@ -77,19 +78,21 @@ def final_students(run: Any) -> list[tuple[str, str, Any]]:
     from .checkpoint import load_checkpoint, load_weights
 
     name, best = run.config.run.name, getattr(run, "best", None)
+    ema = getattr(run, "ema", None)
+    extra = [] if ema is None else [(f"{name}_ema", f"student {name}_ema (EMA decay {run.config.ema.decay:g}, "
+                                                    f"epoch {run.epoch})", ema.module)]
     if best is None:
-        return [(name, f"student {name}", run.student)]
+        return [(name, f"student {name}", run.student), *extra]
     if best["epoch"] == run.epoch:
-        return [(name, f"student {name} (best = last, epoch {run.epoch})", run.student)]
+        return [(name, f"student {name} (best = last, epoch {run.epoch})", run.student), *extra]
     path = run.checkpoint_dir / "best.pt"
     saved = load_checkpoint(path, map_location=run.device)
     if saved.get("epoch") != best["epoch"]:
         raise UserError(f"{path} holds epoch {saved.get('epoch')} but the run recorded epoch {best['epoch']} as best; "
                         "restore that file or evaluate checkpoints/last.pt with `robustbench-kd evaluate`")
     selected = load_weights(copy.deepcopy(run.student), saved["student"], source=str(path)).eval()
-    # EMA (issue 5): when the run keeps averaged weights, append them here as f"{name}_ema".
     return [(name, f"student {name} (best, epoch {best['epoch']})", selected),
-            (f"{name}_last", f"student {name}_last (last, epoch {run.epoch})", run.student)]
+            (f"{name}_last", f"student {name}_last (last, epoch {run.epoch})", run.student), *extra]
 
 
 def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: float, attacks: list[str],

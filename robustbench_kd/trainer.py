@@ -10,6 +10,10 @@ Per batch (the trainer never branches on a method's name)::
     out.total.backward(); optimiser.step(); per-batch scheduler step
     distiller.after_step(ctx, out); host.step_end(run, ctx, out)
 
+``[speed]`` (:mod:`.speed`) wraps the attack (fp32 by default) and the loss (autocast) in contexts and does
+the backward/step through a GradScaler for fp16; ``[ema]`` (:mod:`.ema`) updates the averaged student after
+the optimiser step. Both are stored in every checkpoint.
+
 Exact resume: the data order, the augmentation and the global torch RNG (attack starts) of epoch k
 are seeded from (run.seed, k) alone, and ``checkpoints/last.pt`` is written atomically after every
 epoch with the student, optimiser, scheduler and method state. A run stopped after epoch k and
@@ -45,9 +49,12 @@ from .config import RunConfig
 from .context import BatchContext
 from .data import DataSplits, epoch_generator, to_float, iterate_batches, num_batches
 from .distiller import Distiller
+from .ema import StudentEMA
 from .errors import UserError
 from .io import atomic_write_text
 from .plugin_host import PluginHost
+from .speed import SpeedPlan
+from .speed_config import SpeedSection
 from .teachers import TeacherSet
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,10 @@ class Run:
     best: dict[str, Any] | None = None
     #: the DDP wrapper of ``student`` used for the outer loss under torchrun; None in one process
     ddp_student: nn.Module | None = None
+    #: [speed]: autocast/GradScaler/channels_last/compile seam; None = everything off
+    speed: SpeedPlan | None = None
+    #: [ema]: the averaged student, None when ema.decay = 0
+    ema: StudentEMA | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -127,9 +138,12 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     optimizer = build_optimizer(config, student, distiller)
     steps = num_batches(len(data.train_y), config.data.batch_size, _drop_last(config, data))
     scheduler, per_batch = build_scheduler(config, optimizer, steps)
+    # Issue 5: precision/compile switches, then the EMA copy (after channels_last, so it shares the layout).
+    speed = SpeedPlan(config.speed, device, student, teachers)
+    ema = StudentEMA(student, config.ema) if config.ema.enabled else None
     return Run(config=config, host=host, out_dir=Path(config.run.out_dir), device=device, data=data,
                student=student, teachers=teachers, distiller=distiller, optimizer=optimizer,
-               scheduler=scheduler, per_batch_schedule=per_batch,
+               scheduler=scheduler, per_batch_schedule=per_batch, speed=speed, ema=ema,
                ddp_student=distributed.wrap(student, device, sync_bn=config.run.sync_bn))
 
 
@@ -178,6 +192,9 @@ def checkpoint_payload(run: Run) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "history": run.history,
         "best": run.best,
+        # Issue 5: GradScaler state (fp16 only) and the averaged student (ema.decay > 0), else None.
+        "scaler": run.speed.state_dict() if run.speed is not None else None,
+        "ema": run.ema.state_dict() if run.ema is not None else None,
     }
 
 
@@ -228,15 +245,34 @@ def resume_from(run: Run, path: Path) -> None:
     run.global_step = int(data["global_step"])
     run.history = list(data.get("history", []))
     run.best = best
+    _resume_speed_and_ema(run, data, path)
     if best is not None and not (run.checkpoint_dir / "best.pt").is_file():
         log.warning("resuming %s: the record says epoch %d was best but %s is missing; it is rewritten when "
                     "a later epoch beats that record", path, best["epoch"], run.checkpoint_dir / "best.pt")
     log.info("resumed from %s after epoch %d", path, run.epoch)
 
 
+def _resume_speed_and_ema(run: Run, data: dict[str, Any], path: Path) -> None:
+    """Issue 5: restore the GradScaler and the EMA copy; the [speed] switches may change between runs."""
+    if run.speed is not None:
+        run.speed.load_state_dict(data.get("scaler"))
+    if run.ema is not None:
+        if data.get("ema") is not None:
+            run.ema.load_state_dict(data["ema"])
+        else:
+            # The copy made at setup holds the initial weights: restart the average from the resumed ones.
+            log.warning("resuming %s without EMA state: the average starts from the resumed weights", path)
+            run.ema = StudentEMA(run.student, run.config.ema)
+    elif data.get("ema") is not None:
+        log.warning("resuming %s with ema.decay = 0: its averaged weights are dropped", path)
+
+
 # -- the loop ------------------------------------------------------------------------------------
 def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
-    cfg, student, distiller, host = run.config, run.student, run.distiller, run.host
+    cfg, distiller, host = run.config, run.distiller, run.host
+    # Issue 5: the loop calls the compiled view when speed.compile asks for one; run.student stays plain.
+    speed = run.speed if run.speed is not None else SpeedPlan(SpeedSection(), run.device, run.student, run.teachers)
+    student = speed.student
     # Everything random in this epoch derives from (seed, epoch): exact resume at epoch boundaries.
     # Under DDP each rank draws its own attack noise (distributed.rank_seed; rank 0's is a single run's).
     torch.manual_seed(distributed.rank_seed(epoch_generator(cfg.run.seed, epoch, stream=2).initial_seed()))
@@ -254,6 +290,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     progress = _progress(batches, total, f"epoch {epoch + 1}/{cfg.optim.epochs}",
                          cfg.run.progress and distributed.is_main())
     for step, (x, y, index) in enumerate(progress):
+        x = speed.inputs(x)
         student.train()
         ctx = BatchContext(x=x, y=y, index=index, student=student, teachers=run.teachers, threat=cfg.threat,
                            epoch=epoch, num_epochs=cfg.optim.epochs, step=step, global_step=run.global_step)
@@ -262,17 +299,20 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         if spec is not None:
             attack = host.make_attack(distiller=distiller, student=student, spec=spec,
                                       loss_fn=lambda xa, ctx=ctx: distiller.attack_loss(ctx, xa))
-            ctx.x_adv = attack(x, y)
+            with speed.attack_precision():
+                ctx.x_adv = attack(x, y)
         student.train()
         # DDP: only the outer loss goes through the wrapper (its backward averages the gradients); the
         # attack above ran on the unwrapped student, with input gradients only.
         ctx.student = student if run.ddp_student is None else run.ddp_student
-        out = distiller.loss(ctx)
+        with speed.autocast():
+            out = distiller.loss(ctx)
         run.optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
+        speed.backward_step(out.total, run.optimizer,
+                            before_step=lambda: distributed.average_gradients(distiller.trainable_parameters()))
         ctx.student = student
-        distributed.average_gradients(distiller.trainable_parameters())
-        run.optimizer.step()
+        if run.ema is not None:
+            run.ema.maybe_update(run.student, run.global_step + 1)
         if run.per_batch_schedule:
             run.scheduler.step()
         distiller.after_step(ctx, out)
@@ -280,7 +320,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
             host.step_end(run, ctx, out)
         # Accumulate on-device; one host sync per epoch, not per step.
         batch = len(y)
-        sums["loss"] = sums.get("loss", 0) + out.total.detach() * batch
+        sums["loss"] = sums.get("loss", 0) + out.total.detach().float() * batch
         for name, value in out.terms.items():
             sums[name] = sums.get(name, 0) + value.detach().float().mean() * batch
         seen += batch
@@ -312,8 +352,9 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def quick_eval(run: Run) -> dict[str, float]:
     """Clean and PGD accuracy on the first ``eval.n_examples`` validation points (RNG isolated).
 
-    Keys ``val_clean_acc`` and ``val_pgd<steps>_acc``. The validation split is held out of the training
-    set and never augmented; the test set is never read here (UserError without a validation split).
+    Keys ``val_clean_acc`` and ``val_pgd<steps>_acc``, plus ``val_ema_clean_acc`` and ``val_ema_pgd<steps>_acc``
+    for the EMA student when ``[ema]`` is on. The validation split is held out of the training set and never
+    augmented; the test set is never read here (UserError without a validation split).
     """
     from .evaluation import evaluate_model
 
@@ -321,10 +362,17 @@ def quick_eval(run: Run) -> dict[str, float]:
     if not run.data.has_validation:
         raise UserError("evaluation during training needs a validation split: set data.val_size")
     n = cfg.eval.n_examples
-    result = evaluate_model(run.student, to_float(run.data.val_x[:n]), run.data.val_y[:n], norm=cfg.threat.norm,
-                            eps=cfg.threat.eps, attacks=("clean", "pgd"), batch_size=cfg.eval.batch_size,
-                            seed=cfg.eval.seed, pgd_steps=cfg.eval.pgd_steps, device=run.device, progress=False)
-    return {f"val_{k.replace('-', '')}_acc": v for k, v in result.accuracy.items()}
+    # EMA (issue 5): the averaged student is checked on the same points, as val_ema_*; best.pt still ranks
+    # the raw student.
+    models = [("val", run.student)] + ([("val_ema", run.ema.module)] if run.ema is not None else [])
+    metrics: dict[str, float] = {}
+    for prefix, model in models:
+        result = evaluate_model(model, to_float(run.data.val_x[:n]), run.data.val_y[:n], norm=cfg.threat.norm,
+                                eps=cfg.threat.eps, attacks=("clean", "pgd"), batch_size=cfg.eval.batch_size,
+                                seed=cfg.eval.seed, pgd_steps=cfg.eval.pgd_steps, device=run.device,
+                                progress=False)
+        metrics.update({f"{prefix}_{k.replace('-', '')}_acc": v for k, v in result.accuracy.items()})
+    return metrics
 
 
 def selection_metrics(config: RunConfig) -> tuple[str, str]:
