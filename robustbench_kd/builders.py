@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import RunConfig
-from .data import DataSplits, split_validation
+from .data import DataSplits, split_validation, take
 from .distiller import Distiller
 from .errors import UserError
 from .plugin_host import PluginHost
@@ -37,7 +37,8 @@ def load_data(host: PluginHost, config: RunConfig) -> DataSplits:
     """Load the configured dataset, hold out ``data.val_size`` training images, then apply ``n_train``.
 
     The validation split is drawn from the loader's whole training set before ``n_train`` truncates
-    it, so it is the same images whatever ``n_train`` is.
+    it, so it is the same images whatever ``n_train`` is. ``data.extra_path`` is memory-mapped and
+    checked against the resulting training images (``data.extra``).
     """
     loader = host.datasets.get(config.data.dataset)
     data = loader(config.data)
@@ -47,7 +48,12 @@ def load_data(host: PluginHost, config: RunConfig) -> DataSplits:
         n = config.data.n_train
         if n < 1:
             raise UserError(f"data.n_train must be >= 1, got {n}")
-        data.train_x, data.train_y = data.train_x[:n], data.train_y[:n]
+        data.train_x, data.train_y = take(data.train_x, slice(0, n)), data.train_y[:n]
+    if config.data.extra_path is not None:
+        from .extra_data import open_extra
+
+        data.extra = open_extra(config.data.extra_path, image_shape=tuple(data.train_x.shape[1:]),
+                                num_classes=data.num_classes)
     return data
 
 

@@ -105,12 +105,15 @@ class Distiller(nn.Module, ABC):
         paper: citation shown by ``robustbench-kd methods``.
         teacher_roles: roles the method needs (``()``, ``("robust",)``, ``("robust", "natural")``).
         optional_teacher_roles: roles it can use but does not need.
+        indexes_training_set: True if the method keeps per-sample state indexed by ``ctx.index`` over
+            the training set (a memory bank); such a method refuses ``data.extra_path``.
     """
 
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     teacher_roles: ClassVar[tuple[str, ...]] = ()
     optional_teacher_roles: ClassVar[tuple[str, ...]] = ()
+    indexes_training_set: ClassVar[bool] = False
 
     @dataclass(frozen=True, kw_only=True)
     class Config:
