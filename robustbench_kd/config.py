@@ -4,7 +4,7 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
 
     [run]        name, out_dir, seed, device, deterministic, progress
     [data]       dataset, data_dir, download, verify_md5, batch_size, test_batch_size, augment, n_train, val_size,
-                 extra_path, extra_fraction
+                 extra_path, extra_fraction, preprocessing
     [threat]     norm, eps, alpha, steps                     (eps/alpha accept "8/255")
     [student]    arch, options = {...}, init_from
     [teachers]   <role> = "scheme:ref"  or  <role> = {specs = [...], weights = [...], combine = "probs"}
@@ -67,9 +67,15 @@ class DataSection:
     extra_path: str | None = None
     #: share of every training batch drawn from extra_path: round(batch_size * extra_fraction) images
     extra_fraction: float = 0.0
+    #: imagenet only: RobustBench's preprocessing name (Res256Crop224, BicubicRes256Crop224, Res224, Crop288);
+    #: None = Res256Crop224
+    preprocessing: str | None = None
 
     def __post_init__(self) -> None:
         self._check_extra()
+        if self.preprocessing is not None and self.dataset != "imagenet":
+            raise UserError(f"data.preprocessing applies to dataset imagenet only (RobustBench's ImageNet "
+                            f"preprocessings); remove it for {self.dataset!r}")
         v = self.val_size
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if not number or not v >= 0 or (v >= 1 and not float(v).is_integer()):  # `not v >= 0` catches NaN
@@ -298,9 +304,11 @@ def config_from_mapping(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def default_threat(dataset: str) -> ThreatSpec:
-    """Leaderboard-style defaults: 8/255 L_inf for CIFAR, 0.2 for the 8x8 digits (ecosystem §9)."""
+    """Leaderboard-style defaults: 8/255 L_inf for CIFAR, 4/255 for ImageNet, 0.2 for the 8x8 digits (ecosystem §9)."""
     if dataset == "digits":
         return ThreatSpec(norm="Linf", eps=0.2, alpha=0.05, steps=10)
+    if dataset == "imagenet":  # RobustBench's ImageNet Linf leaderboard
+        return ThreatSpec(norm="Linf", eps=4 / 255, alpha=1 / 255, steps=10)
     return ThreatSpec(norm="Linf", eps=8 / 255, alpha=2 / 255, steps=10)
 
 
