@@ -33,5 +33,5 @@ def rbkd_register_datasets(registry):
     registry.add("cifar10", _cifar("cifar10"), description="CIFAR-10 from data_dir (download=true to fetch)")
     registry.add("cifar100", _cifar("cifar100"), description="CIFAR-100 from data_dir (download=true to fetch)")
     registry.add("imagenet", _imagenet,
-                 description="ImageNet from data_dir/train and data_dir/val class folders, decoded lazily "
-                             "(RobustBench Res256Crop224; test = its 5000-image subset when present)")
+                 description="ImageNet from data_dir/train and data_dir/val class folders (val/ alone to evaluate), "
+                             "decoded lazily (RobustBench Res256Crop224; test = its 5000-image subset when present)")

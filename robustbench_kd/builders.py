@@ -42,6 +42,8 @@ def load_data(host: PluginHost, config: RunConfig) -> DataSplits:
     """
     loader = host.datasets.get(config.data.dataset)
     data = loader(config.data)
+    if data.missing_train:  # evaluation-only data (e.g. ImageNet val/ without train/)
+        raise UserError(data.missing_train)
     if config.data.val_size:
         data = split_validation(data, config.data.val_size)
     if config.data.n_train is not None:

@@ -39,7 +39,9 @@ class DataSplits:
     (:func:`split_validation`) or the loader provides one. Images may also be a lazy container (e.g.
     :class:`robustbench_kd.imagefolder.LazyImages`) that decodes only the indexed images; subsets of
     either kind are taken with :func:`take`. ``extra`` is the memory-mapped extra training data of
-    ``data.extra_path`` (:mod:`robustbench_kd.extra_data`), or None.
+    ``data.extra_path`` (:mod:`robustbench_kd.extra_data`), or None. ``missing_train`` is set, to a
+    one-line reason, by a loader that found only the test data (ImageNet's ``val/`` without
+    ``train/``): the train split is then empty, evaluation works and training refuses with the reason.
     """
 
     name: str
@@ -52,6 +54,7 @@ class DataSplits:
     val_x: Tensor | None = None
     val_y: Tensor | None = None
     extra: Any = None  #: robustbench_kd.extra_data.ExtraData | None
+    missing_train: str | None = None  #: why there is no train split (evaluation-only data), or None
 
     @property
     def in_channels(self) -> int:
@@ -72,7 +75,7 @@ class DataSplits:
         if self.val_x is not None:
             splits.append(("validation", self.val_x, self.val_y))
         for split, x, y in splits:
-            if len(x) == 0:
+            if len(x) == 0 and not (split == "train" and self.missing_train):
                 raise UserError(f"dataset {self.name!r} has an empty {split} split")
             if len(x) != len(y):
                 raise UserError(f"dataset {self.name!r}: {len(x)} {split} images but {len(y)} labels")

@@ -9,7 +9,8 @@ only those files (in a few threads: PIL releases the GIL while decoding) and ret
 
 Layout: ``<data_dir>/train/<wnid>/*.JPEG`` and ``<data_dir>/val/<wnid>/*.JPEG`` (torchvision's
 ImageFolder layout); class indices are the sorted folder names, as in RobustBench's
-``CustomImageFolder`` (for the 1000 ImageNet wnids that is the standard 0..999 mapping).
+``CustomImageFolder`` (for the 1000 ImageNet wnids that is the standard 0..999 mapping). Evaluation
+needs only ``val/``; training also needs ``train/``.
 
 Test split: when ``val/`` holds RobustBench's fixed 5000-image evaluation subset
 (``robustbench/helper_files/imagenet_test_image_ids.txt``, the ImageNet leaderboard protocol) the test
@@ -217,28 +218,39 @@ def _test_split(val_dir: Path, classes: list[str]) -> tuple[list[str], list[int]
 def load_imagefolder_splits(name: str, root: str | Path, *, preprocessing: str = "Res256Crop224") -> Any:
     """``root/train`` and ``root/val`` class folders as a :class:`~robustbench_kd.data.DataSplits`.
 
-    Images are :class:`LazyImages` (nothing decoded here); labels int64 tensors. Missing folders,
-    class folders that differ between the splits, and empty splits are one-line UserErrors.
+    Images are :class:`LazyImages` (nothing decoded here); labels int64 tensors. ``val/`` alone is
+    enough for evaluation (what most ImageNet users have): the train split is then empty and
+    ``DataSplits.missing_train`` says that training needs ``train/``. A missing ``val/``, class folders
+    that differ between the splits, and empty splits are one-line UserErrors.
     """
     from .data import DataSplits
 
     prep = get_preprocessing(preprocessing)
     root = Path(root).expanduser()
     dirs = {split: root / split for split in ("train", "val")}
-    for folder in dirs.values():
-        if not folder.is_dir():
-            raise UserError(f"{name}: {folder} is not a directory; data.data_dir must hold train/ and val/, "
-                            f"each with one folder of images per class (e.g. {folder}/n01440764/*.JPEG)")
-    classes = _class_folders(dirs["train"])
+    layout = "each with one folder of images per class (e.g. {}/n01440764/*.JPEG)"
+    if not dirs["val"].is_dir():
+        raise UserError(f"{name}: {dirs['val']} is not a directory; data.data_dir must hold val/ (and train/ for "
+                        f"training), " + layout.format(dirs["val"]))
     val_classes = _class_folders(dirs["val"])
-    if not classes:
-        raise UserError(f"{name}: {dirs['train']} has no class folders")
-    if val_classes != classes:
-        odd = sorted(set(classes) ^ set(val_classes))
-        raise UserError(f"{name}: train/ has {len(classes)} class folders and val/ {len(val_classes)}; they must be "
-                        f"the same (e.g. {odd[0] if odd else 'the order differs'} is in only one)")
-    train_paths, train_labels = _scan(dirs["train"], classes)
+    missing_train = None
+    if dirs["train"].is_dir():
+        classes = _class_folders(dirs["train"])
+        if not classes:
+            raise UserError(f"{name}: {dirs['train']} has no class folders")
+        if val_classes != classes:
+            odd = sorted(set(classes) ^ set(val_classes))
+            raise UserError(f"{name}: train/ has {len(classes)} class folders and val/ {len(val_classes)}; they must "
+                            f"be the same (e.g. {odd[0] if odd else 'the order differs'} is in only one)")
+        train_paths, train_labels = _scan(dirs["train"], classes)
+    else:
+        # Evaluation reads only val/; the classes (and their indices) are its folders.
+        classes, train_paths, train_labels = val_classes, [], []
+        missing_train = (f"{name}: {dirs['train']} is not a directory; training needs data.data_dir/train/, "
+                         + layout.format(dirs["train"]) + " (evaluation needs only val/)")
+        if not classes:
+            raise UserError(f"{name}: {dirs['val']} has no class folders")
     test_paths, test_labels = _test_split(dirs["val"], classes)
     return DataSplits(name, LazyImages(train_paths, prep), torch.tensor(train_labels, dtype=torch.int64),
                       LazyImages(test_paths, prep), torch.tensor(test_labels, dtype=torch.int64),
-                      num_classes=len(classes), augment_default=True)
+                      num_classes=len(classes), augment_default=True, missing_train=missing_train)

@@ -142,7 +142,7 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
         from .evaluation.shards import evaluate_shard
 
         constructor = constructor_for_spec(spec, num_classes=data.num_classes, in_channels=data.in_channels,
-                                           image_size=data.image_size)
+                                           image_size=data.image_size, dataset=data.name)
         return evaluate_shard(model, x, y, shard=shard, spec=spec, model_id=model_id, dataset=data.name, norm=norm,
                               eps=eps, attacks=attacks, out_dir=out_dir, batch_size=batch_size, seed=seed,
                               pgd_steps=pgd_steps, device=torch_device, progress=progress, aa_state=aa_state,
@@ -156,7 +156,8 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
                                   command=command,
                                   constructor=constructor_for_spec(spec, num_classes=data.num_classes,
                                                                    in_channels=data.in_channels,
-                                                                   image_size=data.image_size) if model_id else None)
+                                                                   image_size=data.image_size, dataset=data.name)
+                                  if model_id else None)
 
 
 def _zoo_preprocessing(spec: str) -> str | None:

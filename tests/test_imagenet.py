@@ -113,7 +113,7 @@ def test_robustbench_subset_is_the_test_split_when_present(imagenet_dir, monkeyp
 
 
 def test_layout_errors(tmp_path):
-    with pytest.raises(UserError, match="train is not a directory.*one folder of images per class"):
+    with pytest.raises(UserError, match="val is not a directory.*one folder of images per class"):
         load_imagefolder_splits("imagenet", tmp_path)
     root = make_imagefolder(tmp_path / "a")
     (root / "val" / "n09999999").mkdir()
@@ -195,3 +195,120 @@ def test_imagenet_zoo_teacher_gets_its_input_size(tmp_path):
     assert out.shape == (2, 1000)
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0  # attacks through the teacher still work
+
+
+def _fit_to_wrong_labels(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Train ``net`` to predict (y + 1) % 3 on ``x``: clean accuracy 0, so AutoAttack has nothing to attack."""
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net.train()
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), (y + 1) % 3).backward()
+        optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        assert (net(x).argmax(1) == y).sum() == 0
+
+
+def test_zoo_checkpoint_and_bundle_entry_load_through_robustbench(imagenet_dir, tmp_path, host):
+    """evaluate --name on ImageNet writes a checkpoint that load_model reads into the bundle's zoo entry."""
+    from robustbench_kd.compat import import_robustbench
+    from robustbench_kd.data import to_float
+    from robustbench_kd.pipeline import evaluate_spec
+    from robustbench_kd.students import build_student
+    from robustbench_kd.testing.fixtures import tiny_zoo_entry
+
+    torch.manual_seed(0)
+    net = build_student("small-cnn", num_classes=3, in_channels=3, image_size=224, width=0.125,
+                        normalize=(0.45, 0.25))  # Normalized: buffers inside the student survive too
+    data = load_imagefolder_splits("imagenet", imagenet_dir, preprocessing="Res224")
+    x = to_float(data.test_x[:])
+    _fit_to_wrong_labels(net, x, data.test_y)
+    # As a training checkpoint records it: the architecture with its options.
+    torch.save({"student": net.state_dict(),
+                "student_arch": {"name": "small-cnn", "options": {"width": 0.125, "normalize": (0.45, 0.25)}}},
+               tmp_path / "student.pt")
+    name = "Tiny2026ImageNet"
+    report = evaluate_spec(f"file:{tmp_path / 'student.pt'}",
+                           dataset="imagenet", data_dir=str(imagenet_dir), norm="Linf", eps=4 / 255,
+                           attacks=["clean", "autoattack"], n_examples=None, batch_size=6, seed=0, pgd_steps=2,
+                           out_dir=tmp_path / "eval", model_id=name, model_dir=str(tmp_path / "zoo"), device="cpu",
+                           host=host, progress=False, sanity=False, preprocessing="Res224")
+    assert report.accuracy["clean"] == 0 and report.bundle_path is not None
+    # RobustBench's own ImageNet files hold the bare network; load_model moves it under "model.".
+    saved = torch.load(report.checkpoint_path, weights_only=True)["state_dict"]
+    assert list(saved) == list(net.state_dict())
+
+    source = (report.bundle_path / "zoo_entry.py").read_text()
+    assert "nn.Sequential(OrderedDict([('normalize', nn.Identity()), ('model', build_student('small-cnn'" in source
+    namespace: dict = {}
+    exec(compile(source, "zoo_entry.py", "exec"), namespace)
+    entry_name, entry = namespace["ENTRY"]
+    import_robustbench()
+    from robustbench.utils import load_model
+
+    with tiny_zoo_entry(entry_name, entry["model"], dataset="imagenet"):
+        loaded = load_model(entry_name, model_dir=str(tmp_path / "eval" / "models"), dataset="imagenet",
+                            threat_model="Linf")
+    # Keys matched exactly: nothing was left at its random initialisation by a lenient load.
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in saved.items())
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), net(x))
+
+
+def test_zoo_layout_models_save_their_network(tmp_path):
+    """A model already in the zoo layout (a robustbench:imagenet entry) saves the bare network; ids that
+    load_model would not load from file, and keys it would mangle, are refused."""
+    from collections import OrderedDict
+
+    from robustbench_kd.evaluation import imagenet_zoo_model, save_zoo_checkpoint
+
+    class Normalizer(torch.nn.Module):  # like robustbench's ImageNormalizer: buffers from the constructor
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
+
+        def forward(self, x):
+            return x - self.mean
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    zoo_style = torch.nn.Sequential(OrderedDict([("normalize", Normalizer()), ("model", net)]))
+    path = save_zoo_checkpoint(zoo_style, tmp_path, dataset="imagenet", threat_model="Linf", model_id="A")
+    assert list(torch.load(path, weights_only=True)["state_dict"]) == ["1.weight", "1.bias"]
+    wrapped = imagenet_zoo_model(net)
+    assert list(wrapped.state_dict()) == ["model.1.weight", "model.1.bias"]
+    x = torch.rand(2, 3, 2, 2)
+    assert torch.equal(wrapped(x), net(x))
+    with pytest.raises(UserError, match="contains 'Standard'"):
+        save_zoo_checkpoint(net, tmp_path, dataset="imagenet", threat_model="Linf", model_id="Standard_Tiny")
+    bad = torch.nn.Sequential(OrderedDict([("submodel", net)]))
+    with pytest.raises(ValueError, match="would be renamed"):
+        save_zoo_checkpoint(bad, tmp_path, dataset="imagenet", threat_model="Linf", model_id="B")
+
+
+def test_evaluation_needs_only_val(tmp_path, host):
+    """val/ alone evaluates; training without train/ is a one-line error naming the folder."""
+    from robustbench_kd.pipeline import evaluate_spec
+    from robustbench_kd.students import build_student
+    from robustbench_kd.trainer import train
+
+    root = make_imagefolder(tmp_path / "imagenet", {"val": 2})
+    data = load_imagefolder_splits("imagenet", root)
+    assert data.num_classes == 3 and data.test_y.tolist() == [0, 0, 1, 1, 2, 2] and len(data.train_y) == 0
+    assert data.in_channels == 3 and data.image_size == 224
+    torch.manual_seed(0)
+    net = build_student("small-cnn", num_classes=3, in_channels=3, image_size=224, width=0.125)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "student.pt")
+    report = evaluate_spec(f"file:{tmp_path / 'student.pt'}?arch=small-cnn&width=0.125", dataset="imagenet",
+                           data_dir=str(root), norm="Linf", eps=4 / 255, attacks=["clean"], n_examples=None,
+                           batch_size=6, seed=0, pgd_steps=2, out_dir=tmp_path / "eval", model_id=None,
+                           model_dir=str(tmp_path / "zoo"), device="cpu", host=host, progress=False, sanity=False)
+    assert report.n_examples == 6
+    cfg = config_from_mapping({
+        "run": {"out_dir": str(tmp_path / "run"), "progress": False},
+        "data": {"dataset": "imagenet", "data_dir": str(root)},
+        "student": {"arch": "small-cnn", "options": {"width": 0.125}},
+    })
+    with pytest.raises(UserError, match=r"^imagenet: .*train is not a directory; training needs data.data_dir/train/"):
+        train(cfg, host=host)
