@@ -319,6 +319,8 @@ class GACD(Distiller):
     supports_distributed: ClassVar[bool] = False  # memory bank, NCE Z: per-process samples
     paper: ClassVar[str] = PAPER
     teacher_roles: ClassVar[tuple[str, ...]] = ("robust",)
+    # The memory bank has one row per training sample: extra-data samples (data.extra_path) have none.
+    indexes_training_set: ClassVar[bool] = True
 
     @dataclass(frozen=True, kw_only=True)
     class Config:

@@ -2,27 +2,39 @@
 
 * ``robustbench:cifar10/Linf/Carmon2019Unlabeled`` loads a RobustBench model-zoo entry from the run's
   ``zoo.model_dir`` (``<model_dir>/cifar10/Linf/Carmon2019Unlabeled.pt``). A missing file is an error
-  naming that path before any network access, unless ``zoo.allow_download`` is set.
+  naming that path before any network access, unless ``zoo.allow_download`` is set. ImageNet entries
+  come as RobustBench builds them (normalisation inside the model, [0,1] inputs); when the run's images
+  are not the size the entry was evaluated at (``Crop288`` entries: 288; timm's input size), the
+  teacher resizes its inputs to that size first.
 * ``file:runs/x/checkpoints/epoch_020.pt`` loads one of our checkpoints (its architecture is stored in
   it) or any state dict with ``?arch=<student arch>`` (plus arch options, e.g. ``&width=2``).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from robustbench_kd.checkpoint import load_checkpoint, load_weights, state_dict_of
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.teachers import TeacherLoadContext, TeacherSpec
+from robustbench_kd.teachers import ResizeInput, TeacherLoadContext, TeacherSpec
+
+log = logging.getLogger(__name__)
 
 
 def load_robustbench_teacher(spec: TeacherSpec, ctx: TeacherLoadContext):
-    from robustbench_kd.zoo import load_zoo_model, parse_zoo_ref
+    from robustbench_kd.zoo import load_zoo_model, parse_zoo_ref, zoo_input_size
 
     dataset, threat_model, name = parse_zoo_ref(spec.ref)
-    return load_zoo_model(name, dataset=dataset, threat_model=threat_model, model_dir=ctx.model_dir,
-                          allow_download=ctx.allow_download)
+    net = load_zoo_model(name, dataset=dataset, threat_model=threat_model, model_dir=ctx.model_dir,
+                         allow_download=ctx.allow_download)
+    size = zoo_input_size(name, dataset=dataset, threat_model=threat_model)
+    if size is not None and size != ctx.image_size:
+        log.info("teacher %s was evaluated on %dx%d inputs; resizing the run's %dx%d images for it",
+                 spec.text or spec.ref, size, size, ctx.image_size, ctx.image_size)
+        net = ResizeInput(net, size)
+    return net
 
 
 def _option_value(text: str):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import RunConfig
-from .data import DataSplits, split_validation
+from .data import DataSplits, split_validation, take
 from .distiller import Distiller
 from .errors import UserError
 from .plugin_host import PluginHost
@@ -37,17 +37,25 @@ def load_data(host: PluginHost, config: RunConfig) -> DataSplits:
     """Load the configured dataset, hold out ``data.val_size`` training images, then apply ``n_train``.
 
     The validation split is drawn from the loader's whole training set before ``n_train`` truncates
-    it, so it is the same images whatever ``n_train`` is.
+    it, so it is the same images whatever ``n_train`` is. ``data.extra_path`` is memory-mapped and
+    checked against the resulting training images (``data.extra``).
     """
     loader = host.datasets.get(config.data.dataset)
     data = loader(config.data)
+    if data.missing_train:  # evaluation-only data (e.g. ImageNet val/ without train/)
+        raise UserError(data.missing_train)
     if config.data.val_size:
         data = split_validation(data, config.data.val_size)
     if config.data.n_train is not None:
         n = config.data.n_train
         if n < 1:
             raise UserError(f"data.n_train must be >= 1, got {n}")
-        data.train_x, data.train_y = data.train_x[:n], data.train_y[:n]
+        data.train_x, data.train_y = take(data.train_x, slice(0, n)), data.train_y[:n]
+    if config.data.extra_path is not None:
+        from .extra_data import open_extra
+
+        data.extra = open_extra(config.data.extra_path, image_shape=tuple(data.train_x.shape[1:]),
+                                num_classes=data.num_classes)
     return data
 
 

@@ -127,7 +127,7 @@ def _literal(value: Any) -> bool:
 
 
 def student_constructor(arch: str, *, num_classes: int, in_channels: int, image_size: int,
-                        options: Mapping[str, Any] | None = None) -> ZooConstructor:
+                        options: Mapping[str, Any] | None = None, dataset: str | None = None) -> ZooConstructor:
     """The constructor of student ``arch`` built with ``options`` for data of the given shape.
 
     A built-in student that is RobustBench's own class (resnet18, preact-resnet18, wrn-34-10,
@@ -136,10 +136,40 @@ def student_constructor(arch: str, *, num_classes: int, in_channels: int, image_
     ``robustbench_kd.students.build_student`` with every option spelled out, and students from
     plugins through the plugin registry (the plugin's distribution must then be installed). An
     option that cannot be written as a Python literal gives a placeholder entry.
+
+    For ``dataset='imagenet'`` the network is wrapped in RobustBench's ImageNet zoo layout with an
+    identity normaliser (:func:`_imagenet_layout`), the model ``save_zoo_checkpoint``'s ImageNet
+    checkpoints load into.
     """
+    constructor = _student_constructor(arch, num_classes=num_classes, in_channels=in_channels,
+                                       image_size=image_size, options=dict(options or {}))
+    return _imagenet_layout(constructor) if dataset == "imagenet" else constructor
+
+
+def _imagenet_layout(constructor: ZooConstructor) -> ZooConstructor:
+    """``constructor`` wrapped as ``Sequential(OrderedDict(normalize=nn.Identity(), model=<net>))``.
+
+    robustbench.utils.load_model prefixes every key of an ImageNet checkpoint with ``model.``, for the
+    ``normalize_model(net, mean, std)`` wrapper every ImageNet entry builds. Our students take [0, 1]
+    inputs and normalise inside if at all, so the normaliser is the identity; ``nn.Identity`` has no
+    buffers, so the checkpoint (the bare weights) loads strictly, without load_model's fallback that
+    ignores missing keys. Same source as ``robustbench_kd.evaluation.export.imagenet_zoo_model``.
+    """
+    if constructor.placeholder:
+        note = (f"{constructor.note}; wrap it as nn.Sequential(OrderedDict([('normalize', nn.Identity()), "
+                "('model', <network>)])) (the checkpoint holds the bare network's weights)")
+        return _placeholder(note, constructor.architecture)
+    imports = tuple(dict.fromkeys(("from collections import OrderedDict", "from torch import nn",
+                                   *constructor.imports)))
+    expression = f"nn.Sequential(OrderedDict([('normalize', nn.Identity()), ('model', {constructor.expression})]))"
+    return ZooConstructor(expression=expression, imports=imports, architecture=constructor.architecture,
+                          in_robustbench=constructor.in_robustbench, note=constructor.note)
+
+
+def _student_constructor(arch: str, *, num_classes: int, in_channels: int, image_size: int,
+                         options: dict[str, Any]) -> ZooConstructor:
     from .students import BUILTIN_STUDENTS
 
-    options = dict(options or {})
     canonical = arch.strip().lower().replace("_", "-") if isinstance(arch, str) else arch
     builtin = canonical if canonical in BUILTIN_STUDENTS else None
     shown = {k: v for k, v in sorted(options.items()) if k != "normalize"}
@@ -171,7 +201,7 @@ def constructor_for_run(run: Any) -> ZooConstructor:
     """:func:`student_constructor` for the student of a trained run (its config and data shape)."""
     cfg, data = run.config, run.data
     return student_constructor(cfg.student.arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                               image_size=data.image_size, options=cfg.student.options)
+                               image_size=data.image_size, options=cfg.student.options, dataset=data.name)
 
 
 def distill_command(run: Any) -> str:
@@ -257,12 +287,14 @@ def zoo_entry_constructor(dataset: str, threat_model: str, name: str) -> ZooCons
                           note=f"same architecture as the zoo entry {ref}")
 
 
-def constructor_for_spec(spec: str, *, num_classes: int, in_channels: int, image_size: int) -> ZooConstructor:
+def constructor_for_spec(spec: str, *, num_classes: int, in_channels: int, image_size: int,
+                         dataset: str | None = None) -> ZooConstructor:
     """The constructor of the model a ``scheme:ref`` spec loads (what ``robustbench-kd evaluate`` takes).
 
     * ``file:PATH[?arch=NAME&opt=value]``: the architecture the file teacher source rebuilds - ``arch``
       from the spec or the checkpoint's recorded ``student_arch`` (with its options, overridden by the
-      spec's), and the checkpoint's recorded data shape if any;
+      spec's), and the checkpoint's recorded data shape if any (for ``dataset='imagenet'`` in the
+      ImageNet zoo layout, see :func:`student_constructor`);
     * ``robustbench:<dataset>/<threat>/<Name>``: :func:`zoo_entry_constructor`;
     * anything else (a plugin's scheme), or a file that records no architecture: a placeholder.
     """
@@ -289,7 +321,8 @@ def constructor_for_spec(spec: str, *, num_classes: int, in_channels: int, image
     arch_options.update({k: _option_value(v) for k, v in options.items()})
     return student_constructor(arch, num_classes=int(data.get("num_classes", num_classes)),
                                in_channels=int(data.get("in_channels", in_channels)),
-                               image_size=int(data.get("image_size", image_size)), options=arch_options)
+                               image_size=int(data.get("image_size", image_size)), options=arch_options,
+                               dataset=dataset)
 
 
 def _checkpoint_metadata(path: Path) -> dict[str, Any]:

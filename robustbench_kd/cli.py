@@ -37,12 +37,16 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="leaderboard-style evaluation of a checkpoint or zoo model")
     p.add_argument("model", help="file:PATH[?arch=NAME], PATH, or robustbench:<dataset>/<threat>/<Name>")
-    p.add_argument("--dataset", default="cifar10", help="digits, cifar10, cifar100 (default cifar10)")
+    p.add_argument("--dataset", default="cifar10", help="digits, cifar10, cifar100, imagenet (default cifar10)")
     p.add_argument("--data-dir", default="./data")
+    p.add_argument("--preprocessing", default=None,
+                   help="imagenet: Res256Crop224, BicubicRes256Crop224, Res224 or Crop288 (default: the zoo "
+                        "entry's for robustbench: models, else Res256Crop224)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--no-verify-md5", action="store_true", help="accept CIFAR files without checking MD5")
     p.add_argument("--threat", default="Linf", choices=["Linf", "L2"])
-    p.add_argument("--eps", default=None, help="radius; default 8/255 (Linf) / 0.5 (L2), 0.2 for digits")
+    p.add_argument("--eps", default=None,
+                   help="radius; default 8/255 (Linf) / 0.5 (L2), 4/255 for imagenet Linf, 0.2 for digits")
     p.add_argument("--attacks", default="clean,pgd,autoattack", help=f"comma list of: {ATTACK_CHOICES}")
     p.add_argument("--n-examples", type=int, default=None,
                    help="first N test examples, unshuffled (default: all, the leaderboard protocol)")
@@ -177,6 +181,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.eps is None:
         eps = 0.2 if args.dataset == "digits" else (8 / 255 if args.threat == "Linf" else 0.5)
+        if args.dataset == "imagenet" and args.threat == "Linf":
+            eps = 4 / 255  # RobustBench's ImageNet Linf leaderboard
     else:
         eps = parse_number(args.eps, what="--eps")
     validate_eps(eps, args.threat, what="--eps")
@@ -185,7 +191,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                            attacks=attacks, n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
                            pgd_steps=args.pgd_steps, out_dir=Path(args.out), model_id=args.name,
                            model_dir=args.model_dir, allow_download=args.allow_download, download=args.download,
-                           verify_md5=not args.no_verify_md5, device=args.device,
+                           verify_md5=not args.no_verify_md5, device=args.device, preprocessing=args.preprocessing,
                            sanity=not args.no_sanity, teacher=args.teacher,
                            meta=ModelInfoSection(title=args.title, authors=args.authors, venue=args.venue,
                                                  link=args.link, architecture=args.architecture,

@@ -3,7 +3,8 @@
 A run file has these sections (all optional; defaults give a CPU run on the embedded digits data)::
 
     [run]        name, out_dir, seed, device, deterministic, progress, sync_bn
-    [data]       dataset, data_dir, download, verify_md5, batch_size, test_batch_size, augment, n_train, val_size
+    [data]       dataset, data_dir, download, verify_md5, batch_size, test_batch_size, augment, n_train, val_size,
+                 extra_path, extra_fraction, preprocessing
     [threat]     norm, eps, alpha, steps                     (eps/alpha accept "8/255")
     [student]    arch, options = {...}, init_from
     [teachers]   <role> = "scheme:ref"  or  <role> = {specs = [...], weights = [...], combine = "probs",
@@ -67,8 +68,19 @@ class DataSection:
     #: held out of the training set for eval.every and best.pt: a fraction in (0, 1) or a count of images;
     #: drawn with a fixed seed (not run.seed) before n_train applies; never augmented
     val_size: int | float = 0
+    #: an uncompressed .npz of extra (e.g. generated) training images + labels, memory-mapped
+    extra_path: str | None = None
+    #: share of every training batch drawn from extra_path: round(batch_size * extra_fraction) images
+    extra_fraction: float = 0.0
+    #: imagenet only: RobustBench's preprocessing name (Res256Crop224, BicubicRes256Crop224, Res224, Crop288);
+    #: None = Res256Crop224
+    preprocessing: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_extra()
+        if self.preprocessing is not None and self.dataset != "imagenet":
+            raise UserError(f"data.preprocessing applies to dataset imagenet only (RobustBench's ImageNet "
+                            f"preprocessings); remove it for {self.dataset!r}")
         v = self.val_size
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if not number or not v >= 0 or (v >= 1 and not float(v).is_integer()):  # `not v >= 0` catches NaN
@@ -77,6 +89,21 @@ class DataSection:
         if v == 0 or v >= 1:
             # Files give 1000 as a float (the field also takes fractions); keep counts as ints.
             object.__setattr__(self, "val_size", int(v))
+
+    def _check_extra(self) -> None:
+        f = self.extra_fraction
+        if not 0 <= f < 1:  # also catches NaN
+            raise UserError(f"data.extra_fraction must be in [0, 1) (the share of each batch from extra_path), got {f!r}")
+        if (self.extra_path is None) != (f == 0):
+            raise UserError("data.extra_path and data.extra_fraction go together: set both (e.g. extra_fraction "
+                            "= 0.7 with extra_path = \"5m.npz\") or neither")
+        if self.extra_path is not None:
+            from .extra_data import batch_split  # the one definition of the split; imports torch, so only here
+
+            real, extra = batch_split(self.batch_size, f)
+            if extra == 0 or real == 0:
+                raise UserError(f"data.extra_fraction = {f} of data.batch_size = {self.batch_size} gives {extra} extra "
+                                f"and {real} real images per batch; both must be at least 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,9 +312,11 @@ def config_from_mapping(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def default_threat(dataset: str) -> ThreatSpec:
-    """Leaderboard-style defaults: 8/255 L_inf for CIFAR, 0.2 for the 8x8 digits (ecosystem §9)."""
+    """Leaderboard-style defaults: 8/255 L_inf for CIFAR, 4/255 for ImageNet, 0.2 for the 8x8 digits (ecosystem §9)."""
     if dataset == "digits":
         return ThreatSpec(norm="Linf", eps=0.2, alpha=0.05, steps=10)
+    if dataset == "imagenet":  # RobustBench's ImageNet Linf leaderboard
+        return ThreatSpec(norm="Linf", eps=4 / 255, alpha=1 / 255, steps=10)
     return ThreatSpec(norm="Linf", eps=8 / 255, alpha=2 / 255, steps=10)
 
 

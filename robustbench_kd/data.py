@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,12 @@ class DataSplits:
 
     Images are uint8 in [0,255] or float in [0,1], shape (N, C, H, W); labels int64 (N,). ``val_x``/
     ``val_y`` are None unless a validation split was held out of the training set
-    (:func:`split_validation`) or the loader provides one.
+    (:func:`split_validation`) or the loader provides one. Images may also be a lazy container (e.g.
+    :class:`robustbench_kd.imagefolder.LazyImages`) that decodes only the indexed images; subsets of
+    either kind are taken with :func:`take`. ``extra`` is the memory-mapped extra training data of
+    ``data.extra_path`` (:mod:`robustbench_kd.extra_data`), or None. ``missing_train`` is set, to a
+    one-line reason, by a loader that found only the test data (ImageNet's ``val/`` without
+    ``train/``): the train split is then empty, evaluation works and training refuses with the reason.
     """
 
     name: str
@@ -47,6 +53,8 @@ class DataSplits:
     augment_default: bool = False
     val_x: Tensor | None = None
     val_y: Tensor | None = None
+    extra: Any = None  #: robustbench_kd.extra_data.ExtraData | None
+    missing_train: str | None = None  #: why there is no train split (evaluation-only data), or None
 
     @property
     def in_channels(self) -> int:
@@ -67,10 +75,15 @@ class DataSplits:
         if self.val_x is not None:
             splits.append(("validation", self.val_x, self.val_y))
         for split, x, y in splits:
-            if len(x) == 0:
+            if len(x) == 0 and not (split == "train" and self.missing_train):
                 raise UserError(f"dataset {self.name!r} has an empty {split} split")
             if len(x) != len(y):
                 raise UserError(f"dataset {self.name!r}: {len(x)} {split} images but {len(y)} labels")
+
+
+def take(images: Any, index: Tensor | slice) -> Any:
+    """``images[index]`` without decoding: a lazy container returns a lazy subset, a tensor a tensor."""
+    return images[index] if isinstance(images, Tensor) else images.subset(index)
 
 
 def to_float(images: Tensor) -> Tensor:
@@ -139,8 +152,8 @@ def split_validation(data: DataSplits, val_size: float, *, seed: int = VAL_SPLIT
         raise UserError(f"dataset {data.name!r} brings its own validation split; leave data.val_size = 0")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:count], order[count:].sort().values
-    return replace(data, train_x=data.train_x[train_idx], train_y=data.train_y[train_idx],
-                   val_x=data.train_x[val_idx], val_y=data.train_y[val_idx])
+    return replace(data, train_x=take(data.train_x, train_idx), train_y=data.train_y[train_idx],
+                   val_x=take(data.train_x, val_idx), val_y=data.train_y[val_idx])
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:

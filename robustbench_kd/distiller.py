@@ -109,6 +109,8 @@ class Distiller(nn.Module, ABC):
             a slice of the global batch: its loss is a mean over the batch and any state it updates
             from a step's samples is made identical on every process (all-reduce). Default False:
             a method must opt in (see :meth:`check_distributed`).
+        indexes_training_set: True if the method keeps per-sample state indexed by ``ctx.index`` over
+            the training set (a memory bank); such a method refuses ``data.extra_path``.
     """
 
     name: ClassVar[str]
@@ -116,6 +118,7 @@ class Distiller(nn.Module, ABC):
     teacher_roles: ClassVar[tuple[str, ...]] = ()
     optional_teacher_roles: ClassVar[tuple[str, ...]] = ()
     supports_distributed: ClassVar[bool] = False
+    indexes_training_set: ClassVar[bool] = False
 
     @dataclass(frozen=True, kw_only=True)
     class Config:

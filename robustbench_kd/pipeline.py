@@ -101,7 +101,7 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
                   verify_md5: bool = True, device: str = "auto", meta: ModelInfoSection | None = None,
                   host: PluginHost | None = None, progress: bool = True, sanity: bool = True,
                   teacher: str | None = None, command: str | None = None, shard: tuple[int, int] | None = None,
-                  aa_state: str | Path | None = None) -> ModelReport:
+                  aa_state: str | Path | None = None, preprocessing: str | None = None) -> ModelReport:
     """Evaluate a model given as a teacher spec (``file:...``, ``robustbench:...``) on a test set.
 
     The test examples are the first ``n_examples`` of the test split, unshuffled, as in
@@ -113,6 +113,8 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
     ``shard=(i, n)`` evaluates only shard i of n of the examples and writes its shard file instead of the
     outputs (:mod:`robustbench_kd.evaluation.shards`; needs ``model_id``; merge with ``merge-shards``).
     ``aa_state`` makes AutoAttack resumable through that state file (a shard has one by default).
+    ``preprocessing`` (ImageNet only) names RobustBench's preprocessing; by default a ``robustbench:``
+    zoo model gets the one RobustBench evaluates it with, any other model ``Res256Crop224``.
     """
     from .config import DataSection
     from .evaluation.autoattack import autoattack_state
@@ -126,8 +128,10 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
     if n_examples is not None and n_examples < 1:
         raise UserError(f"--n-examples must be >= 1, got {n_examples}")
     torch_device = builders.resolve_device(device)
+    if dataset == "imagenet" and preprocessing is None:
+        preprocessing = _zoo_preprocessing(spec)
     data = host.datasets.get(dataset)(DataSection(dataset=dataset, data_dir=data_dir, download=download,
-                                                  verify_md5=verify_md5))
+                                                  verify_md5=verify_md5, preprocessing=preprocessing))
     ctx = TeacherLoadContext(dataset=data.name, num_classes=data.num_classes, in_channels=data.in_channels,
                              image_size=data.image_size, threat_model=norm, model_dir=Path(model_dir),
                              allow_download=allow_download, device=torch_device, students=host.students)
@@ -142,7 +146,7 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
         from .evaluation.shards import evaluate_shard
 
         constructor = constructor_for_spec(spec, num_classes=data.num_classes, in_channels=data.in_channels,
-                                           image_size=data.image_size)
+                                           image_size=data.image_size, dataset=data.name)
         return evaluate_shard(model, x, y, shard=shard, spec=spec, model_id=model_id, dataset=data.name, norm=norm,
                               eps=eps, attacks=attacks, out_dir=out_dir, batch_size=batch_size, seed=seed,
                               pgd_steps=pgd_steps, device=torch_device, progress=progress, aa_state=aa_state,
@@ -156,4 +160,16 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
                                   command=command,
                                   constructor=constructor_for_spec(spec, num_classes=data.num_classes,
                                                                    in_channels=data.in_channels,
-                                                                   image_size=data.image_size) if model_id else None)
+                                                                   image_size=data.image_size, dataset=data.name)
+                                  if model_id else None)
+
+
+def _zoo_preprocessing(spec: str) -> str | None:
+    """The preprocessing RobustBench evaluates a ``robustbench:imagenet/...`` spec with (None otherwise)."""
+    from .teachers import TeacherSpec
+    from .zoo import parse_zoo_ref, zoo_preprocessing
+
+    if not spec.startswith("robustbench:"):
+        return None
+    dataset, threat_model, name = parse_zoo_ref(TeacherSpec.parse(spec).ref)
+    return zoo_preprocessing(name, dataset=dataset, threat_model=threat_model) if dataset == "imagenet" else None

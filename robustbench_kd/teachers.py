@@ -60,6 +60,28 @@ class Teacher(nn.Module):
         return f"spec={self.spec!r}"
 
 
+class ResizeInput(nn.Module):
+    """Resize square inputs to ``size`` x ``size`` (bilinear, differentiable) before ``net``.
+
+    Lets an ImageNet zoo teacher evaluated at another resolution (``Crop288``: 288x288) see the run's
+    images at the size it was trained for; input gradients flow through the resize.
+    """
+
+    def __init__(self, net: nn.Module, size: int) -> None:
+        super().__init__()
+        self.net = net
+        self.size = int(size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                                align_corners=False, antialias=x.shape[-1] > self.size)
+        return self.net(x)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
 class EnsembleTeacher(nn.Module):
     """Weighted ensemble of teachers that behaves as one teacher.
 

@@ -51,6 +51,7 @@ from .data import DataSplits, epoch_generator, to_float, iterate_batches, num_ba
 from .distiller import Distiller
 from .ema import StudentEMA
 from .errors import UserError
+from .extra_data import batch_split, check_extra_supported, mix_extra
 from .io import atomic_write_text
 from .plugin_host import PluginHost
 from .speed import SpeedPlan
@@ -130,13 +131,19 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     data = builders.load_data(host, config)
     check_validation(config, data)
     distiller = builders.build_distiller(host, config, data.num_classes).to(device)
+    check_extra_supported(distiller, data.extra)
     distributed.check_method(distiller, dist_env)
+    if dist_env.enabled and data.extra is not None:
+        # Mixed batches would be sliced real-first across processes (per-process BN statistics of
+        # different populations); not supported until the mix is split per process.
+        raise UserError("data.extra_path is not supported under torchrun yet; train in one process or "
+                        "drop data.extra_path")
     distributed.init_process_group(dist_env, device)
     student = builders.build_student(host, config, data).to(device)
     student = distributed.prepare_student(student, device, sync_bn=config.run.sync_bn)
     teachers = builders.load_teachers(host, config, data, distiller, device)
     optimizer = build_optimizer(config, student, distiller)
-    steps = num_batches(len(data.train_y), config.data.batch_size, _drop_last(config, data))
+    steps = num_batches(len(data.train_y), _real_batch_size(config), _drop_last(config, data))
     scheduler, per_batch = build_scheduler(config, optimizer, steps)
     # Issue 5: precision/compile switches, then the EMA copy (after channels_last, so it shares the layout).
     speed = SpeedPlan(config.speed, device, student, teachers)
@@ -169,7 +176,12 @@ def check_validation(config: RunConfig, data: DataSplits) -> None:
 def _drop_last(config: RunConfig, data: DataSplits) -> bool:
     # A final batch of one sample (per process) breaks train-mode BatchNorm, and under DDP a final
     # batch must split evenly over the processes; drop only those cases.
-    return distributed.drop_last(len(data.train_y), config.data.batch_size, distributed.from_environ().world_size)
+    return distributed.drop_last(len(data.train_y), _real_batch_size(config), distributed.from_environ().world_size)
+
+
+def _real_batch_size(config: RunConfig) -> int:
+    # Real images per batch: data.extra_fraction of each batch comes from data.extra_path instead.
+    return batch_split(config.data.batch_size, config.data.extra_fraction)[0]
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -228,6 +240,11 @@ def resume_from(run: Run, path: Path) -> None:
     if saved_val != run.config.data.val_size:
         raise UserError(f"cannot resume {path}: it was trained with data.val_size = {saved_val}, the config "
                         f"has {run.config.data.val_size}; use the same value")
+    saved_data = saved.get("data", {})
+    saved_extra = [saved_data.get("extra_path"), saved_data.get("extra_fraction", 0.0)]  # older runs: none
+    if saved_extra != [run.config.data.extra_path, run.config.data.extra_fraction]:
+        raise UserError(f"cannot resume {path}: it was trained with data.extra_path/extra_fraction = {saved_extra}, "
+                        f"the config has {[run.config.data.extra_path, run.config.data.extra_fraction]}; use the same")
     best = data.get("best")
     if best is not None and best.get("protocol") != selection_protocol(run):
         raise UserError(
@@ -278,12 +295,16 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     torch.manual_seed(distributed.rank_seed(epoch_generator(cfg.run.seed, epoch, stream=2).initial_seed()))
     order_gen = epoch_generator(cfg.run.seed, epoch, stream=1)
     augment = run.data.augment_default if cfg.data.augment is None else cfg.data.augment
-    # Every rank builds the same global batches and keeps its slice (no-op in one process).
-    batches = distributed.shard_batches(
-        iterate_batches(run.data.train_x, run.data.train_y, batch_size=cfg.data.batch_size, shuffle=True,
-                        generator=order_gen, augment=augment, device="cpu", drop_last=_drop_last(cfg, run.data)),
-        run.device)
-    total = num_batches(len(run.data.train_y), cfg.data.batch_size, _drop_last(cfg, run.data))
+    batches = iterate_batches(run.data.train_x, run.data.train_y, batch_size=_real_batch_size(cfg),
+                              shuffle=True, generator=order_gen, augment=augment, device="cpu",
+                              drop_last=_drop_last(cfg, run.data))
+    if run.data.extra is not None:  # data.extra_fraction of every batch from the memory-mapped extra file
+        batches = mix_extra(batches, run.data.extra, count=cfg.data.batch_size - _real_batch_size(cfg),
+                            offset=len(run.data.train_y), generator=epoch_generator(cfg.run.seed, epoch, stream=3),
+                            augment=augment)
+    # Every rank builds the same global batches and keeps its slice (one process: just the move to the device).
+    batches = distributed.shard_batches(batches, run.device)
+    total = num_batches(len(run.data.train_y), _real_batch_size(cfg), _drop_last(cfg, run.data))
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     start = time.perf_counter()

@@ -31,7 +31,9 @@ __all__ = [
     "load_zoo_model",
     "parse_zoo_ref",
     "sha256_of",
+    "zoo_input_size",
     "zoo_names",
+    "zoo_preprocessing",
 ]
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,46 @@ def _lookup(name: str, dataset: str, threat_model: str) -> tuple[str, str, dict[
             f"{len(entries)} names exist (robustbench_kd.zoo.zoo_names({dataset!r}, {threat_model!r}) "
             "lists them)")
     return dataset, folder, entries[name]
+
+
+def zoo_preprocessing(name: str, *, dataset: str, threat_model: str) -> str | None:
+    """The preprocessing RobustBench evaluates this ImageNet entry with (``robustbench.data.get_preprocessing``).
+
+    A name of ``robustbench_kd.imagefolder.PREPROCESSINGS`` (``Res256Crop224``, ``Crop288``, ...): the
+    entry's ``preprocessing`` field, or for timm-registered entries the table entry equal to timm's eval
+    transform. None for CIFAR (plain ToTensor), and for a timm transform the table lacks.
+    """
+    dataset, folder, entry = _lookup(name, dataset, threat_model)
+    if dataset != "imagenet":
+        return None
+    timm_name = _timm_name(name, dataset, folder)
+    if timm_name is not None:
+        import timm.models
+
+        from robustbench_kd.imagefolder import timm_preprocessing
+
+        cfg = timm.models.get_pretrained_cfg(timm_name)
+        return timm_preprocessing(int(cfg.input_size[-1]), float(cfg.crop_pct), str(cfg.interpolation))
+    return entry.get("preprocessing") or "Res256Crop224"
+
+
+def zoo_input_size(name: str, *, dataset: str, threat_model: str) -> int | None:
+    """Side of the square inputs this ImageNet entry was evaluated on (224, or 288 for ``Crop288``).
+
+    For timm-registered entries it is timm's ``input_size``. None for CIFAR models (32x32, and they accept
+    any size through their normalisation-free forward).
+    """
+    dataset, folder, _ = _lookup(name, dataset, threat_model)
+    if dataset != "imagenet":
+        return None
+    timm_name = _timm_name(name, dataset, folder)
+    if timm_name is not None:
+        import timm.models
+
+        return int(timm.models.get_pretrained_cfg(timm_name).input_size[-1])
+    from robustbench_kd.imagefolder import get_preprocessing
+
+    return get_preprocessing(zoo_preprocessing(name, dataset=dataset, threat_model=threat_model)).size
 
 
 def _timm_name(name: str, dataset: str, folder: str) -> str | None:

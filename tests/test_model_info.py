@@ -272,12 +272,14 @@ def test_save_zoo_checkpoint_refuses_keys_load_model_would_mangle(tmp_path) -> N
         save_zoo_checkpoint(Sub(), tmp_path, dataset="cifar10", threat_model="Linf", model_id="X")
     assert not list(tmp_path.rglob("*.pt"))
 
-    # ImageNet: the loader re-adds 'model.', so a Sequential(normalize=..., model=net) layout is right.
-    imagenet_style = nn.Sequential(OrderedDict(model=TinyZooNet()))
-    path = save_zoo_checkpoint(imagenet_style, tmp_path, dataset="imagenet", threat_model="Linf", model_id="X")
-    assert path.exists()
-    with pytest.raises(ValueError, match="ImageNet"):
-        save_zoo_checkpoint(TinyZooNet(), tmp_path, dataset="imagenet", threat_model="Linf", model_id="X")
+    # ImageNet: the loader prefixes every key with the zoo wrapper's 'model.', so the file holds the bare
+    # network, whether the model is the network or already wrapped; mangled keys are refused all the same.
+    bare = list(TinyZooNet().state_dict())
+    for model in (TinyZooNet(), nn.Sequential(OrderedDict(model=TinyZooNet()))):
+        path = save_zoo_checkpoint(model, tmp_path, dataset="imagenet", threat_model="Linf", model_id="X")
+        assert list(torch.load(path, weights_only=True)["state_dict"]) == bare
+    with pytest.raises(ValueError, match="'submodel.weight' -> 'model.el.weight'"):
+        save_zoo_checkpoint(Sub(), tmp_path, dataset="imagenet", threat_model="Linf", model_id="Y")
 
 
 def test_save_zoo_checkpoint_validates_names(tmp_path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .attacks import cw_margin_loss, fgsm, pgd
 from .autoattack import AUTOATTACK_VERSIONS, AutoAttackResult, run_autoattack
-from .export import save_zoo_checkpoint, zoo_checkpoint_path
+from .export import imagenet_zoo_model, save_zoo_checkpoint, zoo_checkpoint_path
 from .model_info import (
     LEADERBOARD_KEYS,
     THREAT_MODELS,
@@ -50,6 +50,7 @@ __all__ = [
     "cw_margin_loss",
     "evaluate_model",
     "fgsm",
+    "imagenet_zoo_model",
     "model_info_path",
     "pgd",
     "run_autoattack",

@@ -9,6 +9,16 @@ DataParallel prefixes" in a way that damages keys: every key that contains ``mod
 ImageNet every key then gets ``model.`` prepended. :func:`save_zoo_checkpoint` therefore refuses
 state dicts that would not survive that round trip, instead of writing a file that fails (or worse,
 half-loads) on the maintainers' side.
+
+ImageNet: every ImageNet zoo entry builds ``Sequential(OrderedDict(normalize=<normaliser>,
+model=<network>))`` (``robustbench.model_zoo.architectures.utils_architectures.normalize_model``) and
+its file holds the bare network's weights, which load_model moves under ``model.``; the normaliser's
+buffers come from the constructor (load_model tolerates their absence). The checkpoint written here
+is the same: the bare weights of the network (of the wrapper's ``model`` when the evaluated model
+already is such a wrapper, e.g. a ``robustbench:imagenet/...`` entry). Our students take [0, 1]
+inputs and normalise inside (or not at all), so their zoo entry wraps them with a buffer-free
+identity normaliser (:func:`imagenet_zoo_model`, the constructor the submission bundle writes): the
+keys then match exactly and load_model's strict load succeeds without its lenient fallback.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ from ..errors import UserError
 from ..io import atomic_torch_save
 from .model_info import THREAT_MODELS, validate_dataset_name, validate_model_id
 
-__all__ = ["save_zoo_checkpoint", "unwrap_model", "zoo_checkpoint_path", "zoo_key_problems"]
+__all__ = ["imagenet_zoo_model", "save_zoo_checkpoint", "unwrap_model", "zoo_checkpoint_path", "zoo_key_problems",
+           "zoo_network"]
 
 # The substrings robustbench.utils.load_model strips, in the order it strips them.
 _STRIPPED = ("module.", "model.")
@@ -45,6 +56,37 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def imagenet_zoo_model(net: nn.Module) -> nn.Sequential:
+    """``net`` in RobustBench's ImageNet zoo layout, with an identity normaliser.
+
+    ``Sequential(OrderedDict(normalize=nn.Identity(), model=net))``: the structure of
+    ``normalize_model(net, mean, std)`` (so load_model's ``model.`` prefix lands on ``net``), for a
+    network that takes [0, 1] inputs as they are. ``nn.Identity`` has no buffers, so the bare weights
+    of ``net`` are the wrapper's complete state dict. Outputs equal ``net``'s.
+    """
+    return nn.Sequential(OrderedDict([("normalize", nn.Identity()), ("model", net)]))
+
+
+def _is_imagenet_zoo_layout(model: nn.Module) -> bool:
+    # normalize_model's Sequential(normalize=..., model=net), or the same without a normaliser.
+    names = [name for name, _ in model.named_children()]
+    return isinstance(model, nn.Sequential) and names in (["normalize", "model"], ["model"])
+
+
+def zoo_network(model: nn.Module, *, dataset: str) -> nn.Module:
+    """The module whose state dict the zoo checkpoint of ``model`` holds.
+
+    Wrappers (DataParallel, DDP, ``torch.compile``) are removed. For ImageNet, a model already in the
+    zoo layout (``Sequential(normalize=..., model=net)``, or ``Sequential(model=net)``) gives ``net``:
+    load_model re-adds the ``model.`` prefix, and the normaliser's state is the zoo entry
+    constructor's business, as for every RobustBench ImageNet entry.
+    """
+    model = unwrap_model(model)
+    if dataset == "imagenet" and _is_imagenet_zoo_layout(model):
+        return unwrap_model(model.model)
+    return model
+
+
 def _key_after_zoo_loading(key: str, dataset: str) -> str:
     # Mirrors robustbench.utils.rm_substr_from_state_dict applied for 'module.' then 'model.'.
     for substr in _STRIPPED:
@@ -57,11 +99,14 @@ def _key_after_zoo_loading(key: str, dataset: str) -> str:
 
 
 def zoo_key_problems(state_dict: Mapping[str, object], *, dataset: str) -> list[tuple[str, str]]:
-    """``(key, key_as_load_model_would_see_it)`` for every state-dict key that load_model would rename."""
+    """``(key, key_as_load_model_would_see_it)`` for every state-dict key that load_model would damage.
+
+    For ImageNet the expected key is ``model.<key>`` (the zoo wrapper's prefix, see the module docstring).
+    """
     problems = []
     for key in state_dict:
         seen = _key_after_zoo_loading(key, dataset)
-        if seen != key:
+        if seen != ("model." + key if dataset == "imagenet" else key):
             problems.append((key, seen))
     return problems
 
@@ -74,6 +119,11 @@ def zoo_checkpoint_path(
     if threat_model not in THREAT_MODELS:
         raise UserError(f"threat_model must be one of {', '.join(THREAT_MODELS)}, got {threat_model!r}")
     validate_model_id(model_id)
+    if dataset == "imagenet" and "Standard" in model_id:
+        # robustbench.utils.load_model returns such ImageNet entries as their constructor builds them and
+        # never reads their checkpoint (a shortcut meant for the torchvision-pretrained Standard_R50).
+        raise UserError(f"ImageNet model id {model_id!r} contains 'Standard', for which robustbench.utils.load_model "
+                        "skips loading the checkpoint; choose another id")
     return Path(out_dir) / "models" / dataset / threat_model / f"{model_id}.pt"
 
 
@@ -97,36 +147,29 @@ def save_zoo_checkpoint(
 
     The file is written atomically and holds nothing but tensors, so ``torch.load`` with
     ``weights_only=True`` (what ``robustbench.utils.load_model`` gets on torch >= 2.6) reads it.
-    DataParallel/DDP/``torch.compile`` wrappers are removed first. The model's mode and device are
+    DataParallel/DDP/``torch.compile`` wrappers are removed first; for ImageNet the file holds the
+    bare network's weights (:func:`zoo_network`), which load into :func:`imagenet_zoo_model` of the
+    network or, for a zoo-layout model, into its own zoo constructor. The model's mode and device are
     not changed. Returns the path.
 
     Raises:
         ValueError: if a state-dict key contains ``module.`` or ``model.`` (load_model would chop its
-            first 7/6 characters; rename that submodule, e.g. ``self.model`` -> ``self.net``), or
-            for ImageNet if a key does not start with ``model.`` (load_model prefixes every key
-            with it), or if the state dict holds non-tensor entries.
+            first 7/6 characters; rename that submodule, e.g. ``self.model`` -> ``self.net``), or if
+            the state dict holds non-tensor entries.
         UserError: for an invalid model id, dataset or threat model.
     """
     path = zoo_checkpoint_path(out_dir, dataset=dataset, threat_model=threat_model, model_id=model_id)
-    state_dict = unwrap_model(model).state_dict()
+    state_dict = zoo_network(model, dataset=dataset).state_dict()
     problems = zoo_key_problems(state_dict, dataset=dataset)
     if problems:
         shown = ", ".join(f"{key!r} -> {seen!r}" for key, seen in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        if dataset == "imagenet":
-            rule = (
-                "for ImageNet, robustbench.utils.load_model strips 'module.'/'model.' and then "
-                "prefixes every key with 'model.', so every key must be 'model.<name>' with no "
-                "other 'module.'/'model.' inside (wrap the network as "
-                "nn.Sequential(OrderedDict(normalize=..., model=net)) with a buffer-free normalizer)"
-            )
-        else:
-            rule = (
-                "robustbench.utils.load_model cuts the first 7/6 characters off every key that "
-                "contains 'module.' or 'model.' anywhere (meant for DataParallel prefixes), so the "
-                "weights would load under wrong names; rename the submodule (e.g. self.model -> "
-                "self.net, 'submodel' -> 'sub_net')"
-            )
+        rule = (
+            "robustbench.utils.load_model cuts the first 7/6 characters off every key that "
+            "contains 'module.' or 'model.' anywhere (meant for DataParallel prefixes), so the "
+            "weights would load under wrong names; rename the submodule (e.g. self.model -> "
+            "self.net, 'submodel' -> 'sub_net')"
+        )
         raise ValueError(f"state dict keys would be renamed when loaded: {shown}{more}; {rule}")
     bad = [key for key, value in state_dict.items() if not isinstance(value, Tensor)]
     if bad:
