@@ -99,7 +99,6 @@ def load_weights(net: nn.Module, state: dict[str, torch.Tensor], *, source: str)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
         detail = " ".join(str(exc).split())[:300]
-        raise UserError(f"{source} does not match the architecture: {first} {detail}") from None
+        raise UserError(f"{source} does not match the architecture: {detail}") from None
     return net

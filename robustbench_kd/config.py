@@ -77,6 +77,9 @@ class DataSection:
     preprocessing: str | None = None
 
     def __post_init__(self) -> None:
+        for key in ("batch_size", "test_batch_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         self._check_extra()
         if self.preprocessing is not None and self.dataset != "imagenet":
             raise UserError(f"data.preprocessing applies to dataset imagenet only (RobustBench's ImageNet "
@@ -174,6 +177,12 @@ class EvalSection:
                             f"{close_matches(self.select, SELECT_METRICS)}")
         if self.every < 0:
             raise UserError(f"eval.every must be >= 0 (0: no evaluation during training), got {self.every}")
+        from .evaluation.runner import VALID_ATTACKS  # fail now, not after training
+
+        for name in self.attacks:
+            if name not in VALID_ATTACKS:
+                raise UserError(f"unknown attack {name!r} in eval.attacks{close_matches(str(name), VALID_ATTACKS)}; "
+                                f"valid attacks: {', '.join(VALID_ATTACKS)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -370,8 +379,16 @@ def load_file(path: str | Path) -> dict[str, Any]:
     except Exception as exc:
         if isinstance(exc, UserError):
             raise
-        raise UserError(f"config file {path} could not be parsed: {exc}") from None
+        raise UserError(f"config file {path} could not be parsed: {_one_line(exc)}") from None
     raise UserError(f"config file {path} must end in .toml, .yaml or .yml")
+
+
+def _one_line(exc: Exception) -> str:
+    """A parser error in one line: YAML's own is several (context, caret, problem) with a position."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def parse_override_value(text: str) -> Any:

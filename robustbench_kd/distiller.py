@@ -143,6 +143,7 @@ class Distiller(nn.Module, ABC):
                     f"unknown option method.{key} for method {cls.name!r}{close_matches(key, fields)}; "
                     f"valid options: {valid}"
                 )
+            _check_option_type(cls.name, key, values[key], fields[key].default)
         try:
             return cls.Config(**dict(values))
         except (TypeError, ValueError) as exc:
@@ -245,3 +246,17 @@ def no_grad_eval(module: nn.Module, x: Tensor) -> Tensor:
     """Run ``module`` on ``x`` without gradients (used for teacher targets)."""
     with torch.no_grad():
         return module(x)
+
+
+def _check_option_type(method: str, key: str, value: Any, default: Any) -> None:
+    """A method option must have its default's kind (number, true/false, string); None defaults take anything."""
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        raise UserError(f"method.{key} of method {method!r} must be {kind} (default {default!r}), got {value!r}")
