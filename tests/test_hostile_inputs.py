@@ -348,3 +348,23 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     code, _, err = _run_fresh(argv, box, debug=True)
     assert code != 0 and "Traceback" in err and "UserError: unknown method 'rsald'" in err
     assert not (tmp_path / "run").exists()
+
+
+#: The cases whose messages README's "Errors you will see most" shows.
+README_CASES = ("config-missing-file", "config-yaml-syntax", "unknown-section", "unknown-key", "wrong-type-int",
+                "unknown-method", "unknown-method-option", "method-option-wrong-type", "unknown-dataset",
+                "eps-8-instead-of-8-over-255", "step-larger-than-eps", "bad-schedule", "unknown-eval-attack",
+                "unknown-student-arch", "cifar-truncated-batch", "teacher-role-missing", "teacher-spec-no-scheme",
+                "teacher-zoo-file-missing-offline", "teacher-unknown-zoo-name", "teacher-class-count-mismatch",
+                "teacher-3-channel-on-digits", "checkpoint-html-page", "resume-without-checkpoint",
+                "resume-different-config", "evaluate-shard-malformed", "plugin-duplicate-name",
+                "plugin-raises-at-import")
+
+
+def test_readme_lists_the_most_common_messages():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Errors you will see most", 1)[1].split("\n## ", 1)[0]
+    expected = {c.id: c.expect for c in CASES}
+    missing = [case_id for case_id in README_CASES if expected[case_id] not in section]
+    assert not missing, f"README's error list no longer shows the messages of {missing}"
+
