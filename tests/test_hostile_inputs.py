@@ -307,7 +307,7 @@ def _run_fresh(argv: list[str], box: Sandbox, debug: bool = False) -> tuple[int,
     paths = [str(box.site)] if box.site else []
     env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run([sys.executable, "-m", "robustbench_kd.cli", *(["--debug"] if debug else []), *argv],
-                          capture_output=True, text=True, cwd=box.root, env=env, timeout=300)
+                          check=False, capture_output=True, text=True, cwd=box.root, env=env, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 
 
