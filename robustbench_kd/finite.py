@@ -97,17 +97,22 @@ class FiniteGuard:
         if not bool(anywhere.any()):
             self._where.clear()
             return
-        names = [n for n, flag in zip(self._names, anywhere.tolist()) if flag]
+        flagged = [n for n, flag in zip(self._names, anywhere.tolist()) if flag]
         if bool(bad_here.any()):
             first = int(self._first[bad_here].min())
+            # Name what went wrong at the first bad step; what followed from it (NaN weights make every
+            # later term NaN) is listed apart, so the cause is not buried.
+            names = [n for n, at in zip(self._names, self._first.tolist()) if at == first]
             epoch, step = self._where.get(first, (None, None))
             where = (f"epoch {epoch + 1}, step {step + 1} (global step {first + 1})" if epoch is not None
                      else f"global step {first + 1}")
         else:
-            where = "another process"
+            names, where = flagged, "another process"
+        later = [n for n in flagged if n not in names]
+        what = ", ".join(names) + (f" (later also {', '.join(later)})" if later else "")
         kept = (f"the last good checkpoint {last_good} is kept" if last_good is not None and last_good.is_file()
                 else "no checkpoint was written")
-        raise UserError(f"training diverged at {where}: non-finite {', '.join(names)}; {kept}; lower optim.lr "
+        raise UserError(f"training diverged at {where}: non-finite {what}; {kept}; lower optim.lr "
                         "or check the method options")
 
 
