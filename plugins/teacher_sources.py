@@ -8,6 +8,10 @@
   teacher resizes its inputs to that size first.
 * ``file:runs/x/checkpoints/epoch_020.pt`` loads one of our checkpoints (its architecture is stored in
   it) or any state dict with ``?arch=<student arch>`` (plus arch options, e.g. ``&width=2``).
+
+Both read files with ``torch.load(weights_only=True)`` only, and both accept ``?sha256=<hex>`` (for a
+multi-file zoo ensemble one digest per member file, comma-separated): the file's digest is checked
+before it is unpickled.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def load_robustbench_teacher(spec: TeacherSpec, ctx: TeacherLoadContext):
 
     dataset, threat_model, name = parse_zoo_ref(spec.ref)
     net = load_zoo_model(name, dataset=dataset, threat_model=threat_model, model_dir=ctx.model_dir,
-                         allow_download=ctx.allow_download)
+                         allow_download=ctx.allow_download, sha256=spec.sha256)
     size = zoo_input_size(name, dataset=dataset, threat_model=threat_model)
     if size is not None and size != ctx.image_size:
         log.info("teacher %s was evaluated on %dx%d inputs; resizing the run's %dx%d images for it",
@@ -47,9 +51,12 @@ def _option_value(text: str):
 
 
 def build_network_from_file(path: Path, options: dict[str, str], *, students, num_classes: int,
-                            in_channels: int, image_size: int):
-    """Rebuild a network from a checkpoint file (ours, zoo layout, or a bare state dict + ``arch``)."""
-    data = load_checkpoint(path)
+                            in_channels: int, image_size: int, sha256: str | None = None):
+    """Rebuild a network from a checkpoint file (ours, zoo layout, or a bare state dict + ``arch``).
+
+    ``sha256``: the pinned digest, checked before the file is unpickled.
+    """
+    data = load_checkpoint(path, sha256=sha256)
     arch_info = data.get("student_arch") if isinstance(data.get("student_arch"), dict) else {}
     opts = dict(options)
     arch = opts.pop("arch", None) or arch_info.get("name")
@@ -75,6 +82,13 @@ def rbkd_register_teacher_sources(registry):
 
 
 def load_file_teacher(spec: TeacherSpec, ctx: TeacherLoadContext):
+    if len(spec.sha256) > 1:
+        raise UserError(f"teacher spec {spec.text!r} pins {len(spec.sha256)} sha256 digests for one file; give one")
     return build_network_from_file(Path(spec.ref).expanduser(), spec.options, students=ctx.students,
                                    num_classes=ctx.num_classes, in_channels=ctx.in_channels,
-                                   image_size=ctx.image_size)
+                                   image_size=ctx.image_size, sha256=spec.sha256[0] if spec.sha256 else None)
+
+
+# Both sources check ``?sha256=`` pins themselves (builders.load_teacher refuses a pin for sources without this).
+load_robustbench_teacher.verifies_sha256 = True
+load_file_teacher.verifies_sha256 = True

@@ -81,6 +81,10 @@ def load_teacher(host: PluginHost, text: str, ctx: TeacherLoadContext) -> Teache
     """Resolve one ``scheme:ref`` spec through the registered teacher sources."""
     spec = TeacherSpec.parse(text)
     loader = host.teacher_sources.get(spec.scheme)
+    if spec.sha256 and not getattr(loader, "verifies_sha256", False):
+        # A pin the source would ignore is worse than none: the user believes the file is checked.
+        raise UserError(f"teacher source {spec.scheme!r} does not check sha256 pins; drop ?sha256= from {text!r} "
+                        "or use the file: or robustbench: source")
     net = loader(spec, ctx)
     teacher = Teacher(net, spec=text).to(ctx.device)
     check_teacher_output(teacher, ctx, text)

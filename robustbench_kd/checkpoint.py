@@ -5,12 +5,21 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 needs (student, optimiser, scheduler, distiller parameters/buffers and method state, epoch, step)
 plus the student's architecture, so any checkpoint is usable as a teacher:
 ``file:RUN/checkpoints/epoch_020.pt``.
+
+Every file the library reads goes through :func:`load_checkpoint` (``weights_only=True``), optionally
+after :func:`verify_sha256` checked a pinned digest; files that third-party code reads for us
+(``robustbench.utils.load_model``, timm's hub weights) are read inside :func:`weights_only_loads`, which
+forces ``weights_only=True`` on every ``torch.load`` for its duration.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import pickle
+import re
+from collections.abc import Iterator, Sequence
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,23 +42,105 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; any failure is a one-line UserError naming the file."""
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
+                    sha256: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; any failure is a one-line UserError naming the file.
+
+    ``sha256`` (hex) is compared with the file's digest before a single byte is unpickled.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if sha256:
+        verify_sha256(path, sha256)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = " (it looks like an HTML page, e.g. a failed download)" if _looks_like_html(path) else ""
-        raise UserError(
-            f"checkpoint {path} cannot be loaded safely{hint}: {first[:200]}; "
-            "only tensors/number/str/list/dict checkpoints are accepted (weights_only=True) - re-create or re-download it"
-        ) from None
+        raise UserError(_unreadable_message(path, exc)) from None
     if not isinstance(data, dict):
         raise UserError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict of tensors")
     return data
+
+
+def _unreadable_message(path: Path, exc: BaseException) -> str:
+    """One line saying why ``path`` was refused; a pickle that references code gets its own wording."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        # torch's message spans many lines (with terminal escapes); keep only the offending global.
+        found = re.search(r"(?:Unsupported global|Unsupported operand|GLOBAL)[^\n]*", text)
+        what = f" ({found.group(0).strip()[:160]})" if found else ""
+        return (f"checkpoint {path} was refused: it holds pickled Python objects that could run code when "
+                f"loaded{what}; only tensors, numbers, strings, lists and dicts are accepted "
+                "(torch.load weights_only=True) - re-save it as a plain state dict or use a trusted file")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    hint = " (it looks like an HTML page, e.g. a failed download)" if _looks_like_html(path) else ""
+    return (f"checkpoint {path} cannot be loaded safely{hint}: {first[:200]}; only tensors/number/str/list/dict "
+            "checkpoints are accepted (weights_only=True) - re-create or re-download it")
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_sha256(text: str, *, where: str) -> tuple[str, ...]:
+    """Split a ``sha256=`` value (comma-separated hex digests, any case) into lower-case digests."""
+    digests = tuple(d.strip().lower() for d in str(text).split(","))
+    bad = [d for d in digests if not _HEX64.fullmatch(d)]
+    if bad:
+        raise UserError(f"{where}: sha256 {bad[0]!r} is not a SHA-256 digest; expected 64 hex characters "
+                        "(e.g. from `sha256sum FILE`), comma-separated for multi-file zoo entries")
+    return digests
+
+
+def verify_sha256(path: str | Path, expected: str) -> None:
+    """Raise a one-line UserError unless ``path``'s SHA-256 equals ``expected`` (hex, any case).
+
+    Reads raw bytes only: called before unpickling, so a swapped file is refused before it is parsed.
+    """
+    from .zoo import sha256_of
+
+    actual = sha256_of(path)
+    if actual != expected.strip().lower():
+        raise UserError(f"checkpoint {path} has SHA-256 {actual} but {expected.strip().lower()} was pinned; the file "
+                        "changed or is not the one you meant - re-download it or update the sha256 pin")
+
+
+def verify_sha256_all(paths: Sequence[Path], digests: Sequence[str], *, what: str,
+                      skip_missing: bool = False) -> None:
+    """Check one pinned digest per file (a multi-file zoo ensemble pins each member in order).
+
+    ``skip_missing``: files not on disk yet (about to be downloaded) are checked later by the caller.
+    """
+    if len(digests) != len(paths):
+        raise UserError(f"{what} reads {len(paths)} file(s) ({' '.join(map(str, paths))}) but {len(digests)} "
+                        "sha256 digest(s) were pinned; give one per file, comma-separated, in that order")
+    for path, digest in zip(paths, digests):
+        if not (skip_missing and not Path(path).is_file()):
+            verify_sha256(path, digest)
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Force ``weights_only=True`` on every ``torch.load`` made inside the block.
+
+    For code we do not control that reads checkpoints for us: ``robustbench.utils.load_model`` calls
+    ``torch.load`` without ``weights_only`` (unsafe when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set, or
+    on torch < 2.6) and torch hub's ``load_state_dict_from_url`` defaults to ``weights_only=False``.
+    Both look ``torch.load`` up on the module at call time, so replacing it for the duration of the
+    call covers them. An explicit ``weights_only=True`` beats the environment variable.
+    """
+    original = torch.load
+
+    @functools.wraps(original)
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        kwargs.pop("pickle_module", None)  # a custom unpickler is how weights_only would be bypassed
+        return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def _looks_like_html(path: Path) -> bool:

@@ -217,12 +217,18 @@ class TeacherSet(Mapping[str, nn.Module]):
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """A parsed ``scheme:ref?key=value&...`` teacher string."""
+    """A parsed ``scheme:ref?key=value&...`` teacher string.
+
+    ``sha256=<hex>[,<hex>...]`` is taken out of the options into :attr:`sha256`: the pinned digest(s)
+    of the file(s) the source reads, checked before anything is unpickled (sources that cannot check
+    one refuse the spec, so a pin is never silently ignored).
+    """
 
     scheme: str
     ref: str
     options: dict[str, str] = field(default_factory=dict)
     text: str = ""
+    sha256: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> TeacherSpec:
@@ -235,7 +241,12 @@ class TeacherSpec:
         ref, _, query = rest.partition("?")
         if not ref:
             raise UserError(f"teacher spec {text!r} names no model after '{scheme}:'")
-        return cls(scheme=scheme.strip().lower(), ref=ref.strip(), options=dict(parse_qsl(query)), text=text)
+        options = dict(parse_qsl(query))
+        pinned = options.pop("sha256", None)
+        from .checkpoint import parse_sha256
+
+        digests = parse_sha256(pinned, where=f"teacher spec {text!r}") if pinned is not None else ()
+        return cls(scheme=scheme.strip().lower(), ref=ref.strip(), options=options, text=text, sha256=digests)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -52,6 +52,7 @@ from .distiller import Distiller
 from .ema import StudentEMA
 from .errors import UserError
 from .extra_data import batch_split, check_extra_supported, mix_extra
+from .finite import FiniteGuard, check_finite_weights
 from .io import atomic_write_text
 from .plugin_host import PluginHost
 from .speed import SpeedPlan
@@ -87,6 +88,8 @@ class Run:
     speed: SpeedPlan | None = None
     #: [ema]: the averaged student, None when ema.decay = 0
     ema: StudentEMA | None = None
+    #: issue 6: on-device NaN/inf record, checked every few steps and before every checkpoint
+    guard: FiniteGuard = field(default_factory=FiniteGuard)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -186,11 +189,16 @@ def _real_batch_size(config: RunConfig) -> int:
 
 # -- checkpoints ---------------------------------------------------------------------------------
 def checkpoint_payload(run: Run) -> dict[str, Any]:
+    """Everything a resume needs. Refuses (UserError) if training went non-finite: no NaN reaches a file."""
     cfg = run.config
+    last_good = run.checkpoint_dir / "last.pt"
+    run.guard.check(last_good, collective=False)  # rank 0 alone writes: no collective here
+    student = {k: v.detach().cpu() for k, v in run.student.state_dict().items()}
+    check_finite_weights(student, epoch=run.epoch, last_good=last_good)
     return {
         "epoch": run.epoch,
         "global_step": run.global_step,
-        "student": {k: v.detach().cpu() for k, v in run.student.state_dict().items()},
+        "student": student,
         "student_arch": {"name": cfg.student.arch, "options": dict(cfg.student.options)},
         "num_classes": run.data.num_classes,
         "in_channels": run.data.in_channels,
@@ -329,8 +337,10 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         with speed.autocast():
             out = distiller.loss(ctx)
         run.optimizer.zero_grad(set_to_none=True)
+        # Issue 6: NaN/inf loss terms and gradient norm are recorded on the device, looked at every few steps.
+        run.guard.note_loss(out.total, out.terms, epoch=epoch, step=step, global_step=run.global_step)
         speed.backward_step(out.total, run.optimizer,
-                            before_step=lambda: distributed.average_gradients(distiller.trainable_parameters()))
+                            before_step=lambda: _before_step(run, speed, distiller))
         ctx.student = student
         if run.ema is not None:
             run.ema.maybe_update(run.student, run.global_step + 1)
@@ -346,6 +356,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
             sums[name] = sums.get(name, 0) + value.detach().float().mean() * batch
         seen += batch
         run.global_step += 1
+        if run.guard.due():
+            run.guard.check(run.checkpoint_dir / "last.pt")
+    run.guard.check(run.checkpoint_dir / "last.pt")
     if run.scheduler is not None and not run.per_batch_schedule:
         run.scheduler.step()
     sums, seen = distributed.reduce_epoch_sums(sums, seen)  # DDP: the global batch's numbers
@@ -360,6 +373,14 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     metrics.update(epoch=epoch + 1, lr=run.optimizer.param_groups[0]["lr"], seconds=round(elapsed, 3),
                    images_per_s=round(seen / max(elapsed, 1e-9), 1))
     return metrics
+
+
+def _before_step(run: Run, speed: SpeedPlan, distiller: Distiller) -> None:
+    """Between backward and the optimiser step: DDP-average the method's gradients, record the gradient norm."""
+    distributed.average_gradients(distiller.trainable_parameters())
+    if speed.scaler is None:  # fp16's scaled gradients overflow by design; the scaler skips those steps
+        params = [p for group in run.optimizer.param_groups for p in group["params"]]
+        run.guard.note_gradients(params, global_step=run.global_step)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):

@@ -250,7 +250,7 @@ def _fetch_hint(name: str, dataset: str, threat_model: str, model_dir: Path) -> 
 
 
 def load_zoo_model(name: str, *, dataset: str, threat_model: str, model_dir: str | Path,
-                   allow_download: bool = False) -> torch.nn.Module:
+                   allow_download: bool = False, sha256: tuple[str, ...] | list[str] = ()) -> torch.nn.Module:
     """Load RobustBench zoo model ``name`` (inputs in [0,1], logits out), in eval mode.
 
     Checks, in order, each failing with a one-line :class:`UserError`: dataset and threat model;
@@ -259,6 +259,12 @@ def load_zoo_model(name: str, *, dataset: str, threat_model: str, model_dir: str
     like checkpoints (an HTML page from a failed download is caught here). Then calls
     ``robustbench.utils.load_model``; unpickling and state-dict errors are re-raised as UserError
     naming the file. Download failures (with ``allow_download=True``) are UserErrors too.
+
+    Safety: ``load_model`` runs inside :func:`robustbench_kd.checkpoint.weights_only_loads`, so every
+    ``torch.load`` it (or timm/torch hub under it) makes is ``weights_only=True`` whatever the torch
+    version or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say: a crafted pickle is refused, never executed.
+    ``sha256`` pins the digest of each expected file (:func:`expected_checkpoint_paths` order); files
+    on disk are checked before ``load_model`` reads them, a file it downloads right after the download.
     """
     dataset, folder, entry = _lookup(name, dataset, threat_model)
     model_dir = Path(model_dir)
@@ -282,10 +288,22 @@ def load_zoo_model(name: str, *, dataset: str, threat_model: str, model_dir: str
     for path in paths:
         if path.is_file() and (problem := _checkpoint_problem(path)) is not None:
             raise UserError(f"checkpoint {path} {problem}; {_refetch_hint([path])}")
+    from robustbench_kd.checkpoint import verify_sha256_all, weights_only_loads
+
+    ref = f"{dataset}/{threat_model}/{name}"
+    if sha256:
+        if not paths:
+            raise UserError(f"{ref} is fetched from a model hub to a location not known in advance; "
+                            "its file cannot be pinned with sha256")
+        verify_sha256_all(paths, list(sha256), what=ref, skip_missing=True)
     if missing:
         logger.info("downloading %s for %s/%s/%s", " ".join(map(str, missing)), dataset,
                     threat_model, name)
-    return _call_load_model(name, dataset, threat_model, model_dir, paths, downloading=bool(missing))
+    with weights_only_loads():
+        model = _call_load_model(name, dataset, threat_model, model_dir, paths, downloading=bool(missing))
+    if sha256 and missing:  # downloaded just now: loaded weights_only, but refuse a file that is not the pinned one
+        verify_sha256_all(paths, list(sha256), what=ref)
+    return model
 
 
 def _call_load_model(name: str, dataset: str, threat_model: str, model_dir: Path,
