@@ -63,19 +63,26 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
 
 def _unreadable_message(path: Path, exc: BaseException) -> str:
-    """One line saying why ``path`` was refused; a pickle that references code gets its own wording."""
+    """One line saying why ``path`` was refused.
+
+    Three cases, told apart because the advice differs: an HTML page (a failed download), a pickle that
+    references a Python callable (could run code: refused, never retried unsafely), and anything else
+    (corrupt or truncated bytes). torch's own text is multi-line and suggests ``weights_only=False``, which
+    is the wrong advice for an untrusted file, so only its offending item is quoted.
+    """
+    if _looks_like_html(path):
+        return (f"checkpoint {path} is an HTML page, not a checkpoint (a failed or redirected download?); "
+                "re-download the file")
     text = str(exc)
-    if "Weights only load failed" in text:
-        # torch's message spans many lines (with terminal escapes); keep only the offending global.
-        found = re.search(r"(?:Unsupported global|Unsupported operand|GLOBAL)[^\n]*", text)
-        what = f" ({found.group(0).strip()[:160]})" if found else ""
+    code = re.search(r"(?:Unsupported global|GLOBAL)[^\n]*", text)
+    if "Weights only load failed" in text and code:
         return (f"checkpoint {path} was refused: it holds pickled Python objects that could run code when "
-                f"loaded{what}; only tensors, numbers, strings, lists and dicts are accepted "
-                "(torch.load weights_only=True) - re-save it as a plain state dict or use a trusted file")
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    hint = " (it looks like an HTML page, e.g. a failed download)" if _looks_like_html(path) else ""
-    return (f"checkpoint {path} cannot be loaded safely{hint}: {first[:200]}; only tensors/number/str/list/dict "
-            "checkpoints are accepted (weights_only=True) - re-create or re-download it")
+                f"loaded ({code.group(0).strip()[:160]}); only tensors, numbers, strings, lists and dicts are "
+                "accepted (torch.load weights_only=True) - re-save it as a plain state dict or use a trusted file")
+    detail = re.search(r"Unsupported operand[^\n]*", text)
+    first = detail.group(0) if detail else (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+    return (f"checkpoint {path} is corrupt or truncated ({first.strip()[:160]}); a checkpoint is a torch.save "
+            "of tensors, numbers, strings, lists and dicts - re-create or re-download it")
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")

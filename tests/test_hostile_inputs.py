@@ -249,10 +249,10 @@ CASES = [
     Case("teacher-ensemble-weights", teacher(lambda box: {"specs": [f"file:{box.checkpoint()}"], "weights": [1, 2]}),
          "2 teacher weights given for 1 teachers"),
     # -- checkpoints ----------------------------------------------------------------------------------
-    Case("checkpoint-random-bytes", evaluate(model="file:noise.pt"), "checkpoint noise.pt cannot be loaded safely"),
-    Case("checkpoint-html-page", evaluate(model="file:page.pt"), "it looks like an HTML page"),
+    Case("checkpoint-random-bytes", evaluate(model="file:noise.pt"), "checkpoint noise.pt is corrupt or truncated"),
+    Case("checkpoint-html-page", evaluate(model="file:page.pt"), "is an HTML page, not a checkpoint"),
     Case("checkpoint-truncated", lambda box: evaluate(model=f"file:{_truncated_checkpoint(box)}")(box),
-         "checkpoint cut.pt cannot be loaded safely"),
+         "checkpoint cut.pt is corrupt or truncated"),
     Case("checkpoint-not-a-dict", lambda box: evaluate(model=f"file:{_tensor_file(box)}")(box),
          "holds a Tensor, expected a dict of tensors"),
     Case("resume-without-checkpoint", distill(None, "--resume"), "--resume: no checkpoint at run/checkpoints/last.pt"),
