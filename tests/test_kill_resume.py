@@ -28,8 +28,10 @@ import torch
 import yaml
 
 import robustbench_kd.io as rbkd_io
+from robustbench_kd import trainer
 from robustbench_kd.checkpoint import load_checkpoint, save_checkpoint
 from robustbench_kd.config import config_from_mapping
+from robustbench_kd.errors import UserError
 from robustbench_kd.trainer import train
 
 # Installed in the subprocess only: RBKD_TEST_KILL="N:mode" kills the process with SIGKILL in the N-th
@@ -283,8 +285,6 @@ def test_mid_epoch_resume_is_exact_with_ema_and_method_state(tmp_path, host, mon
         })
 
     full = train(cfg(tmp_path / "full"), host=host)
-    import robustbench_kd.trainer as trainer
-
     class Stop(Exception):
         pass
 
@@ -309,3 +309,8 @@ def test_mid_epoch_resume_is_exact_with_ema_and_method_state(tmp_path, host, mon
         assert_bitwise_equal(value, resumed.ema.state_dict()[key], key)
     strip = [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in full.history]
     assert strip == [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in resumed.history]
+
+
+def test_every_steps_must_not_be_negative():
+    with pytest.raises(UserError, match="checkpoint.every_steps must be >= 0"):
+        config_from_mapping({"checkpoint": {"every_steps": -1}})
