@@ -192,8 +192,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path, env):
     # rslad with IKL: a class prior accumulated over each epoch (method state) and a teacher; the
     # pgd-at baseline serves as the teacher.
     teacher = f"file:{tmp_path / 'pgd_base' / 'checkpoints' / 'last.pt'}"
-    sections = {"method": {"name": "rslad", "divergence": "ikl"}, "teachers": {"robust": teacher},
-                "optim": {"epochs": 3, "lr": 0.05, "schedule": "multistep", "milestones": [2]}}
+    sections = {"method": {"name": "rslad", "divergence": "ikl"}, "teachers": {"robust": teacher}}
     base_cfg = run_file(tmp_path, tmp_path / "ikl_base", **sections)
     assert finish(distill(base_cfg, env, resume=False)) == 0
     baseline = load_checkpoint(tmp_path / "ikl_base" / "checkpoints" / "last.pt")
