@@ -310,6 +310,14 @@ class SmaraAD(Distiller):
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         self._agreement = [0.0, 0]
 
+    def method_state(self) -> dict[str, Any]:
+        # The epoch's tally so far: a mid-epoch resume (checkpoint.every_steps) judges the whole epoch.
+        return {"agreement": [torch.as_tensor(self._agreement[0]).detach(), int(self._agreement[1])]}
+
+    def load_method_state(self, state: Any) -> None:
+        if "agreement" in state:
+            self._agreement = [state["agreement"][0], int(state["agreement"][1])]
+
     def on_epoch_end(self, epoch: int, num_epochs: int) -> dict[str, float]:
         """Warn when the student has collapsed away from the teacher's top class (see the class notes)."""
         total, batches = float(self._agreement[0]), self._agreement[1]

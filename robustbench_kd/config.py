@@ -12,7 +12,7 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [zoo]        model_dir, allow_download
     [method]     name, then the method's own options (see `robustbench-kd methods --options NAME`)
     [optim]      epochs, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma, max_lr, pct_start
-    [checkpoint] every
+    [checkpoint] every, every_steps
     [eval]       every, select, n_examples, pgd_steps, attacks, final_n_examples, teachers, batch_size, seed,
                  sanity
     [model_info] title, authors, venue, link, architecture, additional_data, reported, footnote
@@ -154,6 +154,12 @@ class OptimSection:
 @dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
     every: int = 0                      #: also keep checkpoints/epoch_NNN.pt every N epochs (0: only last.pt)
+    every_steps: int = 0                #: also rewrite last.pt every N optimiser steps, mid-epoch (0: off)
+
+    def __post_init__(self) -> None:
+        for key in ("every", "every_steps"):
+            if getattr(self, key) < 0:
+                raise UserError(f"checkpoint.{key} must be >= 0 (0: off), got {getattr(self, key)}")
 
 
 @dataclass(frozen=True, kw_only=True)

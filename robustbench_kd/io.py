@@ -18,11 +18,12 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_torch_save", "atomic_write_bytes", "atomic_write_text", "remove_stale_temps"]
 
 # mkstemp creates files readable by the owner only; a freshly written results file should get the
 # usual permissions instead (an existing file keeps its own).
 _DEFAULT_MODE = 0o644
+_TMP_SUFFIX = ".tmp"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -49,7 +50,7 @@ def _atomic_binary_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
         mode = target.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = _DEFAULT_MODE
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=_TMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -90,3 +91,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     with _atomic_binary_file(path) as handle:
         torch.save(obj, handle)
     return Path(path)
+
+
+def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``directory``; return what was removed.
+
+    A process killed mid-write (SIGKILL, power loss) cannot run the cleanup above, so its
+    ``.<name>.XXXX.tmp`` file stays behind; the target itself is still the previous complete version.
+    Call this only while no other process writes into ``directory``.
+    """
+    removed = []
+    for tmp in Path(directory).glob(f".*{_TMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed

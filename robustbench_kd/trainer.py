@@ -18,7 +18,12 @@ Exact resume: the data order, the augmentation and the global torch RNG (attack 
 are seeded from (run.seed, k) alone, and ``checkpoints/last.pt`` is written atomically after every
 epoch with the student, optimiser, scheduler and method state. A run stopped after epoch k and
 resumed therefore ends with the same weights as an uninterrupted run (bitwise on CPU with
-``run.deterministic``).
+``run.deterministic``). With ``checkpoint.every_steps = N``, ``last.pt`` is also rewritten every N
+optimiser steps with the position inside the epoch (batches done, the epoch's metric sums, the global
+RNG state); a resume from it replays the epoch's (seed, epoch) generators past the finished batches,
+restores the RNG, re-runs ``on_epoch_start`` and then the saved method state over it, so a kill at any
+instant resumes exactly too. ``last.pt`` is always the last file written (the commit point): a crash
+between writes leaves a state that resumes to the same result.
 
 Checkpoint selection without test-set leakage: with ``eval.every = N`` the student is evaluated (clean
 and PGD) every N epochs on the validation split held out of the training set (``data.val_size``),
@@ -53,7 +58,7 @@ from .ema import StudentEMA
 from .errors import UserError
 from .extra_data import batch_split, check_extra_supported, mix_extra
 from .finite import FiniteGuard, check_finite_weights
-from .io import atomic_write_text
+from .io import atomic_write_text, remove_stale_temps
 from .plugin_host import PluginHost
 from .speed import SpeedPlan
 from .speed_config import SpeedSection
@@ -88,8 +93,10 @@ class Run:
     speed: SpeedPlan | None = None
     #: [ema]: the averaged student, None when ema.decay = 0
     ema: StudentEMA | None = None
-    #: issue 6: on-device NaN/inf record, checked every few steps and before every checkpoint
+    #: on-device NaN/inf record, checked every few steps and before every checkpoint
     guard: FiniteGuard = field(default_factory=FiniteGuard)
+    #: where a step checkpoint stopped inside an epoch (see :func:`step_position`); consumed by that epoch
+    resume_position: dict[str, Any] | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -131,6 +138,10 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     dist_env = distributed.from_environ()
     device = distributed.resolve_device(config.run.device, dist_env)
     distributed.check_batch_size(config.data.batch_size, dist_env)
+    if dist_env.enabled and config.checkpoint.every_steps:
+        # Each process has its own attack RNG stream and metric sums; rank 0 alone would save them.
+        raise UserError("checkpoint.every_steps is not supported under torchrun yet; use checkpoint.every_steps "
+                        "= 0 (last.pt every epoch)")
     data = builders.load_data(host, config)
     check_validation(config, data)
     distiller = builders.build_distiller(host, config, data.num_classes).to(device)
@@ -188,8 +199,11 @@ def _real_batch_size(config: RunConfig) -> int:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def checkpoint_payload(run: Run) -> dict[str, Any]:
-    """Everything a resume needs. Refuses (UserError) if training went non-finite: no NaN reaches a file."""
+def checkpoint_payload(run: Run, position: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a resume needs; ``position`` is set in a mid-epoch step checkpoint, None at epoch end.
+
+    Refuses (UserError) if training went non-finite: no NaN reaches a file.
+    """
     cfg = run.config
     last_good = run.checkpoint_dir / "last.pt"
     run.guard.check(last_good, collective=False)  # rank 0 alone writes: no collective here
@@ -215,22 +229,45 @@ def checkpoint_payload(run: Run) -> dict[str, Any]:
         # Issue 5: GradScaler state (fp16 only) and the averaged student (ema.decay > 0), else None.
         "scaler": run.speed.state_dict() if run.speed is not None else None,
         "ema": run.ema.state_dict() if run.ema is not None else None,
+        "position": position,
     }
+
+
+def step_position(run: Run, epoch: int, step: int, total: int, sums: dict[str, torch.Tensor],
+                  seen: int) -> dict[str, Any]:
+    """Where a step checkpoint stands in ``epoch``: ``step`` batches of ``total`` done.
+
+    ``epoch``/``global_step`` in the payload count completed epochs and all steps; the data order and
+    augmentation are re-derived from (seed, epoch), so only the global RNG (attack starts) and the
+    epoch's running metric sums need saving.
+    """
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return {"epoch": epoch, "step": step, "batches": total, "seen": seen,
+            "sums": {k: v.detach().clone() for k, v in sums.items()}, "rng": rng}
+
+
+def _restore_rng(run: Run, rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["cpu"].cpu())
+    if "cuda" in rng and run.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), run.device)
 
 
 def write_checkpoints(run: Run, *, improved: bool = False) -> None:
     """``last.pt`` (every epoch), ``best.pt`` when this epoch improved, ``epoch_NNN.pt`` every N epochs.
 
-    ``best.pt`` goes first: a crash between the two writes leaves ``last.pt`` at the previous epoch, whose
-    best record is older, so the resumed epoch re-evaluates and rewrites ``best.pt`` the same way.
+    ``last.pt`` goes last: it is the commit point a resume starts from. A crash before it leaves
+    ``last.pt`` at an earlier position whose best record is older, so the resumed epoch re-evaluates and
+    rewrites ``best.pt`` and ``epoch_NNN.pt`` with the same content.
     """
     payload = checkpoint_payload(run)
     if improved:
         save_checkpoint(run.checkpoint_dir / "best.pt", payload)
-    save_checkpoint(run.checkpoint_dir / "last.pt", payload)
     every = run.config.checkpoint.every
     if every and run.epoch % every == 0:
         save_checkpoint(run.checkpoint_dir / f"epoch_{run.epoch:03d}.pt", payload)
+    save_checkpoint(run.checkpoint_dir / "last.pt", payload)
 
 
 def resume_from(run: Run, path: Path) -> None:
@@ -270,11 +307,17 @@ def resume_from(run: Run, path: Path) -> None:
     run.global_step = int(data["global_step"])
     run.history = list(data.get("history", []))
     run.best = best
+    position = data.get("position")
+    # Mid-epoch (a step checkpoint): train() re-runs on_epoch_start, then puts this method state back.
+    run.resume_position = None if position is None else {**position, "method_state": data.get("method_state", {})}
     _resume_speed_and_ema(run, data, path)
     if best is not None and not (run.checkpoint_dir / "best.pt").is_file():
         log.warning("resuming %s: the record says epoch %d was best but %s is missing; it is rewritten when "
                     "a later epoch beats that record", path, best["epoch"], run.checkpoint_dir / "best.pt")
-    log.info("resumed from %s after epoch %d", path, run.epoch)
+    if position is None:
+        log.info("resumed from %s after epoch %d", path, run.epoch)
+    else:
+        log.info("resumed from %s in epoch %d after batch %d", path, run.epoch + 1, position["step"])
 
 
 def _resume_speed_and_ema(run: Run, data: dict[str, Any], path: Path) -> None:
@@ -301,6 +344,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     # Everything random in this epoch derives from (seed, epoch): exact resume at epoch boundaries.
     # Under DDP each rank draws its own attack noise (distributed.rank_seed; rank 0's is a single run's).
     torch.manual_seed(distributed.rank_seed(epoch_generator(cfg.run.seed, epoch, stream=2).initial_seed()))
+    position, run.resume_position = run.resume_position, None
+    if position is not None:  # a step checkpoint: continue with the attack RNG where it stopped
+        _restore_rng(run, position["rng"])
     order_gen = epoch_generator(cfg.run.seed, epoch, stream=1)
     augment = run.data.augment_default if cfg.data.augment is None else cfg.data.augment
     batches = iterate_batches(run.data.train_x, run.data.train_y, batch_size=_real_batch_size(cfg),
@@ -314,11 +360,19 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     batches = distributed.shard_batches(batches, run.device)
     total = num_batches(len(run.data.train_y), _real_batch_size(cfg), _drop_last(cfg, run.data))
     sums: dict[str, torch.Tensor] = {}
-    seen = 0
+    seen = skip = 0
+    if position is not None:
+        if position["batches"] != total:
+            raise UserError(f"cannot resume mid-epoch: the step checkpoint was written with {position['batches']} "
+                            f"batches per epoch, the config gives {total}; keep data.batch_size and data.n_train")
+        sums, seen, skip = dict(position["sums"]), int(position["seen"]), int(position["step"])
+    every_steps = cfg.checkpoint.every_steps
     start = time.perf_counter()
     progress = _progress(batches, total, f"epoch {epoch + 1}/{cfg.optim.epochs}",
                          cfg.run.progress and distributed.is_main())
     for step, (x, y, index) in enumerate(progress):
+        if step < skip:  # done before the step checkpoint; drawing it keeps the epoch's generators in step
+            continue
         x = speed.inputs(x)
         student.train()
         ctx = BatchContext(x=x, y=y, index=index, student=student, teachers=run.teachers, threat=cfg.threat,
@@ -358,6 +412,10 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         run.global_step += 1
         if run.guard.due():
             run.guard.check(run.checkpoint_dir / "last.pt")
+        # The epoch's last batch needs none: the epoch checkpoint follows at once.
+        if every_steps and run.global_step % every_steps == 0 and step + 1 < total and distributed.is_main():
+            save_checkpoint(run.checkpoint_dir / "last.pt",
+                            checkpoint_payload(run, step_position(run, epoch, step + 1, total, sums, seen)))
     run.guard.check(run.checkpoint_dir / "last.pt")
     if run.scheduler is not None and not run.per_batch_schedule:
         run.scheduler.step()
@@ -475,13 +533,23 @@ def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = F
     distributed.barrier()  # every rank has looked at last.pt before rank 0 writes anything
     if main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
+        # A killed run leaves its half-written temp files; the files they were replacing are intact.
+        for directory in (run.out_dir, run.checkpoint_dir):
+            if directory.is_dir():
+                remove_stale_temps(directory)
         atomic_write_text(run.out_dir / "config.yaml", _yaml(config.to_dict()))
+        if resume:  # a crash after last.pt but before metrics.jsonl: the history in last.pt is the truth
+            write_metrics(run)
     run.distiller.on_train_start(run)
     if main:
         run.host.train_start(run)
     last_epoch = config.optim.epochs if stop_after is None else min(stop_after, config.optim.epochs)
     for epoch in range(run.epoch, last_epoch):
         run.distiller.on_epoch_start(epoch, config.optim.epochs)
+        if run.resume_position is not None:
+            # Mid-epoch resume: on_epoch_start set the epoch's settings; the state accumulated in the
+            # epoch's finished batches comes back from the step checkpoint.
+            run.distiller.load_method_state(run.resume_position["method_state"])
         if main:
             run.host.epoch_start(run, epoch)
         metrics = train_one_epoch(run, epoch)
