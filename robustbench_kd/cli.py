@@ -112,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"robustbench-kd: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The machine, not the input: a full disk, a lost mount, permissions. Every checkpoint and result
+        # is written atomically, so the previous files are intact and `--resume` continues from them.
+        if args.debug:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"robustbench-kd: error: cannot read or write{where}: {exc.strerror or exc}; files written before "
+              "are intact (atomic writes) - fix the cause and rerun (distill: add --resume)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if args.command == "evaluate":
             # AutoAttack's state file (--aa-state, or a shard's own) has kept every finished batch.

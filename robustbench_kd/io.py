@@ -59,10 +59,12 @@ def _atomic_binary_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         # BaseException too: a KeyboardInterrupt mid-save must not leave a stray temp file behind.
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:  # name the file the user will look for
+            raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
         raise
     _fsync_dir(target.parent)
 

@@ -227,6 +227,25 @@ def test_write_failure_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
 
 
+def test_full_disk_is_one_line_from_the_cli_and_names_the_file(tmp_path, monkeypatch, capsys):
+    from robustbench_kd.cli import main
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"epoch": 1, "student": {"w": torch.arange(4.0)}})
+    enospc_after_some_bytes(monkeypatch)
+    with pytest.raises(OSError) as info:
+        save_checkpoint(path, {"epoch": 2, "student": {"w": torch.zeros(4)}})
+    assert info.value.filename == str(path)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run: {{out_dir: {tmp_path / 'run'}, progress: false}}\n"
+                      "data: {dataset: digits, n_train: 64, batch_size: 32}\n"
+                      "method: {name: standard}\noptim: {epochs: 1}\n")
+    assert main(["distill", str(config), "--no-eval"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "last.pt" in err[0], err
+    assert "Traceback" not in err[0]
+
+
 def test_step_checkpoint_write_failure_then_resume_is_exact(tmp_path, host, monkeypatch):
     """ENOSPC during the 5th step checkpoint: training stops, last.pt is the 4th; resume ends bitwise equal."""
     def cfg(out):
