@@ -18,6 +18,8 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [model_info] title, authors, venue, link, architecture, additional_data, reported, footnote
     [speed]      amp, attack_fp32, channels_last, compile, compile_backend   (robustbench_kd.speed_config)
     [ema]        decay, warmup, every                                       (robustbench_kd.speed_config)
+    [diagnostics] enabled, n_examples, every, adversarial, pgd_steps, bins, batch_size, seed, tensorboard
+                                                      (robustbench_kd.diagnostics.section; off by default)
 
 Unknown sections or keys are errors that list the valid ones.
 """
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .diagnostics.section import DiagnosticsSection
 from .errors import UserError, close_matches
 from .speed_config import EmaSection, SpeedSection
 from .threat import ThreatSpec, parse_number
@@ -210,6 +213,7 @@ SECTIONS: dict[str, type] = {
     "zoo": ZooSection, "optim": OptimSection, "checkpoint": CheckpointSection, "eval": EvalSection,
     "model_info": ModelInfoSection,
     "speed": SpeedSection, "ema": EmaSection,  # issue 5: precision/compile switches, weight averaging
+    "diagnostics": DiagnosticsSection,  # issue 7: per-epoch diagnostics (observer plugin), off by default
 }
 FREE_SECTIONS = ("teachers", "method")
 
@@ -231,6 +235,7 @@ class RunConfig:
     model_info: ModelInfoSection = field(default_factory=ModelInfoSection)
     speed: SpeedSection = field(default_factory=SpeedSection)
     ema: EmaSection = field(default_factory=EmaSection)
+    diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
 
     @property
     def method_name(self) -> str:
