@@ -167,3 +167,30 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path):
 def test_unknown_diagnostic_is_a_config_error():
     with pytest.raises(UserError, match="did you mean: entropy"):
         config_from_mapping({"diagnostics": {"enabled": ["entropi"]}})
+
+
+def test_tensorboard_gets_the_same_scalars(tmp_path, monkeypatch):
+    """With a stand-in SummaryWriter (tensorboard is optional): one scalar per metrics key, step = epoch."""
+    import sys
+    import types
+
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, key, value, global_step):
+            written.append((self.log_dir, key, value, global_step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    run = train(digits_config(tmp_path / "r", diagnostics={"enabled": ["entropy"], "n_examples": 20,
+                                                           "adversarial": False, "tensorboard": True}),
+                host=PluginHost.create(autoload=False))
+    assert {(k, step) for _, k, _, step in written} == {("diag_train_student_clean_entropy", 1),
+                                                        ("diag_train_student_clean_entropy", 2)}
+    assert written[-1][2] == run.history[-1]["diag_train_student_clean_entropy"]
+    assert written[0][0] == str(tmp_path / "r" / "diagnostics" / "tensorboard")
