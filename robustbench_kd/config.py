@@ -18,6 +18,7 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [model_info] title, authors, venue, link, architecture, additional_data, reported, footnote
     [speed]      amp, attack_fp32, channels_last, compile, compile_backend   (robustbench_kd.speed_config)
     [ema]        decay, warmup, every                                       (robustbench_kd.speed_config)
+    [report]     enabled, n_examples, n_cam, eps_factors, pgd_steps, embedding (robustbench_kd.reporting)
 
 Unknown sections or keys are errors that list the valid ones.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import UserError, close_matches
+from .reporting.section import ReportSection
 from .speed_config import EmaSection, SpeedSection
 from .threat import ThreatSpec, parse_number
 
@@ -210,6 +212,7 @@ SECTIONS: dict[str, type] = {
     "zoo": ZooSection, "optim": OptimSection, "checkpoint": CheckpointSection, "eval": EvalSection,
     "model_info": ModelInfoSection,
     "speed": SpeedSection, "ema": EmaSection,  # issue 5: precision/compile switches, weight averaging
+    "report": ReportSection,  # issue 7: end-of-run analyses and report
 }
 FREE_SECTIONS = ("teachers", "method")
 
@@ -231,6 +234,7 @@ class RunConfig:
     model_info: ModelInfoSection = field(default_factory=ModelInfoSection)
     speed: SpeedSection = field(default_factory=SpeedSection)
     ema: EmaSection = field(default_factory=EmaSection)
+    report: ReportSection = field(default_factory=ReportSection)
 
     @property
     def method_name(self) -> str:
