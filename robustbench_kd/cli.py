@@ -1,4 +1,4 @@
-"""``robustbench-kd``: methods, distill, evaluate, merge-shards, quickstart.
+"""``robustbench-kd``: methods, distill, evaluate, merge-shards, report, quickstart.
 
 Only argparse is imported at module level so ``--help`` and ``methods`` start fast (no robustbench,
 timm or scikit-learn). A :class:`UserError` prints one line and exits 2; ``--debug`` shows tracebacks.
@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge-shards", help="merge the shard files of `evaluate --shard` into the results")
     p.add_argument("directory", help="<out>/shards/<name>, holding shard_<i>_of_<n>.json")
     p.add_argument("--out", default=None, help="output directory (default: the shard runs' --out)")
+
+    p = sub.add_parser("report", help="figures and analyses of a finished run; several runs: a comparison report")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run.out_dir of a distill run")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: RUN_DIR/report for one run, ./comparison for several)")
 
     p = sub.add_parser("quickstart", help="offline demo: robust teacher -> distilled student -> AutoAttack")
     p.add_argument("--out", default="quickstart-out", help="output directory (default quickstart-out)")
@@ -254,8 +259,22 @@ def _print_outputs(reports) -> None:
                 print(f"wrote {path}")
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    if len(args.run_dirs) == 1:
+        from .reporting.run_report import load_finished_run, write_run_report
+
+        run_dir = Path(args.run_dirs[0])
+        path = write_run_report(load_finished_run(run_dir), out_dir=None if args.out is None else Path(args.out))
+    else:
+        from .reporting.compare import write_comparison_report
+
+        path = write_comparison_report([Path(d) for d in args.run_dirs], Path(args.out or "comparison"))
+    print(f"report: {path}")
+    return 0
+
+
 _COMMANDS = {"methods": _cmd_methods, "distill": _cmd_distill, "evaluate": _cmd_evaluate,
-             "merge-shards": _cmd_merge_shards, "quickstart": _cmd_quickstart}
+             "merge-shards": _cmd_merge_shards, "report": _cmd_report, "quickstart": _cmd_quickstart}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,6 +20,7 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [ema]        decay, warmup, every                                       (robustbench_kd.speed_config)
     [diagnostics] enabled, n_examples, every, adversarial, pgd_steps, bins, batch_size, seed, tensorboard
                                                       (robustbench_kd.diagnostics.section; off by default)
+    [report]     enabled, n_examples, n_cam, eps_factors, pgd_steps, embedding (robustbench_kd.reporting)
 
 Unknown sections or keys are errors that list the valid ones.
 """
@@ -36,6 +37,7 @@ from typing import Any, get_type_hints
 
 from .diagnostics.section import DiagnosticsSection
 from .errors import UserError, close_matches
+from .reporting.section import ReportSection
 from .speed_config import EmaSection, SpeedSection
 from .threat import ThreatSpec, parse_number
 
@@ -214,6 +216,7 @@ SECTIONS: dict[str, type] = {
     "model_info": ModelInfoSection,
     "speed": SpeedSection, "ema": EmaSection,  # issue 5: precision/compile switches, weight averaging
     "diagnostics": DiagnosticsSection,  # issue 7: per-epoch diagnostics (observer plugin), off by default
+    "report": ReportSection,  # issue 7: end-of-run analyses and report
 }
 FREE_SECTIONS = ("teachers", "method")
 
@@ -236,6 +239,7 @@ class RunConfig:
     speed: SpeedSection = field(default_factory=SpeedSection)
     ema: EmaSection = field(default_factory=EmaSection)
     diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
+    report: ReportSection = field(default_factory=ReportSection)
 
     @property
     def method_name(self) -> str:

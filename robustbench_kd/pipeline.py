@@ -33,7 +33,15 @@ def distill(config: RunConfig, *, host: PluginHost | None = None, resume: bool =
     run = train(config, host=host, resume=resume)
     if not final_eval or not config.eval.attacks or not is_main():  # torchrun: rank 0 evaluates
         return []
-    return evaluate_run(run, export_dir=export_dir)
+    reports = evaluate_run(run, export_dir=export_dir)
+    if config.report.enabled:  # issue 7: analyses and figures, after the final evaluation read the test set
+        from .reporting.run_report import write_run_report
+
+        try:
+            log.info("report written to %s", write_run_report(run))
+        except UserError as exc:  # the results are written already; a model the analyses cannot read loses only the report
+            log.warning("report not written: %s", exc)
+    return reports
 
 
 def evaluate_run(run: Any, *, export_dir: Path | None = None) -> list[ModelReport]:
