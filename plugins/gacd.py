@@ -28,12 +28,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustbench_kd.data import to_float
-from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
+from robustbench_kd.distiller import (
+    ATTACK_INITS,
+    STUDENT_MODES,
+    AttackSpec,
+    Distiller,
+    LossOutput,
+)
 from robustbench_kd.errors import UserError
 from robustbench_kd.features import FeatureTap, final_linear
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.validation import check_choice
+from robustbench_kd.modes import module_mode
 from robustbench_kd.teachers import EnsembleTeacher
+from robustbench_kd.validation import check_choice
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -635,14 +642,9 @@ class GACDLinear(Distiller):
 
     def _features(self, student: nn.Module, x: Tensor) -> Tensor:
         """Penultimate features with the whole student in eval mode and no graph (modes restored)."""
-        modes = [(m, m.training) for m in student.modules()]
-        student.eval()
-        try:
-            with torch.no_grad(), FeatureTap(student, penultimate=True, fc_module=self.config.fc_module) as tap:
-                student(x)
-        finally:
-            for module, training in modes:
-                module.training = training
+        with module_mode(student, "eval"), torch.no_grad(), \
+                FeatureTap(student, penultimate=True, fc_module=self.config.fc_module) as tap:
+            student(x)
         return tap.penultimate.detach()
 
     @torch.no_grad()

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import UserError, close_matches
+from .modes import module_mode
 
 __all__ = [
     "FEATURE_MAP_TRANSFORMS",
@@ -367,14 +368,9 @@ def locate_feature_map(model: nn.Module, example: Tensor, *, fc_module: str | No
     reject an unsupported teacher before training starts; :class:`FeatureTap` otherwise probes on
     its first forward pass by itself.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), FeatureTap(model, penultimate=False, feature_map=True, fc_module=fc_module) as tap:
-            model(example)
-    finally:
-        for module, training in modes:
-            module.training = training
+    with module_mode(model, "eval"), torch.no_grad(), \
+            FeatureTap(model, penultimate=False, feature_map=True, fc_module=fc_module) as tap:
+        model(example)
     location = tap.feature_map_location
     assert location is not None
     return location

@@ -21,7 +21,11 @@ from robustbench_kd.bundle import (
 from robustbench_kd.cli import main
 from robustbench_kd.errors import UserError
 from robustbench_kd.students import build_student
-from robustbench_kd.testing.fixtures import CARMON2019_MODEL_INFO, make_tiny_cifar, tiny_zoo_entry
+from robustbench_kd.testing.fixtures import (
+    CARMON2019_MODEL_INFO,
+    make_tiny_cifar,
+    tiny_zoo_entry,
+)
 
 pytestmark = pytest.mark.single_thread
 
@@ -76,23 +80,18 @@ def fit_and_relabel(data_root, model) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """`robustbench-kd evaluate --name` on a tiny CNN, 20 CIFAR points, standard AutoAttack."""
-    tmp = tmp_path_factory.mktemp("bundle")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = tiny_model()
-        data = make_tiny_cifar(tmp / "data", n_train_per_batch=2, n_test=20, seed=3)
-        x = fit_and_relabel(data, model)
-        torch.save({"state_dict": model.state_dict()}, tmp / "model.pt")
-        argv = ["evaluate", f"file:{tmp / 'model.pt'}?arch=small-cnn&width=0.25", "--dataset", "cifar10",
-                "--data-dir", str(data), "--no-verify-md5", "--n-examples", "20", "--attacks", "clean,autoattack",
-                "--batch-size", "20", "--name", MODEL_ID, "--out", str(tmp / "out"), "--device", "cpu",
-                "--title", "Tiny Models Are Not Robust", "--authors", "Ada Lovelace, Alan Turing",
-                "--venue", "arXiv, Jan 2026", "--link", "https://arxiv.org/abs/0000.00000",
-                "--architecture", "SmallCNN-x0.25", "--additional-data", "--reported", "62.5"]
-        assert main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    tmp = tmp_path_factory.mktemp("bundle")  # one thread: the module is marked single_thread
+    model = tiny_model()
+    data = make_tiny_cifar(tmp / "data", n_train_per_batch=2, n_test=20, seed=3)
+    x = fit_and_relabel(data, model)
+    torch.save({"state_dict": model.state_dict()}, tmp / "model.pt")
+    argv = ["evaluate", f"file:{tmp / 'model.pt'}?arch=small-cnn&width=0.25", "--dataset", "cifar10",
+            "--data-dir", str(data), "--no-verify-md5", "--n-examples", "20", "--attacks", "clean,autoattack",
+            "--batch-size", "20", "--name", MODEL_ID, "--out", str(tmp / "out"), "--device", "cpu",
+            "--title", "Tiny Models Are Not Robust", "--authors", "Ada Lovelace, Alan Turing",
+            "--venue", "arXiv, Jan 2026", "--link", "https://arxiv.org/abs/0000.00000",
+            "--architecture", "SmallCNN-x0.25", "--additional-data", "--reported", "62.5"]
+    assert main(argv) == 0
     out = tmp / "out"
     return {"out": out, "bundle": out / "submission" / MODEL_ID, "model": model, "x": x,
             "results": json.loads((out / "results" / f"{MODEL_ID}.json").read_text())}
