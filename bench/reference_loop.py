@@ -18,6 +18,7 @@ line, a host sync per batch. The losses are the library's defaults for each meth
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -93,16 +94,26 @@ def reference_step(method: str, student: nn.Module, teacher: nn.Module, x: Tenso
 def reference_epoch(method: str, student: nn.Module, teacher: nn.Module, images: Tensor, labels: Tensor, *,
                     batch_size: int, eps: float, alpha: float, steps: int, lr: float,
                     device: torch.device) -> float:
-    """One epoch of :func:`reference_step` over shuffled ``images``; returns wall seconds."""
+    """One epoch of :func:`reference_steps`; returns wall seconds."""
+    start = time.perf_counter()
+    for _ in reference_steps(method, student, teacher, images, labels, batch_size=batch_size, eps=eps, alpha=alpha,
+                             steps=steps, lr=lr, device=device):
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def reference_steps(method: str, student: nn.Module, teacher: nn.Module, images: Tensor, labels: Tensor, *,
+                    batch_size: int, eps: float, alpha: float, steps: int, lr: float,
+                    device: torch.device) -> Iterator[None]:
+    """:func:`reference_step` over shuffled ``images``, yielding after each batch."""
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(2))
-    start = time.perf_counter()
     train_loss = 0.0
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         x = images[idx].float().to(device)
         y = labels[idx].to(device)
         train_loss += reference_step(method, student, teacher, x, y, optimizer, eps=eps, alpha=alpha, steps=steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+        yield

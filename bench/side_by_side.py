@@ -13,7 +13,13 @@ outside the necessary passes, ``1 - t_minimal / t``; and the peak memory of one 
 ``torch.cuda.max_memory_allocated`` above what was allocated before; CPU: the peak resident set size
 above the level before the epoch, after glibc's ``malloc_trim`` returned freed pages, sampled every
 millisecond from ``/proc/self/statm`` in an untimed extra epoch, since CPU tensors are invisible to
-``tracemalloc``). Interleaved repeats, medians.
+``tracemalloc``).
+
+Timing (``--interleave``): on CPU the three loops take turns batch by batch within each round
+(``bench/lockstep.py``), so drifts of the machine's speed hit all of them alike, and each loop's
+times are summed over the rounds. On CUDA whole epochs take turns (order rotating per round) and each
+loop's time is the minimum over the rounds (``--statistic min``, the ``timeit`` convention: other
+processes only ever add time) or their median.
 
     python bench/side_by_side.py                                   # rslad, ard, akd; small CNN; digits shape; CPU
     python bench/side_by_side.py --student resnet18 --teacher "resnet18" --dataset-shape 3,32,32 \\
@@ -36,8 +42,9 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import torch
-from reference_loop import REFERENCE_METHODS, reference_epoch
-from train_throughput import SyntheticDataPlugin, minimal_epoch
+from lockstep import Lockstep
+from reference_loop import REFERENCE_METHODS, reference_epoch, reference_steps
+from train_throughput import SyntheticDataPlugin, minimal_epoch, minimal_steps
 
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
@@ -46,6 +53,7 @@ from robustbench_kd.students import build_student
 from robustbench_kd.trainer import setup_run, train_one_epoch
 
 EPS, ALPHA, LR = 0.2, 0.05, 0.01
+LOCKSTEP = Lockstep()  # registered on the benchmark's plugin host; idle outside lockstep rounds
 
 
 def parse_arch(text: str) -> tuple[str, dict[str, float | str]]:
@@ -110,6 +118,22 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 def _rss_bytes() -> int:
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def steady_allocator() -> bool:
+    """Stop glibc from handing freed memory back to the OS between batches (trim and mmap thresholds up).
+
+    Left alone, glibc trims the heap and unmaps large blocks as the loops free their activations, so
+    the next batch page-faults them back in: measured here, 0 to 7000 minor faults per epoch of the
+    same loop, a few percent of its time, landing on whichever loop happened to follow a trim. With
+    the memory kept, every loop runs on a warm heap after the first round. Returns whether it applied.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers (malloc.h)
+        return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def _release_free_heap() -> None:
@@ -177,25 +201,63 @@ def compare(method: str, args: argparse.Namespace, host: PluginHost, workdir: Pa
     def mini() -> None:
         minimal_epoch(method, run.student, teacher, data, device=device, **common)
 
-    t_lib, t_ref, t_min = [], [], []
-    for r in range(args.repeats + 1):
-        a = timed(partial(train_one_epoch, run, r), device) if library_note is None else float("nan")
-        b, c = timed(ref, device), timed(mini, device)
-        if r:  # the first round warms up (and compiles, with --compile)
-            t_lib.append(a)
-            t_ref.append(b)
-            t_min.append(c)
+    if args.interleave == "batch":
+        t_lib, t_ref, t_min = _lockstep_rounds(method, args, run, teacher, data, device, common, library_note)
+    else:
+        t_lib, t_ref, t_min = _epoch_rounds(run, ref, mini, args, device, library_note)
     m_ref = peak_memory(ref, device)
-    re, mi = statistics.median(t_ref), statistics.median(t_min)
-    n = len(data.train_y)
+    # Lockstep rounds are paired batch by batch: their sums compare like with like. Epoch rounds are not.
+    pick = sum if args.interleave == "batch" else (min if args.statistic == "min" else statistics.median)
+    re, mi = pick(t_ref), pick(t_min)
+    n = len(data.train_y) * (len(t_ref) if args.interleave == "batch" else 1)
     if library_note is None:
         m_lib = peak_memory(partial(train_one_epoch, run, args.repeats + 1), device)
-        lo = statistics.median(t_lib)
+        lo = pick(t_lib)
         lib_ips, ratio, lib_out, lib_mem = f"{n / lo:.0f}", f"{re / lo:.2f}x", f"{max(0.0, 1 - mi / lo):.1%}", mib(m_lib)
     else:
         lib_ips, ratio, lib_out, lib_mem = library_note, "n/a", "n/a", "n/a"
     return (f"| {method} | {lib_ips} | {n / re:.0f} | {ratio} | {n / mi:.0f} | {lib_out} "
             f"| {max(0.0, 1 - mi / re):.1%} | {lib_mem} | {mib(m_ref)} |")
+
+
+def _epoch_rounds(run, ref, mini, args, device, library_note):
+    """Whole epochs, one loop after another, order rotating each round; per-round seconds per loop."""
+    def lib(r: int) -> float:
+        return timed(partial(train_one_epoch, run, r), device) if library_note is None else float("nan")
+
+    loops = {"lib": lib, "ref": lambda r: timed(ref, device), "min": lambda r: timed(mini, device)}
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for r in range(args.repeats + 1):
+        names = list(loops)[r % 3:] + list(loops)[:r % 3]
+        for name in names:
+            seconds = loops[name](r)
+            if r:  # the first round warms up (and compiles, with --compile)
+                times[name].append(seconds)
+    return times["lib"], times["ref"], times["min"]
+
+
+def _lockstep_rounds(method, args, run, teacher, data, device, common, library_note):
+    """Epochs of the three loops interleaved batch by batch (bench/lockstep.py); per-round seconds per loop."""
+    times: dict[str, list[float]] = {"lib": [], "ref": [], "min": []}
+    for r in range(args.repeats + 1):
+        others = {
+            "ref": reference_steps(method, run.student, teacher, data.train_x, data.train_y, device=device, **common),
+            "min": minimal_steps(method, run.student, teacher, data, device=device, **common),
+        }
+        if library_note is None:
+            spent = LOCKSTEP.epoch(run, r, others)
+        else:  # no library loop to pair with: the other two take turns
+            spent = {name: 0.0 for name in others}
+            for name in [n for _ in range(-(-len(data.train_y) // args.batch_size) + 1) for n in others]:
+                start = time.perf_counter()
+                next(others[name], None)
+                spent[name] += time.perf_counter() - start
+            spent["library"] = float("nan")
+        if r:  # the first round warms up
+            times["lib"].append(spent["library"])
+            times["ref"].append(spent["ref"])
+            times["min"].append(spent["min"])
+    return times["lib"], times["ref"], times["min"]
 
 
 def main() -> None:
@@ -210,6 +272,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="PGD steps (AKD uses its own 7)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-steady-allocator", action="store_true",
+                        help="leave glibc's heap trimming on (by default it is turned off on CPU: see steady_allocator)")
+    parser.add_argument("--interleave", choices=("batch", "epoch"), default=None,
+                        help="batch: the loops take turns batch by batch and their sums are compared (default on "
+                             "CPU); epoch: whole epochs in turn (default on CUDA, where per-batch timing would sync)")
+    parser.add_argument("--statistic", choices=("min", "median"), default="min",
+                        help="--interleave epoch: how the repeats of each loop are summarised (min: timeit's)")
     parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None, help="library: speed.amp")
     parser.add_argument("--channels-last", action="store_true", help="library: speed.channels_last = true")
     parser.add_argument("--compile", nargs="?", const="student", default=None,
@@ -217,17 +286,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    steady = args.device == "cpu" and not args.no_steady_allocator and steady_allocator()
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in REFERENCE_METHODS]
     if unknown:
         parser.error(f"no reference loop for {', '.join(unknown)}; choose from {', '.join(REFERENCE_METHODS)}")
     device = torch.device(args.device)
+    if args.interleave is None:
+        args.interleave = "epoch" if device.type == "cuda" else "batch"
     shape = tuple(int(s) for s in args.dataset_shape.split(","))
-    host = PluginHost.create(autoload=False, extra=[SyntheticDataPlugin(shape, args.n)])
+    host = PluginHost.create(autoload=False, extra=[SyntheticDataPlugin(shape, args.n), LOCKSTEP])
     speed = speed_section(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, data {shape} x {args.n}, "
           f"batch {args.batch_size}, PGD-{args.steps}, student {args.student}, teacher {args.teacher}, "
-          f"library [speed] {speed or 'defaults'}")
+          f"library [speed] {speed or 'defaults'}, {args.repeats} rounds interleaved by {args.interleave}"
+          + (f" ({args.statistic} per loop)" if args.interleave == "epoch" else " (sums per loop)")
+          + (", glibc heap kept (no trimming)" if steady else ""))
     print("| method | library img/s | reference img/s | library / reference | minimal img/s "
           "| outside necessary passes: library | reference | peak memory: library | reference |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -21,6 +21,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -46,7 +47,20 @@ MINIMAL_LOOPS = ("pgd-at", "rslad", "ard", "akd")
 
 def minimal_epoch(method: str, student, teacher, data: DataSplits, *, batch_size: int, eps: float, alpha: float,
                   steps: int, lr: float, device: torch.device | None = None) -> float:
-    """The method's necessary passes only, hand-written in the reference scripts' style; returns seconds.
+    """One epoch of :func:`minimal_steps`; returns wall seconds."""
+    device = device or torch.device("cpu")
+    start = time.perf_counter()
+    for _ in minimal_steps(method, student, teacher, data, batch_size=batch_size, eps=eps, alpha=alpha,
+                           steps=steps, lr=lr, device=device):
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def minimal_steps(method: str, student, teacher, data: DataSplits, *, batch_size: int, eps: float, alpha: float,
+                  steps: int, lr: float, device: torch.device | None = None) -> Iterator[None]:
+    """The method's necessary passes only, hand-written in the reference scripts' style; yields after each batch.
 
     pgd-at: K CE steps (eval BN), student(x'). rslad: teacher(x), K KL steps (eval BN), student(x'),
     student(x). ard: teacher(x), K CE steps in train mode, student(x'), student(x) without grad (the
@@ -56,7 +70,6 @@ def minimal_epoch(method: str, student, teacher, data: DataSplits, *, batch_size
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(1))
     k = 7 if method == "akd" else steps
-    start = time.perf_counter()
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         x, y = data.train_x[idx].float().to(device), data.train_y[idx].to(device)
@@ -99,9 +112,7 @@ def minimal_epoch(method: str, student, teacher, data: DataSplits, *, batch_size
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+        yield
 
 
 class SyntheticDataPlugin:

@@ -13,7 +13,7 @@ from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Di
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.validation import check_choice
-from robustbench_kd.losses import mix_with_labels, soft_cross_entropy_per_sample
+from robustbench_kd.losses import mix_with_labels
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
@@ -123,13 +123,13 @@ class AKD(Distiller):
     def loss(self, ctx: BatchContext) -> LossOutput:
         teacher_probs = ctx.teacher_probs("robust", "adv")
         q = mix_with_labels(teacher_probs, ctx.y, self.config.alpha)
-        logits_adv = self.student_logits(ctx, ctx.x_adv)
-        total = soft_cross_entropy_per_sample(logits_adv, q).mean()
-        detached = logits_adv.detach()
+        log_p = F.log_softmax(self.student_logits(ctx, ctx.x_adv), dim=1)
+        total = -(q * log_p).sum(dim=1).mean()  # soft_cross_entropy_per_sample, sharing log_p with the terms
+        log_p = log_p.detach()
         terms = {
             "ce_mixed": total.detach(),
-            "ce_label": F.cross_entropy(detached, ctx.y),
-            "ce_teacher": soft_cross_entropy_per_sample(detached, teacher_probs).mean(),
+            "ce_label": F.nll_loss(log_p, ctx.y),
+            "ce_teacher": -(teacher_probs * log_p).sum(dim=1).mean(),
         }
         return LossOutput(total=total, terms=terms)
 

@@ -127,11 +127,12 @@ class DistillationAttack(Attack):
                 cost = self.loss_fn(x_adv).sum()
                 (grad,) = torch.autograd.grad(cost, x_adv)
             with torch.no_grad():
-                if self.norm == "Linf":
-                    x_adv = x_adv + self.alpha * grad.sign()
+                if self.norm == "Linf":  # one fused op; alpha * (+-1) is exact, so bitwise torchattacks' step
+                    x_adv = torch.add(x_adv, grad.sign(), alpha=self.alpha)
                 else:
                     x_adv = x_adv + self.alpha * grad / (_per_sample_l2(grad) + 1e-12)
+                # torchattacks' projection, op for op: keeps the iterates bitwise equal to its PGD.
                 x_adv = project(x_adv, x, eps=self.eps, norm=self.norm)
-            x_adv = x_adv.detach()
-        # Also covers steps == 0 and the unclamped gaussian start.
-        return project(x_adv, x, eps=self.eps, norm=self.norm).detach()
+        if self.steps == 0:  # the start itself (the gaussian one is not clamped) must be in the ball too
+            x_adv = project(x_adv, x, eps=self.eps, norm=self.norm)
+        return x_adv.detach()

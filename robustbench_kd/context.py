@@ -46,7 +46,8 @@ class BatchContext:
     global_step: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
     _x_adv: Tensor | None = field(default=None, repr=False)
-    _memo: dict[tuple[str, str], Tensor] = field(default_factory=dict, repr=False)
+    _memo: dict[tuple[str, str], Tensor] = field(default_factory=dict, repr=False)  # (role, on) -> logits
+    _probs: dict[tuple[str, str, float], Tensor] = field(default_factory=dict, repr=False)  # + temperature
 
     @property
     def x_adv(self) -> Tensor:
@@ -59,8 +60,9 @@ class BatchContext:
     def x_adv(self, value: Tensor | None) -> None:
         self._x_adv = value
         # Teacher outputs on the previous x_adv are stale now.
-        for key in [k for k in self._memo if k[1] == "adv"]:
-            del self._memo[key]
+        for memo in (self._memo, self._probs):
+            for key in [k for k in memo if k[1] == "adv"]:
+                del memo[key]
 
     @property
     def has_x_adv(self) -> bool:
@@ -85,5 +87,15 @@ class BatchContext:
         return cached
 
     def teacher_probs(self, role: str = "robust", on: str = "clean", temperature: float = 1.0) -> Tensor:
-        """``softmax(teacher_logits / temperature)``, from the memoised logits."""
-        return torch.softmax(self.teacher_logits(role, on) / temperature, dim=1)
+        """``softmax(teacher_logits / temperature)``, memoised like the logits.
+
+        Attack losses ask for the same target at every step; computing it once per batch keeps the
+        attack loop down to the passes it needs.
+        """
+        key = (role, on, float(temperature))
+        cached = self._probs.get(key)
+        if cached is None:
+            logits = self.teacher_logits(role, on)
+            cached = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=1)
+            self._probs[key] = cached
+        return cached

@@ -22,6 +22,12 @@ from torch import Tensor
 KL_REDUCTIONS = ("batchmean", "mean_all", "sum")
 
 
+def _soften(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / temperature``; at tau = 1 the logits themselves (no division, and none in the backward,
+    at every attack step)."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def kl_per_sample(student_logits: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(q || p_S^tau) per sample.
 
@@ -31,7 +37,7 @@ def kl_per_sample(student_logits: Tensor, target_probs: Tensor, temperature: flo
     one-hot and label-mixed targets with exact zeros are fine. Gradients flow into ``student_logits``
     and, if it requires grad, into ``target_probs``.
     """
-    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    log_p = F.log_softmax(_soften(student_logits, temperature), dim=1)
     return (torch.xlogy(target_probs, target_probs) - target_probs * log_p).sum(dim=1)
 
 
@@ -40,8 +46,8 @@ def kl_logits_per_sample(student_logits: Tensor, target_logits: Tensor, temperat
 
     Uses log-softmax for both distributions (never ``log(softmax)``), so it is finite for any logits.
     """
-    log_q = F.log_softmax(target_logits / temperature, dim=1)
-    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    log_q = F.log_softmax(_soften(target_logits, temperature), dim=1)
+    log_p = F.log_softmax(_soften(student_logits, temperature), dim=1)
     return (log_q.exp() * (log_q - log_p)).sum(dim=1)
 
 

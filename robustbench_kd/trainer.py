@@ -58,6 +58,7 @@ from .ema import StudentEMA
 from .errors import UserError
 from .extra_data import batch_split, check_extra_supported, mix_extra
 from .finite import FiniteGuard, check_finite_weights
+from .metric_sums import MetricSums
 from .io import atomic_write_text, remove_stale_temps
 from .plugin_host import PluginHost
 from .speed import SpeedPlan
@@ -233,8 +234,7 @@ def checkpoint_payload(run: Run, position: dict[str, Any] | None = None) -> dict
     }
 
 
-def step_position(run: Run, epoch: int, step: int, total: int, sums: dict[str, torch.Tensor],
-                  seen: int) -> dict[str, Any]:
+def step_position(run: Run, epoch: int, step: int, total: int, sums: MetricSums, seen: int) -> dict[str, Any]:
     """Where a step checkpoint stands in ``epoch``: ``step`` batches of ``total`` done.
 
     ``epoch``/``global_step`` in the payload count completed epochs and all steps; the data order and
@@ -245,7 +245,7 @@ def step_position(run: Run, epoch: int, step: int, total: int, sums: dict[str, t
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     return {"epoch": epoch, "step": step, "batches": total, "seen": seen,
-            "sums": {k: v.detach().clone() for k, v in sums.items()}, "rng": rng}
+            **sums.position_entries(), "rng": rng}
 
 
 def _restore_rng(run: Run, rng: dict[str, Any]) -> None:
@@ -359,13 +359,13 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     # Every rank builds the same global batches and keeps its slice (one process: just the move to the device).
     batches = distributed.shard_batches(batches, run.device)
     total = num_batches(len(run.data.train_y), _real_batch_size(cfg), _drop_last(cfg, run.data))
-    sums: dict[str, torch.Tensor] = {}
+    sums = MetricSums()
     seen = skip = 0
     if position is not None:
         if position["batches"] != total:
             raise UserError(f"cannot resume mid-epoch: the step checkpoint was written with {position['batches']} "
                             f"batches per epoch, the config gives {total}; keep data.batch_size and data.n_train")
-        sums, seen, skip = dict(position["sums"]), int(position["seen"]), int(position["step"])
+        sums, seen, skip = MetricSums.from_position(position), int(position["seen"]), int(position["step"])
     every_steps = cfg.checkpoint.every_steps
     start = time.perf_counter()
     progress = _progress(batches, total, f"epoch {epoch + 1}/{cfg.optim.epochs}",
@@ -392,7 +392,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
             out = distiller.loss(ctx)
         run.optimizer.zero_grad(set_to_none=True)
         # Issue 6: NaN/inf loss terms and gradient norm are recorded on the device, looked at every few steps.
-        run.guard.note_loss(out.total, out.terms, epoch=epoch, step=step, global_step=run.global_step)
+        names, values = run.guard.note_loss(out.total, out.terms, epoch=epoch, step=step,
+                                            global_step=run.global_step)
         speed.backward_step(out.total, run.optimizer,
                             before_step=lambda: _before_step(run, speed, distiller))
         ctx.student = student
@@ -403,11 +404,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         distiller.after_step(ctx, out)
         if distributed.is_main():
             host.step_end(run, ctx, out)
-        # Accumulate on-device; one host sync per epoch, not per step.
+        # Accumulate on-device (the guard's vector of this step's values); one host sync per epoch.
         batch = len(y)
-        sums["loss"] = sums.get("loss", 0) + out.total.detach().float() * batch
-        for name, value in out.terms.items():
-            sums[name] = sums.get(name, 0) + value.detach().float().mean() * batch
+        sums.add(names, values, batch)
         seen += batch
         run.global_step += 1
         if run.guard.due():
@@ -419,9 +418,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     run.guard.check(run.checkpoint_dir / "last.pt")
     if run.scheduler is not None and not run.per_batch_schedule:
         run.scheduler.step()
-    sums, seen = distributed.reduce_epoch_sums(sums, seen)  # DDP: the global batch's numbers
+    totals, seen = distributed.reduce_epoch_sums(sums.by_name(), seen)  # DDP: the global batch's numbers
     elapsed = time.perf_counter() - start
-    metrics = {name: float(value) / seen for name, value in sums.items()}
+    metrics = {name: float(value) / seen for name, value in totals.items()}
     bad = [name for name, value in metrics.items() if not math.isfinite(value)]
     if bad:
         raise UserError(

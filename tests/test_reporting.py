@@ -20,6 +20,8 @@ from robustbench_kd.reporting.analyses import (
 )
 from robustbench_kd.reporting.compare import robust_key
 from robustbench_kd.reporting.metrics import read_metric_series
+from robustbench_kd.diagnostics.section import DIAGNOSTICS
+from robustbench_kd.reporting.diagnostics_report import FIGURES as DIAGNOSTIC_FIGURES
 from robustbench_kd.reporting.run_report import FIGURES
 from robustbench_kd.students import build_student
 
@@ -119,10 +121,16 @@ def two_runs(tmp_path_factory):
     teacher = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=2.0)
     torch.save({"state_dict": teacher.state_dict()}, root / "teacher.pt")
     runs = []
-    for name, method, teachers in (("R1", "rslad", {"robust": f"file:{root / 'teacher.pt'}?arch=small-cnn&width=2.0"}),
-                                   ("R2", "pgd-at", {})):
+    teacher_spec = f"file:{root / 'teacher.pt'}?arch=small-cnn&width=2.0"
+    # R1 records every diagnostic and embeds with t-SNE; R2 has neither (the defaults).
+    extras = {"R1": {"diagnostics": {"enabled": list(DIAGNOSTICS), "n_examples": 20, "pgd_steps": 2, "bins": 5},
+                     "report": {"embedding": "tsne", "tsne_perplexity": 5}},
+              "R2": {"report": {}}}
+    for name, method, teachers in (("R1", "rslad", {"robust": teacher_spec}), ("R2", "pgd-at", {})):
         config = root / f"{name}.yaml"
+        extra = extras[name]
         config.write_text(yaml.safe_dump({
+            **{k: v for k, v in extra.items() if k != "report"},
             "run": {"name": name, "out_dir": str(root / name), "progress": False},
             "data": {"dataset": "digits", "n_train": 100, "batch_size": 50},
             "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
@@ -130,7 +138,7 @@ def two_runs(tmp_path_factory):
             "optim": {"epochs": 2, "lr": 0.05},
             "eval": {"attacks": ["clean", "pgd"], "pgd_steps": 2, "final_n_examples": 16, "teachers": False,
                      "sanity": False},
-            "report": {"n_examples": 24, "n_cam": 2, "pgd_steps": 2, "eps_factors": [0, 0.5, 1]},
+            "report": {"n_examples": 24, "n_cam": 2, "pgd_steps": 2, "eps_factors": [0, 0.5, 1], **extra["report"]},
         }))
         assert main(["-q", "distill", str(config)]) == 0
         runs.append(root / name)
@@ -139,11 +147,17 @@ def two_runs(tmp_path_factory):
 
 def test_distill_writes_the_report_with_every_figure(two_runs):
     report = two_runs[0] / "report"
-    for name in FIGURES.values():
+    every = [*FIGURES.values(), *DIAGNOSTIC_FIGURES.values()]
+    for name in [*every, "overview.png"]:
         _decodes(report / name)
     text = (report / "report.md").read_text()
-    assert all(f"]({name})" in text for name in FIGURES.values())
+    assert all(f"]({name})" in text for name in every)
+    page = (report / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count('src="data:image/png;base64,') == len(every)
     numbers = json.loads((report / "analyses.json").read_text())
+    assert numbers["embedding"]["method"] == "tsne" and math.isfinite(numbers["embedding"]["kl_divergence"])
+    assert numbers["diagnostics"]["trajectory_epochs"] == [1, 2]
+    assert set(numbers["diagnostics"]["class_accuracy"]) == {"train_student_clean", "train_student_adv"}
     assert numbers["accuracy_vs_eps"]["eps"] == pytest.approx([0, 0.1, 0.2])
     assert set(numbers["logit_correlation_frobenius"]) == {"natural", "adversarial"}
     assert all(0 <= a <= 1 for curve in ("student", "teacher (robust)") for a in numbers["accuracy_vs_eps"][curve])
@@ -154,11 +168,15 @@ def test_report_without_teacher_skips_the_teacher_figures(two_runs):
     assert not (report / FIGURES["correlation"]).exists()
     for key in ("eps_curve", "embedding", "cam", "metrics"):
         _decodes(report / FIGURES[key])
+    # No [diagnostics]: no diagnostics figures, and the report says how to get them.
+    assert not any((report / name).exists() for name in DIAGNOSTIC_FIGURES.values())
+    assert "No per-epoch diagnostics were recorded" in (report / "report.md").read_text()
+    assert json.loads((report / "analyses.json").read_text())["embedding"]["method"] == "pca"
 
 
 def test_report_command_rewrites_a_run_report(two_runs, tmp_path, capsys):
     assert main(["-q", "report", str(two_runs[0]), "--out", str(tmp_path / "again")]) == 0
-    for name in FIGURES.values():
+    for name in [*FIGURES.values(), *DIAGNOSTIC_FIGURES.values(), "overview.png"]:
         _decodes(tmp_path / "again" / name)
     assert "report:" in capsys.readouterr().out
 
@@ -176,3 +194,18 @@ def test_bad_run_dir_is_a_one_line_error(tmp_path, capsys, several):
     assert main(["report", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope" in err
+
+
+def test_documents_render_markdown_html_and_overview(tmp_path):
+    from robustbench_kd.reporting.document import Figure, Heading, Paragraph, Table, write_documents
+
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "a.png")
+    blocks = [Heading("Run <1>", 1), Paragraph("a & b"), Table(["eps", "student"], [["0", "97.0"]]),
+              Figure("red", tmp_path / "a.png")]
+    paths = write_documents(blocks, tmp_path, "Report: x")
+    assert paths["markdown"].read_text() == ("# Run <1>\n\na & b\n\n| eps | student |\n|---|---|\n| 0 | 97.0 |\n\n"
+                                             "![red](a.png)\n")
+    page = paths["html"].read_text()
+    assert "<h1>Run &lt;1&gt;</h1>" in page and "<p>a &amp; b</p>" in page and "<td>97.0</td>" in page
+    assert page.count("data:image/png;base64,") == 1
+    _decodes(paths["overview"])

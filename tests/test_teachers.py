@@ -66,6 +66,21 @@ def test_teacher_outputs_are_memoised_per_batch():
     assert len(calls) == 3
 
 
+def test_teacher_probabilities_are_memoised_per_temperature_and_follow_x_adv():
+    ctx = BatchContext(x=torch.rand(3, 1, 8, 8), y=torch.zeros(3, dtype=torch.long), student=TinyNet(4),
+                       teachers=TeacherSet({"robust": Teacher(TinyNet(4))}), threat=ThreatSpec(eps=0.1, alpha=0.1))
+    p1, p4 = ctx.teacher_probs("robust"), ctx.teacher_probs("robust", temperature=4.0)
+    assert ctx.teacher_probs("robust") is p1 and ctx.teacher_probs("robust", temperature=4) is p4
+    logits = ctx.teacher_logits("robust")
+    assert torch.allclose(p1, logits.softmax(1)) and torch.allclose(p4, (logits / 4).softmax(1))
+    ctx.x_adv = ctx.x + 0.01
+    before = ctx.teacher_probs("robust", on="adv")
+    ctx.x_adv = ctx.x - 0.01  # stale adversarial probabilities must not survive a new x_adv
+    after = ctx.teacher_probs("robust", on="adv")
+    assert after is not before and torch.allclose(after, ctx.teacher_logits("robust", on="adv").softmax(1))
+    assert ctx.teacher_probs("robust") is p1  # the clean ones stay
+
+
 def test_missing_role_is_a_clear_error():
     with pytest.raises(UserError, match=r"no teacher for role 'natural' \(configured roles: robust\)"):
         TeacherSet({"robust": Teacher(TinyNet(4))})["natural"]

@@ -79,7 +79,8 @@ def correlation_figure(path: Path, diffs: dict[str, tuple[Tensor, float]]) -> Pa
     return _save(fig, path)
 
 
-def embedding_figure(path: Path, coords: Tensor, labels: Tensor, adversarial: Tensor, ratio: Tensor) -> Path:
+def embedding_figure(path: Path, coords: Tensor, labels: Tensor, adversarial: Tensor,
+                     axis_labels: tuple[str, str]) -> Path:
     """Scatter of 2-D coordinates coloured by class; circles natural, crosses adversarial."""
     fig, axes = _new_figure(5.5, 4.5)
     ax = axes[0][0]
@@ -89,8 +90,8 @@ def embedding_figure(path: Path, coords: Tensor, labels: Tensor, adversarial: Te
         points = ax.scatter(coords[keep, 0].numpy(), coords[keep, 1].numpy(), c=labels[keep].numpy(),
                             cmap="tab10" if top < 10 else "viridis", vmin=0, vmax=max(top, 9), marker=marker, s=14, label=name)
     ax.legend(fontsize=8)
-    ax.set_xlabel(f"PC1 ({100 * float(ratio[0]):.1f}%)")
-    ax.set_ylabel(f"PC2 ({100 * float(ratio[1]):.1f}%)")
+    ax.set_xlabel(axis_labels[0])
+    ax.set_ylabel(axis_labels[1])
     fig.colorbar(points, ax=ax, label="class")
     return _save(fig, path)
 

@@ -21,8 +21,12 @@ from ..errors import UserError
 from ..io import atomic_write_text
 from ..teachers import EnsembleTeacher
 from . import analyses, figures
+from .diagnostics_report import TITLES as DIAGNOSTIC_TITLES
+from .diagnostics_report import write_diagnostics_figures
+from .document import Block, Figure, Heading, Paragraph, Table, write_documents
 from .metrics import read_metric_series
 from .section import ReportSection
+from .tsne import tsne_embedding
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +91,21 @@ def _write(run: Any, cfg: ReportSection, out: Path, student_label: str, student:
     numbers["accuracy_vs_eps"] = {"eps": eps_values, **curves}
     written["eps_curve"] = figures.eps_curve_figure(out / FIGURES["eps_curve"], eps_values, curves, norm=threat.norm)
 
-    # Student features: 2-D PCA of natural and adversarial examples together.
+    # Student features: 2-D PCA or t-SNE of natural and adversarial examples together.
     s_nat, f_nat = analyses.logits_and_features(student, x)
     s_adv, f_adv = analyses.logits_and_features(student, x_adv)
-    coords, ratio = analyses.pca_embedding(torch.cat([f_nat, f_adv]))
+    features = torch.cat([f_nat, f_adv])
+    if cfg.embedding == "tsne":
+        coords, kl = tsne_embedding(features, perplexity=cfg.tsne_perplexity, seed=run.config.eval.seed)
+        numbers["embedding"] = {"method": "tsne", "perplexity": cfg.tsne_perplexity, "kl_divergence": kl}
+        axis_labels = ("t-SNE 1", "t-SNE 2")
+    else:
+        coords, ratio = analyses.pca_embedding(features)
+        numbers["embedding"] = {"method": "pca", "explained_variance_ratio": ratio.tolist()}
+        axis_labels = (f"PC1 ({100 * float(ratio[0]):.1f}%)", f"PC2 ({100 * float(ratio[1]):.1f}%)")
     flags = torch.cat([torch.zeros(len(y), dtype=torch.bool), torch.ones(len(y), dtype=torch.bool)])
-    numbers["embedding"] = {"method": cfg.embedding, "explained_variance_ratio": ratio.tolist()}
-    written["embedding"] = figures.embedding_figure(out / FIGURES["embedding"], coords, torch.cat([y, y]), flags, ratio)
+    written["embedding"] = figures.embedding_figure(out / FIGURES["embedding"], coords, torch.cat([y, y]), flags,
+                                                    axis_labels)
 
     # Teacher minus student logit correlations on natural and adversarial examples (GACD, Figs. 3-4).
     cams: dict[str, torch.Tensor] = {}
@@ -112,35 +124,57 @@ def _write(run: Any, cfg: ReportSection, out: Path, student_label: str, student:
         written["cam"] = figures.cam_figure(out / FIGURES["cam"], x[:k], x_adv[:k], cams, y[:k])
 
     epochs, series = read_metric_series(Path(run.out_dir) / "metrics.jsonl")
+    series = {k: v for k, v in series.items() if not k.startswith("diag_")}  # they get their own figure
     if series:
         written["metrics"] = figures.metrics_figure(out / FIGURES["metrics"], epochs, series)
 
+    # What [diagnostics] recorded during training (nothing when it was off).
+    diag_written, numbers["diagnostics"] = write_diagnostics_figures(Path(run.out_dir), out)
+
     atomic_write_text(out / "analyses.json", json.dumps(numbers, indent=2) + "\n")
-    return atomic_write_text(out / "report.md", _markdown(run, numbers, written, out))
+    title = f"Report: {run.config.run.name}"
+    paths = write_documents(_blocks(run, numbers, written, diag_written), out, title)
+    return paths["markdown"]
 
 
-def _markdown(run: Any, numbers: dict[str, Any], written: dict[str, Path], out: Path) -> str:
+SECTIONS = [("eps_curve", "Accuracy against eps: student and teacher"),
+            ("correlation", "Logit correlations: teacher minus student"),
+            ("embedding", "Student features ({method}): natural and adversarial"),
+            ("cam", "Class activation maps (label class)"),
+            ("metrics", "Training metrics (metrics.jsonl)")]
+
+
+def _blocks(run: Any, numbers: dict[str, Any], written: dict[str, Path],
+            diag_written: dict[str, Path]) -> list[Block]:
     eps = numbers["accuracy_vs_eps"]
-    lines = [f"# Report: {run.config.run.name}", "",
-             (f"Student: {numbers['student']}; teacher: {numbers['teacher'] or 'none'}; method "
-             f"{run.config.method_name}; {numbers['n_examples']} test examples, PGD-{numbers['pgd_steps']} "
-             f"{numbers['norm']} (adversarial examples against the student at eps = {numbers['eps']:g})."), "",
-             "## Accuracy (%) against eps", "", "| eps | " + " | ".join(k for k in eps if k != "eps") + " |",
-             "|---|" + "---|" * (len(eps) - 1)]
-    for i, value in enumerate(eps["eps"]):
-        lines.append(f"| {value:.4g} | " + " | ".join(f"{100 * eps[k][i]:.1f}" for k in eps if k != "eps") + " |")
-    sections = [("eps_curve", "Accuracy against eps: student and teacher"),
-                ("correlation", "Logit correlations: teacher minus student"),
-                ("embedding", "Student features (PCA): natural and adversarial"),
-                ("cam", "Class activation maps (label class)"),
-                ("metrics", "Training metrics (metrics.jsonl)")]
+    models = [k for k in eps if k != "eps"]
+    blocks: list[Block] = [
+        Heading(f"Report: {run.config.run.name}", 1),
+        Paragraph(f"Student: {numbers['student']}; teacher: {numbers['teacher'] or 'none'}; method "
+                  f"{run.config.method_name}; {numbers['n_examples']} test examples, PGD-{numbers['pgd_steps']} "
+                  f"{numbers['norm']} (adversarial examples against the student at eps = {numbers['eps']:g})."),
+        Heading("Accuracy (%) against eps"),
+        Table(["eps", *models], [[f"{value:.4g}", *(f"{100 * eps[k][i]:.1f}" for k in models)]
+                                 for i, value in enumerate(eps["eps"])]),
+    ]
     if "logit_correlation_frobenius" in numbers:
         fro = numbers["logit_correlation_frobenius"]
-        lines += ["", "Frobenius norm of corr(T) - corr(S): " + ", ".join(f"{k} {v:.4f}" for k, v in fro.items())]
-    for key, title in sections:
+        blocks.append(Paragraph("Frobenius norm of corr(T) - corr(S): "
+                                + ", ".join(f"{k} {v:.4f}" for k, v in fro.items())))
+    method = numbers["embedding"]["method"].upper().replace("TSNE", "t-SNE")
+    for key, title in SECTIONS:
         if key in written:
-            lines += ["", f"## {title}", "", f"![{title}]({written[key].relative_to(out).as_posix()})"]
-    return "\n".join(lines) + "\n"
+            title = title.format(method=method)
+            blocks += [Heading(title), Figure(title, written[key])]
+    if diag_written:
+        blocks.append(Heading("Diagnostics recorded during training"))
+        for key, path in diag_written.items():
+            blocks += [Heading(DIAGNOSTIC_TITLES[key], 3), Figure(DIAGNOSTIC_TITLES[key], path)]
+    else:
+        blocks.append(Paragraph("No per-epoch diagnostics were recorded ([diagnostics] enabled = [] ); "
+                                "switch them on to get entropy, calibration, agreement, per-class and "
+                                "trajectory figures here."))
+    return blocks
 
 
 def load_finished_run(run_dir: str | Path) -> Any:

@@ -20,7 +20,8 @@ class ReportSection:
     n_cam: int = 4                      #: examples whose CAMs are drawn (clean and adversarial)
     eps_factors: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.0])  #: sweep, x threat.eps
     pgd_steps: int = 10                 #: PGD steps of the adversarial examples and the eps sweep
-    embedding: str = "pca"              #: 2-D embedding of student features: "pca"
+    embedding: str = "pca"              #: 2-D embedding of student features: "pca" or "tsne"
+    tsne_perplexity: float = 30.0       #: t-SNE perplexity (clipped to (N - 1) / 3 for N points)
 
     def __post_init__(self) -> None:
         if self.n_examples < 2:
@@ -31,5 +32,7 @@ class ReportSection:
             raise UserError(f"report.pgd_steps must be >= 1, got {self.pgd_steps}")
         if not self.eps_factors or any(not f >= 0 for f in self.eps_factors):
             raise UserError(f"report.eps_factors must be a non-empty list of numbers >= 0, got {self.eps_factors}")
-        if self.embedding not in ("pca",):
-            raise UserError(f"report.embedding must be 'pca', got {self.embedding!r}")
+        if self.embedding not in ("pca", "tsne"):
+            raise UserError(f"report.embedding must be 'pca' or 'tsne', got {self.embedding!r}")
+        if not self.tsne_perplexity > 1:
+            raise UserError(f"report.tsne_perplexity must be > 1, got {self.tsne_perplexity}")
