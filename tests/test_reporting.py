@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from robustbench_kd.cli import main
+from robustbench_kd.diagnostics.section import DIAGNOSTICS
 from robustbench_kd.reporting.analyses import (
     accuracy_vs_eps,
     correlation_difference,
@@ -19,9 +20,8 @@ from robustbench_kd.reporting.analyses import (
     pca_embedding,
 )
 from robustbench_kd.reporting.compare import robust_key
-from robustbench_kd.reporting.metrics import read_metric_series
-from robustbench_kd.diagnostics.section import DIAGNOSTICS
 from robustbench_kd.reporting.diagnostics_report import FIGURES as DIAGNOSTIC_FIGURES
+from robustbench_kd.reporting.metrics import read_metric_series
 from robustbench_kd.reporting.run_report import FIGURES
 from robustbench_kd.students import build_student
 
@@ -197,7 +197,13 @@ def test_bad_run_dir_is_a_one_line_error(tmp_path, capsys, several):
 
 
 def test_documents_render_markdown_html_and_overview(tmp_path):
-    from robustbench_kd.reporting.document import Figure, Heading, Paragraph, Table, write_documents
+    from robustbench_kd.reporting.document import (
+        Figure,
+        Heading,
+        Paragraph,
+        Table,
+        write_documents,
+    )
 
     Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "a.png")
     blocks = [Heading("Run <1>", 1), Paragraph("a & b"), Table(["eps", "student"], [["0", "97.0"]]),

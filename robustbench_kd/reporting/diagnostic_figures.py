@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .figures import _new_figure, _save
+from .figures import _new_figure, _panel_grid, _save
 
 #: Panels of the diagnostics-over-epochs figure: title -> how the metric key ends (or contains).
 OVER_EPOCHS = {
@@ -35,12 +35,7 @@ def diagnostics_over_epochs_figure(path: Path, epochs: Sequence[float], series: 
     """One panel per kind of diagnostic, every recorded ``diag_*`` series of that kind against the epoch."""
     panels = [(title, _panel_keys(list(series), pattern)) for title, pattern in OVER_EPOCHS.items()]
     panels = [(title, keys) for title, keys in panels if keys]
-    cols = min(3, len(panels))
-    rows = (len(panels) + cols - 1) // cols
-    fig, axes = _new_figure(5.2 * cols, 3.6 * rows, rows, cols)
-    flat = [ax for row in axes for ax in row]
-    for ax in flat[len(panels):]:
-        ax.axis("off")
+    fig, flat = _panel_grid(len(panels), 3, 5.2, 3.6)
     for ax, (title, keys) in zip(flat, panels):
         for key in keys:
             pairs = [(e, v) for e, v in zip(epochs, series[key]) if v is not None]
@@ -56,10 +51,7 @@ def diagnostics_over_epochs_figure(path: Path, epochs: Sequence[float], series: 
 def reliability_figure(path: Path, tables: dict[str, dict[str, list]]) -> Path:
     """Reliability diagrams: per confidence bin, accuracy (bars) against the diagonal; ECE in the title."""
     names = list(tables)
-    cols = min(4, len(names))
-    rows = (len(names) + cols - 1) // cols
-    fig, axes = _new_figure(3.3 * cols, 3.3 * rows, rows, cols)
-    flat = [ax for row in axes for ax in row]
+    fig, flat = _panel_grid(len(names), 4, 3.3, 3.3)
     for ax, name in zip(flat, names):
         table = tables[name]
         lower, upper = np.asarray(table["lower"]), np.asarray(table["upper"])
@@ -79,8 +71,6 @@ def reliability_figure(path: Path, tables: dict[str, dict[str, list]]) -> Path:
         ax.set_ylabel("accuracy", fontsize=7)
         ax.tick_params(labelsize=7)
     flat[0].legend(fontsize=6, loc="upper left")
-    for ax in flat[len(names):]:
-        ax.axis("off")
     return _save(fig, path)
 
 

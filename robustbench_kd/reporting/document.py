@@ -92,9 +92,9 @@ def write_documents(blocks: list[Block], out: Path, title: str) -> dict[str, Pat
 
 def overview_image(path: Path, figures: list[Figure], title: str) -> Path:
     """Every figure with its title in one image: two per row, a very wide or very tall one across a row."""
-    from .figures import _new_figure, _save
-
     import matplotlib.image as mpimg  # after _new_figure has selected the Agg backend
+
+    from .figures import _new_figure, _save
 
     images = [(figure.title, mpimg.imread(figure.path)) for figure in figures]
     rows: list[list[tuple[str, object]]] = []

@@ -27,6 +27,17 @@ def _new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> 
     return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
 
 
+def _panel_grid(n: int, max_cols: int, cell_width: float, cell_height: float) -> tuple[Any, list[Any]]:
+    """A figure of ``n`` panels in rows of at most ``max_cols``: (figure, the n axes); spare cells are blank."""
+    cols = max(1, min(max_cols, n))
+    rows = max(1, (n + cols - 1) // cols)
+    fig, axes = _new_figure(cell_width * cols, cell_height * rows, rows, cols)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
+
+
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -114,10 +125,7 @@ def eps_curve_figure(path: Path, eps_values: Sequence[float], curves: dict[str, 
 def metrics_figure(path: Path, epochs: Sequence[float], series: dict[str, Sequence[float]]) -> Path:
     """One small panel per per-epoch metric (any numeric key of metrics.jsonl), against the epoch."""
     names = list(series)
-    cols = min(3, len(names))
-    rows = (len(names) + cols - 1) // cols
-    fig, axes = _new_figure(3.6 * cols, 2.6 * rows, rows, cols)
-    flat = [ax for row in axes for ax in row]
+    fig, flat = _panel_grid(len(names), 3, 3.6, 2.6)
     for ax, name in zip(flat, names):
         pairs = [(e, v) for e, v in zip(epochs, series[name]) if v is not None]
         ax.plot([e for e, _ in pairs], [v for _, v in pairs], marker=".")
@@ -125,8 +133,6 @@ def metrics_figure(path: Path, epochs: Sequence[float], series: dict[str, Sequen
         ax.set_xlabel("epoch", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in flat[len(names):]:
-        ax.axis("off")
     return _save(fig, path)
 
 
