@@ -194,3 +194,21 @@ def test_tensorboard_gets_the_same_scalars(tmp_path, monkeypatch):
                                                         ("diag_train_student_clean_entropy", 2)}
     assert written[-1][2] == run.history[-1]["diag_train_student_clean_entropy"]
     assert written[0][0] == str(tmp_path / "r" / "diagnostics" / "tensorboard")
+
+
+def test_the_ema_student_is_diagnosed_too(tmp_path):
+    cfg = digits_config(tmp_path / "r", optim={"epochs": 2, "lr": 0.05}, ema={"decay": 0.9},
+                        diagnostics={"enabled": ["entropy", "calibration", "trajectories"], "n_examples": 40,
+                                     "adversarial": False, "bins": 5})
+    run = train(cfg, host=PluginHost.create(autoload=False))
+    row = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][-1]
+    # No validation split: the diagnostics run on the seeded training subset.
+    index = torch.randperm(len(run.data.train_y), generator=torch.Generator().manual_seed(0))[:40]
+    x = to_float(run.data.train_x[index])
+    with torch.no_grad():
+        probs = run.ema.module.eval()(x).double().softmax(1)
+    assert row["diag_train_student_ema_clean_entropy"] == pytest.approx(M.entropy(probs).mean().item(), rel=1e-6)
+    assert "diag_train_student_ema_clean_ece" in row
+    assert row["diag_train_student_ema_clean_entropy"] != row["diag_train_student_clean_entropy"]
+    with np.load(tmp_path / "r" / "diagnostics" / "trajectories.npz") as traj:
+        assert traj["student_ema_clean_p"].shape == (40, 2)

@@ -6,7 +6,8 @@ when the run has one; ``train`` = ``n_examples`` training points drawn once with
 (threat eps, step threat.alpha, ``diagnostics.pgd_steps`` steps, random start from ``diagnostics.seed`` with
 the RNG isolated); teachers are scored on the same adversarial inputs (transfer).
 
-Scalar keys written to the epoch's row of metrics.jsonl (``<model>`` = ``student`` or ``teacher_<role>``,
+Scalar keys written to the epoch's row of metrics.jsonl (``<model>`` = ``student``, ``student_ema`` with
+``[ema]``, or ``teacher_<role>``,
 ``<in>`` = ``clean`` or ``adv``, ``<split>`` = ``val`` or ``train``):
 
 * entropy:      ``diag_<split>_<model>_<in>_entropy`` mean prediction entropy (nats); on the eval split and,
@@ -95,7 +96,10 @@ def collect(run: Any, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
     on = set(section.enabled)
     bs, dev = section.batch_size, run.device
     main, extra = subsets(run)
-    models = {"student": run.student, **{f"teacher_{role}": run.teachers[role] for role in run.teachers}}
+    models = {"student": run.student}
+    if getattr(run, "ema", None) is not None:  # the weight average is evaluated and exported too: diagnose it
+        models["student_ema"] = run.ema.module
+    models.update({f"teacher_{role}": run.teachers[role] for role in run.teachers})
     inputs = {"clean": main.x}
     if section.adversarial:
         inputs["adv"] = adversarial(run, main.x, main.y)

@@ -96,7 +96,7 @@ def trajectory_figure(path: Path, arrays: dict[str, np.ndarray], *, n_examples: 
     """AKD §4.2 from ``trajectories.npz``, one row per input kind (clean, adv):
 
     1. mean correct-class probability over the epochs, easier and harder half of the subset (by the
-       difficulty score), student (solid) and each teacher (dashed);
+       difficulty score), student (solid), its EMA when recorded (dotted) and each teacher (dashed);
     2. per-sample cosine similarity of the student's and each teacher's trajectory, samples ordered
        from easiest to hardest;
     3. the trajectories of the ``n_examples`` easiest and hardest samples, student and first teacher.
@@ -111,7 +111,8 @@ def trajectory_figure(path: Path, arrays: dict[str, np.ndarray], *, n_examples: 
         teachers = [k.removesuffix(f"_{kind}_p") for k in arrays
                     if k.startswith("teacher_") and k.endswith(f"_{kind}_p")]
         ax = row[0]
-        for model, style in [("student", "-")] + [(t, "--") for t in teachers]:
+        ema = [("student_ema", ":")] if f"student_ema_{kind}_p" in arrays else []
+        for model, style in [("student", "-"), *ema] + [(t, "--") for t in teachers]:
             p = arrays[f"{model}_{kind}_p"]
             for half, idx, color in (("easy", easy, "tab:blue"), ("hard", hard, "tab:red")):
                 if len(idx):
