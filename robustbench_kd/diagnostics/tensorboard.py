@@ -1,6 +1,6 @@
 """Optional TensorBoard logging of the diagnostic scalars (``diagnostics.tensorboard = true``).
 
-``tensorboard`` is not a dependency: :func:`check_available` turns its absence into a one-line UserError at
+``tensorboard`` is optional (extra ``[tensorboard]``): :func:`check_available` turns its absence into a one-line UserError at
 the start of training, before any epoch is spent.
 """
 
