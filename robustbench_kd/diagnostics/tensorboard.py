@@ -1,7 +1,7 @@
 """Optional TensorBoard logging of the diagnostic scalars (``diagnostics.tensorboard = true``).
 
-``tensorboard`` is optional (extra ``[tensorboard]``): :func:`check_available` turns its absence into a one-line UserError at
-the start of training, before any epoch is spent.
+``tensorboard`` is optional (extra ``[tensorboard]``): :func:`check_available` turns its absence into a
+one-line UserError at the start of training, before any epoch is spent.
 """
 
 from __future__ import annotations
