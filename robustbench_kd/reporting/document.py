@@ -110,7 +110,7 @@ def overview_image(path: Path, figures: list[Figure], title: str) -> Path:
                for row in rows]
     fig, _ = _new_figure(16.0, sum(heights) + 0.4 * len(rows) + 0.6)
     fig.clear()
-    fig.suptitle(title, fontsize=14)
+    fig.suptitle(title, fontsize=14, y=1.0 - 0.2 / fig.get_figheight(), va="top")  # inches, not a share of a tall page
     grid = fig.add_gridspec(len(rows), 2, height_ratios=heights)
     for r, row in enumerate(rows):
         for c, (name, image, alone) in enumerate(row):
@@ -118,4 +118,4 @@ def overview_image(path: Path, figures: list[Figure], title: str) -> Path:
             ax.imshow(image)
             ax.set_title(name, fontsize=10)
             ax.axis("off")
-    return _save(fig, path)
+    return _save(fig, path, top=1.0 - 0.5 / fig.get_figheight())  # half an inch for the title

@@ -38,11 +38,12 @@ def _panel_grid(n: int, max_cols: int, cell_width: float, cell_height: float) ->
     return fig, flat[:n]
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, *, top: float = 1.0) -> Path:
+    """Lay out (leaving ``1 - top`` of the height free for a suptitle), write as PNG atomically, close."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, top))
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
