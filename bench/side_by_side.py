@@ -42,7 +42,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import torch
-from lockstep import Lockstep
+from lockstep import Lockstep, control_epoch
 from reference_loop import REFERENCE_METHODS, reference_epoch, reference_steps
 from train_throughput import SyntheticDataPlugin, minimal_epoch, minimal_steps
 
@@ -201,8 +201,12 @@ def compare(method: str, args: argparse.Namespace, host: PluginHost, workdir: Pa
     def mini() -> None:
         minimal_epoch(method, run.student, teacher, data, device=device, **common)
 
+    control = "n/a"
     if args.interleave == "batch":
-        t_lib, t_ref, t_min = _lockstep_rounds(method, args, run, teacher, data, device, common, library_note)
+        times = _lockstep_rounds(method, args, run, teacher, data, device, common, library_note)
+        t_lib, t_ref, t_min = times["lib"], times["ref"], times["min"]
+        if args.control:
+            control = f"{sum(times['control']) / sum(times['control_min']):.3f}"
     else:
         t_lib, t_ref, t_min = _epoch_rounds(run, ref, mini, args, device, library_note)
     m_ref = peak_memory(ref, device)
@@ -217,7 +221,7 @@ def compare(method: str, args: argparse.Namespace, host: PluginHost, workdir: Pa
     else:
         lib_ips, ratio, lib_out, lib_mem = library_note, "n/a", "n/a", "n/a"
     return (f"| {method} | {lib_ips} | {n / re:.0f} | {ratio} | {n / mi:.0f} | {lib_out} "
-            f"| {max(0.0, 1 - mi / re):.1%} | {lib_mem} | {mib(m_ref)} |")
+            f"| {max(0.0, 1 - mi / re):.1%} | {lib_mem} | {mib(m_ref)} | {control} |")
 
 
 def _epoch_rounds(run, ref, mini, args, device, library_note):
@@ -237,27 +241,38 @@ def _epoch_rounds(run, ref, mini, args, device, library_note):
 
 
 def _lockstep_rounds(method, args, run, teacher, data, device, common, library_note):
-    """Epochs of the three loops interleaved batch by batch (bench/lockstep.py); per-round seconds per loop."""
-    times: dict[str, list[float]] = {"lib": [], "ref": [], "min": []}
+    """Epochs of the three loops interleaved batch by batch (bench/lockstep.py); per-round seconds per loop.
+
+    With ``--control`` (the default) every round is followed by a control round, in which the minimal loop
+    takes the library's slot; its sums are returned as a fourth and fifth list (slot, others' slot).
+    """
+    times: dict[str, list[float]] = {"lib": [], "ref": [], "min": [], "control": [], "control_min": []}
+
+    def others() -> dict:
+        return {"ref": reference_steps(method, run.student, teacher, data.train_x, data.train_y, device=device,
+                                       **common),
+                "min": minimal_steps(method, run.student, teacher, data, device=device, **common)}
+
     for r in range(args.repeats + 1):
-        others = {
-            "ref": reference_steps(method, run.student, teacher, data.train_x, data.train_y, device=device, **common),
-            "min": minimal_steps(method, run.student, teacher, data, device=device, **common),
-        }
         if library_note is None:
-            spent = LOCKSTEP.epoch(run, r, others)
+            spent = LOCKSTEP.epoch(run, r, others())
         else:  # no library loop to pair with: the other two take turns
-            spent = {name: 0.0 for name in others}
-            for name in [n for _ in range(-(-len(data.train_y) // args.batch_size) + 1) for n in others]:
+            loops, spent = others(), {"library": float("nan"), "ref": 0.0, "min": 0.0}
+            for name in [n for _ in range(-(-len(data.train_y) // args.batch_size) + 1) for n in loops]:
                 start = time.perf_counter()
-                next(others[name], None)
+                next(loops[name], None)
                 spent[name] += time.perf_counter() - start
-            spent["library"] = float("nan")
+        if args.control:  # the minimal loop in the library's slot: the harness measuring itself
+            steps = partial(minimal_steps, method, run.student, teacher, data, device=device, **common)
+            check = LOCKSTEP.epoch(run, r, others(), epoch_fn=control_epoch(steps))
         if r:  # the first round warms up
             times["lib"].append(spent["library"])
             times["ref"].append(spent["ref"])
             times["min"].append(spent["min"])
-    return times["lib"], times["ref"], times["min"]
+            if args.control:
+                times["control"].append(check["library"])
+                times["control_min"].append(check["min"])
+    return times
 
 
 def main() -> None:
@@ -272,6 +287,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="PGD steps (AKD uses its own 7)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-control", dest="control", action="store_false",
+                        help="skip the harness control (--interleave batch): the minimal loop timed in the library's "
+                             "slot against itself, the resolution of the library/reference ratio")
     parser.add_argument("--no-steady-allocator", action="store_true",
                         help="leave glibc's heap trimming on (by default it is turned off on CPU: see steady_allocator)")
     parser.add_argument("--interleave", choices=("batch", "epoch"), default=None,
@@ -303,8 +321,9 @@ def main() -> None:
           + (f" ({args.statistic} per loop)" if args.interleave == "epoch" else " (sums per loop)")
           + (", glibc heap kept (no trimming)" if steady else ""))
     print("| method | library img/s | reference img/s | library / reference | minimal img/s "
-          "| outside necessary passes: library | reference | peak memory: library | reference |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| outside necessary passes: library | reference | peak memory: library | reference "
+          "| harness control |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             print(compare(method, args, host, Path(tmp), speed, device))
