@@ -17,7 +17,9 @@ millisecond from ``/proc/self/statm`` in an untimed extra epoch, since CPU tenso
 
 Timing (``--interleave``): on CPU the three loops take turns batch by batch within each round
 (``bench/lockstep.py``), so drifts of the machine's speed hit all of them alike, and each loop's
-times are summed over the rounds. On CUDA whole epochs take turns (order rotating per round) and each
+times are summed over the rounds; after every round a control round puts the minimal loop in the
+library's slot, and its time there over its time in the others' slot (the last column) shows what the
+harness cannot resolve (``--no-control`` skips it). On CUDA whole epochs take turns (order rotating per round) and each
 loop's time is the minimum over the rounds (``--statistic min``, the ``timeit`` convention: other
 processes only ever add time) or their median.
 
