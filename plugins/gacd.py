@@ -379,6 +379,9 @@ class GACD(Distiller):
         # Z of the teacher-anchor term (index 0) and of the student-anchor term (index 1); CRD's -1 = unset.
         self.register_buffer("nce_z", torch.full((2,), -1.0))
         self.register_buffer("nce_z_set", torch.zeros((), dtype=torch.bool))
+        # Host copy of nce_z_set, so the per-step check needs no device sync; None = read the buffer once
+        # (after construction or a checkpoint load).
+        self._nce_z_known: bool | None = None
         self._pending: tuple[Tensor, Tensor, Tensor | None, Tensor] | None = None
 
     # -- memory bank -------------------------------------------------------------------------------
@@ -394,6 +397,7 @@ class GACD(Distiller):
             current = getattr(self, name)
             if isinstance(incoming, Tensor) and incoming.shape != current.shape:
                 setattr(self, name, torch.empty(incoming.shape, dtype=current.dtype, device=current.device))
+        self._nce_z_known = None  # nce_z_set may change below
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _grow_bank(self, rows: int) -> None:
@@ -493,12 +497,15 @@ class GACD(Distiller):
             pos = (t * s).sum(1)
             neg_t = negative_scores(t, self.memory_s, neg_idx)
             neg_s = negative_scores(s, self.memory_t, neg_idx) if cfg.symmetric else None
-            if not bool(self.nce_z_set):
+            if self._nce_z_known is None:
+                self._nce_z_known = bool(self.nce_z_set)
+            if not self._nce_z_known:
                 z = [nce_normaliser(pos, neg_t, temperature=cfg.nce_t, n_data=n_data)]
                 if neg_s is not None:
                     z.append(nce_normaliser(pos, neg_s, temperature=cfg.nce_t, n_data=n_data))
                 self.nce_z[: len(z)] = torch.stack(z).to(self.nce_z)
                 self.nce_z_set.fill_(True)
+                self._nce_z_known = True
             ll = nce_log_likelihood(pos, neg_t, temperature=cfg.nce_t, z=self.nce_z[0], n_data=n_data)
             nce = -(w * ll).mean()
             total = nce
