@@ -14,22 +14,14 @@ from robustbench_kd.diagnostics import metrics as M
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.plugin_host import PluginHost
+from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.trainer import train
 
 ALL = ["entropy", "calibration", "agreement", "per_class", "trajectories"]
 
 
 def digits_config(out_dir, **sections):
-    raw = {
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "method": {"name": "pgd-at"},
-        "optim": {"epochs": 2, "lr": 0.05},
-    }
-    raw.update(sections)
-    return config_from_mapping(raw)
+    return config_from_mapping(tiny_digits_raw(out_dir, **sections))
 
 
 class CountForwards:

@@ -14,6 +14,7 @@ from robustbench_kd.errors import UserError
 from robustbench_kd.pipeline import distill
 from robustbench_kd.speed_config import EmaSection
 from robustbench_kd.testing.contract import TinyNet
+from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.trainer import train
 
 NAME = "Ema_SmallCNN"
@@ -81,15 +82,10 @@ def test_ema_config_validation():
 
 # -- runs ------------------------------------------------------------------------------------------
 def digits_config(out_dir, *, epochs=3, val_size=0, **sections):
-    raw = {
-        "run": {"name": NAME, "out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 300, "val_size": val_size},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "method": {"name": "pgd-at"},
-        "optim": {"epochs": epochs, "lr": 0.05, "schedule": "multistep", "milestones": [2]},
-        "ema": {"decay": 0.9, "warmup": True},
-    }
+    raw = tiny_digits_raw(out_dir, merge={
+        "run": {"name": NAME}, "data": {"n_train": 300, "val_size": val_size},
+        "optim": {"epochs": epochs, "schedule": "multistep", "milestones": [2]}, "ema": {"decay": 0.9, "warmup": True},
+        })
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return config_from_mapping(raw)

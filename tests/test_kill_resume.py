@@ -32,6 +32,7 @@ from robustbench_kd import trainer
 from robustbench_kd.checkpoint import load_checkpoint, save_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
+from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.trainer import train
 
 # Installed in the subprocess only: RBKD_TEST_KILL="N:mode" kills the process with SIGKILL in the N-th
@@ -82,16 +83,10 @@ TIMING_KEYS = ("seconds", "images_per_s")
 
 
 def run_file(tmp: Path, out: Path, **sections) -> Path:
-    raw = {
-        "run": {"out_dir": str(out), "progress": False, "deterministic": True, "seed": 5},
-        "data": {"dataset": "digits", "batch_size": 50, "n_train": 1000},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "method": {"name": "pgd-at"},
-        "optim": {"epochs": 4, "lr": 0.05, "schedule": "multistep", "milestones": [2]},
-        "checkpoint": {"every_steps": 1},
-    }
-    raw.update(sections)
+    raw = tiny_digits_raw(out, merge={
+        "run": {"seed": 5}, "data": {"batch_size": 50, "n_train": 1000},
+        "optim": {"epochs": 4, "schedule": "multistep", "milestones": [2]}, "checkpoint": {"every_steps": 1},
+        }, **sections)
     path = tmp / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

@@ -7,14 +7,13 @@ import json
 import math
 
 import pytest
-import torch
 import yaml
 
 from robustbench_kd.cli import main
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.plugin_host import PluginHost
-from robustbench_kd.students import build_student
 from robustbench_kd.testing.fixtures import make_tiny_cifar, save_random_zoo_checkpoint
+from robustbench_kd.testing.runs import random_teacher_spec
 from robustbench_kd.trainer import train
 
 METHODS = PluginHost.create(autoload=False).methods.names()
@@ -27,11 +26,7 @@ def teachers_for(cls, spec: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    net = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=2.0)
-    torch.save({"state_dict": net.state_dict()}, path)
-    return f"file:{path}?arch=small-cnn&width=2.0"
+    return random_teacher_spec(tmp_path_factory.mktemp("teacher") / "teacher.pt", width=2.0)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -18,6 +18,7 @@ from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.teachers import TeacherLoadContext, TeacherSpec
 from robustbench_kd.testing.fixtures import tiny_zoo_entry
+from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.trainer import train
 
 
@@ -45,16 +46,8 @@ def write_malicious(path: Path, marker: Path, state: dict[str, torch.Tensor], **
 
 
 def digits_config(out_dir, **sections):
-    raw = {
-        "run": {"out_dir": str(out_dir), "progress": False, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 1},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "method": {"name": "pgd-at"},
-        "optim": {"epochs": 1, "lr": 0.05},
-    }
-    raw.update(sections)
-    return config_from_mapping(raw)
+    merge = {"run": {"deterministic": False}, "threat": {"steps": 1}, "optim": {"epochs": 1}}
+    return config_from_mapping(tiny_digits_raw(out_dir, merge=merge, **sections))
 
 
 def digits_ctx(host: PluginHost, model_dir: Path | str = "models") -> TeacherLoadContext:

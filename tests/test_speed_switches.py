@@ -17,6 +17,7 @@ from robustbench_kd.speed_config import SpeedSection
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.testing.contract import contract_batch
+from robustbench_kd.testing.runs import random_teacher_spec, tiny_digits_raw
 from robustbench_kd.trainer import setup_run, train, train_one_epoch
 
 CPU = torch.device("cpu")
@@ -114,26 +115,13 @@ def test_bad_speed_values_are_one_line_errors():
 # -- short runs on digits --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    net = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=1.0)
-    torch.save({"state_dict": net.state_dict()}, path)
-    return f"file:{path}?arch=small-cnn&width=1.0"
+    return random_teacher_spec(tmp_path_factory.mktemp("teacher") / "teacher.pt", width=1.0)
 
 
 def digits_config(out_dir, teacher, speed, epochs=3, **sections):
-    raw = {
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 300},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "teachers": {"robust": teacher},
-        "method": {"name": "rslad"},
-        "optim": {"epochs": epochs, "lr": 0.05, "schedule": "multistep", "milestones": [2]},
-        "speed": speed,
-        **sections,
-    }
-    return config_from_mapping(raw)
+    merge = {"data": {"n_train": 300}, "teachers": {"robust": teacher}, "method": {"name": "rslad"},
+             "optim": {"epochs": epochs, "schedule": "multistep", "milestones": [2]}, "speed": speed}
+    return config_from_mapping(tiny_digits_raw(out_dir, merge=merge, **sections))
 
 
 SWITCHES = {

@@ -10,21 +10,13 @@ import torch
 from robustbench_kd.checkpoint import load_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
+from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.trainer import train
 
 
 def digits_config(out_dir, **sections):
-    raw = {
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 300},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "method": {"name": "pgd-at"},
-        "optim": {"epochs": 3, "lr": 0.05, "schedule": "multistep", "milestones": [2]},
-    }
-    for key, value in sections.items():
-        raw[key] = value
-    return config_from_mapping(raw)
+    merge = {"data": {"n_train": 300}, "optim": {"epochs": 3, "schedule": "multistep", "milestones": [2]}}
+    return config_from_mapping(tiny_digits_raw(out_dir, merge=merge, **sections))
 
 
 def weights(run):

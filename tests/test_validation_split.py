@@ -14,23 +14,19 @@ from robustbench_kd.config import DataSection, config_from_mapping
 from robustbench_kd.data import DataSplits, split_validation, validation_count
 from robustbench_kd.errors import UserError
 from robustbench_kd.pipeline import distill
+from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.trainer import train, update_best
 
 NAME = "ValSplit_SmallCNN"
 
 
 def digits_config(out_dir, *, val_size=0.1, epochs=2, **sections):
-    raw = {
-        "run": {"name": NAME, "out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 200, "val_size": val_size},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "method": {"name": "pgd-at"},
-        "optim": {"epochs": epochs, "lr": 0.05},
+    raw = tiny_digits_raw(out_dir, merge={
+        "run": {"name": NAME}, "data": {"val_size": val_size}, "optim": {"epochs": epochs},
         # sanity off: the gradient-masking suite is tested in test_sanity.py and would triple the run time here
         "eval": {"every": 1, "n_examples": 32, "pgd_steps": 2, "attacks": ["clean"], "final_n_examples": 16,
                  "teachers": False, "sanity": False},
-    }
+        })
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return config_from_mapping(raw)

@@ -7,6 +7,18 @@ import math
 
 import pytest
 import torch
+from robustbench_kd_plugins import gacd
+from robustbench_kd_plugins.gacd import (
+    GACD,
+    GACDAFT,
+    GACDLinear,
+    momentum_update,
+    nce_log_likelihood,
+    negative_scores,
+    ot_per_sample,
+    sample_negatives,
+    sinkhorn_plan,
+)
 from torch import nn
 
 from robustbench_kd.attacks import DistillationAttack
@@ -20,20 +32,9 @@ from robustbench_kd.registry import Registry
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.trainer import build_optimizer, train
-from robustbench_kd_plugins import gacd
-from robustbench_kd_plugins.gacd import (
-    GACD,
-    GACDAFT,
-    GACDLinear,
-    momentum_update,
-    negative_scores,
-    nce_log_likelihood,
-    ot_per_sample,
-    sample_negatives,
-    sinkhorn_plan,
-)
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 
@@ -495,17 +496,9 @@ def teacher_spec(tmp_path_factory) -> str:
 
 
 def _digits_config(out_dir, **sections):
-    raw = {
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "method": {"name": "gacd", "nce_k": 64, "symmetric": True},
-        "optim": {"epochs": 2, "lr": 0.05, "schedule": "multistep", "milestones": [1]},
-        "eval": {"attacks": []},
-    }
-    raw.update(sections)
-    return config_from_mapping(raw)
+    merge = {"method": {"name": "gacd", "nce_k": 64, "symmetric": True},
+             "optim": {"schedule": "multistep", "milestones": [1]}, "eval": {"attacks": []}}
+    return config_from_mapping(tiny_digits_raw(out_dir, merge=merge, **sections))
 
 
 def test_resume_restores_bank_and_z_exactly(tmp_path, gacd_host, teacher_spec) -> None:

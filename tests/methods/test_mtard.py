@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from robustbench_kd_plugins import mtard
+from robustbench_kd_plugins.mtard import MTARD
 from torch import nn
 
 from robustbench_kd.checkpoint import load_checkpoint
@@ -21,10 +23,9 @@ from robustbench_kd.registry import Registry
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.trainer import train
-from robustbench_kd_plugins import mtard
-from robustbench_kd_plugins.mtard import MTARD
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 X = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])
@@ -309,17 +310,9 @@ def teacher_specs(tmp_path_factory) -> dict[str, str]:
 
 
 def _digits_config(out_dir, teachers: dict[str, str], **sections):
-    raw = {
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "method": {"name": "mtard"},
-        "teachers": teachers,
-        "optim": {"epochs": 2, "lr": 0.05, "schedule": "multistep", "milestones": [1]},
-        "eval": {"attacks": []},
-    }
-    raw.update(sections)
+    merge = {"method": {"name": "mtard"}, "teachers": teachers, "optim": {"schedule": "multistep", "milestones": [1]},
+             "eval": {"attacks": []}}
+    raw = tiny_digits_raw(out_dir, merge=merge, **sections)
     return config_from_mapping(raw)
 
 
