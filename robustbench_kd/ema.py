@@ -65,12 +65,17 @@ class StudentEMA:
         """One EMA step towards ``student``'s current parameters; buffers copied."""
         d = self.current_decay()
         params = dict(student.named_parameters())
+        averaged, current = [], []
         for name, ema_p in self.module.named_parameters():
             p = params[name].detach()
             if ema_p.is_floating_point():
-                ema_p.mul_(d).add_(p.to(ema_p.dtype), alpha=1.0 - d)
+                averaged.append(ema_p)
+                current.append(p.to(ema_p.dtype))
             else:
                 ema_p.copy_(p)
+        if averaged:  # ema <- d * ema + (1 - d) * p, as two fused launches over all parameters
+            torch._foreach_mul_(averaged, d)
+            torch._foreach_add_(averaged, current, alpha=1.0 - d)
         buffers = dict(student.named_buffers())
         for name, ema_b in self.module.named_buffers():
             ema_b.copy_(buffers[name])
