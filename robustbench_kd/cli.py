@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("directory", help="<out>/shards/<name>, holding shard_<i>_of_<n>.json")
     p.add_argument("--out", default=None, help="output directory (default: the shard runs' --out)")
 
-    p = sub.add_parser("report", help="figures and analyses of a finished run; several runs: a comparison report")
+    p = sub.add_parser("report", help="report of a finished run (report.html, report.md, overview.png, figures); several runs: a comparison report")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run.out_dir of a distill run")
     p.add_argument("--out", default=None,
                    help="output directory (default: RUN_DIR/report for one run, ./comparison for several)")
