@@ -8,8 +8,9 @@ ascent (methods.md §0.4)::
 
 with ``step = sign`` for L_inf and ``g / ||g||_2`` (per sample) for L2. Because the steps are sign or
 per-sample normalised, summing the per-sample losses gives the same iterates as averaging them.
-Gradients are taken w.r.t. the input only (``torch.autograd.grad``): nothing accumulates into the
-student's or the teachers' parameters.
+Gradients are taken w.r.t. the input only (``torch.autograd.grad``), with the student's parameters
+set not to require grad for the attack's duration (restored afterwards, also on an exception): nothing
+accumulates into the student's or the teachers' parameters, and no weight-gradient path is recorded.
 
 Differences from ``torchattacks.Attack.__call__`` that matter for training, both deliberate:
 
@@ -30,7 +31,7 @@ from torchattacks.attack import Attack
 
 from .distiller import ATTACK_INITS, STUDENT_MODES
 from .errors import UserError
-from .modes import module_mode
+from .modes import module_mode, parameters_frozen
 
 AttackLoss = Callable[[Tensor], Tensor]
 
@@ -100,7 +101,7 @@ class DistillationAttack(Attack):
         pass
 
     def __call__(self, inputs: Tensor, labels: Tensor | None = None, *args, **kwargs) -> Tensor:
-        with module_mode(self.model, self.student_mode):
+        with module_mode(self.model, self.student_mode), parameters_frozen(self.model):
             return super().__call__(inputs, labels, *args, **kwargs)
 
     def _init(self, x: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Temporarily switching a network's train/eval mode without losing any submodule's own flag."""
+"""Temporary network state: train/eval mode (without losing any submodule's own flag), parameter grads."""
 
 from __future__ import annotations
 
@@ -28,3 +28,21 @@ def module_mode(module: nn.Module, mode: str) -> Iterator[None]:
     finally:
         for m, was_training in saved:
             m.training = was_training
+
+
+@contextmanager
+def parameters_frozen(module: nn.Module) -> Iterator[None]:
+    """Run the block with ``module``'s parameters not requiring grad; restore exactly those that did.
+
+    For passes that need input gradients only (the inner maximisation): autograd then records no
+    weight-gradient paths, and a compiled module traces a graph whose backward computes the input
+    gradient alone instead of every weight gradient as well.
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)

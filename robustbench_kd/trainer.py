@@ -108,8 +108,10 @@ class Run:
 def build_optimizer(config: RunConfig, student: nn.Module, distiller: Distiller) -> torch.optim.Optimizer:
     params = list(student.parameters()) + [p for p in distiller.trainable_parameters() if p.requires_grad]
     o = config.optim
+    # foreach: the multi-tensor update on every device (PyTorch picks it on CUDA only). Same arithmetic
+    # per tensor, bitwise equal to the per-parameter loop; on CPU it spares that loop's Python overhead.
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                           nesterov=o.nesterov and o.momentum > 0)
+                           nesterov=o.nesterov and o.momentum > 0, foreach=True)
 
 
 def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> tuple[Any, bool]:

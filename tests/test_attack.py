@@ -105,6 +105,34 @@ def test_no_gradient_reaches_parameters(batch):
     assert all(p.grad is None for p in net.parameters())
 
 
+def test_parameters_need_no_grad_during_the_attack_and_are_restored_after(batch):
+    x, y = batch
+    net = TinyNet(4)
+    net.bn.requires_grad_(False)  # deliberately frozen before the attack: must stay frozen
+    trainable_before = [p.requires_grad for p in net.parameters()]
+    seen = []
+
+    def loss(xa):
+        seen.append([p.requires_grad for p in net.parameters()])
+        return F.cross_entropy(net(xa), y, reduction="none")
+
+    DistillationAttack(net, loss, eps=0.1, alpha=0.05, steps=2)(x, y)
+    assert seen and all(not any(flags) for flags in seen)  # input gradients only inside the attack
+    assert [p.requires_grad for p in net.parameters()] == trainable_before
+
+
+def test_parameters_restored_when_the_loss_raises(batch):
+    x, y = batch
+    net = TinyNet(4)
+
+    def broken(xa):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        DistillationAttack(net, broken, eps=0.1, alpha=0.05, steps=1)(x, y)
+    assert all(p.requires_grad for p in net.parameters())
+
+
 def test_step_larger_than_eps_is_rejected(batch):
     net = TinyNet(4)
     with pytest.raises(UserError, match="exceeds eps"):

@@ -160,3 +160,28 @@ def test_distiller_sees_the_run_before_training(tmp_path):
     host = PluginHost.create(autoload=False, extra=[Plugin])
     train(digits_config(tmp_path / "r", method={"name": "probe"}, optim={"epochs": 1, "milestones": [5]}), host=host)
     assert seen == {"milestones": [5], "epoch": 0}
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_optimizer_updates_equal_the_per_parameter_sgd_bitwise(tmp_path, host, nesterov):
+    """The library's multi-tensor SGD gives exactly the updates of torch's default per-parameter loop on CPU."""
+    from robustbench_kd.students import build_student
+    from robustbench_kd.trainer import build_optimizer
+
+    cfg = config_from_mapping(tiny_digits_raw(tmp_path, merge={"optim": {"nesterov": nesterov}}))
+    torch.manual_seed(0)
+    ours = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=0.5)
+    theirs = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=0.5)
+    theirs.load_state_dict(ours.state_dict())
+    o = cfg.optim
+    optimizers = [build_optimizer(cfg, ours, host.methods.get("pgd-at")()),
+                  torch.optim.SGD(theirs.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                  nesterov=nesterov, foreach=False)]
+    x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 10
+    for _ in range(3):
+        for net, opt in zip((ours, theirs), optimizers):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
