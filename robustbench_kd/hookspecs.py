@@ -84,17 +84,19 @@ def rbkd_register_datasets(registry: Registrar) -> None:
 @hookspec(firstresult=True)
 def rbkd_make_attack(distiller: Distiller, student: nn.Module, spec: AttackSpec,
                      loss_fn: AttackLoss) -> Any:
-    """Build the inner maximiser for one batch.
+    """Build the inner maximiser for an attack spec.
 
     Return a callable ``attack(x, y) -> x_adv`` (a ``torchattacks.Attack``) or None to let the next
-    implementation decide. The built-in (``trylast``) returns
+    implementation decide. The trainer calls this once per epoch for each distinct ``spec`` and
+    reuses the attack for every batch with that spec; ``loss_fn`` always evaluates the batch being
+    attacked, so call it inside ``attack`` (do not precompute anything from it here). The built-in (``trylast``) returns
     :class:`robustbench_kd.attacks.DistillationAttack`. A plugin can substitute APGD, FGSM with
     random start, or an early-stopped PGD for some methods.
 
     :param distiller: the method being trained.
     :param student: the student network.
     :param spec: the method's attack budget and modes.
-    :param loss_fn: ``x_adv -> per-sample loss`` to maximise.
+    :param loss_fn: ``x_adv -> per-sample loss`` of the current batch, to maximise.
     :return: the first non-None result is used.
     """
 

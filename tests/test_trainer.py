@@ -185,3 +185,37 @@ def test_optimizer_updates_equal_the_per_parameter_sgd_bitwise(tmp_path, host, n
             opt.step()
     for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_attack_built_once_per_epoch_and_its_loss_reads_the_current_batch(tmp_path):
+    """rbkd_make_attack is called once per epoch for a fixed spec; the reused attack's loss_fn is the
+    loss of the batch being attacked (a stale batch would give other labels, so other losses)."""
+    import torch.nn.functional as F
+
+    from robustbench_kd import hookimpl
+    from robustbench_kd.plugin_host import PluginHost
+
+    class Spy:
+        def __init__(self):
+            self.built, self.checked = 0, 0
+
+        @hookimpl(tryfirst=True)
+        def rbkd_make_attack(self, distiller, student, spec, loss_fn):
+            self.built += 1
+            spy = self
+
+            def attack(x, y):
+                with torch.no_grad():
+                    expected = F.cross_entropy(student(x), y, reduction="none")  # pgd-at's attack loss
+                    assert torch.equal(loss_fn(x), expected)
+                spy.checked += 1
+                return x.clone()
+
+            return attack
+
+    spy = Spy()
+    host = PluginHost.create(autoload=False, extra=[spy])
+    run = train(digits_config(tmp_path), host=host)  # 3 epochs of 3 batches
+    assert spy.built == 3
+    assert spy.checked == 9
+    assert len(run.history) == 3
