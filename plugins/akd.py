@@ -13,7 +13,7 @@ from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Di
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.validation import check_choice
-from robustbench_kd.losses import mix_with_labels
+from robustbench_kd.losses import mix_with_labels, soft_cross_entropy_from_log_probs
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
@@ -124,12 +124,12 @@ class AKD(Distiller):
         teacher_probs = ctx.teacher_probs("robust", "adv")
         q = mix_with_labels(teacher_probs, ctx.y, self.config.alpha)
         log_p = F.log_softmax(self.student_logits(ctx, ctx.x_adv), dim=1)
-        total = -(q * log_p).sum(dim=1).mean()  # soft_cross_entropy_per_sample, sharing log_p with the terms
+        total = soft_cross_entropy_from_log_probs(log_p, q).mean()  # log_p shared with the logged terms
         log_p = log_p.detach()
         terms = {
             "ce_mixed": total.detach(),
             "ce_label": F.nll_loss(log_p, ctx.y),
-            "ce_teacher": -(teacher_probs * log_p).sum(dim=1).mean(),
+            "ce_teacher": soft_cross_entropy_from_log_probs(log_p, teacher_probs).mean(),
         }
         return LossOutput(total=total, terms=terms)
 

@@ -53,7 +53,13 @@ def kl_logits_per_sample(student_logits: Tensor, target_logits: Tensor, temperat
 
 def soft_cross_entropy_per_sample(logits: Tensor, target_probs: Tensor) -> Tensor:
     """Cross-entropy with a soft target: ``-sum_c q_c log softmax(z)_c`` per sample."""
-    return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1)
+    return soft_cross_entropy_from_log_probs(F.log_softmax(logits, dim=1), target_probs)
+
+
+def soft_cross_entropy_from_log_probs(log_probs: Tensor, target_probs: Tensor) -> Tensor:
+    """``-sum_c q_c log p_c`` per sample, from log-probabilities already computed (a caller scoring
+    several targets against one prediction takes the log-softmax once)."""
+    return -(target_probs * log_probs).sum(dim=1)
 
 
 def reduce_kl(per_sample: Tensor, reduction: str, num_classes: int) -> Tensor:
