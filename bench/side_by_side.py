@@ -19,7 +19,8 @@ Timing (``--interleave``): on CPU the three loops take turns batch by batch with
 (``bench/lockstep.py``), so drifts of the machine's speed hit all of them alike, and each loop's
 times are summed over the rounds; after every round a control round puts the minimal loop in the
 library's slot, and its time there over its time in the others' slot (the last column) shows what the
-harness cannot resolve (``--no-control`` skips it). On CUDA whole epochs take turns (order rotating per round) and each
+harness cannot resolve (``--no-control`` skips it). Both ratios come with a 95% bootstrap interval
+over the paired rounds (:func:`ratio_interval`). On CUDA whole epochs take turns (order rotating per round) and each
 loop's time is the minimum over the rounds (``--statistic min``, the ``timeit`` convention: other
 processes only ever add time) or their median.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import random
 import resource
 import statistics
 import tempfile
@@ -177,6 +179,29 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     return max(peak[0], _rss_bytes()) - before
 
 
+def ratio_interval(numerators: list[float], denominators: list[float], *, level: float = 0.95,
+                   resamples: int = 2000) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``sum(numerators) / sum(denominators)``, resampling paired rounds.
+
+    The rounds are the unit of repetition (each one's loops ran batch by batch together), so they are
+    resampled whole, keeping every round's pair; the seed is fixed, so a table can be reproduced.
+    """
+    rounds = list(zip(numerators, denominators))
+    rng = random.Random(0)
+    ratios = sorted(
+        sum(n for n, _ in sample) / sum(d for _, d in sample)
+        for sample in (rng.choices(rounds, k=len(rounds)) for _ in range(resamples))
+    )
+    tail = (1.0 - level) / 2
+    return ratios[int(tail * (resamples - 1))], ratios[int((1.0 - tail) * (resamples - 1))]
+
+
+def with_interval(ratio: float, interval: tuple[float, float] | None, fmt: str = "{:.2f}", unit: str = "") -> str:
+    """``1.00x (0.99-1.01)``-style cell: the ratio and, where there are rounds to resample, its 95% interval."""
+    text = fmt.format(ratio) + unit
+    return text if interval is None else f"{text} ({fmt.format(interval[0])}-{fmt.format(interval[1])})"
+
+
 def mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -208,7 +233,8 @@ def compare(method: str, args: argparse.Namespace, host: PluginHost, workdir: Pa
         times = _lockstep_rounds(method, args, run, teacher, data, device, common, library_note)
         t_lib, t_ref, t_min = times["lib"], times["ref"], times["min"]
         if args.control:
-            control = f"{sum(times['control']) / sum(times['control_min']):.3f}"
+            control = with_interval(sum(times["control"]) / sum(times["control_min"]),
+                                    ratio_interval(times["control"], times["control_min"]), "{:.3f}")
     else:
         t_lib, t_ref, t_min = _epoch_rounds(run, ref, mini, args, device, library_note)
     m_ref = peak_memory(ref, device)
@@ -219,7 +245,10 @@ def compare(method: str, args: argparse.Namespace, host: PluginHost, workdir: Pa
     if library_note is None:
         m_lib = peak_memory(partial(train_one_epoch, run, args.repeats + 1), device)
         lo = pick(t_lib)
-        lib_ips, ratio, lib_out, lib_mem = f"{n / lo:.0f}", f"{re / lo:.2f}x", f"{max(0.0, 1 - mi / lo):.1%}", mib(m_lib)
+        # Paired rounds (batch interleave) give the ratio an interval; epoch rounds are not paired.
+        interval = ratio_interval(t_ref, t_lib) if args.interleave == "batch" and len(t_ref) > 1 else None
+        ratio = with_interval(re / lo, interval, unit="x")
+        lib_ips, lib_out, lib_mem = f"{n / lo:.0f}", f"{max(0.0, 1 - mi / lo):.1%}", mib(m_lib)
     else:
         lib_ips, ratio, lib_out, lib_mem = library_note, "n/a", "n/a", "n/a"
     return (f"| {method} | {lib_ips} | {n / re:.0f} | {ratio} | {n / mi:.0f} | {lib_out} "
@@ -322,9 +351,9 @@ def main() -> None:
           f"library [speed] {speed or 'defaults'}, {args.repeats} rounds interleaved by {args.interleave}"
           + (f" ({args.statistic} per loop)" if args.interleave == "epoch" else " (sums per loop)")
           + (", glibc heap kept (no trimming)" if steady else ""))
-    print("| method | library img/s | reference img/s | library / reference | minimal img/s "
+    print("| method | library img/s | reference img/s | library / reference (95% interval) | minimal img/s "
           "| outside necessary passes: library | reference | peak memory: library | reference "
-          "| harness control |")
+          "| harness control (95% interval) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:

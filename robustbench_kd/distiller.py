@@ -199,7 +199,7 @@ class Distiller(nn.Module, ABC):
     def on_train_start(self, run: Any) -> None:
         """Hook once before the first epoch (also after a resume, with the method state restored).
 
-        ``run`` is the :class:`robustbench_kd.trainer.Run`: ``run.config`` gives the optimiser
+        ``run`` is the :class:`robustbench_kd.run_setup.Run`: ``run.config`` gives the optimiser
         schedule (e.g. MTARD decays its weight-update rate at ``run.config.optim.milestones``),
         ``run.data`` the training set size, ``run.epoch`` the epochs already done. Default: nothing.
         """

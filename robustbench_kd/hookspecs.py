@@ -106,7 +106,7 @@ def rbkd_make_attack(distiller: Distiller, student: nn.Module, spec: AttackSpec,
 def rbkd_train_start(run: Any) -> None:
     """Called once before the first epoch (also after a resume).
 
-    :param run: the :class:`robustbench_kd.trainer.Run` (config, student, distiller, out_dir, ...).
+    :param run: the :class:`robustbench_kd.run_setup.Run` (config, student, distiller, out_dir, ...).
     """
 
 

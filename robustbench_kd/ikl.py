@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
+from .losses import soft_cross_entropy_from_log_probs
 
 __all__ = [
     "DIVERGENCES",
@@ -115,8 +116,8 @@ def sce_per_sample(learner_logits: Tensor, target_probs: Tensor, temperature: fl
     The target ``q`` is always detached (the reference's ``softmax(...).detach()``): the sCE sends
     gradient into the learner only, ``(softmax(o_l/tau) - q) / tau`` per logit.
     """
-    log_p = F.log_softmax(learner_logits / temperature, dim=1)
-    return -(target_probs.detach() * log_p).sum(dim=1)
+    return soft_cross_entropy_from_log_probs(F.log_softmax(learner_logits / temperature, dim=1),
+                                             target_probs.detach())
 
 
 def sample_weight_vectors(target_logits: Tensor, temperature: float = 1.0) -> Tensor:
