@@ -179,15 +179,36 @@ def drop_last(n: int, batch_size: int, world_size: int) -> bool:
     return rest != 0 and (rest % world_size != 0 or rest // world_size == 1)
 
 
-def shard_batches(batches: Iterable[tuple[Tensor, Tensor, Tensor]], device: torch.device
+def check_extra_split(real: int, extra: int, env: DistEnv) -> None:
+    """With extra data, the real and the extra images of a global batch must each split evenly over the processes."""
+    if env.enabled and (real % env.world_size or extra % env.world_size):
+        raise UserError(f"data.batch_size and data.extra_fraction give {real} real + {extra} extra images per global "
+                        f"batch; under torchrun each count must be divisible by the {env.world_size} processes "
+                        "(torchrun --nproc_per_node): change data.batch_size or data.extra_fraction")
+
+
+def shard_batches(batches: Iterable[tuple[Tensor, Tensor, Tensor]], device: torch.device, *, extra: int = 0
                   ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """This process's contiguous slice of every global ``(x, y, index)`` batch, moved to ``device``."""
+    """This process's share of every global ``(x, y, index)`` batch, moved to ``device``.
+
+    A global batch is ``[real | extra]`` with ``extra`` trailing extra-data samples (0 without extra
+    data). Each process keeps its contiguous slice of the real part and its slice of the extra part, so
+    every process trains on the configured mix (a plain contiguous slice would hand the first processes
+    only real images and the last only extra ones: per-process BatchNorm statistics of different
+    populations).
+    """
     env = from_environ()
     for x, y, index in batches:
         if env.enabled:
-            size = len(y) // env.world_size
-            part = slice(env.rank * size, (env.rank + 1) * size)
-            x, y, index = x[part], y[part], index[part]
+            real = len(y) - extra
+            r, e = real // env.world_size, extra // env.world_size
+            if extra:
+                keep = torch.cat([torch.arange(env.rank * r, (env.rank + 1) * r),
+                                  torch.arange(real + env.rank * e, real + (env.rank + 1) * e)])
+                x, y, index = x[keep], y[keep], index[keep]
+            else:
+                part = slice(env.rank * r, (env.rank + 1) * r)
+                x, y, index = x[part], y[part], index[part]
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), index
 
 

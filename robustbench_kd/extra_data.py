@@ -12,6 +12,8 @@ replacement) from a generator seeded by (run seed, epoch), so a resumed run draw
 uninterrupted one would. They carry the dataset indices ``N_real + j`` (row ``j`` of the file), past
 every real index, so per-sample analyses can tell them apart; methods that keep per-sample state over
 the training set (``Distiller.indexes_training_set``, e.g. GACD's memory bank) refuse extra data.
+Under torchrun every process draws the same rows and keeps its share of the real and of the extra
+images of each global batch (:func:`robustbench_kd.distributed.shard_batches`).
 """
 
 from __future__ import annotations

@@ -108,11 +108,9 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     distiller = builders.build_distiller(host, config, data.num_classes).to(device)
     check_extra_supported(distiller, data.extra)
     distributed.check_method(distiller, dist_env)
-    if dist_env.enabled and data.extra is not None:
-        # Mixed batches would be sliced real-first across processes (per-process BN statistics of
-        # different populations); not supported until the mix is split per process.
-        raise UserError("data.extra_path is not supported under torchrun yet; train in one process or "
-                        "drop data.extra_path")
+    if data.extra is not None:  # each process gets its share of the real and of the extra images
+        distributed.check_extra_split(real_batch_size(config), config.data.batch_size - real_batch_size(config),
+                                      dist_env)
     distributed.init_process_group(dist_env, device)
     student = builders.build_student(host, config, data).to(device)
     student = distributed.prepare_student(student, device, sync_bn=config.run.sync_bn)

@@ -89,12 +89,13 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
     batches = iterate_batches(run.data.train_x, run.data.train_y, batch_size=real_batch_size(cfg),
                               shuffle=True, generator=order_gen, augment=augment, device="cpu",
                               drop_last=drop_last_batch(cfg, run.data))
-    if run.data.extra is not None:  # data.extra_fraction of every batch from the memory-mapped extra file
-        batches = mix_extra(batches, run.data.extra, count=cfg.data.batch_size - real_batch_size(cfg),
-                            offset=len(run.data.train_y), generator=epoch_generator(cfg.run.seed, epoch, stream=3),
-                            augment=augment)
-    # Every rank builds the same global batches and keeps its slice (one process: just the move to the device).
-    batches = distributed.shard_batches(batches, run.device)
+    extra = cfg.data.batch_size - real_batch_size(cfg) if run.data.extra is not None else 0
+    if extra:  # data.extra_fraction of every batch from the memory-mapped extra file
+        batches = mix_extra(batches, run.data.extra, count=extra, offset=len(run.data.train_y),
+                            generator=epoch_generator(cfg.run.seed, epoch, stream=3), augment=augment)
+    # Every rank builds the same global batches and keeps its share of the real and of the extra images
+    # (one process: just the move to the device).
+    batches = distributed.shard_batches(batches, run.device, extra=extra)
     total = num_batches(len(run.data.train_y), real_batch_size(cfg), drop_last_batch(cfg, run.data))
     sums = MetricSums()
     seen = skip = 0

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -100,6 +101,40 @@ def test_two_processes_match_one_process(tmp_path, single_run):
     rows = [yaml.safe_load(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert (proc.stdout + proc.stderr).count("epoch 2/2") == 1
+
+
+def test_two_processes_with_extra_data_match_one_process(tmp_path):
+    """Generated data under torchrun: 40 real + 10 extra images per global batch, each process taking 20 + 5.
+
+    With the batch norm synchronised, two processes then train on the same global batches as one."""
+    path = tmp_path / "gen.npz"
+    rng = np.random.default_rng(1)
+    np.savez(path, image=rng.integers(0, 256, size=(64, 8, 8, 1), dtype=np.uint8), label=np.arange(64) % 10)
+    data = {"dataset": "digits", "batch_size": 50, "n_train": 200, "extra_path": str(path), "extra_fraction": 0.2}
+    single = train(config_from_mapping(raw_config(tmp_path / "one", data=data)))
+    proc = torchrun(write_config(tmp_path / "run.yaml", raw_config(tmp_path / "two", data=data)))
+    check_ok(proc)
+    assert_same_weights(student_weights(tmp_path / "two"), {k: v.detach() for k, v in single.student.state_dict().items()})
+    rows = [yaml.safe_load(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in single.history], rel=1e-4)
+
+
+def test_each_process_keeps_its_share_of_the_real_and_of_the_extra_images(monkeypatch):
+    """A global batch [8 real | 4 extra] over 2 processes: rank 0 gets real 0-3 + extra 8-9, rank 1 the rest."""
+    x = torch.arange(12.0).view(12, 1, 1, 1)
+    y, index = torch.arange(12), torch.arange(100, 112)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        (xs, ys, idx), = distributed.shard_batches([(x, y, index)], torch.device("cpu"), extra=4)
+        assert torch.equal(xs.flatten(), ys.float()) and torch.equal(idx, ys + 100)
+        shares.append(ys.tolist())
+    assert shares == [[0, 1, 2, 3, 8, 9], [4, 5, 6, 7, 10, 11]]
+    monkeypatch.setenv("RANK", "0")
+    (_, ys, _), = distributed.shard_batches([(x, y, index)], torch.device("cpu"))  # no extra data: plain halves
+    assert ys.tolist() == list(range(6))
 
 
 def test_resume_ddp_checkpoint_in_one_process(tmp_path, single_run):

@@ -168,11 +168,14 @@ def test_gacd_refuses_extra_data(tmp_path, host):
         train(cfg, host=host)
 
 
-def test_extra_data_under_torchrun_is_refused_before_joining(tmp_path, host, monkeypatch):
+def test_extra_counts_that_do_not_split_over_the_processes_are_refused_before_joining(tmp_path, host, monkeypatch):
     path = tmp_path / "gen.npz"
     write_extra(path)
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
-    with pytest.raises(UserError, match="data.extra_path is not supported under torchrun") as info:
+    # batch 20, extra_fraction 0.25: 15 real + 5 extra, neither splits over 2 processes.
+    with pytest.raises(UserError, match=r"15 real \+ 5 extra images per global batch; under torchrun each count "
+                                        r"must be divisible by the 2 processes") as info:
         train(digits_config(tmp_path / "run", path), host=host)
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
+    assert not torch.distributed.is_initialized()
