@@ -109,8 +109,7 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     check_extra_supported(distiller, data.extra)
     distributed.check_method(distiller, dist_env)
     if data.extra is not None:  # each process gets its share of the real and of the extra images
-        distributed.check_extra_split(real_batch_size(config), config.data.batch_size - real_batch_size(config),
-                                      dist_env)
+        distributed.check_extra_split(*batch_split(config.data.batch_size, config.data.extra_fraction), dist_env)
     distributed.init_process_group(dist_env, device)
     student = builders.build_student(host, config, data).to(device)
     student = distributed.prepare_student(student, device, sync_bn=config.run.sync_bn)

@@ -56,12 +56,12 @@ from .context import BatchContext
 from .data import epoch_generator, iterate_batches, num_batches
 from .distiller import AttackSpec, Distiller
 from .errors import UserError
-from .extra_data import mix_extra
+from .extra_data import batch_split, mix_extra
 from .io import atomic_write_text, remove_stale_temps
 from .metric_sums import MetricSums
 from .plugin_host import PluginHost
 from .run_checkpoints import checkpoint_payload, restore_rng, resume_from, step_position, write_checkpoints
-from .run_setup import Run, build_optimizer, build_scheduler, drop_last_batch, real_batch_size, setup_run
+from .run_setup import Run, build_optimizer, build_scheduler, drop_last_batch, setup_run
 from .selection import quick_eval, update_best
 from .speed import SpeedPlan
 from .speed_config import SpeedSection
@@ -86,17 +86,17 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         restore_rng(run, position["rng"])
     order_gen = epoch_generator(cfg.run.seed, epoch, stream=1)
     augment = run.data.augment_default if cfg.data.augment is None else cfg.data.augment
-    batches = iterate_batches(run.data.train_x, run.data.train_y, batch_size=real_batch_size(cfg),
+    real, extra = batch_split(cfg.data.batch_size, cfg.data.extra_fraction)  # extra > 0 only with data.extra_path
+    batches = iterate_batches(run.data.train_x, run.data.train_y, batch_size=real,
                               shuffle=True, generator=order_gen, augment=augment, device="cpu",
                               drop_last=drop_last_batch(cfg, run.data))
-    extra = cfg.data.batch_size - real_batch_size(cfg) if run.data.extra is not None else 0
     if extra:  # data.extra_fraction of every batch from the memory-mapped extra file
         batches = mix_extra(batches, run.data.extra, count=extra, offset=len(run.data.train_y),
                             generator=epoch_generator(cfg.run.seed, epoch, stream=3), augment=augment)
     # Every rank builds the same global batches and keeps its share of the real and of the extra images
     # (one process: just the move to the device).
     batches = distributed.shard_batches(batches, run.device, extra=extra)
-    total = num_batches(len(run.data.train_y), real_batch_size(cfg), drop_last_batch(cfg, run.data))
+    total = num_batches(len(run.data.train_y), real, drop_last_batch(cfg, run.data))
     sums = MetricSums()
     seen = skip = 0
     if position is not None:
