@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from robustbench_kd.config import config_from_mapping
-from robustbench_kd.pipeline import distill
+from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 
 #: stage methods and the method whose final weights they start from

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.plugin_host import PluginHost
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 
 ALL = ["entropy", "calibration", "agreement", "per_class", "trajectories"]
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from robustbench_kd import hookimpl
-from robustbench_kd.trainer import train_one_epoch
+from robustbench_kd.training.loop import train_one_epoch
 
 
 class Lockstep:

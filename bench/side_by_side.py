@@ -54,7 +54,7 @@ from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.students import build_student
-from robustbench_kd.trainer import setup_run, train_one_epoch
+from robustbench_kd.training.loop import setup_run, train_one_epoch
 
 EPS, ALPHA, LR = 0.2, 0.05, 0.01
 LOCKSTEP = Lockstep()  # registered on the benchmark's plugin host; idle outside lockstep rounds

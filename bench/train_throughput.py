@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from robustbench_kd import hookimpl
 from robustbench_kd.config import config_from_mapping
-from robustbench_kd.data import DataSplits
+from robustbench_kd.data.datasets import DataSplits
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.students import build_student
-from robustbench_kd.trainer import setup_run, train_one_epoch
+from robustbench_kd.training.loop import setup_run, train_one_epoch
 
 
 def synthetic_data(shape: tuple[int, int, int], n: int) -> DataSplits:

@@ -12,8 +12,8 @@ from torch import Tensor
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.validation import check_choice
-from robustbench_kd.losses import mix_with_labels, soft_cross_entropy_from_log_probs
+from robustbench_kd.errors import check_choice
+from robustbench_kd.methods.losses import mix_with_labels, soft_cross_entropy_from_log_probs
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext

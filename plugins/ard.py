@@ -12,9 +12,9 @@ from torch import Tensor
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.validation import check_choice
-from robustbench_kd.ikl import ClassPrior, check_divergence_options, ikl_per_sample, sample_weight_vectors
-from robustbench_kd.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
+from robustbench_kd.errors import check_choice
+from robustbench_kd.methods.divergence import ClassPrior, check_divergence_options, ikl_per_sample, sample_weight_vectors
+from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
@@ -47,7 +47,7 @@ class ARD(Distiller):
     reference ``AttackPGD`` module called after ``net.train()``). Budget: the run's threat (reference:
     8/255, 2/255, 10).
 
-    IKL instead of KL (``divergence="ikl"``; methods.md §10.4 [SUGGESTION], :mod:`robustbench_kd.ikl`):
+    IKL instead of KL (``divergence="ikl"``; methods.md §10.4 [SUGGESTION], :mod:`robustbench_kd.methods.divergence`):
     the KL term becomes IKL evaluated at the same temperature, i.e. on logits divided by tau::
 
         alpha * tau^2 * R( ikl_mse_weight * wMSE(z_T(x)/tau, z_S(x')/tau; w_y) + ikl_sce_weight * sCE )

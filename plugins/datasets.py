@@ -6,14 +6,14 @@ from robustbench_kd.hookspecs import hookimpl
 
 
 def _digits(config):
-    from robustbench_kd.data import load_digits
+    from robustbench_kd.data.datasets import load_digits
 
     return load_digits()
 
 
 def _cifar(name):
     def load(config):
-        from robustbench_kd.data import load_cifar_splits
+        from robustbench_kd.data.datasets import load_cifar_splits
 
         return load_cifar_splits(name, config.data_dir, download=config.download, verify_md5=config.verify_md5)
 
@@ -21,7 +21,7 @@ def _cifar(name):
 
 
 def _imagenet(config):
-    from robustbench_kd.imagefolder import load_imagefolder_splits
+    from robustbench_kd.data.imagenet import load_imagefolder_splits
 
     return load_imagefolder_splits("imagenet", config.data_dir, preprocessing=config.preprocessing or "Res256Crop224")
 

@@ -2,7 +2,7 @@
 
 Off by default: with ``diagnostics.enabled = []`` both hooks return before touching a model, so the run does
 no extra forward pass. When on, every ``diagnostics.every`` epochs (and at the last epoch) it evaluates the
-enabled diagnostics on a fixed subset (never the test set; see :mod:`robustbench_kd.diagnostics.collect` for
+enabled diagnostics on a fixed subset (never the test set; see :mod:`robustbench_kd.analysis.diagnostics.collect` for
 the keys), adds the scalars (and ``diag_seconds``, their wall time) to the epoch's metrics row, appends the tables to
 ``OUT/diagnostics/tables.jsonl``, the trajectories to ``OUT/diagnostics/trajectories.npz`` and, with
 ``diagnostics.tensorboard = true``, the scalars to ``OUT/diagnostics/tensorboard``.
@@ -24,7 +24,7 @@ TABLES = "diagnostics/tables.jsonl"
 def rbkd_train_start(run: Any) -> None:
     section = run.config.diagnostics
     if section.on and section.tensorboard:
-        from robustbench_kd.diagnostics.tensorboard import check_available
+        from robustbench_kd.analysis.diagnostics.tensorboard import check_available
 
         check_available()
 
@@ -36,7 +36,7 @@ def rbkd_epoch_end(run: Any, epoch: int, metrics: dict[str, Any]) -> None:
         return
     if (epoch + 1) % section.every and epoch + 1 != run.config.optim.epochs:
         return
-    from robustbench_kd.diagnostics.collect import collect
+    from robustbench_kd.analysis.diagnostics.collect import collect
 
     start = time.perf_counter()
     scalars, tables = collect(run, epoch)
@@ -44,14 +44,14 @@ def rbkd_epoch_end(run: Any, epoch: int, metrics: dict[str, Any]) -> None:
     metrics["diag_seconds"] = round(time.perf_counter() - start, 3)  # wall time of the diagnostics themselves
     _append_tables(run, epoch + 1, tables)
     if section.tensorboard:
-        from robustbench_kd.diagnostics.tensorboard import write_scalars
+        from robustbench_kd.analysis.diagnostics.tensorboard import write_scalars
 
         write_scalars(run.out_dir, epoch + 1, scalars)
 
 
 def _append_tables(run: Any, epoch: int, tables: dict[str, Any]) -> None:
     """Rewrite tables.jsonl atomically with the rows of earlier epochs plus this one (resume-safe)."""
-    from robustbench_kd.io import atomic_write_text
+    from robustbench_kd.storage.atomic import atomic_write_text
 
     path = run.out_dir / TABLES
     rows = []

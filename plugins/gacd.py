@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustbench_kd.data import to_float
+from robustbench_kd.data.datasets import to_float
 from robustbench_kd.distiller import (
     ATTACK_INITS,
     STUDENT_MODES,
@@ -36,11 +36,11 @@ from robustbench_kd.distiller import (
     LossOutput,
 )
 from robustbench_kd.errors import UserError
-from robustbench_kd.features import FeatureTap, final_linear
+from robustbench_kd.methods.features import FeatureTap, final_linear
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.modes import module_mode
+from robustbench_kd.attacks import module_mode
 from robustbench_kd.teachers import EnsembleTeacher
-from robustbench_kd.validation import check_choice
+from robustbench_kd.errors import check_choice
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -209,7 +209,7 @@ class GACD(Distiller):
     methods.md §9, §11.2, §13.10, §14.12.
 
     Embeddings (CRD ``Embed``): f_S, f_T = penultimate features (the input of the final
-    ``nn.Linear``, via :class:`~robustbench_kd.features.FeatureTap`) of student and teacher on the
+    ``nn.Linear``, via :class:`~robustbench_kd.methods.features.FeatureTap`) of student and teacher on the
     positive input x+ (= x', the attack's output); s+ = l2norm(W_S f_S + b_S), t+ = l2norm(W_T f_T +
     b_T), both of dimension d. W_S, W_T are ``nn.LazyLinear`` parameters of this distiller (their
     input sizes are read from the first batch), so they join the optimiser through

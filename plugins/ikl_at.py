@@ -12,9 +12,9 @@ from torch import Tensor
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.validation import check_choice
-from robustbench_kd.modes import module_mode
-from robustbench_kd.ikl import ClassPrior, ikl_per_sample, sample_weight_vectors
+from robustbench_kd.errors import check_choice
+from robustbench_kd.attacks import module_mode
+from robustbench_kd.methods.divergence import ClassPrior, ikl_per_sample, sample_weight_vectors
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
@@ -36,7 +36,7 @@ class IKLAT(Distiller):
     Paper: Cui, Tian, Zhong, Qi, Yu, Zhang, 'Decoupled Kullback-Leibler Divergence Loss', NeurIPS 2024
     [https://arxiv.org/abs/2305.13948]. Reference code: jiequancui/DKL
     ``DKLv1/Adv-training-dkl/train_dkl_cifar10.py`` (methods.md §10.3); the loss is
-    :mod:`robustbench_kd.ikl`.
+    :mod:`robustbench_kd.methods.divergence`.
 
     Loss (methods.md §10.2-10.3), target side o_t = z(x) (trainable), learner side o_l = z(x')::
 
@@ -49,7 +49,7 @@ class IKLAT(Distiller):
     ``w_y = s_bar_y s_bar_y^T`` where ``s_bar_y`` is the mean of ``softmax(sg z(x)/T)`` over the
     training samples of class y during the PREVIOUS epoch (uniform 1/C in the first epoch), taken from
     the train-mode natural forward of the loss, accumulated in :meth:`after_step` and row-normalised in
-    :meth:`on_epoch_end` (:class:`robustbench_kd.ikl.ClassPrior`). The student runs on x' then on x, in
+    :meth:`on_epoch_end` (:class:`robustbench_kd.methods.divergence.ClassPrior`). The student runs on x' then on x, in
     train mode, separate passes (reference order).
 
     Attack (reference ``perturb_input``)::

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.validation import check_choice
-from robustbench_kd.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
+from robustbench_kd.errors import check_choice
+from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext

@@ -10,9 +10,9 @@ from torch import Tensor
 from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.validation import check_choice
-from robustbench_kd.ikl import ClassPrior, check_divergence_options, ikl_per_sample, sample_weight_vectors
-from robustbench_kd.losses import KL_REDUCTIONS, kl_per_sample, mix_with_labels, reduce_kl
+from robustbench_kd.errors import check_choice
+from robustbench_kd.methods.divergence import ClassPrior, check_divergence_options, ikl_per_sample, sample_weight_vectors
+from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_per_sample, mix_with_labels, reduce_kl
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
@@ -45,7 +45,7 @@ class RSLAD(Distiller):
 
         x' = PGD_{eps, alpha, K}( KL(p_T(x) || p_S(x')) ),  x'_0 = x + 0.001 N(0, I), student in eval mode
 
-    IKL instead of KL (``divergence="ikl"``; methods.md §10.4 [SUGGESTION], :mod:`robustbench_kd.ikl`):
+    IKL instead of KL (``divergence="ikl"``; methods.md §10.4 [SUGGESTION], :mod:`robustbench_kd.methods.divergence`):
     each KL(q || p_S(.)) above becomes, per sample,
 
         ikl_mse_weight * (1/4) sum_{j,k} w_y^{jk} (Dt_jk - Ds_jk)^2 + ikl_sce_weight * ( -sum_j q_j log p_S(.)_j )

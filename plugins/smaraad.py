@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustbench_kd.attribution import CAM_CLASSES, CAM_NORMALIZATIONS, CAM_RESIZE, CamAlignment
-from robustbench_kd.data import to_float
+from robustbench_kd.methods.attribution import CAM_CLASSES, CAM_NORMALIZATIONS, CAM_RESIZE, CamAlignment
+from robustbench_kd.data.datasets import to_float
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
 from robustbench_kd.errors import UserError
-from robustbench_kd.features import locate_feature_map
+from robustbench_kd.methods.features import locate_feature_map
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.validation import check_choice
-from robustbench_kd.losses import kl_logits_per_sample
-from robustbench_kd.soft_rank import near_tie_fraction, soft_spearman
+from robustbench_kd.errors import check_choice
+from robustbench_kd.methods.losses import kl_logits_per_sample
+from robustbench_kd.methods.soft_rank import near_tie_fraction, soft_spearman
 from robustbench_kd.teachers import EnsembleTeacher
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class SmaraAD(Distiller):
     code: InsLin/SmaraAD holds only a README and a soft-rank snippet (no training code); this follows
     the paper and methods.md §8 / §13.9.
 
-    Building blocks (:mod:`robustbench_kd.soft_rank`, :mod:`robustbench_kd.attribution`)::
+    Building blocks (:mod:`robustbench_kd.methods.soft_rank`, :mod:`robustbench_kd.methods.attribution`)::
 
         r_i(u)       = sum_j sigmoid(gamma (u_j - u_i))                        soft descending rank
         rho(u, v)    = 1 - 6 sum_i (r_i(u) - r_i(v))^2 / (n (n^2 - 1))          soft Spearman, n = C

@@ -13,8 +13,8 @@ from torch import Tensor
 from robustbench_kd.distiller import LossOutput
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.validation import check_choice
-from robustbench_kd.soft_rank import soft_spearman
+from robustbench_kd.errors import check_choice
+from robustbench_kd.methods.soft_rank import soft_spearman
 from robustbench_kd_plugins.smaraad import PAPER, SmaraAD
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from robustbench_kd.checkpoint import load_checkpoint, load_weights, state_dict_of
+from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights, state_dict_of
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.teachers import ResizeInput, TeacherLoadContext, TeacherSpec
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def load_robustbench_teacher(spec: TeacherSpec, ctx: TeacherLoadContext):
-    from robustbench_kd.zoo import load_zoo_model, parse_zoo_ref, zoo_input_size
+    from robustbench_kd.zoo.models import load_zoo_model, parse_zoo_ref, zoo_input_size
 
     dataset, threat_model, name = parse_zoo_ref(spec.ref)
     net = load_zoo_model(name, dataset=dataset, threat_model=threat_model, model_dir=ctx.model_dir,

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s")
-    from .errors import UserError
+    from robustbench_kd.errors import UserError
 
     try:
         return _COMMANDS[args.command](args)
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .distiller import citation_of
-    from .plugin_host import PluginHost
+    from robustbench_kd.distiller import citation_of
+    from robustbench_kd.plugin_host import PluginHost
 
     host = PluginHost.create()
     methods = host.methods
@@ -165,10 +165,10 @@ def _print_options(cls) -> None:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .config import load_config
-    from .pipeline import distill
-    from .report import format_table
+    from robustbench_kd.scale import distributed
+    from robustbench_kd.config import load_config
+    from robustbench_kd.jobs.pipeline import distill
+    from robustbench_kd.evaluation.final_report import format_table
 
     distributed.quiet_other_ranks()  # under torchrun: one log, from rank 0
     config = load_config(args.config, args.overrides)
@@ -187,11 +187,11 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import shlex
 
-    from .config import ModelInfoSection
-    from .evaluation.shards import parse_shard
-    from .pipeline import evaluate_spec
-    from .report import format_table
-    from .threat import parse_number, validate_eps
+    from robustbench_kd.config import ModelInfoSection
+    from robustbench_kd.evaluation.shards import parse_shard
+    from robustbench_kd.jobs.pipeline import evaluate_spec
+    from robustbench_kd.evaluation.final_report import format_table
+    from robustbench_kd.threat import parse_number, validate_eps
 
     if args.eps is None:
         eps = 0.2 if args.dataset == "digits" else (8 / 255 if args.threat == "Linf" else 0.5)
@@ -219,9 +219,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge_shards(args: argparse.Namespace) -> int:
-    from .evaluation.shards import merge_and_write
-    from .plugin_host import PluginHost
-    from .report import format_table
+    from robustbench_kd.evaluation.shards import merge_and_write
+    from robustbench_kd.plugin_host import PluginHost
+    from robustbench_kd.evaluation.final_report import format_table
 
     report = merge_and_write(Path(args.directory), None if args.out is None else Path(args.out),
                              host=PluginHost.create())
@@ -231,8 +231,8 @@ def _cmd_merge_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import run_quickstart
-    from .report import format_table
+    from robustbench_kd.jobs.quickstart import run_quickstart
+    from robustbench_kd.evaluation.final_report import format_table
 
     start = time.perf_counter()
     reports = run_quickstart(args.out, epochs=args.epochs, seed=args.seed)
@@ -261,12 +261,12 @@ def _print_outputs(reports) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     if len(args.run_dirs) == 1:
-        from .reporting.run_report import load_finished_run, write_run_report
+        from robustbench_kd.analysis.reports.run_report import load_finished_run, write_run_report
 
         run_dir = Path(args.run_dirs[0])
         path = write_run_report(load_finished_run(run_dir), out_dir=None if args.out is None else Path(args.out))
     else:
-        from .reporting.compare import write_comparison_report
+        from robustbench_kd.analysis.reports.compare import write_comparison_report
 
         path = write_comparison_report([Path(d) for d in args.run_dirs], Path(args.out or "comparison"))
     print(f"report: {path}")

@@ -16,11 +16,11 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [eval]       every, select, n_examples, pgd_steps, attacks, final_n_examples, teachers, batch_size, seed,
                  sanity
     [model_info] title, authors, venue, link, architecture, additional_data, reported, footnote
-    [speed]      amp, attack_fp32, channels_last, compile, compile_backend   (robustbench_kd.speed_config)
-    [ema]        decay, warmup, every                                       (robustbench_kd.speed_config)
+    [speed]      amp, attack_fp32, channels_last, compile, compile_backend   (robustbench_kd.scale.sections)
+    [ema]        decay, warmup, every                                       (robustbench_kd.scale.sections)
     [diagnostics] enabled, n_examples, every, adversarial, pgd_steps, bins, batch_size, seed, tensorboard
-                                                      (robustbench_kd.diagnostics.section; off by default)
-    [report]     enabled, n_examples, n_cam, eps_factors, pgd_steps, embedding (robustbench_kd.reporting)
+                                                      (robustbench_kd.analysis.diagnostics.section; off by default)
+    [report]     enabled, n_examples, n_cam, eps_factors, pgd_steps, embedding (robustbench_kd.analysis.reports)
 
 Unknown sections or keys are errors that list the valid ones.
 """
@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .diagnostics.section import DiagnosticsSection
-from .errors import UserError, close_matches
-from .reporting.section import ReportSection
-from .speed_config import EmaSection, SpeedSection
-from .threat import ThreatSpec, parse_number
+from robustbench_kd.analysis.diagnostics.section import DiagnosticsSection
+from robustbench_kd.errors import UserError, close_matches
+from robustbench_kd.analysis.reports.section import ReportSection
+from robustbench_kd.scale.sections import EmaSection, SpeedSection
+from robustbench_kd.threat import ThreatSpec, parse_number
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "exponential", "constant")
 SELECT_METRICS = ("pgd", "clean")  #: validation metrics eval.select may rank epochs by
@@ -106,7 +106,7 @@ class DataSection:
             raise UserError("data.extra_path and data.extra_fraction go together: set both (e.g. extra_fraction "
                             "= 0.7 with extra_path = \"5m.npz\") or neither")
         if self.extra_path is not None:
-            from .extra_data import batch_split  # the one definition of the split; imports torch, so only here
+            from robustbench_kd.data.extra import batch_split  # the one definition of the split; imports torch, so only here
 
             real, extra = batch_split(self.batch_size, f)
             if extra == 0 or real == 0:
@@ -188,7 +188,7 @@ class EvalSection:
                             f"{close_matches(self.select, SELECT_METRICS)}")
         if self.every < 0:
             raise UserError(f"eval.every must be >= 0 (0: no evaluation during training), got {self.every}")
-        from .evaluation.runner import VALID_ATTACKS  # fail now, not after training
+        from robustbench_kd.evaluation.runner import VALID_ATTACKS  # fail now, not after training
 
         for name in self.attacks:
             if name not in VALID_ATTACKS:

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .teachers import TeacherSet
-from .threat import ThreatSpec
+from robustbench_kd.teachers import TeacherSet
+from robustbench_kd.threat import ThreatSpec
 
 
 @dataclass

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError, close_matches
+from robustbench_kd.errors import UserError, close_matches
 
 if TYPE_CHECKING:
-    from .context import BatchContext
-    from .threat import ThreatSpec
+    from robustbench_kd.context import BatchContext
+    from robustbench_kd.threat import ThreatSpec
 
 ATTACK_INITS = ("uniform", "gauss", "none")
 STUDENT_MODES = ("train", "eval")
@@ -199,7 +199,7 @@ class Distiller(nn.Module, ABC):
     def on_train_start(self, run: Any) -> None:
         """Hook once before the first epoch (also after a resume, with the method state restored).
 
-        ``run`` is the :class:`robustbench_kd.run_setup.Run`: ``run.config`` gives the optimiser
+        ``run`` is the :class:`robustbench_kd.training.setup.Run`: ``run.config`` gives the optimiser
         schedule (e.g. MTARD decays its weight-update rate at ``run.config.optim.milestones``),
         ``run.data`` the training set size, ``run.epoch`` the epochs already done. Default: nothing.
         """

@@ -23,3 +23,10 @@ def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> str:
     if not found:
         found = [c.lower() for c in pool if word.lower() in c.lower()][:n]
     return f" (did you mean: {', '.join(lowered[f] for f in found)}?)" if found else ""
+
+
+def check_choice(option: str, value: object, choices: Iterable[str]) -> None:
+    """Raise ``UserError("method.<option> must be one of a, b, got 'x'")`` unless ``value`` is a choice."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise UserError(f"method.{option} must be one of {', '.join(choices)}, got {value!r}")

@@ -24,10 +24,10 @@ import pluggy
 if TYPE_CHECKING:
     from torch import nn
 
-    from .attacks import AttackLoss
-    from .context import BatchContext
-    from .distiller import AttackSpec, Distiller, LossOutput
-    from .registry import Registrar
+    from robustbench_kd.attacks import AttackLoss
+    from robustbench_kd.context import BatchContext
+    from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput
+    from robustbench_kd.registry import Registrar
 
 hookspec = pluggy.HookspecMarker("robustbench_kd")
 hookimpl = pluggy.HookimplMarker("robustbench_kd")
@@ -106,7 +106,7 @@ def rbkd_make_attack(distiller: Distiller, student: nn.Module, spec: AttackSpec,
 def rbkd_train_start(run: Any) -> None:
     """Called once before the first epoch (also after a resume).
 
-    :param run: the :class:`robustbench_kd.run_setup.Run` (config, student, distiller, out_dir, ...).
+    :param run: the :class:`robustbench_kd.training.setup.Run` (config, student, distiller, out_dir, ...).
     """
 
 

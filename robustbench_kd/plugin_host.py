@@ -19,9 +19,9 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import UserError
-from .registry import Registry
+from robustbench_kd import hookspecs
+from robustbench_kd.errors import UserError
+from robustbench_kd.registry import Registry
 
 log = logging.getLogger(__name__)
 

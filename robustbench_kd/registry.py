@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UserError, close_matches
+from robustbench_kd.errors import UserError, close_matches
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
   ``combine="probs"`` it returns log(sum_i beta_i softmax(z_i)), whose softmax is exactly the
   weighted mean of the members' probabilities; with ``combine="logits"`` it returns
   sum_i beta_i z_i. Either way it looks like one teacher returning logits. Members of one
-  architecture are evaluated in one vectorised call (:mod:`robustbench_kd.ensemble_vmap`), others
+  architecture are evaluated in one vectorised call (:mod:`robustbench_kd.scale.vectorised_ensemble`), others
   in a loop; ``vectorize`` chooses.
 * :class:`TeacherSet` maps roles (``robust``, ``natural``, ...) to teachers.
 * A spec is ``scheme:ref`` -- ``robustbench:cifar10/Linf/Carmon2019Unlabeled`` or
@@ -27,8 +27,8 @@ from urllib.parse import parse_qsl
 import torch
 from torch import Tensor, nn
 
-from .ensemble_vmap import StackedMembers, architecture_mismatch
-from .errors import UserError
+from robustbench_kd.scale.vectorised_ensemble import StackedMembers, architecture_mismatch
+from robustbench_kd.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class EnsembleTeacher(nn.Module):
     * ``combine="logits"``: sum_i beta_i z_i.
 
     The z_i come from one vectorised call over stacked weights when the members share one
-    architecture (:mod:`robustbench_kd.ensemble_vmap`), otherwise from a loop; both give the same
+    architecture (:mod:`robustbench_kd.scale.vectorised_ensemble`), otherwise from a loop; both give the same
     output and the same input gradient (within float rounding).
 
     ``"auto"`` vectorises on accelerators only: on CPU the vectorised call (a grouped convolution)
@@ -243,7 +243,7 @@ class TeacherSpec:
             raise UserError(f"teacher spec {text!r} names no model after '{scheme}:'")
         options = dict(parse_qsl(query))
         pinned = options.pop("sha256", None)
-        from .checkpoint import parse_sha256
+        from robustbench_kd.storage.checkpoint import parse_sha256
 
         digests = parse_sha256(pinned, where=f"teacher spec {text!r}") if pinned is not None else ()
         return cls(scheme=scheme.strip().lower(), ref=ref.strip(), options=options, text=text, sha256=digests)

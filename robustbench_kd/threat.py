@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .errors import UserError
+from robustbench_kd.errors import UserError
 
 NORMS = ("Linf", "L2")
 

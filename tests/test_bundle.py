@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from robustbench_kd.bundle import (
+from robustbench_kd.submission.bundle import (
     ZooConstructor,
     constructor_for_spec,
     format_zoo_entry,
@@ -134,8 +134,7 @@ def test_autoattack_log_is_the_runs_log(evaluated):
 
 
 def test_zoo_entry_loads_the_checkpoint_through_robustbench(evaluated):
-    from robustbench_kd import compat
-
+    from robustbench_kd.zoo import compat
     compat.import_robustbench()
     from robustbench.utils import load_model
 
@@ -182,7 +181,7 @@ def test_distill_ends_with_a_bundle_whose_zoo_entry_rebuilds_the_student(tmp_pat
     from robustbench_kd_plugins.teacher_sources import build_network_from_file
 
     from robustbench_kd.config import load_config
-    from robustbench_kd.pipeline import distill
+    from robustbench_kd.jobs.pipeline import distill
 
     config = tmp_path / "run.toml"
     config.write_text(textwrap.dedent(f"""
@@ -260,8 +259,7 @@ def test_student_constructor_rebuilds_the_exact_architecture(arch, options, nati
     "Gowal2020Uncovering_28_10_extra",  # lambda with module constants (CIFAR10_MEAN, Swish)
 ])
 def test_zoo_entry_constructor_rebuilds_zoo_architectures(name):
-    from robustbench_kd import zoo
-
+    from robustbench_kd.zoo import models as zoo
     constructor = zoo_entry_constructor("cifar10", "Linf", name)
     assert constructor.in_robustbench and not constructor.placeholder
     with torch.device("meta"):
@@ -326,7 +324,7 @@ def test_bundle_concatenates_shard_logs_and_lists_what_is_missing(tmp_path):
 
 
 def test_no_standard_autoattack_means_no_bundle(tmp_path):
-    from robustbench_kd.report import evaluate_and_write
+    from robustbench_kd.evaluation.final_report import evaluate_and_write
 
     x, y = torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
     report = evaluate_and_write(tiny_model(), x, y, label="t", model_id="NoAA2026Run", dataset="cifar10",
@@ -338,7 +336,7 @@ def test_no_standard_autoattack_means_no_bundle(tmp_path):
 
 @pytest.mark.parametrize("reported,expected", [("62.5", 0.625), ("59.53%", 0.5953), (None, None)])
 def test_reported_is_a_percentage(reported, expected):
-    from robustbench_kd.report import _reported_fraction
+    from robustbench_kd.evaluation.final_report import _reported_fraction
 
     value = _reported_fraction(reported)
     assert value is None if expected is None else value == pytest.approx(expected)
@@ -346,7 +344,7 @@ def test_reported_is_a_percentage(reported, expected):
 
 @pytest.mark.parametrize("reported", ["abc", "120", "nan"])
 def test_reported_out_of_range_is_a_user_error(reported):
-    from robustbench_kd.report import _reported_fraction
+    from robustbench_kd.evaluation.final_report import _reported_fraction
 
     with pytest.raises(UserError, match="model_info.reported must be a percentage"):
         _reported_fraction(reported)

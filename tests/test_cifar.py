@@ -1,4 +1,4 @@
-"""robustbench_kd.cifar and the CIFAR/zoo fixtures: tiny datasets on disk, read as tensors offline."""
+"""robustbench_kd.data.cifar and the CIFAR/zoo fixtures: tiny datasets on disk, read as tensors offline."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustbench_kd.cifar import load_cifar
+from robustbench_kd.data.cifar import load_cifar
 from robustbench_kd.errors import UserError
 from robustbench_kd.testing.fixtures import make_tiny_cifar, patch_cifar_integrity, tiny_zoo_entry
 
@@ -98,8 +98,7 @@ def test_unknown_dataset_name(tmp_path: Path) -> None:
 def test_patch_cifar_integrity_serves_robustbench_data_and_restores(tmp_path: Path, no_network: None) -> None:
     import torchvision.datasets.cifar as tv_cifar
 
-    from robustbench_kd import compat
-
+    from robustbench_kd.zoo import compat
     compat.import_robustbench()
     from robustbench.data import load_cifar10
 
@@ -114,8 +113,7 @@ def test_patch_cifar_integrity_serves_robustbench_data_and_restores(tmp_path: Pa
 
 
 def test_tiny_zoo_entry_restores_the_zoo() -> None:
-    from robustbench_kd import zoo
-
+    from robustbench_kd.zoo import models as zoo
     before = zoo.zoo_names("cifar10", "Linf")
     with tiny_zoo_entry("Standard", lambda: torch.nn.Identity()) as entry:
         assert entry["gdrive_id"] == "offline-test"

@@ -1,4 +1,4 @@
-"""robustbench_kd.compat: robustbench importable with PyPI's pyautoattack, fra31's AutoAttack API."""
+"""robustbench_kd.zoo.compat: robustbench importable with PyPI's pyautoattack, fra31's AutoAttack API."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustbench_kd import compat
+from robustbench_kd.zoo import compat
 from robustbench_kd.errors import UserError
 from robustbench_kd.testing.fixtures import make_tiny_cifar, patch_cifar_integrity
 

@@ -66,7 +66,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_unknown_method_option_lists_valid_ones(host):
-    from robustbench_kd.builders import build_distiller
+    from robustbench_kd.training.builders import build_distiller
 
     cfg = load_config(None, ['method.name="rslad"', "method.temprature=2"])
     with pytest.raises(UserError, match=r"unknown option method.temprature for method 'rslad'.*valid options"):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from robustbench_kd.diagnostics import metrics as M
-from robustbench_kd.diagnostics import trajectories
+from robustbench_kd.analysis.diagnostics import metrics as M
+from robustbench_kd.analysis.diagnostics import trajectories
 
 
 def test_entropy_by_hand():

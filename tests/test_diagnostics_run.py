@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from robustbench_kd.config import config_from_mapping
-from robustbench_kd.data import to_float
-from robustbench_kd.diagnostics import metrics as M
+from robustbench_kd.data.datasets import to_float
+from robustbench_kd.analysis.diagnostics import metrics as M
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.testing.runs import tiny_digits_raw
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 
 ALL = ["entropy", "calibration", "agreement", "per_class", "trajectories"]
 
@@ -44,7 +44,7 @@ def teacher_file(tmp_path_factory):
 
 def test_diagnostics_off_add_no_forward_pass(tmp_path, monkeypatch):
     """Default config: exactly the forwards of a run without the plugin at all, and collect never runs."""
-    from robustbench_kd.diagnostics import collect
+    from robustbench_kd.analysis.diagnostics import collect
 
     monkeypatch.setattr(collect, "collect", lambda *a: pytest.fail("diagnostics ran while off"))
     counts = []

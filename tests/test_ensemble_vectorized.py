@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustbench_kd.builders import load_role
+from robustbench_kd.training.builders import load_role
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost

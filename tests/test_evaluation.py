@@ -10,7 +10,7 @@ import torch
 import torchattacks
 from torch import nn
 
-from robustbench_kd import compat
+from robustbench_kd.zoo import compat
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation import (
     VALID_ATTACKS,

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from robustbench_kd.config import config_from_mapping
-from robustbench_kd.data import epoch_generator, iterate_batches
+from robustbench_kd.data.datasets import epoch_generator, iterate_batches
 from robustbench_kd.errors import UserError
-from robustbench_kd.extra_data import batch_split, mix_extra, open_extra
-from robustbench_kd.npz_mmap import memmap_npz
-from robustbench_kd.trainer import train
+from robustbench_kd.data.extra import batch_split, mix_extra, open_extra
+from robustbench_kd.data.npz_mmap import memmap_npz
+from robustbench_kd.training.loop import train
 
 
 def write_extra(path, n=40, shape=(8, 8, 1), num_classes=10, **keys):

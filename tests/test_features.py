@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustbench_kd.errors import UserError
-from robustbench_kd.features import FeatureMapLocation, FeatureTap, cam, final_linear, locate_feature_map
+from robustbench_kd.methods.features import FeatureMapLocation, FeatureTap, cam, final_linear, locate_feature_map
 from robustbench_kd.students import build_student
 
 

@@ -64,7 +64,7 @@ class Sandbox:
     def checkpoint(self, name: str = "teacher.pt", *, num_classes: int = 10, in_channels: int = 1,
                    record_arch: bool = True, **extra: Any) -> str:
         """A small-cnn checkpoint in our format (digits-shaped unless told otherwise)."""
-        from robustbench_kd.checkpoint import save_checkpoint
+        from robustbench_kd.storage.checkpoint import save_checkpoint
         from robustbench_kd.students import build_student
 
         net = build_student("small-cnn", num_classes=num_classes, in_channels=in_channels, image_size=8)
@@ -140,7 +140,7 @@ def _previous_run(box: Sandbox, method: str = "trades") -> None:
 EMPTY_DATASET = """
     import torch
     from robustbench_kd import hookimpl
-    from robustbench_kd.data import DataSplits
+    from robustbench_kd.data.datasets import DataSplits
 
     def _empty(config):
         x = torch.zeros(0, 1, 8, 8)

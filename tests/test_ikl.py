@@ -1,4 +1,4 @@
-"""The DKL/IKL loss pieces (``robustbench_kd.ikl``): hand values, the KL equivalence, the class prior."""
+"""The DKL/IKL loss pieces (``robustbench_kd.methods.divergence``): hand values, the KL equivalence, the class prior."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from robustbench_kd.errors import UserError
-from robustbench_kd.ikl import (
+from robustbench_kd.methods.divergence import (
     ClassPrior,
     check_divergence_options,
     dkl_per_sample,
@@ -19,7 +19,7 @@ from robustbench_kd.ikl import (
     wmse_pairwise_per_sample,
     wmse_per_sample,
 )
-from robustbench_kd.losses import kl_logits_per_sample
+from robustbench_kd.methods.losses import kl_logits_per_sample
 
 O_T = [[1.0, -0.5, 2.0], [0.3, 0.1, -1.2]]  # target side (teacher / natural), B = 2, C = 3
 O_L = [[0.2, 0.7, 1.1], [-0.4, 0.9, 0.0]]   # learner side (student / adversarial)

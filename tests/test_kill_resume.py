@@ -27,13 +27,13 @@ import pytest
 import torch
 import yaml
 
-import robustbench_kd.io as rbkd_io
-from robustbench_kd import trainer
-from robustbench_kd.checkpoint import load_checkpoint, save_checkpoint
+import robustbench_kd.storage.atomic as rbkd_io
+from robustbench_kd.training import loop as trainer
+from robustbench_kd.storage.checkpoint import load_checkpoint, save_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.testing.runs import tiny_digits_raw
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 
 # Installed in the subprocess only: RBKD_TEST_KILL="N:mode" kills the process with SIGKILL in the N-th
 # atomic write of last.pt (1-based, counted per process). partial: after half of a chunk of the temp file;
@@ -43,7 +43,7 @@ SITECUSTOMIZE = '''
 import contextlib, os, signal
 spec = os.environ.get("RBKD_TEST_KILL")
 if spec:
-    import robustbench_kd.io as io
+    import robustbench_kd.storage.atomic as io
     at, mode = spec.split(":")
     at, real, count = int(at), io._atomic_binary_file, [0]
 

@@ -14,7 +14,7 @@ from robustbench_kd.config import config_from_mapping
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.testing.fixtures import make_tiny_cifar, save_random_zoo_checkpoint
 from robustbench_kd.testing.runs import random_teacher_spec
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 
 METHODS = PluginHost.create(autoload=False).methods.names()
 ZOO_TEACHER = "Ding2020MMA"  # WRN-28-4, a real zoo architecture small enough for a CPU step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from robustbench_kd.metric_sums import MetricSums
+from robustbench_kd.training.metric_sums import MetricSums
 
 
 def test_sums_are_batch_weighted_and_merge_groups_by_name():

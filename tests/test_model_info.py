@@ -18,7 +18,7 @@ from robustbench_kd.evaluation import (
     validate_model_info,
     write_model_info,
 )
-from robustbench_kd.io import atomic_torch_save, atomic_write_text
+from robustbench_kd.storage.atomic import atomic_torch_save, atomic_write_text
 from robustbench_kd.testing.fixtures import CARMON2019_MODEL_INFO
 
 CARMON = CARMON2019_MODEL_INFO
@@ -189,7 +189,7 @@ def test_atomic_write_text_keeps_previous_file_on_error(tmp_path) -> None:
 
 
 def test_atomic_torch_save_keeps_previous_file_when_a_write_fails_midway(tmp_path, monkeypatch) -> None:
-    import robustbench_kd.io as rio
+    import robustbench_kd.storage.atomic as rio
 
     path = tmp_path / "model.pt"
     atomic_torch_save({"w": torch.ones(2)}, path)
@@ -231,8 +231,7 @@ class Wrapped(nn.Module):
 
 
 def test_save_zoo_checkpoint_round_trips_through_robustbench_load_model(tmp_path, monkeypatch) -> None:
-    from robustbench_kd import compat
-
+    from robustbench_kd.zoo import compat
     compat.import_robustbench()
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel

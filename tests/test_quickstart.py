@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from robustbench_kd.quickstart import STUDENT_ID, TEACHER_ID, run_quickstart
+from robustbench_kd.jobs.quickstart import STUDENT_ID, TEACHER_ID, run_quickstart
 
 LEADERBOARD_KEYS = ["link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
                     "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "unreliable"]

@@ -11,18 +11,18 @@ import yaml
 from PIL import Image
 
 from robustbench_kd.cli import main
-from robustbench_kd.diagnostics.section import DIAGNOSTICS
-from robustbench_kd.reporting.analyses import (
+from robustbench_kd.analysis.diagnostics.section import DIAGNOSTICS
+from robustbench_kd.analysis.reports.analyses import (
     accuracy_vs_eps,
     correlation_difference,
     logit_correlation,
     normalized_cams,
     pca_embedding,
 )
-from robustbench_kd.reporting.compare import robust_key
-from robustbench_kd.reporting.diagnostics_report import FIGURES as DIAGNOSTIC_FIGURES
-from robustbench_kd.reporting.metrics import read_metric_series
-from robustbench_kd.reporting.run_report import FIGURES
+from robustbench_kd.analysis.reports.compare import robust_key
+from robustbench_kd.analysis.reports.diagnostics_report import FIGURES as DIAGNOSTIC_FIGURES
+from robustbench_kd.analysis.reports.metrics import read_metric_series
+from robustbench_kd.analysis.reports.run_report import FIGURES
 from robustbench_kd.students import build_student
 
 # Columns (classes) over 3 samples. Teacher: c0 = (1,2,3), c1 = (0,1,0), c2 = (0,0,1); the student swaps c1, c2.
@@ -197,7 +197,7 @@ def test_bad_run_dir_is_a_one_line_error(tmp_path, capsys, several):
 
 
 def test_documents_render_markdown_html_and_overview(tmp_path):
-    from robustbench_kd.reporting.document import (
+    from robustbench_kd.analysis.reports.document import (
         Figure,
         Heading,
         Paragraph,

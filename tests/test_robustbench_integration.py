@@ -11,7 +11,7 @@ from robustbench_kd.cli import main
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.testing.fixtures import make_tiny_cifar, patch_cifar_integrity, save_random_zoo_checkpoint
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 
 ZOO_TEACHER = "Ding2020MMA"  # a real zoo architecture (WRN-28-4) small enough for CPU tests
 
@@ -59,7 +59,7 @@ def test_unknown_zoo_name_lists_close_matches(tmp_path, host):
 
 def test_evaluate_command_matches_robustbench_benchmark(tmp_path, monkeypatch, capsys):
     """`robustbench-kd evaluate` reports the same clean and AutoAttack accuracy as benchmark()."""
-    from robustbench_kd import compat
+    from robustbench_kd.zoo import compat
     from robustbench_kd.students import build_student
 
     robustbench = compat.import_robustbench()

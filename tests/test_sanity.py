@@ -14,7 +14,7 @@ from torch import nn
 
 from robustbench_kd.cli import main
 from robustbench_kd.config import config_from_mapping
-from robustbench_kd.data import to_float
+from robustbench_kd.data.datasets import to_float
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation import (
     SANITY_CHECKS,
@@ -24,11 +24,11 @@ from robustbench_kd.evaluation import (
     run_autoattack,
     run_sanity_checks,
 )
-from robustbench_kd.pipeline import evaluate_run, evaluate_spec
+from robustbench_kd.jobs.pipeline import evaluate_run, evaluate_spec
 from robustbench_kd.plugin_host import PluginHost
-from robustbench_kd.report import evaluate_and_write
+from robustbench_kd.evaluation.final_report import evaluate_and_write
 from robustbench_kd.teachers import Teacher, TeacherSet
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 
 pytestmark = pytest.mark.single_thread
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from robustbench_kd import hookimpl
 from robustbench_kd.cli import main
-from robustbench_kd.data import DataSplits
+from robustbench_kd.data.datasets import DataSplits
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation import evaluate_model, run_autoattack
 from robustbench_kd.evaluation.autoattack import autoattack_state, read_autoattack_state
@@ -24,7 +24,7 @@ from robustbench_kd.evaluation.shards import (
     shard_bounds,
     shard_file,
 )
-from robustbench_kd.pipeline import evaluate_spec
+from robustbench_kd.jobs.pipeline import evaluate_spec
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.testing.fixtures import make_tiny_cifar, tiny_zoo_entry
 
@@ -457,8 +457,7 @@ def test_autoattacks_own_finished_state_file_is_read(tmp_path: Path, monkeypatch
 
 def test_adapter_and_benchmark_resume_through_a_state_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fra31's API and robustbench's benchmark(aa_state_path=...) work with a state file, resumed too."""
-    from robustbench_kd import compat
-
+    from robustbench_kd.zoo import compat
     robustbench = compat.import_robustbench()
     import robustbench.eval as rb_eval
     from autoattack.state import EvaluationState

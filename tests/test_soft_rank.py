@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from robustbench_kd.soft_rank import (
+from robustbench_kd.methods.soft_rank import (
     hard_rank,
     near_tie_fraction,
     soft_rank,

@@ -9,16 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustbench_kd.checkpoint import load_checkpoint
+from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
-from robustbench_kd.speed import SpeedPlan, check_autocast
-from robustbench_kd.speed_config import SpeedSection
+from robustbench_kd.scale.precision import SpeedPlan, check_autocast
+from robustbench_kd.scale.sections import SpeedSection
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.testing.contract import contract_batch
 from robustbench_kd.testing.runs import random_teacher_spec, tiny_digits_raw
-from robustbench_kd.trainer import setup_run, train, train_one_epoch
+from robustbench_kd.training.loop import setup_run, train, train_one_epoch
 
 CPU = torch.device("cpu")
 
@@ -157,7 +157,7 @@ def test_train_with_each_switch_runs_and_resumes_exactly(tmp_path, host, digits_
 
 
 def test_compiled_run_exports_and_evaluates_the_plain_student(tmp_path, host, digits_teacher):
-    from robustbench_kd.pipeline import distill
+    from robustbench_kd.jobs.pipeline import distill
 
     cfg = digits_config(tmp_path / "r", digits_teacher, {"compile": "student", "compile_backend": "eager"},
                         epochs=1, eval={"attacks": ["clean"], "final_n_examples": 16, "teachers": False,

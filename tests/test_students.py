@@ -87,8 +87,7 @@ def test_normalize_validation(normalize: object, message: str) -> None:
 
 
 def test_robustbench_classes_are_used() -> None:
-    from robustbench_kd import compat
-
+    from robustbench_kd.zoo import compat
     compat.import_robustbench()
     from robustbench.model_zoo.architectures.resnet import PreActResNet, ResNet  # noqa: E402
     from robustbench.model_zoo.architectures.wide_resnet import WideResNet  # noqa: E402

@@ -102,7 +102,7 @@ def test_spec_without_scheme_explains_the_format():
 
 
 def test_unknown_scheme_lists_registered_ones(host):
-    from robustbench_kd.builders import load_teacher
+    from robustbench_kd.training.builders import load_teacher
     from robustbench_kd.teachers import TeacherLoadContext
 
     ctx = TeacherLoadContext(dataset="digits", num_classes=10, in_channels=1, image_size=8)

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from robustbench_kd.checkpoint import load_checkpoint
+from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.testing.runs import tiny_digits_raw
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 
 
 def digits_config(out_dir, **sections):
@@ -123,7 +123,7 @@ def test_student_init_from_a_checkpoint(tmp_path, host):
     first = train(digits_config(tmp_path / "a", optim={"epochs": 1, "lr": 0.05}), host=host)
     cfg = digits_config(tmp_path / "b", student={"arch": "small-cnn", "options": {"width": 0.5},
                                                  "init_from": str(tmp_path / "a" / "checkpoints" / "last.pt")})
-    from robustbench_kd.trainer import setup_run
+    from robustbench_kd.training.loop import setup_run
 
     run = setup_run(cfg, host)
     for key, value in first.student.state_dict().items():
@@ -166,7 +166,7 @@ def test_distiller_sees_the_run_before_training(tmp_path):
 def test_optimizer_updates_equal_the_per_parameter_sgd_bitwise(tmp_path, host, nesterov):
     """The library's multi-tensor SGD gives exactly the updates of torch's default per-parameter loop on CPU."""
     from robustbench_kd.students import build_student
-    from robustbench_kd.trainer import build_optimizer
+    from robustbench_kd.training.loop import build_optimizer
 
     cfg = config_from_mapping(tiny_digits_raw(tmp_path, merge={"optim": {"nesterov": nesterov}}))
     torch.manual_seed(0)

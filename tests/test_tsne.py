@@ -1,4 +1,4 @@
-"""Exact t-SNE for the report (robustbench_kd.reporting.tsne): perplexity search, P, embedding, errors."""
+"""Exact t-SNE for the report (robustbench_kd.analysis.reports.tsne): perplexity search, P, embedding, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from robustbench_kd.reporting.tsne import (
+from robustbench_kd.analysis.reports.tsne import (
     conditional_probabilities,
     joint_probabilities,
     squared_distances,
@@ -122,7 +122,7 @@ def test_constant_features_give_no_nan() -> None:
 
 def test_perplexity_is_clipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     x = torch.randn(10, 4, generator=torch.Generator().manual_seed(2))
-    with caplog.at_level(logging.WARNING, logger="robustbench_kd.reporting.tsne"):
+    with caplog.at_level(logging.WARNING, logger="robustbench_kd.analysis.reports.tsne"):
         y, kl = tsne_embedding(x, perplexity=30.0, iterations=50)
     assert "clipped to 3" in caplog.text
     y_explicit, kl_explicit = tsne_embedding(x, perplexity=3.0, iterations=50)  # (N - 1) / 3 = 3

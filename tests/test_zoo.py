@@ -1,4 +1,4 @@
-"""robustbench_kd.zoo: zoo teachers by name, offline, with one-line errors and no surprise downloads."""
+"""robustbench_kd.zoo.models: zoo teachers by name, offline, with one-line errors and no surprise downloads."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustbench_kd import zoo
+from robustbench_kd.zoo import models as zoo
 from robustbench_kd.errors import UserError
 from robustbench_kd.testing.fixtures import save_random_zoo_checkpoint, tiny_zoo_entry
 
@@ -70,7 +70,7 @@ def _zoo_factory(name: str, dataset: str = "cifar10", threat_model: str = "Linf"
 
 
 def test_importing_our_modules_does_not_import_robustbench() -> None:
-    code = ("import sys, robustbench_kd.zoo, robustbench_kd.compat, robustbench_kd.cifar, "
+    code = ("import sys, robustbench_kd.zoo.models, robustbench_kd.zoo.compat, robustbench_kd.data.cifar, "
             "robustbench_kd.testing.fixtures; "
             "heavy = [m for m in ('robustbench', 'timm', 'torchvision', 'pyautoattack') if m in sys.modules]; "
             "assert not heavy, heavy")

@@ -14,10 +14,10 @@ Importing this package does not import robustbench; AutoAttack is imported when 
 
 from __future__ import annotations
 
-from .attacks import cw_margin_loss, fgsm, pgd
-from .autoattack import AUTOATTACK_VERSIONS, AutoAttackResult, run_autoattack
-from .export import imagenet_zoo_model, save_zoo_checkpoint, zoo_checkpoint_path
-from .model_info import (
+from robustbench_kd.evaluation.attacks import cw_margin_loss, fgsm, pgd
+from robustbench_kd.evaluation.autoattack import AUTOATTACK_VERSIONS, AutoAttackResult, run_autoattack
+from robustbench_kd.evaluation.export import imagenet_zoo_model, save_zoo_checkpoint, zoo_checkpoint_path
+from robustbench_kd.evaluation.model_info import (
     LEADERBOARD_KEYS,
     THREAT_MODELS,
     build_model_info,
@@ -26,8 +26,8 @@ from .model_info import (
     validate_model_info,
     write_model_info,
 )
-from .runner import VALID_ATTACKS, EvalResult, evaluate_model
-from .sanity import (
+from robustbench_kd.evaluation.runner import VALID_ATTACKS, EvalResult, evaluate_model
+from robustbench_kd.evaluation.sanity import (
     SANITY_CHECKS,
     SanityReport,
     check_eps_units,

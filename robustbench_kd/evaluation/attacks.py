@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UserError
-from ..threat import NORMS, validate_eps
+from robustbench_kd.errors import UserError
+from robustbench_kd.threat import NORMS, validate_eps
 
 __all__ = ["ATTACK_LOSSES", "check_inputs", "cw_margin_loss", "fgsm", "pgd"]
 

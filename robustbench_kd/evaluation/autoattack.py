@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
-from ..io import atomic_write_text
-from ..threat import NORMS, parse_number, validate_eps
-from .attacks import check_inputs
+from robustbench_kd.errors import UserError
+from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.threat import NORMS, parse_number, validate_eps
+from robustbench_kd.evaluation.attacks import check_inputs
 
 __all__ = [
     "AA_LOGGER_NAME",
@@ -305,8 +305,7 @@ def run_autoattack(
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
 
-    from .. import compat
-
+    from robustbench_kd.zoo import compat
     compat.install()
     if version == "quick":
         aa_version, to_run = "custom", list(QUICK_ATTACKS)
@@ -656,7 +655,7 @@ def run_resumable(
 ) -> ResumableRun:
     """Run ``adversary``'s attacks on ``(x, y)``, resumably, through ``state_path``.
 
-    ``adversary`` is an AutoAttack object with fra31's API (``robustbench_kd.compat.AutoAttack``, or
+    ``adversary`` is an AutoAttack object with fra31's API (``robustbench_kd.zoo.compat.AutoAttack``, or
     fra31's own). Its official ``run_standard_evaluation`` is called with ``attacks_to_run`` set to
     one attack and the next ``batch_size`` still-robust points: exactly the batches a single
     uninterrupted call makes (it also attacks, attack by attack, the points still robust, in index
@@ -671,8 +670,7 @@ def run_resumable(
     per batch; their warnings are collected once. Square's success check runs once at the end over
     the accuracies after every attack, as in a single call.
     """
-    from .. import compat
-
+    from robustbench_kd.zoo import compat
     path = Path(state_path)
     attacks = list(adversary.attacks_to_run)
     y = y.long()

@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..io import atomic_write_text
-from ..threat import format_eps, parse_number, validate_eps
+from robustbench_kd.errors import UserError
+from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.threat import format_eps, parse_number, validate_eps
 
 __all__ = [
     "LEADERBOARD_KEYS",

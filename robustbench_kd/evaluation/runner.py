@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..errors import UserError, close_matches
-from ..threat import NORMS, format_eps, parse_number, validate_eps
-from .attacks import check_inputs, fgsm, pgd
-from .autoattack import (
+from robustbench_kd.errors import UserError, close_matches
+from robustbench_kd.threat import NORMS, format_eps, parse_number, validate_eps
+from robustbench_kd.evaluation.attacks import check_inputs, fgsm, pgd
+from robustbench_kd.evaluation.autoattack import (
     AUTOATTACK_VERSIONS,
     model_device,
     predict_correct,

@@ -23,7 +23,7 @@ al. 2019, "On Evaluating Adversarial Robustness"; AutoAttack's flags):
   attacks, randomness, probability outputs, dynamic forward) becomes a reason.
 
 Any failed check makes the report unreliable, with a one-line reason each, and is logged as a
-warning; :func:`robustbench_kd.report.evaluate_and_write` then writes ``"unreliable": true`` and the
+warning; :func:`robustbench_kd.evaluation.final_report.evaluate_and_write` then writes ``"unreliable": true`` and the
 reasons into the leaderboard entry's ``footnote``. Checks that could not run (no teacher, eps = 0)
 are listed in ``skipped`` and do not count against the model.
 """
@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UserError
-from ..threat import NORMS, format_eps, parse_number, validate_eps
-from .attacks import check_inputs, fgsm, pgd
-from .autoattack import MISMATCH_FLAG_PREFIX, model_device, predict_correct, rng_devices
-from .runner import EvalResult
+from robustbench_kd.errors import UserError
+from robustbench_kd.threat import NORMS, format_eps, parse_number, validate_eps
+from robustbench_kd.evaluation.attacks import check_inputs, fgsm, pgd
+from robustbench_kd.evaluation.autoattack import MISMATCH_FLAG_PREFIX, model_device, predict_correct, rng_devices
+from robustbench_kd.evaluation.runner import EvalResult
 
 __all__ = ["SANITY_CHECKS", "SanityReport", "check_eps_units", "check_evaluation", "run_sanity_checks"]
 

@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
-from ..io import atomic_write_text
-from ..threat import format_eps, parse_number
-from .autoattack import autoattack_state, data_fingerprint, model_fingerprint
-from .runner import EvalResult, evaluate_model
+from robustbench_kd.errors import UserError
+from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.threat import format_eps, parse_number
+from robustbench_kd.evaluation.autoattack import autoattack_state, data_fingerprint, model_fingerprint
+from robustbench_kd.evaluation.runner import EvalResult, evaluate_model
 
 __all__ = [
     "SHARD_FORMAT",
@@ -131,9 +131,9 @@ def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, 
     in pixel units is refused first, as in an unsharded evaluation. Returns a ``ModelReport`` for the
     shard (its ``results_path`` is the shard file).
     """
-    from .sanity import check_eps_units
-    from ..report import ModelReport
-    from .model_info import validate_model_id
+    from robustbench_kd.evaluation.sanity import check_eps_units
+    from robustbench_kd.evaluation.final_report import ModelReport
+    from robustbench_kd.evaluation.model_info import validate_model_id
 
     model_id = validate_model_id(model_id)
     index, count = shard
@@ -154,13 +154,13 @@ def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, 
                                 progress=progress)
     sanity_report = None
     if sanity:
-        from .sanity import check_evaluation
+        from robustbench_kd.evaluation.sanity import check_evaluation
 
         sanity_report = check_evaluation(model, x[start:stop], y[start:stop], result, teacher=teacher,
                                          device=device, batch_size=batch_size)
     seconds = time.perf_counter() - began
 
-    from .. import __version__
+    from robustbench_kd import __version__
 
     settings = {
         "model_id": model_id,
@@ -203,7 +203,7 @@ def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, 
                          n_examples=result.n_examples, flags=list(result.autoattack_flags), results_path=path,
                          sanity=sanity_report)
     if index == 0:
-        from .export import save_zoo_checkpoint
+        from robustbench_kd.evaluation.export import save_zoo_checkpoint
 
         report.checkpoint_path = save_zoo_checkpoint(model, out_dir, dataset=dataset, threat_model=norm,
                                                      model_id=model_id)
@@ -405,8 +405,8 @@ def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any
     bundle (it needs AutoAttack's log of one uninterrupted run).
     Returns a ``ModelReport``.
     """
-    from ..config import ModelInfoSection
-    from ..report import ModelReport, _write_model_info
+    from robustbench_kd.config import ModelInfoSection
+    from robustbench_kd.evaluation.final_report import ModelReport, _write_model_info
 
     result, settings, model_id = merged.result, merged.settings, merged.model_id
     out_dir = Path(out_dir)

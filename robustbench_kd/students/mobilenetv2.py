@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
+from robustbench_kd.errors import UserError
 
 #: (expansion factor t, output channels c, repeats n, stride s of the first repeat), CIFAR strides.
 CIFAR_CONFIG: tuple[tuple[int, int, int, int], ...] = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
+from robustbench_kd.errors import UserError
 
 #: Channel widths at ``width=1.0``: three 3x3 conv layers and the 128-wide hidden "fc" layer.
 BASE_CHANNELS = (32, 32, 64)
@@ -22,7 +22,7 @@ class SmallCNN(nn.Module):
     The 128-wide hidden fully-connected layer is a 1x1 convolution applied at every spatial position
     *before* global average pooling (a per-position fully-connected layer), so the input of the final
     ``nn.Linear`` is exactly the spatial mean of the ``features`` output. That keeps the network
-    usable with class-activation-map methods (see :mod:`robustbench_kd.features`), which a
+    usable with class-activation-map methods (see :mod:`robustbench_kd.methods.features`), which a
     flatten-then-fc head would not be. Works for any ``in_channels`` and any ``image_size >= 2``.
     """
 

@@ -2,7 +2,7 @@
 
 Using RobustBench's classes (rather than look-alikes) means a student has exactly the layout, layer
 names and initialisation of the corresponding model-zoo entries. ``robustbench`` is imported lazily
-inside the factories, after :func:`robustbench_kd.compat.install`, because robustbench 1.1.1 does
+inside the factories, after :func:`robustbench_kd.zoo.compat.install`, because robustbench 1.1.1 does
 not import on its own.
 
 These classes hard-code three input channels and a fixed final pooling kernel
@@ -17,15 +17,14 @@ from types import ModuleType
 
 from torch import nn
 
-from ..errors import UserError
+from robustbench_kd.errors import UserError
 
 CIFAR_IMAGE_SIZE = 32
 
 
 def robustbench_architecture_module(name: str) -> ModuleType:
     """Import ``robustbench.model_zoo.architectures.<name>`` after installing the compatibility shims."""
-    from .. import compat
-
+    from robustbench_kd.zoo import compat
     # import_robustbench() runs compat.install() first and silences robustbench's import-time noise.
     compat.import_robustbench()
     return importlib.import_module(f"robustbench.model_zoo.architectures.{name}")

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..context import BatchContext
-from ..distiller import Distiller, LossOutput
-from ..teachers import Teacher, TeacherSet
-from ..threat import ThreatSpec
+from robustbench_kd.context import BatchContext
+from robustbench_kd.distiller import Distiller, LossOutput
+from robustbench_kd.teachers import Teacher, TeacherSet
+from robustbench_kd.threat import ThreatSpec
 
 _KEBAB = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -79,7 +79,7 @@ def check_distiller(cls: type[Distiller], *, config: Any = None, num_classes: in
     entry-point plugins loaded).
     """
     if host is None:
-        from ..plugin_host import PluginHost
+        from robustbench_kd.plugin_host import PluginHost
 
         host = PluginHost.create()
     assert isinstance(getattr(cls, "name", None), str) and _KEBAB.match(cls.name), \

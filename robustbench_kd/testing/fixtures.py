@@ -83,8 +83,7 @@ def make_tiny_cifar(root: str | Path, *, dataset: str = "cifar10", n_train_per_b
 
 
 def _entry(name: str, dataset: str, threat_model: str) -> tuple[str, str, dict[str, Any]]:
-    from robustbench_kd import zoo
-
+    from robustbench_kd.zoo import models as zoo
     return zoo._lookup(name, dataset, threat_model)
 
 
@@ -109,8 +108,7 @@ def save_random_zoo_checkpoint(model_dir: str | Path, name: str, *, dataset: str
     """
     import torch
 
-    from robustbench_kd import zoo
-
+    from robustbench_kd.zoo import models as zoo
     dataset, folder, entry = _entry(name, dataset, threat_model)
     ref = f"{dataset}/{threat_model}/{name}"
     if dataset == "imagenet":
@@ -172,8 +170,7 @@ def tiny_zoo_entry(name: str, factory: Callable[[], torch.nn.Module], *, dataset
     Keys of a plain ``torch.save(state_dict)`` must not contain ``module.`` or ``model.``, which
     ``load_model`` mangles; :func:`save_random_zoo_checkpoint` compensates for that. Yields the entry.
     """
-    from robustbench_kd import zoo
-
+    from robustbench_kd.zoo import models as zoo
     _, _, entries = zoo._zoo_dict(dataset, threat_model)
     entry: dict[str, Any] = {"model": factory, "gdrive_id": "offline-test"}
     missing = object()

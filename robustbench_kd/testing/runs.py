@@ -40,7 +40,7 @@ def random_teacher_spec(path: str | Path, *, width: float = 2.0, seed: int = 0) 
     """Save a seeded random small CNN (digits shape) at ``path``; return its ``file:`` teacher spec."""
     import torch
 
-    from ..students import build_student
+    from robustbench_kd.students import build_student
 
     torch.manual_seed(seed)
     net = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=width)

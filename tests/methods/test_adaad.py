@@ -13,14 +13,14 @@ from robustbench_kd.attacks import DistillationAttack
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
-from robustbench_kd.pipeline import distill
+from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 from robustbench_kd_plugins import adaad, iad
 from robustbench_kd_plugins.adaad import AdaAD
 

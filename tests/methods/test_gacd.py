@@ -22,11 +22,11 @@ from robustbench_kd_plugins.gacd import (
 from torch import nn
 
 from robustbench_kd.attacks import DistillationAttack
-from robustbench_kd.checkpoint import load_checkpoint
+from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
-from robustbench_kd.pipeline import distill
+from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
 from robustbench_kd.students import build_student
@@ -34,7 +34,7 @@ from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
-from robustbench_kd.trainer import build_optimizer, train
+from robustbench_kd.training.loop import build_optimizer, train
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 

@@ -8,17 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from robustbench_kd.checkpoint import load_checkpoint
+from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
-from robustbench_kd.pipeline import distill
+from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 from robustbench_kd_plugins import ikl_at
 from robustbench_kd_plugins.ikl_at import IKLAT
 from robustbench_kd_plugins.trades import TRADES

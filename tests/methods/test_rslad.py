@@ -277,7 +277,7 @@ def test_contract_ikl() -> None:
 def test_ikl_resume_restores_the_prior_exactly(tmp_path, host) -> None:
     from robustbench_kd.config import config_from_mapping
     from robustbench_kd.students import build_student
-    from robustbench_kd.trainer import train
+    from robustbench_kd.training.loop import train
 
     torch.manual_seed(0)
     teacher = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=1.0)

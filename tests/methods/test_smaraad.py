@@ -9,18 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_kd.attribution import CamAlignment, alignment_loss, logits_and_cam, normalize_cam, resize_cam
+from robustbench_kd.methods.attribution import CamAlignment, alignment_loss, logits_and_cam, normalize_cam, resize_cam
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
-from robustbench_kd.losses import kl_logits_per_sample
+from robustbench_kd.methods.losses import kl_logits_per_sample
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 from robustbench_kd_plugins import smaraad
 from robustbench_kd_plugins.smaraad import SmaraAD
 
@@ -187,7 +187,7 @@ def test_alignment_loss_resize_targets_by_hand() -> None:
 
 
 def _robustbench_wrn() -> nn.Module:
-    from robustbench_kd.compat import install
+    from robustbench_kd.zoo.compat import install
 
     install()
     from robustbench.model_zoo.architectures.wide_resnet import WideResNet
@@ -430,7 +430,7 @@ def _digits(out_dir, teacher: str, **method):
 
 
 def test_distill_on_digits(tmp_path, digits_teacher) -> None:
-    from robustbench_kd.pipeline import distill
+    from robustbench_kd.jobs.pipeline import distill
 
     reports = distill(_digits(tmp_path / "run", digits_teacher), host=_host())
     assert reports and all(0.0 <= acc <= 1.0 for acc in reports[0].accuracy.values())

@@ -17,7 +17,7 @@ from robustbench_kd.students import build_student
 from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
-from robustbench_kd.trainer import train
+from robustbench_kd.training.loop import train
 from robustbench_kd_plugins import smaraad, smaraad_plus
 from robustbench_kd_plugins.smaraad import SmaraAD
 from robustbench_kd_plugins.smaraad_plus import SmaraADPlus, entropy_weight
@@ -199,7 +199,7 @@ def test_detach_self_target_changes_gradient_not_value() -> None:
 
 def test_sample_weights_carry_no_gradient() -> None:
     """With the entropy weight from the student itself, the gradient must treat w (and P^lam) as constants."""
-    from robustbench_kd.soft_rank import soft_spearman
+    from robustbench_kd.methods.soft_rank import soft_spearman
 
     cfg = SmaraADPlus.Config(gamma=3.0, rank_on="logits", entropy_source="student_adv")
     x, x_adv, y = _data(3)
@@ -275,7 +275,7 @@ def _digits(out_dir, teacher: str, **method):
 
 
 def test_distill_on_digits(tmp_path, digits_teacher) -> None:
-    from robustbench_kd.pipeline import distill
+    from robustbench_kd.jobs.pipeline import distill
 
     reports = distill(_digits(tmp_path / "run", digits_teacher), host=_host())
     assert reports and all(0.0 <= acc <= 1.0 for acc in reports[0].accuracy.values())

@@ -1,0 +1,197 @@
+"""The report of one finished run: analyses, figures and ``report/report.md`` under the run directory.
+
+Written at the end of ``distill`` (``[report] enabled``) and by ``robustbench-kd report RUN_DIR``. The
+analyses read the first ``report.n_examples`` test examples; the final evaluation has already read
+the test set and nothing here selects a checkpoint. The student is the one the run reports (its
+best checkpoint when there is one); the teacher is the ``robust`` role, else the first role.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustbench_kd.data.datasets import to_float
+from robustbench_kd.errors import UserError
+from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.teachers import EnsembleTeacher
+from robustbench_kd.analysis.reports import analyses, figures
+from robustbench_kd.analysis.reports.diagnostics_report import TITLES as DIAGNOSTIC_TITLES
+from robustbench_kd.analysis.reports.diagnostics_report import write_diagnostics_figures
+from robustbench_kd.analysis.reports.document import Block, Figure, Heading, Paragraph, Table, write_documents
+from robustbench_kd.analysis.reports.metrics import read_metric_series
+from robustbench_kd.analysis.reports.section import ReportSection
+from robustbench_kd.analysis.reports.tsne import tsne_embedding
+
+log = logging.getLogger(__name__)
+
+#: The figure files of a run report (those whose inputs exist are written).
+FIGURES = {
+    "eps_curve": "accuracy_vs_eps.png",
+    "correlation": "logit_correlation_diff.png",
+    "embedding": "student_embedding.png",
+    "cam": "cam_maps.png",
+    "metrics": "training_metrics.png",
+}
+
+
+def pick_teacher(teachers: Any) -> tuple[str, nn.Module] | None:
+    """``(role, teacher)``: the ``robust`` role when configured, else the first; None without teachers."""
+    if not teachers:
+        return None
+    role = "robust" if "robust" in teachers else next(iter(teachers))
+    return role, teachers[role]
+
+
+def _single_network(model: nn.Module) -> bool:
+    return not (isinstance(model, EnsembleTeacher) and len(model.members) > 1)
+
+
+def write_run_report(run: Any, *, section: ReportSection | None = None, out_dir: Path | None = None) -> Path:
+    """Compute the analyses of a finished ``run`` and write the report; returns ``report.md``'s path."""
+    from robustbench_kd.jobs.pipeline import final_students
+
+    cfg = section or getattr(run.config, "report", None) or ReportSection()
+    out = Path(out_dir or Path(run.out_dir) / "report")
+    _, student_label, student = final_students(run)[0]
+    teacher = pick_teacher(run.teachers)
+    models = [student] + ([teacher[1]] if teacher else [])
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        torch.manual_seed(run.config.eval.seed)
+        return _write(run, cfg, out, student_label, student, teacher)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def _write(run: Any, cfg: ReportSection, out: Path, student_label: str, student: nn.Module,
+           teacher: tuple[str, nn.Module] | None) -> Path:
+    threat = run.config.threat
+    x, y = to_float(run.data.test_x[:cfg.n_examples]), run.data.test_y[:cfg.n_examples]
+    x_adv = analyses.adversarial(student, x, y, eps=threat.eps, norm=threat.norm, steps=cfg.pgd_steps)
+    numbers: dict[str, Any] = {"n_examples": len(y), "student": student_label, "norm": threat.norm,
+                               "eps": threat.eps, "pgd_steps": cfg.pgd_steps,
+                               "teacher": None if teacher is None else f"{teacher[0]} ({getattr(teacher[1], 'spec', '')})"}
+    written: dict[str, Path] = {}
+
+    # Accuracy against the radius, teacher and student.
+    eps_values = [float(f"{f * threat.eps:.6g}") for f in cfg.eps_factors]
+    curves = {"student": analyses.accuracy_vs_eps(student, x, y, eps_values, norm=threat.norm, steps=cfg.pgd_steps)}
+    if teacher is not None:
+        curves[f"teacher ({teacher[0]})"] = analyses.accuracy_vs_eps(teacher[1], x, y, eps_values, norm=threat.norm,
+                                                                     steps=cfg.pgd_steps)
+    numbers["accuracy_vs_eps"] = {"eps": eps_values, **curves}
+    written["eps_curve"] = figures.eps_curve_figure(out / FIGURES["eps_curve"], eps_values, curves, norm=threat.norm)
+
+    # Student features: 2-D PCA or t-SNE of natural and adversarial examples together.
+    s_nat, f_nat = analyses.logits_and_features(student, x)
+    s_adv, f_adv = analyses.logits_and_features(student, x_adv)
+    features = torch.cat([f_nat, f_adv])
+    if cfg.embedding == "tsne":
+        coords, kl = tsne_embedding(features, perplexity=cfg.tsne_perplexity, seed=run.config.eval.seed)
+        numbers["embedding"] = {"method": "tsne", "perplexity": cfg.tsne_perplexity, "kl_divergence": kl}
+        axis_labels = ("t-SNE 1", "t-SNE 2")
+    else:
+        coords, ratio = analyses.pca_embedding(features)
+        numbers["embedding"] = {"method": "pca", "explained_variance_ratio": ratio.tolist()}
+        axis_labels = (f"PC1 ({100 * float(ratio[0]):.1f}%)", f"PC2 ({100 * float(ratio[1]):.1f}%)")
+    flags = torch.cat([torch.zeros(len(y), dtype=torch.bool), torch.ones(len(y), dtype=torch.bool)])
+    written["embedding"] = figures.embedding_figure(out / FIGURES["embedding"], coords, torch.cat([y, y]), flags,
+                                                    axis_labels)
+
+    # Teacher minus student logit correlations on natural and adversarial examples (GACD, Figs. 3-4).
+    cams: dict[str, torch.Tensor] = {}
+    k = min(cfg.n_cam, len(y))
+    if teacher is not None:
+        diffs = {"natural": analyses.correlation_difference(analyses.predict(teacher[1], x), s_nat),
+                 "adversarial": analyses.correlation_difference(analyses.predict(teacher[1], x_adv), s_adv)}
+        numbers["logit_correlation_frobenius"] = {name: fro for name, (_, fro) in diffs.items()}
+        written["correlation"] = figures.correlation_figure(out / FIGURES["correlation"], diffs)
+        if k and _single_network(teacher[1]):
+            cams["teacher clean"] = analyses.normalized_cams(teacher[1], x[:k], y[:k])
+            cams["teacher adv"] = analyses.normalized_cams(teacher[1], x_adv[:k], y[:k])
+    if k:
+        cams["student clean"] = analyses.normalized_cams(student, x[:k], y[:k])
+        cams["student adv"] = analyses.normalized_cams(student, x_adv[:k], y[:k])
+        written["cam"] = figures.cam_figure(out / FIGURES["cam"], x[:k], x_adv[:k], cams, y[:k])
+
+    epochs, series = read_metric_series(Path(run.out_dir) / "metrics.jsonl")
+    series = {k: v for k, v in series.items() if not k.startswith("diag_")}  # they get their own figure
+    if series:
+        written["metrics"] = figures.metrics_figure(out / FIGURES["metrics"], epochs, series)
+
+    # What [diagnostics] recorded during training (nothing when it was off).
+    diag_written, numbers["diagnostics"] = write_diagnostics_figures(Path(run.out_dir), out)
+
+    atomic_write_text(out / "analyses.json", json.dumps(numbers, indent=2) + "\n")
+    title = f"Report: {run.config.run.name}"
+    paths = write_documents(_blocks(run, numbers, written, diag_written), out, title)
+    return paths["markdown"]
+
+
+SECTIONS = [("eps_curve", "Accuracy against eps: student and teacher"),
+            ("correlation", "Logit correlations: teacher minus student"),
+            ("embedding", "Student features ({method}): natural and adversarial"),
+            ("cam", "Class activation maps (label class)"),
+            ("metrics", "Training metrics (metrics.jsonl)")]
+
+
+def _blocks(run: Any, numbers: dict[str, Any], written: dict[str, Path],
+            diag_written: dict[str, Path]) -> list[Block]:
+    eps = numbers["accuracy_vs_eps"]
+    models = [k for k in eps if k != "eps"]
+    blocks: list[Block] = [
+        Heading(f"Report: {run.config.run.name}", 1),
+        Paragraph(f"Student: {numbers['student']}; teacher: {numbers['teacher'] or 'none'}; method "
+                  f"{run.config.method_name}; {numbers['n_examples']} test examples, PGD-{numbers['pgd_steps']} "
+                  f"{numbers['norm']} (adversarial examples against the student at eps = {numbers['eps']:g})."),
+        Heading("Accuracy (%) against eps"),
+        Table(["eps", *models], [[f"{value:.4g}", *(f"{100 * eps[k][i]:.1f}" for k in models)]
+                                 for i, value in enumerate(eps["eps"])]),
+    ]
+    if "logit_correlation_frobenius" in numbers:
+        fro = numbers["logit_correlation_frobenius"]
+        blocks.append(Paragraph("Frobenius norm of corr(T) - corr(S): "
+                                + ", ".join(f"{k} {v:.4f}" for k, v in fro.items())))
+    method = numbers["embedding"]["method"].upper().replace("TSNE", "t-SNE")
+    for key, title in SECTIONS:
+        if key in written:
+            title = title.format(method=method)
+            blocks += [Heading(title), Figure(title, written[key])]
+    if diag_written:
+        blocks.append(Heading("Diagnostics recorded during training"))
+        for key, path in diag_written.items():
+            blocks += [Heading(DIAGNOSTIC_TITLES[key], 3), Figure(DIAGNOSTIC_TITLES[key], path)]
+    else:
+        blocks.append(Paragraph("No per-epoch diagnostics were recorded ([diagnostics] enabled = [] ); "
+                                "switch them on to get entropy, calibration, agreement, per-class and "
+                                "trajectory figures here."))
+    return blocks
+
+
+def load_finished_run(run_dir: str | Path) -> Any:
+    """Rebuild a finished ``distill`` run from its directory (config.yaml + checkpoints/last.pt)."""
+    from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
+    from robustbench_kd.config import config_from_mapping, load_file
+    from robustbench_kd.training.loop import setup_run
+
+    run_dir = Path(run_dir)
+    config_path, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
+    if not config_path.is_file() or not last.is_file():
+        raise UserError(f"{run_dir} is not a run directory: it needs config.yaml and checkpoints/last.pt "
+                        "(the run.out_dir of a `distill` run)")
+    raw = load_file(config_path)
+    raw.setdefault("run", {})["out_dir"] = str(run_dir)
+    run = setup_run(config_from_mapping(raw))
+    saved = load_checkpoint(last, map_location=run.device)
+    load_weights(run.student, saved["student"], source=str(last))
+    run.epoch, run.best = int(saved["epoch"]), saved.get("best")
+    return run

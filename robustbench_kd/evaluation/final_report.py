@@ -1,0 +1,196 @@
+"""Final evaluation of a model and everything written for it.
+
+For a model (a trained student, a teacher, or any checkpoint) this runs the configured attacks on the
+test set and writes, under the output directory:
+
+* ``model_info/<dataset>/<threat_model>/<name>.json`` - the RobustBench leaderboard entry (exact key
+  set and types of RobustBench's ``model_info`` files);
+* ``models/<dataset>/<threat_model>/<name>.pt`` - the weights in the model-zoo layout that
+  ``robustbench.utils.load_model`` reads;
+* ``results/<name>.json`` - every number measured (FGSM/PGD/CW too, with PGD's step size), the
+  AutoAttack version, seed, batch size and flags;
+* ``submission/<name>/`` - the submission bundle (:mod:`robustbench_kd.submission.bundle`): a copy of the
+  leaderboard entry, AutoAttack's log, the checkpoint's SHA-256, the model-zoo entry and the filled-in
+  "New Model" issue, with a README. Written when standard AutoAttack ran and the checkpoint was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustbench_kd.submission.bundle import ZooConstructor, autoattack_log_partial, write_submission_bundle
+from robustbench_kd.config import ModelInfoSection
+from robustbench_kd.errors import UserError
+from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.threat import format_eps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelReport:
+    """What was measured and written for one model."""
+
+    label: str
+    accuracy: dict[str, float]
+    pgd_alpha: float | None
+    pgd_steps: int | None
+    n_examples: int
+    flags: list[str]
+    model_info_path: Path | None = None
+    checkpoint_path: Path | None = None
+    results_path: Path | None = None
+    bundle_path: Path | None = None  #: the submission bundle directory (submission/<name>/)
+    sanity: Any = None  #: the SanityReport of the evaluation sanity suite, None when it did not run
+
+
+def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, label: str, model_id: str | None,
+                       dataset: str, norm: str, eps: float, attacks: list[str], out_dir: Path,
+                       meta: ModelInfoSection | None = None, architecture: str | None = None,
+                       batch_size: int = 256, seed: int = 0, pgd_steps: int = 20,
+                       device: torch.device | None = None, progress: bool = True, host: Any = None,
+                       run: Any = None, save_model: bool = True, teacher: nn.Module | None = None,
+                       sanity: bool = True, constructor: ZooConstructor | None = None, command: str | None = None,
+                       number_forward_passes: int = 1) -> ModelReport:
+    """Evaluate ``model`` on ``(x, y)``; when ``model_id`` is given write the three outputs above.
+
+    With ``sanity`` the evaluation sanity suite (:mod:`robustbench_kd.evaluation.sanity`; ``teacher``
+    enables its transfer check) runs before anything is written: its verdict goes to
+    ``results/<id>.json`` under ``"sanity"`` and a failure marks the model_info entry unreliable.
+
+    Submission bundle: ``constructor`` (how to rebuild the architecture) goes into the bundle's
+    model-zoo entry and names the entry's ``architecture`` when neither ``meta.architecture`` nor
+    ``architecture`` does; ``command`` (the command line that ran this) goes into its README;
+    ``number_forward_passes`` into the leaderboard entry.
+    """
+    from robustbench_kd.evaluation import evaluate_model
+    from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
+    from robustbench_kd.threat import parse_number
+
+    # Sanity suite (issue 4): an eps in the wrong unit fails here, before any attack runs.
+    check_eps_units(parse_number(eps, what="eps"), norm, x)
+    # Submission bundle: AutoAttack's log goes to a hidden file in the bundle directory while it runs and
+    # is moved into place only once the whole evaluation has succeeded.
+    aa_log = (autoattack_log_partial(out_dir, model_id)
+              if model_id is not None and save_model and "autoattack" in attacks else None)
+    result = evaluate_model(model, x, y, norm=norm, eps=eps, attacks=attacks, batch_size=batch_size, seed=seed,
+                            pgd_steps=pgd_steps, device=device, progress=progress, autoattack_log=aa_log)
+    report = ModelReport(label=label, accuracy=dict(result.accuracy), pgd_alpha=result.pgd_alpha,
+                         pgd_steps=result.pgd_steps, n_examples=result.n_examples,
+                         flags=list(result.autoattack_flags))
+    # --- evaluation sanity suite (issue 4): before any result is written ---------------------------------
+    if sanity:
+        report.sanity = check_evaluation(model, x, y, result, teacher=teacher, device=device, batch_size=batch_size)
+    # --- end sanity suite ---
+    if model_id is None:
+        return report
+    out_dir = Path(out_dir)
+    results = {"model": model_id, "dataset": dataset, "threat_model": norm, "eps": format_eps(eps),
+               **result.to_dict(), "batch_size": batch_size}
+    results["sanity"] = report.sanity.to_dict() if report.sanity is not None else None  # sanity suite (issue 4)
+    report.results_path = out_dir / "results" / f"{model_id}.json"
+    atomic_write_text(report.results_path, json.dumps(results, indent=2) + "\n")
+    if "autoattack" in result.accuracy:
+        report.model_info_path = _write_model_info(result, model_id=model_id, dataset=dataset, norm=norm, eps=eps,
+                                                   out_dir=out_dir, meta=meta or ModelInfoSection(),
+                                                   architecture=architecture or getattr(constructor, "architecture", None),
+                                                   host=host, run=run, sanity=report.sanity,
+                                                   number_forward_passes=number_forward_passes)
+    else:
+        log.warning("no standard AutoAttack in eval.attacks: model_info JSON for %s not written "
+                    "(leaderboard entries need 'autoattack')", model_id)
+    if save_model:
+        from robustbench_kd.evaluation.export import save_zoo_checkpoint
+
+        report.checkpoint_path = save_zoo_checkpoint(model, out_dir, dataset=dataset, threat_model=norm,
+                                                     model_id=model_id)
+    if report.model_info_path is not None and report.checkpoint_path is not None:
+        report.bundle_path = write_submission_bundle(
+            out_dir, model_id=model_id, threat_model=norm, info_path=report.model_info_path,
+            checkpoint_path=report.checkpoint_path, results=results, constructor=constructor, autoattack_log=aa_log,
+            command=command, batch_size=batch_size).directory
+    elif aa_log is not None:
+        aa_log.unlink(missing_ok=True)
+    return report
+
+
+def _write_model_info(result: Any, *, model_id: str, dataset: str, norm: str, eps: float, out_dir: Path,
+                      meta: ModelInfoSection, architecture: str | None, host: Any, run: Any,
+                      sanity: Any = None, number_forward_passes: int = 1) -> Path:
+    from robustbench_kd.evaluation.model_info import build_model_info, write_model_info
+
+    flags = list(result.autoattack_flags)
+    footnote = meta.footnote
+    if flags and sanity is None:
+        # AutoAttack's own checks fired (zero gradients, randomness, probability outputs, Square beating
+        # the gradient attacks): the number may be an overestimate, so say so in the entry itself.
+        note = "AutoAttack flagged: " + "; ".join(flags)
+        footnote = f"{footnote} {note}" if footnote else note
+        log.warning("AutoAttack flagged %s as possibly unreliable: %s", model_id, "; ".join(flags))
+    # --- evaluation sanity suite (issue 4) ------------------------------------------------------------------
+    # Its reasons include AutoAttack's flags, so they replace the note above instead of repeating it; the
+    # suite has already logged each reason as a warning.
+    if sanity is not None and sanity.reasons:
+        note = "Evaluation sanity checks failed: " + "; ".join(sanity.reasons)
+        footnote = f"{footnote} {note}" if footnote else note
+        log.warning("%s is marked unreliable in its model_info entry (%d sanity reason(s))", model_id,
+                    len(sanity.reasons))
+    unreliable = bool(flags) or (sanity is not None and not sanity.reliable)
+    # --- end sanity suite ---
+    info = build_model_info(
+        dataset=dataset, threat_model=norm, eps=eps, clean_acc=result.accuracy["clean"],
+        autoattack_acc=result.accuracy["autoattack"], name=meta.title, authors=meta.authors, venue=meta.venue,
+        link=meta.link, architecture=meta.architecture or architecture, additional_data=meta.additional_data,
+        number_forward_passes=number_forward_passes, reported=_reported_fraction(meta.reported), footnote=footnote,
+        unreliable=unreliable,
+    )
+    if host is not None:
+        host.model_info(info, run)
+    return write_model_info(out_dir, info, dataset=dataset, threat_model=norm, model_id=model_id)
+
+
+def _reported_fraction(reported: str | float | None) -> float | None:
+    """``[model_info] reported`` (the paper's robust accuracy) as the fraction build_model_info takes.
+
+    It is written like the leaderboard's own field, a percentage such as ``"62.5"`` (a trailing ``%``
+    is accepted).
+    """
+    if reported is None:
+        return None
+    text = str(reported).strip().removesuffix("%").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 100.0:  # false for NaN too
+        raise UserError(f"model_info.reported must be a percentage between 0 and 100 such as \"62.5\", "
+                        f"got {reported!r}")
+    return value / 100
+
+
+def format_table(reports: list[ModelReport]) -> str:
+    """A plain-text table: model | clean | FGSM | PGD-k (step) | CW | AutoAttack, in percent."""
+    columns: list[tuple[str, str]] = []
+    for rep in reports:
+        for key in rep.accuracy:
+            if key not in [c[0] for c in columns]:
+                columns.append((key, _header(key, rep)))
+    header = ["model", *[h for _, h in columns]]
+    rows = [[rep.label, *[f"{100 * rep.accuracy[k]:.2f}" if k in rep.accuracy else "-" for k, _ in columns]]
+            for rep in reports]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *[line(r) for r in rows]])
+
+
+def _header(key: str, rep: ModelReport) -> str:
+    if key.startswith("pgd") and rep.pgd_alpha is not None:
+        return f"{key.upper()} (step {format_eps(rep.pgd_alpha)})"
+    return {"clean": "clean", "autoattack": "AutoAttack", "autoattack-quick": "AA-quick"}.get(key, key.upper())

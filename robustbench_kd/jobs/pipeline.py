@@ -1,0 +1,183 @@
+"""The jobs behind the CLI: ``distill`` (train + final evaluation) and ``evaluate`` (any model)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+
+from robustbench_kd.training import builders
+from robustbench_kd.submission.bundle import constructor_for_run, constructor_for_spec, distill_command
+from robustbench_kd.config import ModelInfoSection, RunConfig
+from robustbench_kd.data.datasets import to_float
+from robustbench_kd.errors import UserError
+from robustbench_kd.plugin_host import PluginHost
+from robustbench_kd.evaluation.final_report import ModelReport, evaluate_and_write
+from robustbench_kd.teachers import TeacherLoadContext
+
+log = logging.getLogger(__name__)
+
+
+def distill(config: RunConfig, *, host: PluginHost | None = None, resume: bool = False,
+            final_eval: bool = True, export_dir: Path | None = None) -> list[ModelReport]:
+    """Train a student, then evaluate it (and its teachers) and write the RobustBench outputs.
+
+    The outputs go under ``export_dir`` (default: the run's ``out_dir``).
+    """
+    from robustbench_kd.scale.distributed import is_main
+    from robustbench_kd.training.loop import train
+
+    host = host or PluginHost.create()
+    run = train(config, host=host, resume=resume)
+    if not final_eval or not config.eval.attacks or not is_main():  # torchrun: rank 0 evaluates
+        return []
+    reports = evaluate_run(run, export_dir=export_dir)
+    if config.report.enabled:  # issue 7: analyses and figures, after the final evaluation read the test set
+        from robustbench_kd.analysis.reports.run_report import write_run_report
+
+        try:
+            log.info("report written to %s", write_run_report(run))
+        except UserError as exc:  # the results are written already; a model the analyses cannot read loses only the report
+            log.warning("report not written: %s", exc)
+    return reports
+
+
+def evaluate_run(run: Any, *, export_dir: Path | None = None) -> list[ModelReport]:
+    """Final evaluation of a finished run: its student model(s), then each teacher role (for comparison).
+
+    The students are :func:`final_students`: the selected one under the model id ``run.name`` (the
+    leaderboard entry), then the other under ``<name>_last``. This is the first read of the test set.
+    """
+    cfg = run.config
+    n = cfg.eval.final_n_examples
+    x, y = to_float(run.data.test_x[:n]), run.data.test_y[:n]
+    common = dict(dataset=run.data.name, norm=cfg.threat.norm, eps=cfg.threat.eps, attacks=list(cfg.eval.attacks),
+                  out_dir=export_dir or run.out_dir, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+                  pgd_steps=cfg.eval.pgd_steps, device=run.device, progress=cfg.run.progress)
+    # Sanity suite (issue 4): the 'robust' teacher, when there is one, drives its transfer-attack check.
+    sanity = {"sanity": cfg.eval.sanity, "teacher": run.teachers.get("robust")}
+    reports = [evaluate_and_write(net, x, y, label=label, model_id=model_id, meta=cfg.model_info,
+                                  constructor=constructor_for_run(run), command=distill_command(run), host=run.host,
+                                  run=run, **sanity, **common)
+               for model_id, label, net in final_students(run)]
+    if cfg.eval.teachers:
+        for role, teacher in run.teachers.items():
+            reports.append(evaluate_and_write(teacher, x, y, label=f"teacher {role} ({teacher.spec})",
+                                              model_id=None, sanity=False, **common))
+    return reports
+
+
+def final_students(run: Any) -> list[tuple[str, str, Any]]:
+    """The student networks a finished run reports, as ``(model_id, label, network)``, selected first.
+
+    * With a best record (a validation split and ``eval.every``): ``checkpoints/best.pt`` as ``<name>``,
+      then the last epoch's weights as ``<name>_last``; when the best epoch is the last one, a single
+      entry ``<name>`` (the same weights: one evaluation, not two).
+    * Without one: the last epoch's weights as ``<name>``.
+    * With ``[ema]`` on, the averaged weights at the end of training follow as ``<name>_ema``.
+
+    A best record whose ``best.pt`` is missing or holds another epoch is a UserError, not a silent
+    fallback to the last epoch.
+    """
+    import copy
+
+    from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
+
+    name, best = run.config.run.name, getattr(run, "best", None)
+    ema = getattr(run, "ema", None)
+    extra = [] if ema is None else [(f"{name}_ema", f"student {name}_ema (EMA decay {run.config.ema.decay:g}, "
+                                                    f"epoch {run.epoch})", ema.module)]
+    if best is None:
+        return [(name, f"student {name}", run.student), *extra]
+    if best["epoch"] == run.epoch:
+        return [(name, f"student {name} (best = last, epoch {run.epoch})", run.student), *extra]
+    path = run.checkpoint_dir / "best.pt"
+    saved = load_checkpoint(path, map_location=run.device)
+    if saved.get("epoch") != best["epoch"]:
+        raise UserError(f"{path} holds epoch {saved.get('epoch')} but the run recorded epoch {best['epoch']} as best; "
+                        "restore that file or evaluate checkpoints/last.pt with `robustbench-kd evaluate`")
+    selected = load_weights(copy.deepcopy(run.student), saved["student"], source=str(path)).eval()
+    return [(name, f"student {name} (best, epoch {best['epoch']})", selected),
+            (f"{name}_last", f"student {name}_last (last, epoch {run.epoch})", run.student), *extra]
+
+
+def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: float, attacks: list[str],
+                  n_examples: int | None, batch_size: int, seed: int, pgd_steps: int, out_dir: Path,
+                  model_id: str | None, model_dir: str, allow_download: bool = False, download: bool = False,
+                  verify_md5: bool = True, device: str = "auto", meta: ModelInfoSection | None = None,
+                  host: PluginHost | None = None, progress: bool = True, sanity: bool = True,
+                  teacher: str | None = None, command: str | None = None, shard: tuple[int, int] | None = None,
+                  aa_state: str | Path | None = None, preprocessing: str | None = None) -> ModelReport:
+    """Evaluate a model given as a teacher spec (``file:...``, ``robustbench:...``) on a test set.
+
+    The test examples are the first ``n_examples`` of the test split, unshuffled, as in
+    ``robustbench.eval.benchmark``. ``sanity`` runs the evaluation sanity suite; ``teacher`` (a spec
+    like the model's) adds its transfer-attack check. An eps in the wrong unit fails before loading.
+    With ``model_id`` the submission bundle's zoo entry rebuilds the architecture the spec names;
+    ``command`` (the command line) is recorded in the bundle's README.
+
+    ``shard=(i, n)`` evaluates only shard i of n of the examples and writes its shard file instead of the
+    outputs (:mod:`robustbench_kd.evaluation.shards`; needs ``model_id``; merge with ``merge-shards``).
+    ``aa_state`` makes AutoAttack resumable through that state file (a shard has one by default).
+    ``preprocessing`` (ImageNet only) names RobustBench's preprocessing; by default a ``robustbench:``
+    zoo model gets the one RobustBench evaluates it with, any other model ``Res256Crop224``.
+    """
+    from robustbench_kd.config import DataSection
+    from robustbench_kd.evaluation.autoattack import autoattack_state
+    from robustbench_kd.threat import parse_number, validate_eps
+
+    validate_eps(parse_number(eps, what="eps"), norm, what="eps")
+    if shard is not None and model_id is None:
+        raise UserError("--shard needs --name ID: the shards are written to <out>/shards/ID and merged under "
+                        "that model id")
+    host = host or PluginHost.create()
+    if n_examples is not None and n_examples < 1:
+        raise UserError(f"--n-examples must be >= 1, got {n_examples}")
+    torch_device = builders.resolve_device(device)
+    if dataset == "imagenet" and preprocessing is None:
+        preprocessing = _zoo_preprocessing(spec)
+    data = host.datasets.get(dataset)(DataSection(dataset=dataset, data_dir=data_dir, download=download,
+                                                  verify_md5=verify_md5, preprocessing=preprocessing))
+    ctx = TeacherLoadContext(dataset=data.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                             image_size=data.image_size, threat_model=norm, model_dir=Path(model_dir),
+                             allow_download=allow_download, device=torch_device, students=host.students)
+    if ":" not in spec or Path(spec).exists():
+        spec = f"file:{spec}"
+    model = builders.load_teacher(host, spec, ctx).net
+    if teacher is not None and (":" not in teacher or Path(teacher).exists()):
+        teacher = f"file:{teacher}"
+    transfer_from = builders.load_teacher(host, teacher, ctx) if teacher is not None and sanity else None
+    x, y = to_float(data.test_x[:n_examples]), data.test_y[:n_examples]
+    if shard is not None:  # sharded evaluation: this shard's flags only, merged later by merge-shards
+        from robustbench_kd.evaluation.shards import evaluate_shard
+
+        constructor = constructor_for_spec(spec, num_classes=data.num_classes, in_channels=data.in_channels,
+                                           image_size=data.image_size, dataset=data.name)
+        return evaluate_shard(model, x, y, shard=shard, spec=spec, model_id=model_id, dataset=data.name, norm=norm,
+                              eps=eps, attacks=attacks, out_dir=out_dir, batch_size=batch_size, seed=seed,
+                              pgd_steps=pgd_steps, device=torch_device, progress=progress, aa_state=aa_state,
+                              meta=meta, sanity=sanity, teacher=transfer_from,
+                              architecture=getattr(constructor, "architecture", None))
+    with autoattack_state(aa_state) if aa_state is not None else contextlib.nullcontext():
+        return evaluate_and_write(model, x, y, label=model_id or spec, model_id=model_id, dataset=data.name,
+                                  norm=norm, eps=eps, attacks=attacks, out_dir=out_dir, meta=meta,
+                                  batch_size=batch_size, seed=seed, pgd_steps=pgd_steps, device=torch_device,
+                                  progress=progress, host=host, sanity=sanity, teacher=transfer_from,
+                                  command=command,
+                                  constructor=constructor_for_spec(spec, num_classes=data.num_classes,
+                                                                   in_channels=data.in_channels,
+                                                                   image_size=data.image_size, dataset=data.name)
+                                  if model_id else None)
+
+
+def _zoo_preprocessing(spec: str) -> str | None:
+    """The preprocessing RobustBench evaluates a ``robustbench:imagenet/...`` spec with (None otherwise)."""
+    from robustbench_kd.teachers import TeacherSpec
+    from robustbench_kd.zoo.models import parse_zoo_ref, zoo_preprocessing
+
+    if not spec.startswith("robustbench:"):
+        return None
+    dataset, threat_model, name = parse_zoo_ref(TeacherSpec.parse(spec).ref)
+    return zoo_preprocessing(name, dataset=dataset, threat_model=threat_model) if dataset == "imagenet" else None

@@ -1,0 +1,11 @@
+"""Training a student: the run's set-up, the batch source, the step, the epoch loop, checkpoints and resume.
+
+Read in this order: :mod:`.loop` (``train``: epochs, evaluation, checkpoints), :mod:`.batches` (the epoch's
+batch source: order, extra data, sharding, resume skip), :mod:`.step` (one batch: context, prepare, attack,
+loss, backward, optimiser, after_step, observers), :mod:`.setup` (building the run from a config),
+:mod:`.checkpoints` (what a checkpoint holds and exact resume), :mod:`.selection` (best-epoch selection on the
+validation split), :mod:`.nan_guard`, :mod:`.metric_sums`.
+
+May import: the core, ``data``, ``scale``, ``storage``, ``students``, ``zoo``; never ``evaluation``'s writers,
+``submission``, ``analysis`` or ``jobs``.
+"""
