@@ -38,6 +38,106 @@ STUDENT_MODES = ("train", "eval")
 _KEBAB = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
+# -- declarative method options ------------------------------------------------------------------
+# A method's options are the fields of its nested ``Config`` dataclass. Ranges and choices are declared
+# once, as field metadata through :func:`option`, and checked by :class:`MethodConfig` when a Config is
+# built (from a run file or in Python), so no method writes its own range checks.
+
+_OPTION = "rbkd_option"
+
+
+@dataclass(frozen=True)
+class OptionRule:
+    """What values an option accepts; ``describe()`` is the phrase of its error message.
+
+    ``low``/``high`` bound the value (``low_open``/``high_open`` exclude the bound); ``integer`` asks for
+    a whole number; ``choices`` lists the accepted values; ``help`` is shown by ``methods --options``.
+    A ``None`` default means "use the reference value" and is always accepted.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        if self.integer:
+            if self.low == 0 and self.high is None:
+                return "a positive integer" if self.low_open else "a non-negative integer"
+            return "an integer " + self._interval()
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low == 0 and self.low_open and self.high is None:
+            return "positive"
+        return self._interval()
+
+    def _interval(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts)
+
+    def accepts(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+
+def option(default: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False, integer: bool = False, choices: Any = None, help: str = "") -> Any:
+    """A method option with its accepted values, for a ``Config`` field: ``beta: float = option(6.0, low=0)``.
+
+    ``choices`` may be any iterable of accepted values; the bounds are inclusive unless ``low_open`` /
+    ``high_open``. The rule is checked by :class:`MethodConfig` (message ``method.<name> must be <rule>,
+    got <value>``) and its ``help`` is listed by ``robustbench-kd methods --options``.
+    """
+    rule = OptionRule(low=low, high=high, low_open=low_open, high_open=high_open, integer=integer,
+                      choices=tuple(choices) if choices is not None else None, help=help)
+    return field(default=default, metadata={_OPTION: rule})
+
+
+def option_rule(f: dataclasses.Field[Any]) -> OptionRule | None:
+    """The :class:`OptionRule` a Config field was declared with (None for a plain field)."""
+    return f.metadata.get(_OPTION)
+
+
+def check_options(config: Any) -> None:
+    """Raise a one-line UserError for the first option of ``config`` that its declared rule refuses."""
+    for f in dataclasses.fields(config):
+        rule = option_rule(f)
+        value = getattr(config, f.name)
+        if rule is None or (value is None and f.default is None) or rule.accepts(value):
+            continue
+        shown = repr(value) if rule.choices is not None or rule.integer or isinstance(value, str) else value
+        tail = " or None" if f.default is None else ""
+        raise UserError(f"method.{f.name} must be {rule.describe()}{tail}, got {shown}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """Base of a method's ``Config``: checks every :func:`option` rule when the Config is built.
+
+    A subclass with checks that involve several options defines ``__post_init__`` and calls
+    ``super().__post_init__()`` first.
+    """
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AttackSpec:
     """How the inner maximisation runs for one method.
@@ -121,7 +221,7 @@ class Distiller(nn.Module, ABC):
     indexes_training_set: ClassVar[bool] = False
 
     @dataclass(frozen=True, kw_only=True)
-    class Config:
+    class Config(MethodConfig):
         """Method hyper-parameters (none by default)."""
 
     def __init__(self, config: Any = None, *, num_classes: int = 10) -> None:
@@ -129,6 +229,8 @@ class Distiller(nn.Module, ABC):
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise TypeError(f"{type(self).__name__} expects a {type(self).__name__}.Config, got {type(config)}")
+        if not isinstance(self.config, MethodConfig):  # a plain dataclass Config: its rules are checked here
+            check_options(self.config)
         self.num_classes = num_classes
 
     # -- configuration ------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""Stub networks, hand-computed reference maths and batch contexts for testing a method's loss exactly.
+
+A method's loss is tested against an independent computation on numbers small enough to follow by hand:
+students and teachers are :class:`Affine` maps ``z = w * x + bias`` on 4-dimensional "images" (each input
+coordinate is a logit), and :func:`softmax`, :func:`kl` and :func:`cross_entropy` recompute the formulas
+in plain Python floats, never through the library's own loss functions::
+
+    ctx = batch_context(x, y, student=Affine(3.0), teachers={"robust": Affine(4.0, bias)}, x_adv=x_adv)
+    out = RSLAD().loss(ctx)
+    expected = sum(kl(softmax(4 * x[b] + bias), softmax(3 * x_adv[b])) for b in ...) / len(x)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from robustbench_kd.context import BatchContext
+from robustbench_kd.teachers import Teacher, TeacherSet
+from robustbench_kd.threat import ThreatSpec
+
+__all__ = ["Affine", "batch_context", "cross_entropy", "kl", "log_softmax", "softmax"]
+
+
+class Affine(nn.Module):
+    """Stub network ``logits = w * x + bias`` with a trainable scalar ``w``.
+
+    ``bias`` is a buffer (fixed), or a parameter with ``trainable_bias=True``. It records what it saw:
+    ``calls`` (forward passes), ``inputs`` (detached copies of each input) and ``outputs`` (each output,
+    attached to the graph).
+    """
+
+    def __init__(self, w: float = 3.0, bias: torch.Tensor | Sequence[float] | None = None, *,
+                 num_classes: int = 4, trainable_bias: bool = False) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(float(w)))
+        start = torch.zeros(num_classes) if bias is None else torch.as_tensor(bias, dtype=torch.float32).clone()
+        if trainable_bias:
+            self.bias = nn.Parameter(start)
+        else:
+            self.register_buffer("bias", start)
+        self.calls = 0
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.inputs.append(x.detach().clone())
+        out = self.w * x + self.bias
+        self.outputs.append(out)
+        return out
+
+
+def batch_context(x: torch.Tensor, y: torch.Tensor, *, student: nn.Module, teachers: Mapping[str, nn.Module] = {},
+                  x_adv: torch.Tensor | None = None, threat: ThreatSpec | None = None, epoch: int = 0,
+                  num_epochs: int = 1, index: torch.Tensor | None = None) -> BatchContext:
+    """A :class:`BatchContext` over copies of ``x``/``y`` with each teacher module wrapped as a frozen Teacher."""
+    ctx = BatchContext(x=x.clone(), y=y.clone(), index=index, student=student,
+                       teachers=TeacherSet({role: Teacher(module) for role, module in teachers.items()}),
+                       threat=threat if threat is not None else ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10),
+                       epoch=epoch, num_epochs=num_epochs)
+    if x_adv is not None:
+        ctx.x_adv = x_adv.clone()
+    return ctx
+
+
+def _row(values: Sequence[float] | torch.Tensor) -> list[float]:
+    return values.double().tolist() if isinstance(values, torch.Tensor) else [float(v) for v in values]
+
+
+def softmax(logits: Sequence[float] | torch.Tensor, tau: float = 1.0) -> list[float]:
+    """softmax(z / tau) of one row, in float64 with the maximum subtracted."""
+    row = _row(logits)
+    top = max(row)
+    e = [math.exp((v - top) / tau) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def log_softmax(logits: Sequence[float] | torch.Tensor, tau: float = 1.0) -> list[float]:
+    """log softmax(z / tau) of one row."""
+    row = [v / tau for v in _row(logits)]
+    top = max(row)
+    log_total = top + math.log(sum(math.exp(v - top) for v in row))
+    return [v - log_total for v in row]
+
+
+def kl(p: Sequence[float], q: Sequence[float]) -> float:
+    """KL(p || q) = sum_k p_k (log p_k - log q_k), with 0 log 0 = 0."""
+    return sum(pk * (math.log(pk) - math.log(qk)) for pk, qk in zip(p, q, strict=True) if pk > 0)
+
+
+def cross_entropy(logits: Sequence[float] | torch.Tensor, label: int) -> float:
+    """-log softmax(z)_label of one row."""
+    return -log_softmax(logits)[label]
