@@ -8,14 +8,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from robustbench_kd_plugins.iad import introspection_kl, reliability_weights
 from torch import Tensor
 
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
-from robustbench_kd.errors import UserError
+from robustbench_kd.errors import UserError, check_choice
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.errors import check_choice
 from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_logits_per_sample, kl_per_sample, reduce_kl
-from robustbench_kd_plugins.iad import introspection_kl, reliability_weights
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext

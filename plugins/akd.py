@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
-from robustbench_kd.errors import UserError
+from robustbench_kd.errors import UserError, check_choice
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.errors import check_choice
 from robustbench_kd.methods.losses import mix_with_labels, soft_cross_entropy_from_log_probs
 
 if TYPE_CHECKING:

@@ -10,10 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
-from robustbench_kd.errors import UserError
+from robustbench_kd.errors import UserError, check_choice
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.errors import check_choice
-from robustbench_kd.methods.divergence import ClassPrior, check_divergence_options, ikl_per_sample, sample_weight_vectors
+from robustbench_kd.methods.divergence import (
+    ClassPrior,
+    check_divergence_options,
+    ikl_per_sample,
+    sample_weight_vectors,
+)
 from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
 
 if TYPE_CHECKING:

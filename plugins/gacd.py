@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustbench_kd.attacks import module_mode
 from robustbench_kd.data.datasets import to_float
 from robustbench_kd.distiller import (
     ATTACK_INITS,
@@ -35,12 +36,10 @@ from robustbench_kd.distiller import (
     Distiller,
     LossOutput,
 )
-from robustbench_kd.errors import UserError
-from robustbench_kd.methods.features import FeatureTap, final_linear
+from robustbench_kd.errors import UserError, check_choice
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.attacks import module_mode
+from robustbench_kd.methods.features import FeatureTap, final_linear
 from robustbench_kd.teachers import EnsembleTeacher
-from robustbench_kd.errors import check_choice
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

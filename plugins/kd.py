@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch.nn.functional as F
 
 from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput
-from robustbench_kd.errors import UserError
+from robustbench_kd.errors import UserError, check_choice
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.errors import check_choice
 from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
 
 if TYPE_CHECKING:

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
-from robustbench_kd.errors import UserError
+from robustbench_kd.errors import UserError, check_choice
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.errors import check_choice
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext

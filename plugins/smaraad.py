@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from robustbench_kd.methods.attribution import CAM_CLASSES, CAM_NORMALIZATIONS, CAM_RESIZE, CamAlignment
 from robustbench_kd.data.datasets import to_float
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
-from robustbench_kd.errors import UserError
-from robustbench_kd.methods.features import locate_feature_map
+from robustbench_kd.errors import UserError, check_choice
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.errors import check_choice
+from robustbench_kd.methods.attribution import CAM_CLASSES, CAM_NORMALIZATIONS, CAM_RESIZE, CamAlignment
+from robustbench_kd.methods.features import locate_feature_map
 from robustbench_kd.methods.losses import kl_logits_per_sample
 from robustbench_kd.methods.soft_rank import near_tie_fraction, soft_spearman
 from robustbench_kd.teachers import EnsembleTeacher

@@ -8,14 +8,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
+from robustbench_kd_plugins.smaraad import PAPER, SmaraAD
 from torch import Tensor
 
 from robustbench_kd.distiller import LossOutput
-from robustbench_kd.errors import UserError
+from robustbench_kd.errors import UserError, check_choice
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.errors import check_choice
 from robustbench_kd.methods.soft_rank import soft_spearman
-from robustbench_kd_plugins.smaraad import PAPER, SmaraAD
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext

@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights, state_dict_of
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights, state_dict_of
 from robustbench_kd.teachers import ResizeInput, TeacherLoadContext, TeacherSpec
 
 log = logging.getLogger(__name__)

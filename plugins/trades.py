@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
-from robustbench_kd.errors import UserError
-from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.errors import check_choice
 from robustbench_kd.attacks import module_mode
+from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
+from robustbench_kd.errors import UserError, check_choice
+from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_logits_per_sample, kl_per_sample, reduce_kl
 
 if TYPE_CHECKING:

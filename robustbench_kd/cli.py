@@ -165,10 +165,10 @@ def _print_options(cls) -> None:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from robustbench_kd.scale import distributed
     from robustbench_kd.config import load_config
-    from robustbench_kd.jobs.pipeline import distill
     from robustbench_kd.evaluation.final_report import format_table
+    from robustbench_kd.jobs.pipeline import distill
+    from robustbench_kd.scale import distributed
 
     distributed.quiet_other_ranks()  # under torchrun: one log, from rank 0
     config = load_config(args.config, args.overrides)
@@ -188,9 +188,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import shlex
 
     from robustbench_kd.config import ModelInfoSection
+    from robustbench_kd.evaluation.final_report import format_table
     from robustbench_kd.evaluation.shards import parse_shard
     from robustbench_kd.jobs.pipeline import evaluate_spec
-    from robustbench_kd.evaluation.final_report import format_table
     from robustbench_kd.threat import parse_number, validate_eps
 
     if args.eps is None:
@@ -219,9 +219,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge_shards(args: argparse.Namespace) -> int:
+    from robustbench_kd.evaluation.final_report import format_table
     from robustbench_kd.evaluation.shards import merge_and_write
     from robustbench_kd.plugin_host import PluginHost
-    from robustbench_kd.evaluation.final_report import format_table
 
     report = merge_and_write(Path(args.directory), None if args.out is None else Path(args.out),
                              host=PluginHost.create())
@@ -231,8 +231,8 @@ def _cmd_merge_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from robustbench_kd.jobs.quickstart import run_quickstart
     from robustbench_kd.evaluation.final_report import format_table
+    from robustbench_kd.jobs.quickstart import run_quickstart
 
     start = time.perf_counter()
     reports = run_quickstart(args.out, epochs=args.epochs, seed=args.seed)

@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import tomllib
+
 from robustbench_kd.analysis.diagnostics.section import DiagnosticsSection
-from robustbench_kd.errors import UserError, close_matches
 from robustbench_kd.analysis.reports.section import ReportSection
+from robustbench_kd.errors import UserError, close_matches
 from robustbench_kd.scale.sections import EmaSection, SpeedSection
 from robustbench_kd.threat import ThreatSpec, parse_number
 
@@ -106,7 +107,9 @@ class DataSection:
             raise UserError("data.extra_path and data.extra_fraction go together: set both (e.g. extra_fraction "
                             "= 0.7 with extra_path = \"5m.npz\") or neither")
         if self.extra_path is not None:
-            from robustbench_kd.data.extra import batch_split  # the one definition of the split; imports torch, so only here
+            from robustbench_kd.data.extra import (
+                batch_split,  # the one definition of the split; imports torch, so only here
+            )
 
             real, extra = batch_split(self.batch_size, f)
             if extra == 0 or real == 0:

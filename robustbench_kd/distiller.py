@@ -219,6 +219,8 @@ class Distiller(nn.Module, ABC):
     optional_teacher_roles: ClassVar[tuple[str, ...]] = ()
     supports_distributed: ClassVar[bool] = False
     indexes_training_set: ClassVar[bool] = False
+    # The instance's Config (each subclass's own dataclass; typed loosely so subclasses read their fields).
+    config: Any
 
     @dataclass(frozen=True, kw_only=True)
     class Config(MethodConfig):

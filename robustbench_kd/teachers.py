@@ -27,8 +27,8 @@ from urllib.parse import parse_qsl
 import torch
 from torch import Tensor, nn
 
-from robustbench_kd.scale.vectorised_ensemble import StackedMembers, architecture_mismatch
 from robustbench_kd.errors import UserError
+from robustbench_kd.scale.vectorised_ensemble import StackedMembers, architecture_mismatch
 
 log = logging.getLogger(__name__)
 

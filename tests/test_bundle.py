@@ -10,6 +10,9 @@ import textwrap
 import pytest
 import torch
 
+from robustbench_kd.cli import main
+from robustbench_kd.errors import UserError
+from robustbench_kd.students import build_student
 from robustbench_kd.submission.bundle import (
     ZooConstructor,
     constructor_for_spec,
@@ -18,9 +21,6 @@ from robustbench_kd.submission.bundle import (
     write_submission_bundle,
     zoo_entry_constructor,
 )
-from robustbench_kd.cli import main
-from robustbench_kd.errors import UserError
-from robustbench_kd.students import build_student
 from robustbench_kd.testing.fixtures import (
     CARMON2019_MODEL_INFO,
     make_tiny_cifar,

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from robustbench_kd.zoo import compat
 from robustbench_kd.errors import UserError
 from robustbench_kd.testing.fixtures import make_tiny_cifar, patch_cifar_integrity
+from robustbench_kd.zoo import compat
 
 
 class TinyCNN(nn.Module):

@@ -23,8 +23,8 @@ def test_method_contract(host, name):
 def test_method_declares_roles_it_uses(host, name):
     """A method must not read a teacher role it did not declare."""
     from robustbench_kd.errors import UserError
-    from robustbench_kd.testing.contract import contract_batch
     from robustbench_kd.teachers import TeacherSet
+    from robustbench_kd.testing.contract import contract_batch
 
     cls = host.methods.get(name)
     distiller, ctx = contract_batch(cls)

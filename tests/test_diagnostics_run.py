@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from robustbench_kd.analysis.diagnostics import metrics as M
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.data.datasets import to_float
-from robustbench_kd.analysis.diagnostics import metrics as M
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.plugin_host import PluginHost

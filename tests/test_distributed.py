@@ -18,15 +18,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import robustbench_kd_plugins
 import torch
 import yaml
 
 import robustbench_kd
-import robustbench_kd_plugins
-from robustbench_kd.scale import distributed
-from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
+from robustbench_kd.scale import distributed
+from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.training.loop import train
 
 TIMEOUT_S = 300

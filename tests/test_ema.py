@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from robustbench_kd.storage.checkpoint import load_checkpoint, state_dict_of
 from robustbench_kd.config import config_from_mapping
-from robustbench_kd.scale.ema import StudentEMA
 from robustbench_kd.errors import UserError
 from robustbench_kd.jobs.pipeline import distill
+from robustbench_kd.scale.ema import StudentEMA
 from robustbench_kd.scale.sections import EmaSection
+from robustbench_kd.storage.checkpoint import load_checkpoint, state_dict_of
 from robustbench_kd.testing.contract import TinyNet
 from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.training.loop import train

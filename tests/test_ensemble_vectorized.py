@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustbench_kd.training.builders import load_role
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherLoadContext
 from robustbench_kd.testing import TinyNet
+from robustbench_kd.training.builders import load_role
 
 WEIGHTS = [0.1, 0.2, 0.3, 0.4]
 

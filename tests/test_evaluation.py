@@ -10,7 +10,6 @@ import torch
 import torchattacks
 from torch import nn
 
-from robustbench_kd.zoo import compat
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation import (
     VALID_ATTACKS,
@@ -20,6 +19,7 @@ from robustbench_kd.evaluation import (
     pgd,
     run_autoattack,
 )
+from robustbench_kd.zoo import compat
 
 pytestmark = pytest.mark.single_thread
 

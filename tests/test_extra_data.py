@@ -10,9 +10,9 @@ import torch
 
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.data.datasets import epoch_generator, iterate_batches
-from robustbench_kd.errors import UserError
 from robustbench_kd.data.extra import batch_split, mix_extra, open_extra
 from robustbench_kd.data.npz_mmap import memmap_npz
+from robustbench_kd.errors import UserError
 from robustbench_kd.training.loop import train
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from robustbench_kd.data import imagenet as imagefolder
 from robustbench_kd.config import DataSection, config_from_mapping
+from robustbench_kd.data import imagenet as imagefolder
 from robustbench_kd.data.datasets import split_validation
-from robustbench_kd.errors import UserError
 from robustbench_kd.data.imagenet import LazyImages, get_preprocessing, load_imagefolder_splits
+from robustbench_kd.errors import UserError
 
 CLASSES = ("n01440764", "n01443537", "n01484850")  # real wnids: sorted order = class index
 
@@ -160,10 +160,11 @@ def test_train_and_evaluate_read_the_imagefolder(imagenet_dir, tmp_path, host):
 
 def test_imagenet_zoo_teacher_gets_its_input_size(tmp_path):
     """A robustbench:imagenet/... teacher loads offline and is fed the resolution it was evaluated at."""
-    from robustbench_kd.zoo.compat import import_robustbench
-    from robustbench_kd.teachers import ResizeInput, TeacherLoadContext, TeacherSpec
-    from robustbench_kd.zoo.models import zoo_input_size, zoo_preprocessing
     from robustbench_kd_plugins.teacher_sources import load_robustbench_teacher
+
+    from robustbench_kd.teachers import ResizeInput, TeacherLoadContext, TeacherSpec
+    from robustbench_kd.zoo.compat import import_robustbench
+    from robustbench_kd.zoo.models import zoo_input_size, zoo_preprocessing
 
     assert zoo_input_size("Wong2020Fast", dataset="imagenet", threat_model="Linf") == 288
     assert zoo_preprocessing("Wong2020Fast", dataset="imagenet", threat_model="Linf") == "Crop288"
@@ -213,11 +214,11 @@ def _fit_to_wrong_labels(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor)
 
 def test_zoo_checkpoint_and_bundle_entry_load_through_robustbench(imagenet_dir, tmp_path, host):
     """evaluate --name on ImageNet writes a checkpoint that load_model reads into the bundle's zoo entry."""
-    from robustbench_kd.zoo.compat import import_robustbench
     from robustbench_kd.data.datasets import to_float
     from robustbench_kd.jobs.pipeline import evaluate_spec
     from robustbench_kd.students import build_student
     from robustbench_kd.testing.fixtures import tiny_zoo_entry
+    from robustbench_kd.zoo.compat import import_robustbench
 
     torch.manual_seed(0)
     net = build_student("small-cnn", num_classes=3, in_channels=3, image_size=224, width=0.125,

@@ -28,11 +28,11 @@ import torch
 import yaml
 
 import robustbench_kd.storage.atomic as rbkd_io
-from robustbench_kd.training import loop as trainer
-from robustbench_kd.storage.checkpoint import load_checkpoint, save_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
+from robustbench_kd.storage.checkpoint import load_checkpoint, save_checkpoint
 from robustbench_kd.testing.runs import tiny_digits_raw
+from robustbench_kd.training import loop as trainer
 from robustbench_kd.training.loop import train
 
 # Installed in the subprocess only: RBKD_TEST_KILL="N:mode" kills the process with SIGKILL in the N-th

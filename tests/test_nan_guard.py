@@ -14,9 +14,9 @@ from robustbench_kd import hookimpl
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.distiller import Distiller, LossOutput
 from robustbench_kd.errors import UserError
-from robustbench_kd.training.nan_guard import FiniteGuard, check_finite_weights
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.training.loop import train
+from robustbench_kd.training.nan_guard import FiniteGuard, check_finite_weights
 
 
 class NaNAtStep(Distiller):

@@ -10,7 +10,6 @@ import torch
 import yaml
 from PIL import Image
 
-from robustbench_kd.cli import main
 from robustbench_kd.analysis.diagnostics.section import DIAGNOSTICS
 from robustbench_kd.analysis.reports.analyses import (
     accuracy_vs_eps,
@@ -23,6 +22,7 @@ from robustbench_kd.analysis.reports.compare import robust_key
 from robustbench_kd.analysis.reports.diagnostics_report import FIGURES as DIAGNOSTIC_FIGURES
 from robustbench_kd.analysis.reports.metrics import read_metric_series
 from robustbench_kd.analysis.reports.run_report import FIGURES
+from robustbench_kd.cli import main
 from robustbench_kd.students import build_student
 
 # Columns (classes) over 3 samples. Teacher: c0 = (1,2,3), c1 = (0,1,0), c2 = (0,0,1); the student swaps c1, c2.

@@ -59,8 +59,8 @@ def test_unknown_zoo_name_lists_close_matches(tmp_path, host):
 
 def test_evaluate_command_matches_robustbench_benchmark(tmp_path, monkeypatch, capsys):
     """`robustbench-kd evaluate` reports the same clean and AutoAttack accuracy as benchmark()."""
-    from robustbench_kd.zoo import compat
     from robustbench_kd.students import build_student
+    from robustbench_kd.zoo import compat
 
     robustbench = compat.import_robustbench()
     import robustbench.eval as rb_eval

@@ -24,9 +24,9 @@ from robustbench_kd.evaluation import (
     run_autoattack,
     run_sanity_checks,
 )
+from robustbench_kd.evaluation.final_report import evaluate_and_write
 from robustbench_kd.jobs.pipeline import evaluate_run, evaluate_spec
 from robustbench_kd.plugin_host import PluginHost
-from robustbench_kd.evaluation.final_report import evaluate_and_write
 from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.training.loop import train
 

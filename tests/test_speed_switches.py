@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.scale.precision import SpeedPlan, check_autocast
 from robustbench_kd.scale.sections import SpeedSection
+from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.testing.contract import contract_batch

@@ -89,8 +89,8 @@ def test_normalize_validation(normalize: object, message: str) -> None:
 def test_robustbench_classes_are_used() -> None:
     from robustbench_kd.zoo import compat
     compat.import_robustbench()
-    from robustbench.model_zoo.architectures.resnet import PreActResNet, ResNet  # noqa: E402
-    from robustbench.model_zoo.architectures.wide_resnet import WideResNet  # noqa: E402
+    from robustbench.model_zoo.architectures.resnet import PreActResNet, ResNet
+    from robustbench.model_zoo.architectures.wide_resnet import WideResNet
 
     with torch.device("meta"):
         wrn = build_student("wrn-34-10", num_classes=100, in_channels=3, image_size=32)

@@ -102,8 +102,8 @@ def test_spec_without_scheme_explains_the_format():
 
 
 def test_unknown_scheme_lists_registered_ones(host):
-    from robustbench_kd.training.builders import load_teacher
     from robustbench_kd.teachers import TeacherLoadContext
+    from robustbench_kd.training.builders import load_teacher
 
     ctx = TeacherLoadContext(dataset="digits", num_classes=10, in_channels=1, image_size=8)
     with pytest.raises(UserError, match=r"unknown teacher source 'hf'.*valid: file, robustbench"):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
+from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.training.loop import train
 

@@ -8,17 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from robustbench_kd.training import builders
-
-from robustbench_kd.jobs import pipeline
-
-from robustbench_kd.training import loop as trainer
-from robustbench_kd.storage.checkpoint import load_checkpoint, state_dict_of
 from robustbench_kd.config import DataSection, config_from_mapping
 from robustbench_kd.data.datasets import DataSplits, split_validation, validation_count
 from robustbench_kd.errors import UserError
+from robustbench_kd.jobs import pipeline
 from robustbench_kd.jobs.pipeline import distill
+from robustbench_kd.storage.checkpoint import load_checkpoint, state_dict_of
 from robustbench_kd.testing.runs import tiny_digits_raw
+from robustbench_kd.training import builders
+from robustbench_kd.training import loop as trainer
 from robustbench_kd.training.loop import train, update_best
 
 NAME = "ValSplit_SmallCNN"

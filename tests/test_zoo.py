@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from robustbench_kd.zoo import models as zoo
 from robustbench_kd.errors import UserError
 from robustbench_kd.testing.fixtures import save_random_zoo_checkpoint, tiny_zoo_entry
+from robustbench_kd.zoo import models as zoo
 
 REPO = Path(__file__).resolve().parents[1]
 

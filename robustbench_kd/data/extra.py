@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from robustbench_kd.data.datasets import random_crop_flip, to_float
-from robustbench_kd.errors import UserError
 from robustbench_kd.data.npz_mmap import memmap_npz
+from robustbench_kd.errors import UserError
 
 __all__ = ["IMAGE_KEYS", "LABEL_KEYS", "ExtraData", "batch_split", "check_extra_supported", "mix_extra",
            "open_extra"]

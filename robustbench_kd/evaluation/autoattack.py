@@ -37,9 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from robustbench_kd.errors import UserError
+from robustbench_kd.evaluation.attacks import check_inputs
 from robustbench_kd.storage.atomic import atomic_write_text
 from robustbench_kd.threat import NORMS, parse_number, validate_eps
-from robustbench_kd.evaluation.attacks import check_inputs
 
 __all__ = [
     "AA_LOGGER_NAME",

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustbench_kd.submission.bundle import ZooConstructor, autoattack_log_partial, write_submission_bundle
 from robustbench_kd.config import ModelInfoSection
 from robustbench_kd.errors import UserError
 from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.submission.bundle import ZooConstructor, autoattack_log_partial, write_submission_bundle
 from robustbench_kd.threat import format_eps
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from robustbench_kd.errors import UserError, close_matches
-from robustbench_kd.threat import NORMS, format_eps, parse_number, validate_eps
 from robustbench_kd.evaluation.attacks import check_inputs, fgsm, pgd
 from robustbench_kd.evaluation.autoattack import (
     AUTOATTACK_VERSIONS,
@@ -27,6 +26,7 @@ from robustbench_kd.evaluation.autoattack import (
     rng_devices,
     run_autoattack,
 )
+from robustbench_kd.threat import NORMS, format_eps, parse_number, validate_eps
 
 __all__ = ["VALID_ATTACKS", "EvalResult", "evaluate_model"]
 

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustbench_kd.errors import UserError
-from robustbench_kd.threat import NORMS, format_eps, parse_number, validate_eps
 from robustbench_kd.evaluation.attacks import check_inputs, fgsm, pgd
 from robustbench_kd.evaluation.autoattack import MISMATCH_FLAG_PREFIX, model_device, predict_correct, rng_devices
 from robustbench_kd.evaluation.runner import EvalResult
+from robustbench_kd.threat import NORMS, format_eps, parse_number, validate_eps
 
 __all__ = ["SANITY_CHECKS", "SanityReport", "check_eps_units", "check_evaluation", "run_sanity_checks"]
 

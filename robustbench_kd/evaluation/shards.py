@@ -40,10 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from robustbench_kd.errors import UserError
-from robustbench_kd.storage.atomic import atomic_write_text
-from robustbench_kd.threat import format_eps, parse_number
 from robustbench_kd.evaluation.autoattack import autoattack_state, data_fingerprint, model_fingerprint
 from robustbench_kd.evaluation.runner import EvalResult, evaluate_model
+from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.threat import format_eps, parse_number
 
 __all__ = [
     "SHARD_FORMAT",
@@ -131,9 +131,9 @@ def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, 
     in pixel units is refused first, as in an unsharded evaluation. Returns a ``ModelReport`` for the
     shard (its ``results_path`` is the shard file).
     """
-    from robustbench_kd.evaluation.sanity import check_eps_units
     from robustbench_kd.evaluation.final_report import ModelReport
     from robustbench_kd.evaluation.model_info import validate_model_id
+    from robustbench_kd.evaluation.sanity import check_eps_units
 
     model_id = validate_model_id(model_id)
     index, count = shard

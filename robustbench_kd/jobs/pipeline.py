@@ -7,15 +7,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-
-from robustbench_kd.training import builders
-from robustbench_kd.submission.bundle import constructor_for_run, constructor_for_spec, distill_command
 from robustbench_kd.config import ModelInfoSection, RunConfig
 from robustbench_kd.data.datasets import to_float
 from robustbench_kd.errors import UserError
-from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.evaluation.final_report import ModelReport, evaluate_and_write
+from robustbench_kd.plugin_host import PluginHost
+from robustbench_kd.submission.bundle import constructor_for_run, constructor_for_spec, distill_command
 from robustbench_kd.teachers import TeacherLoadContext
+from robustbench_kd.training import builders
 
 log = logging.getLogger(__name__)
 

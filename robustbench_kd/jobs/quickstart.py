@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from robustbench_kd.config import config_from_mapping
-from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.evaluation.final_report import ModelReport
+from robustbench_kd.plugin_host import PluginHost
 
 log = logging.getLogger(__name__)
 

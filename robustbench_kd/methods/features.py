@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from robustbench_kd.errors import UserError, close_matches
 from robustbench_kd.attacks import module_mode
+from robustbench_kd.errors import UserError, close_matches
 
 __all__ = [
     "FEATURE_MAP_TRANSFORMS",

@@ -32,10 +32,9 @@ Decisions, and why:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch

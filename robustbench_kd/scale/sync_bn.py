@@ -33,13 +33,13 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, tensor: Tensor) -> Tensor:
         out = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+    def backward(ctx, grad: Tensor) -> Tensor:
         out = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
@@ -53,7 +53,7 @@ def differentiable_all_reduce(tensor: Tensor) -> Tensor:
 class GlobalBatchNormMixin:
     """Training-mode BatchNorm over the whole distributed batch; mixed into a ``nn.BatchNorm*d`` class."""
 
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - the nn.BatchNorm signature
+    def forward(self, input: Tensor) -> Tensor:
         bn = self  # type: nn.modules.batchnorm._BatchNorm  # for readers: all attributes are BatchNorm's
         if not (bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)  # type: ignore[misc]

@@ -19,8 +19,8 @@ import functools
 import logging
 import pickle
 import re
-from collections.abc import Iterator, Sequence
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 

@@ -20,7 +20,12 @@ from torch import Tensor, nn
 from robustbench_kd.errors import UserError, close_matches
 from robustbench_kd.students.mobilenetv2 import MobileNetV2, build_mobilenetv2
 from robustbench_kd.students.small_cnn import SmallCNN, build_small_cnn
-from robustbench_kd.students.zoo_architectures import build_preact_resnet18, build_resnet18, build_wrn_28_10, build_wrn_34_10
+from robustbench_kd.students.zoo_architectures import (
+    build_preact_resnet18,
+    build_resnet18,
+    build_wrn_28_10,
+    build_wrn_34_10,
+)
 
 __all__ = [
     "BUILTIN_STUDENTS",

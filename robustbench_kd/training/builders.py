@@ -15,7 +15,14 @@ from robustbench_kd.data.datasets import DataSplits, split_validation, take
 from robustbench_kd.distiller import Distiller
 from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
-from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherLoadContext, TeacherSet, TeacherSpec, check_teacher_output
+from robustbench_kd.teachers import (
+    EnsembleTeacher,
+    Teacher,
+    TeacherLoadContext,
+    TeacherSet,
+    TeacherSpec,
+    check_teacher_output,
+)
 
 log = logging.getLogger(__name__)
 

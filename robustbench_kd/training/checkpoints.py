@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from robustbench_kd.storage.checkpoint import load_checkpoint, restore_plain, save_checkpoint
-from robustbench_kd.scale.ema import StudentEMA
 from robustbench_kd.errors import UserError
-from robustbench_kd.training.nan_guard import check_finite_weights
+from robustbench_kd.scale.ema import StudentEMA
+from robustbench_kd.storage.checkpoint import load_checkpoint, restore_plain, save_checkpoint
 from robustbench_kd.training.metric_sums import MetricSums
-from robustbench_kd.training.setup import Run
+from robustbench_kd.training.nan_guard import check_finite_weights
 from robustbench_kd.training.selection import selection_protocol
+from robustbench_kd.training.setup import Run
 
 log = logging.getLogger(__name__)
 

@@ -49,22 +49,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustbench_kd.scale import distributed
-from robustbench_kd.storage.checkpoint import save_checkpoint
 from robustbench_kd.config import RunConfig
 from robustbench_kd.context import BatchContext
 from robustbench_kd.data.datasets import epoch_generator, iterate_batches, num_batches
+from robustbench_kd.data.extra import batch_split, mix_extra
 from robustbench_kd.distiller import AttackSpec, Distiller
 from robustbench_kd.errors import UserError
-from robustbench_kd.data.extra import batch_split, mix_extra
-from robustbench_kd.storage.atomic import atomic_write_text, remove_stale_temps
-from robustbench_kd.training.metric_sums import MetricSums
 from robustbench_kd.plugin_host import PluginHost
-from robustbench_kd.training.checkpoints import checkpoint_payload, restore_rng, resume_from, step_position, write_checkpoints
-from robustbench_kd.training.setup import Run, build_optimizer, build_scheduler, drop_last_batch, setup_run
-from robustbench_kd.training.selection import quick_eval, update_best
+from robustbench_kd.scale import distributed
 from robustbench_kd.scale.precision import SpeedPlan
 from robustbench_kd.scale.sections import SpeedSection
+from robustbench_kd.storage.atomic import atomic_write_text, remove_stale_temps
+from robustbench_kd.storage.checkpoint import save_checkpoint
+from robustbench_kd.training.checkpoints import (
+    checkpoint_payload,
+    restore_rng,
+    resume_from,
+    step_position,
+    write_checkpoints,
+)
+from robustbench_kd.training.metric_sums import MetricSums
+from robustbench_kd.training.selection import quick_eval, update_best
+from robustbench_kd.training.setup import Run, build_optimizer, build_scheduler, drop_last_batch, setup_run
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from robustbench_kd.scale import distributed
 from robustbench_kd.errors import UserError
+from robustbench_kd.scale import distributed
 
 #: host look-ups of the on-device flags: one every this many steps (plus epoch ends and checkpoints)
 CHECK_EVERY = 20

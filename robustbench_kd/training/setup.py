@@ -14,19 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustbench_kd.training import builders
-
-from robustbench_kd.scale import distributed
 from robustbench_kd.config import RunConfig
 from robustbench_kd.data.datasets import DataSplits, num_batches
-from robustbench_kd.distiller import Distiller
-from robustbench_kd.scale.ema import StudentEMA
-from robustbench_kd.errors import UserError
 from robustbench_kd.data.extra import batch_split, check_extra_supported
-from robustbench_kd.training.nan_guard import FiniteGuard
+from robustbench_kd.distiller import Distiller
+from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
+from robustbench_kd.scale import distributed
+from robustbench_kd.scale.ema import StudentEMA
 from robustbench_kd.scale.precision import SpeedPlan
 from robustbench_kd.teachers import TeacherSet
+from robustbench_kd.training import builders
+from robustbench_kd.training.nan_guard import FiniteGuard
 
 
 @dataclass

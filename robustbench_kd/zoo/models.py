@@ -157,8 +157,9 @@ def _timm_name(name: str, dataset: str, folder: str) -> str | None:
 
 
 def _hub_cache_path(url: str) -> Path:
-    import torch.hub
     from urllib.parse import urlparse
+
+    import torch.hub
 
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
@@ -311,7 +312,6 @@ def _call_load_model(name: str, dataset: str, threat_model: str, model_dir: Path
     from urllib.error import URLError
 
     import requests
-
     from robustbench.utils import load_model
 
     network_errors: tuple[type[BaseException], ...] = (requests.exceptions.RequestException, URLError)

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from robustbench_kd_plugins import adaad, iad
+from robustbench_kd_plugins.adaad import AdaAD
 from torch import nn
 
 from robustbench_kd.attacks import DistillationAttack
@@ -21,8 +23,6 @@ from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
-from robustbench_kd_plugins import adaad, iad
-from robustbench_kd_plugins.adaad import AdaAD
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 X = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from robustbench_kd_plugins import akd
+from robustbench_kd_plugins.akd import AKD
 from torch import nn
 
 from robustbench_kd.attacks import DistillationAttack
@@ -15,8 +17,6 @@ from robustbench_kd.registry import Registry
 from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
-from robustbench_kd_plugins import akd
-from robustbench_kd_plugins.akd import AKD
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 X = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])

@@ -22,13 +22,13 @@ from robustbench_kd_plugins.gacd import (
 from torch import nn
 
 from robustbench_kd.attacks import DistillationAttack
-from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
+from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from robustbench_kd_plugins import iad
+from robustbench_kd_plugins.iad import IAD, reliability_weights
 from torch import nn
 
 from robustbench_kd.attacks import DistillationAttack
@@ -20,8 +22,6 @@ from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
-from robustbench_kd_plugins import iad
-from robustbench_kd_plugins.iad import IAD, reliability_weights
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 X = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])

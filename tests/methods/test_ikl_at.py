@@ -6,22 +6,22 @@ import math
 
 import pytest
 import torch
+from robustbench_kd_plugins import ikl_at
+from robustbench_kd_plugins.ikl_at import IKLAT
+from robustbench_kd_plugins.trades import TRADES
 from torch import nn
 
-from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
+from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
-from robustbench_kd_plugins import ikl_at
-from robustbench_kd_plugins.ikl_at import IKLAT
-from robustbench_kd_plugins.trades import TRADES
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 X = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])

@@ -7,6 +7,9 @@ import math
 import pluggy
 import pytest
 import torch
+from robustbench_kd_plugins import attack as builtin_attack
+from robustbench_kd_plugins import pgd_at
+from robustbench_kd_plugins.pgd_at import PGDAT
 from torch import nn
 
 from robustbench_kd import hookspecs
@@ -17,9 +20,6 @@ from robustbench_kd.registry import Registry
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
-from robustbench_kd_plugins import attack as builtin_attack
-from robustbench_kd_plugins import pgd_at
-from robustbench_kd_plugins.pgd_at import PGDAT
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 

@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from robustbench_kd_plugins import smaraad
+from robustbench_kd_plugins.smaraad import SmaraAD
 from torch import nn
 
-from robustbench_kd.methods.attribution import CamAlignment, alignment_loss, logits_and_cam, normalize_cam, resize_cam
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
+from robustbench_kd.methods.attribution import CamAlignment, alignment_loss, logits_and_cam, normalize_cam, resize_cam
 from robustbench_kd.methods.losses import kl_logits_per_sample
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
@@ -21,8 +23,6 @@ from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
-from robustbench_kd_plugins import smaraad
-from robustbench_kd_plugins.smaraad import SmaraAD
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 

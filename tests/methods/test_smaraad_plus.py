@@ -6,6 +6,9 @@ import math
 
 import pytest
 import torch
+from robustbench_kd_plugins import smaraad, smaraad_plus
+from robustbench_kd_plugins.smaraad import SmaraAD
+from robustbench_kd_plugins.smaraad_plus import SmaraADPlus, entropy_weight
 from torch import nn
 
 from robustbench_kd.config import config_from_mapping
@@ -18,9 +21,6 @@ from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
-from robustbench_kd_plugins import smaraad, smaraad_plus
-from robustbench_kd_plugins.smaraad import SmaraAD
-from robustbench_kd_plugins.smaraad_plus import SmaraADPlus, entropy_weight
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from robustbench_kd_plugins import standard
+from robustbench_kd_plugins.standard import Standard
 from torch import nn
 
 from robustbench_kd.context import BatchContext
@@ -14,8 +16,6 @@ from robustbench_kd.registry import Registry
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.threat import ThreatSpec
-from robustbench_kd_plugins import standard
-from robustbench_kd_plugins.standard import Standard
 
 
 class Scale(nn.Module):

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robustbench_kd.data.datasets import to_float
 from robustbench_kd.analysis.diagnostics import metrics as M
 from robustbench_kd.analysis.diagnostics import trajectories
+from robustbench_kd.data.datasets import to_float
 
 
 @dataclass

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from robustbench_kd.methods.attribution import logits_and_cam, normalize_cam, resize_cam
 from robustbench_kd.evaluation.attacks import pgd
+from robustbench_kd.methods.attribution import logits_and_cam, normalize_cam, resize_cam
 from robustbench_kd.methods.features import FeatureTap
 
 __all__ = ["accuracy_vs_eps", "correlation_difference", "logit_correlation", "logits_and_features",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from robustbench_kd.analysis.reports.figures import tradeoff_figure
 from robustbench_kd.errors import UserError
 from robustbench_kd.storage.atomic import atomic_write_text
-from robustbench_kd.analysis.reports.figures import tradeoff_figure
 
 #: Robust accuracies in order of preference (strongest attack first); PGD keys are ``pgd-<steps>``.
 ROBUST_ORDER = ("autoattack", "autoattack-quick", "cw", "pgd", "fgsm")

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from robustbench_kd.analysis.diagnostics import trajectories
-from robustbench_kd.errors import UserError
 from robustbench_kd.analysis.reports import diagnostic_figures as figures
 from robustbench_kd.analysis.reports.metrics import read_metric_series
+from robustbench_kd.errors import UserError
 
 #: figure key -> file name (under report/)
 FIGURES = {

@@ -16,10 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustbench_kd.data.datasets import to_float
-from robustbench_kd.errors import UserError
-from robustbench_kd.storage.atomic import atomic_write_text
-from robustbench_kd.teachers import EnsembleTeacher
 from robustbench_kd.analysis.reports import analyses, figures
 from robustbench_kd.analysis.reports.diagnostics_report import TITLES as DIAGNOSTIC_TITLES
 from robustbench_kd.analysis.reports.diagnostics_report import write_diagnostics_figures
@@ -27,6 +23,10 @@ from robustbench_kd.analysis.reports.document import Block, Figure, Heading, Par
 from robustbench_kd.analysis.reports.metrics import read_metric_series
 from robustbench_kd.analysis.reports.section import ReportSection
 from robustbench_kd.analysis.reports.tsne import tsne_embedding
+from robustbench_kd.data.datasets import to_float
+from robustbench_kd.errors import UserError
+from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.teachers import EnsembleTeacher
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,8 @@ def _blocks(run: Any, numbers: dict[str, Any], written: dict[str, Path],
 
 def load_finished_run(run_dir: str | Path) -> Any:
     """Rebuild a finished ``distill`` run from its directory (config.yaml + checkpoints/last.pt)."""
-    from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
     from robustbench_kd.config import config_from_mapping, load_file
+    from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
     from robustbench_kd.training.loop import setup_run
 
     run_dir = Path(run_dir)
