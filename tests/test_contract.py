@@ -19,6 +19,19 @@ def test_method_contract(host, name):
     check_distiller(host.methods.get(name), host=host)
 
 
+# Non-default configurations that must satisfy the contract too: (method key, [method] options, epoch).
+# Each method's entries sit together; a method whose variants need a special host keeps them in its own file.
+VARIANTS: list[tuple[str, dict, int]] = [
+]
+
+
+@pytest.mark.parametrize(("name", "options", "epoch"), VARIANTS,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(VARIANTS)])
+def test_method_contract_variant(host, name, options, epoch):
+    cls = host.methods.get(name)
+    check_distiller(cls, host=host, config=cls.config_from_mapping(options), epoch=epoch)
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_method_declares_roles_it_uses(host, name):
     """A method must not read a teacher role it did not declare."""
