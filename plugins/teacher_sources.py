@@ -41,15 +41,6 @@ def load_robustbench_teacher(spec: TeacherSpec, ctx: TeacherLoadContext):
     return net
 
 
-def _option_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def build_network_from_file(path: Path, options: dict[str, str], *, students, num_classes: int,
                             in_channels: int, image_size: int, sha256: str | None = None):
     """Rebuild a network from a checkpoint file (ours, zoo layout, or a bare state dict + ``arch``).
@@ -66,7 +57,7 @@ def build_network_from_file(path: Path, options: dict[str, str], *, students, nu
             f"(valid: {', '.join(students.names())})"
         )
     arch_options = dict(arch_info.get("options", {})) if arch == arch_info.get("name") else {}
-    arch_options.update({k: _option_value(v) for k, v in opts.items()})
+    arch_options.update({k: TeacherSpec.option_value(v) for k, v in opts.items()})
     factory = students.get(arch)
     net = factory(num_classes=int(data.get("num_classes", num_classes)),
                   in_channels=int(data.get("in_channels", in_channels)),

@@ -261,7 +261,8 @@ def _print_outputs(reports) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     if len(args.run_dirs) == 1:
-        from robustbench_kd.analysis.reports.run_report import load_finished_run, write_run_report
+        from robustbench_kd.analysis.reports.run_report import write_run_report
+        from robustbench_kd.jobs.pipeline import load_finished_run
 
         run_dir = Path(args.run_dirs[0])
         path = write_run_report(load_finished_run(run_dir), out_dir=None if args.out is None else Path(args.out))

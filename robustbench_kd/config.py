@@ -16,6 +16,7 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [eval]       every, select, n_examples, pgd_steps, attacks, final_n_examples, teachers, batch_size, seed,
                  sanity
     [model_info] title, authors, venue, link, architecture, additional_data, reported, footnote
+                                                      (robustbench_kd.submission.section)
     [speed]      amp, attack_fp32, channels_last, compile, compile_backend   (robustbench_kd.scale.sections)
     [ema]        decay, warmup, every                                       (robustbench_kd.scale.sections)
     [diagnostics] enabled, n_examples, every, adversarial, pgd_steps, bins, batch_size, seed, tensorboard
@@ -40,6 +41,7 @@ from robustbench_kd.analysis.diagnostics.section import DiagnosticsSection
 from robustbench_kd.analysis.reports.section import ReportSection
 from robustbench_kd.errors import UserError, close_matches
 from robustbench_kd.scale.sections import EmaSection, SpeedSection
+from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.threat import ThreatSpec, parse_number
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "exponential", "constant")
@@ -197,20 +199,6 @@ class EvalSection:
             if name not in VALID_ATTACKS:
                 raise UserError(f"unknown attack {name!r} in eval.attacks{close_matches(str(name), VALID_ATTACKS)}; "
                                 f"valid attacks: {', '.join(VALID_ATTACKS)}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelInfoSection:
-    """Leaderboard metadata (RobustBench model_info fields that cannot be measured)."""
-
-    title: str | None = None            #: the "name" field: the paper title
-    authors: str | None = None
-    venue: str | None = None
-    link: str | None = None
-    architecture: str | None = None     #: default: the student arch
-    additional_data: bool = False
-    reported: str | None = None
-    footnote: str | None = None
 
 
 SECTIONS: dict[str, type] = {

@@ -7,7 +7,7 @@
   ``combine="probs"`` it returns log(sum_i beta_i softmax(z_i)), whose softmax is exactly the
   weighted mean of the members' probabilities; with ``combine="logits"`` it returns
   sum_i beta_i z_i. Either way it looks like one teacher returning logits. Members of one
-  architecture are evaluated in one vectorised call (:mod:`robustbench_kd.scale.vectorised_ensemble`), others
+  architecture are evaluated in one vectorised call (:mod:`robustbench_kd.vectorised_ensemble`), others
   in a loop; ``vectorize`` chooses.
 * :class:`TeacherSet` maps roles (``robust``, ``natural``, ...) to teachers.
 * A spec is ``scheme:ref`` -- ``robustbench:cifar10/Linf/Carmon2019Unlabeled`` or
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from robustbench_kd.errors import UserError
-from robustbench_kd.scale.vectorised_ensemble import StackedMembers, architecture_mismatch
+from robustbench_kd.vectorised_ensemble import StackedMembers, architecture_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class EnsembleTeacher(nn.Module):
     * ``combine="logits"``: sum_i beta_i z_i.
 
     The z_i come from one vectorised call over stacked weights when the members share one
-    architecture (:mod:`robustbench_kd.scale.vectorised_ensemble`), otherwise from a loop; both give the same
+    architecture (:mod:`robustbench_kd.vectorised_ensemble`), otherwise from a loop; both give the same
     output and the same input gradient (within float rounding).
 
     ``"auto"`` vectorises on accelerators only: on CPU the vectorised call (a grouped convolution)
@@ -247,6 +247,20 @@ class TeacherSpec:
 
         digests = parse_sha256(pinned, where=f"teacher spec {text!r}") if pinned is not None else ()
         return cls(scheme=scheme.strip().lower(), ref=ref.strip(), options=options, text=text, sha256=digests)
+
+    @staticmethod
+    def option_value(text: str) -> int | float | bool | str:
+        """An option's string value as the number or boolean it spells (``"2"`` -> 2, ``"true"`` -> True).
+
+        Anything else stays a string. Sources that pass spec options to a constructor use this, so that
+        ``file:ckpt.pt?arch=small-cnn&width=2`` and the submission bundle's zoo entry agree on ``width=2``.
+        """
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return {"true": True, "false": False}.get(text.lower(), text)
 
 
 @dataclass(frozen=True, kw_only=True)

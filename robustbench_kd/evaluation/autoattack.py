@@ -7,39 +7,39 @@ computes its robust accuracy, and every warning AutoAttack logs about the defenc
 probability outputs, zero gradients, dynamic forward, Square beating the gradient attacks) is
 collected so that a report can mark the evaluation as possibly unreliable.
 
-Resumable runs (``state_path``) do not use AutoAttack's own state file, whose resume is broken in
-pyautoattack 0.2.0 and fra31's code alike (the attack set is stored as a string so every resume fails
-the "different set of attacks" check; the resume branch never assigns ``y_adv``; the run attacks are
-read back as a list that ``add`` fails on). :func:`run_resumable` instead drives the official
-``run_standard_evaluation`` one attack and one batch at a time over exactly the points and batches a
-single uninterrupted call would attack, and saves the robust flags atomically after every batch, so an
-interrupted-then-resumed run gives the same flags as an uninterrupted one.
+Resumable runs (``state_path``) do not use AutoAttack's own state file, whose resume is broken; they go
+through :func:`robustbench_kd.zoo.autoattack_resume.run_resumable` (the state file format, the
+batch-by-batch driver and why, are described there; its names are re-exported here).
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import contextvars
-import hashlib
-import importlib
-import json
 import logging
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.attacks import check_inputs
-from robustbench_kd.storage.atomic import atomic_write_text
 from robustbench_kd.threat import NORMS, parse_number, validate_eps
+from robustbench_kd.zoo import compat
+from robustbench_kd.zoo.autoattack_resume import (
+    AA_LOGGER_NAME,
+    STATE_FORMAT,
+    AutoAttackState,
+    ResumableRun,
+    capture_autoattack_warnings,
+    data_fingerprint,
+    model_fingerprint,
+    read_autoattack_state,
+    run_resumable,
+)
 
 __all__ = [
     "AA_LOGGER_NAME",
@@ -58,16 +58,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AA_LOGGER_NAME = "auto-attack"
 AUTOATTACK_VERSIONS = ("standard", "quick", "plus", "rand")
 QUICK_ATTACKS = ("apgd-ce", "apgd-dlr")
 
 # Prefix of the flag we add ourselves (not emitted by AutoAttack) when AA's own verdict and the
 # re-evaluation of its adversarial examples disagree.
 MISMATCH_FLAG_PREFIX = "robustbench_kd:"
-
-STATE_FORMAT = "robustbench_kd.autoattack-state"
-STATE_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -136,65 +132,6 @@ class AutoAttackResult:
     attacks: list[str] = field(default_factory=list)
     mode: str = "standard"
 
-
-class _RecordMessages(logging.Handler):
-    def __init__(self, level: int) -> None:
-        super().__init__(level)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.messages.append(record.getMessage())
-        except Exception:  # a malformed record must not abort a long evaluation
-            self.handleError(record)
-
-
-class _ForwardToParent(logging.Handler):
-    """Re-emits records to the parent loggers' handlers, standing in for ``propagate``."""
-
-    def __init__(self, source: logging.Logger, level: int) -> None:
-        super().__init__(level)
-        self._source = source
-
-    def emit(self, record: logging.LogRecord) -> None:
-        parent = self._source.parent
-        if parent is not None:
-            # Logger.handle does not re-check the level, exactly like normal propagation.
-            parent.handle(record)
-
-
-@contextlib.contextmanager
-def _capture_autoattack_warnings() -> Iterator[list[str]]:
-    """Collect the messages of WARNING+ records on the ``auto-attack`` logger while active.
-
-    If the user raised that logger's threshold above WARNING (silencing it), the threshold is
-    lowered to WARNING for the run so the checks are still captured; propagation is then replaced
-    by a forwarder at the user's threshold, so their own handlers see nothing new. Everything is
-    restored on exit. (``log_path`` is handled by the compat adapter, which routes existing handlers,
-    this recorder included, through its own relay.)
-    """
-    aa_logger = logging.getLogger(AA_LOGGER_NAME)
-    original_level = aa_logger.level
-    original_propagate = aa_logger.propagate
-    original_effective = aa_logger.getEffectiveLevel()
-    lower_level = original_effective > logging.WARNING
-
-    recorder = _RecordMessages(logging.WARNING)
-    added: list[logging.Handler] = [recorder]
-    if lower_level and original_propagate:
-        added.append(_ForwardToParent(aa_logger, original_effective))
-    for handler in added:
-        aa_logger.addHandler(handler)
-    if lower_level:
-        aa_logger.setLevel(logging.WARNING)
-        aa_logger.propagate = False
-    try:
-        yield recorder.messages
-    finally:
-        aa_logger.setLevel(original_level)
-        aa_logger.propagate = original_propagate
-        for handler in added:
-            aa_logger.removeHandler(handler)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -305,14 +242,13 @@ def run_autoattack(
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
 
-    from robustbench_kd.zoo import compat
     compat.install()
     if version == "quick":
         aa_version, to_run = "custom", list(QUICK_ATTACKS)
     else:
         aa_version, to_run = version, []
 
-    with _capture_autoattack_warnings() as messages, torch.random.fork_rng(
+    with capture_autoattack_warnings() as messages, torch.random.fork_rng(
         devices=rng_devices(device)
     ):
         adversary = compat.AutoAttack(
@@ -335,7 +271,8 @@ def run_autoattack(
         if state is None:
             x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=batch_size, return_labels=True)
         else:
-            resumed = run_resumable(adversary, x, y, batch_size=batch_size, state_path=state)
+            resumed = run_resumable(adversary, x, y, batch_size=batch_size, state_path=state,
+                                    backend=compat.autoattack_version())
 
     if resumed is not None:
         # Every warning of every session (saved in the state file), not just this session's.
@@ -375,383 +312,3 @@ def run_autoattack(
         attacks=attacks,
         mode=version,
     )
-
-
-# ------------------------------------------------------------------------------ resumable runs
-
-
-def _hash_tensor(digest: Any, tensor: Tensor) -> None:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    digest.update(f"{flat.dtype}|{tuple(tensor.shape)}|".encode())
-    # Raw bytes (any dtype, bfloat16 included, which numpy lacks) through a uint8 view.
-    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-
-
-def data_fingerprint(x: Tensor, y: Tensor) -> str:
-    """SHA-256 of the exact inputs and labels (dtype, shape and bytes), as a hex string."""
-    digest = hashlib.sha256()
-    _hash_tensor(digest, x)
-    _hash_tensor(digest, y)
-    return digest.hexdigest()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a model's ``state_dict`` (names, dtypes, shapes and bytes, in name order).
-
-    Identifies the weights whatever file format or wrapper they came from; two models with the same
-    fingerprint compute the same function if their architectures (code) are the same.
-    """
-    digest = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        digest.update(name.encode() + b"\0")
-        value = state[name]
-        if isinstance(value, Tensor):
-            _hash_tensor(digest, value)
-        else:  # extra state (rare): its repr is the best stable description available
-            digest.update(repr(value).encode())
-    return digest.hexdigest()
-
-
-@dataclass
-class AutoAttackState:
-    """The content of a resumable run's state file (see :func:`run_resumable`).
-
-    Attributes:
-        settings: what the flags depend on: attacks, version, norm, eps, seed, attack parameters,
-            number of examples and the SHA-256 of the data and of the model weights. A resume with
-            different settings is refused. Empty for a legacy (pyautoattack/fra31) state file.
-        attacks: the attacks of the run, in order.
-        robust: bool [n]: still robust after the attacks run so far (AutoAttack's own verdict).
-        adv_labels: long [n]: the label predicted at the adversarial example AutoAttack kept (the
-            clean prediction where nothing was found; -1 where a legacy file does not say).
-        completed: attacks finished, in order.
-        current, pending: the attack in progress and the indices it has not attacked yet.
-        accuracy: robust accuracy after the clean pass (``"clean"``) and after each completed attack,
-            over all n points (what AutoAttack's Square-attack check compares).
-        warnings: AutoAttack's warnings of every session so far, without repeats.
-        batch_size, backend: of the session that last wrote the file (informational; a resume with
-            a different batch size batches the remaining points differently).
-        finished: all attacks ran (or no robust point was left).
-        legacy: read from an AutoAttack ``EvaluationState`` file rather than one of ours.
-    """
-
-    settings: dict[str, Any]
-    attacks: list[str]
-    robust: Tensor
-    adv_labels: Tensor
-    completed: list[str] = field(default_factory=list)
-    current: str | None = None
-    pending: Tensor | None = None
-    accuracy: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    batch_size: int | None = None
-    backend: str | None = None
-    finished: bool = False
-    legacy: bool = False
-
-    @property
-    def robust_accuracy(self) -> float:
-        """Fraction of points still robust."""
-        return float(self.robust.sum().item()) / max(1, self.robust.numel())
-
-    def to_json(self) -> str:
-        """The file content (one JSON object; flags and labels as integer lists)."""
-        return json.dumps({
-            "format": STATE_FORMAT,
-            "format_version": STATE_FORMAT_VERSION,
-            "settings": self.settings,
-            "attacks": list(self.attacks),
-            "completed": list(self.completed),
-            "current": self.current,
-            "pending": None if self.pending is None else self.pending.tolist(),
-            "finished": bool(self.finished),
-            "accuracy": {key: float(value) for key, value in self.accuracy.items()},
-            "robust_accuracy": self.robust_accuracy,
-            "warnings": list(self.warnings),
-            "batch_size": self.batch_size,
-            "backend": self.backend,
-            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "robust_flags": [int(v) for v in self.robust.tolist()],
-            "adv_labels": [int(v) for v in self.adv_labels.tolist()],
-        }, separators=(",", ":")) + "\n"
-
-
-def _bad_state(path: Path, why: str) -> UserError:
-    return UserError(f"AutoAttack state file {path} {why}; delete it (the run then starts over) "
-                     "or pass another state path")
-
-
-def read_autoattack_state(path: str | os.PathLike[str]) -> AutoAttackState:
-    """Read a state file written by :func:`run_resumable`, or by AutoAttack's own ``EvaluationState``.
-
-    AutoAttack's own files (pyautoattack 0.2.0, fra31) store the attack set as the string
-    ``"{'apgd-ce', ...}"``; it is parsed back into a set here. Such a file records neither the order
-    of the attacks nor what it was made for (model, data, eps), so :func:`run_resumable` can only
-    check the attack set. Unreadable files raise UserError.
-    """
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad_state(path, f"cannot be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(raw, dict):
-        raise _bad_state(path, "is not a JSON object")
-    try:
-        if raw.get("format") == STATE_FORMAT:
-            if raw.get("format_version") != STATE_FORMAT_VERSION:
-                raise _bad_state(path, f"has format version {raw.get('format_version')!r}, this "
-                                       f"version reads {STATE_FORMAT_VERSION}")
-            robust = torch.tensor([bool(v) for v in raw["robust_flags"]], dtype=torch.bool)
-            pending = raw.get("pending")
-            return AutoAttackState(
-                settings=dict(raw["settings"]),
-                attacks=[str(a) for a in raw["attacks"]],
-                robust=robust,
-                adv_labels=torch.tensor([int(v) for v in raw["adv_labels"]], dtype=torch.long),
-                completed=[str(a) for a in raw.get("completed", [])],
-                current=raw.get("current"),
-                pending=None if pending is None else torch.tensor(pending, dtype=torch.long),
-                accuracy={str(k): float(v) for k, v in raw.get("accuracy", {}).items()},
-                warnings=[str(w) for w in raw.get("warnings", [])],
-                batch_size=raw.get("batch_size"),
-                backend=raw.get("backend"),
-                finished=bool(raw.get("finished", False)),
-            )
-        if "_attacks_to_run" in raw and "_robust_flags" in raw:
-            return _read_legacy_state(raw)
-    except UserError:
-        raise
-    except (KeyError, TypeError, ValueError, SyntaxError) as exc:
-        raise _bad_state(path, f"is damaged ({type(exc).__name__}: {exc})") from None
-    raise _bad_state(path, "is not an AutoAttack state file")
-
-
-def _read_legacy_state(raw: dict[str, Any]) -> AutoAttackState:
-    attacks = raw["_attacks_to_run"]
-    if isinstance(attacks, str):  # the bug this parser exists for: json.dump(default=str) of a set
-        attacks = ast.literal_eval(attacks) if attacks not in ("set()", "") else set()
-    flags = raw["_robust_flags"]
-    robust = torch.tensor([bool(v) for v in flags], dtype=torch.bool) if flags is not None else None
-    n = 0 if robust is None else robust.numel()
-    clean = float(raw.get("_clean_accuracy", float("nan")))
-    return AutoAttackState(
-        settings={},
-        attacks=sorted(str(a) for a in attacks),  # the order is not recorded
-        robust=robust if robust is not None else torch.zeros(0, dtype=torch.bool),
-        adv_labels=torch.full((n,), -1, dtype=torch.long),
-        completed=[str(a) for a in raw.get("_run_attacks", [])],
-        accuracy={} if math.isnan(clean) else {"clean": clean},
-        legacy=True,
-    )
-
-
-def _adversary_settings(adversary: Any, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """Everything the robust flags of ``adversary`` on ``(x, y)`` depend on (see AutoAttackState)."""
-    params: dict[str, Any] = {}
-    for owner, names in (
-        ("apgd", ("n_restarts", "n_iter", "eot_iter", "rho", "use_largereps")),
-        ("apgd_targeted", ("n_restarts", "n_iter", "n_target_classes", "use_largereps")),
-        ("fab", ("n_restarts", "n_iter", "n_target_classes")),
-        ("square", ("n_queries", "p_init", "n_restarts")),
-    ):
-        sub = getattr(adversary, owner, None)
-        for name in names:
-            value = getattr(sub, name, None)
-            if value is None or isinstance(value, (bool, int, float, str)):
-                params[f"{owner}.{name}"] = value
-    seed = adversary.seed
-    return {
-        "attacks": list(adversary.attacks_to_run),
-        "version": str(adversary.version),
-        "norm": str(adversary.norm),
-        "eps": float(adversary.epsilon),
-        "seed": None if seed is None else int(seed) if float(seed).is_integer() else float(seed),
-        "params": params,
-        "n_examples": int(x.shape[0]),
-        "data_sha256": data_fingerprint(x, y),
-        "model_sha256": model_fingerprint(adversary.model),
-    }
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _check_resume(state: AutoAttackState, settings: dict[str, Any], path: Path) -> None:
-    """Refuse a state file made for another evaluation (one-line UserError naming the difference)."""
-    if state.legacy:
-        if set(state.attacks) != set(settings["attacks"]):
-            raise _bad_state(path, f"was made for the attacks {sorted(state.attacks)}, this run has "
-                                   f"{settings['attacks']}")
-        if state.robust.numel() not in (0, settings["n_examples"]):
-            raise _bad_state(path, f"has {state.robust.numel()} robust flags for "
-                                   f"{settings['n_examples']} examples")
-        logger.warning("resuming from AutoAttack's own state file %s: it does not record the model, "
-                       "data or eps it was made for, so only the attack set could be checked", path)
-        # Run in the order of this adversary, which is the order the file was made with.
-        state.attacks = list(settings["attacks"])
-        return
-    for key in sorted(set(settings) | set(state.settings)):
-        saved, now = state.settings.get(key), settings.get(key)
-        if saved != now:
-            raise _bad_state(path, f"was made for a different evaluation ({key} is {_short(saved)} "
-                                   f"there, {_short(now)} now)")
-
-
-@dataclass
-class ResumableRun:
-    """Outcome of :func:`run_resumable`.
-
-    Attributes:
-        x_adv: the inputs, with the adversarial examples found *in this session* substituted (points
-            fooled in an earlier session keep their clean input: only their flags were saved).
-        y_adv: long: the label predicted at each point's adversarial example (clean prediction where
-            AutoAttack found none; -1 for points fooled in a session whose legacy file did not save it).
-        robust: bool [n] on CPU: AutoAttack's verdict over all sessions.
-        fooled_now: bool [n] on CPU: points fooled in this session (their ``x_adv`` is at hand).
-        warnings: AutoAttack's warnings of all sessions, in order, without repeats.
-        resumed: whether an existing state file was continued.
-        state: the final state (also on disk).
-    """
-
-    x_adv: Tensor
-    y_adv: Tensor
-    robust: Tensor
-    fooled_now: Tensor
-    warnings: list[str]
-    resumed: bool
-    state: AutoAttackState
-
-
-@torch.no_grad()
-def _clean_predictions(adversary: Any, x: Tensor, batch_size: int) -> Tensor:
-    forward = getattr(adversary, "get_logits", None) or adversary.model
-    labels = []
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start : start + batch_size].clone().to(adversary.device)
-        labels.append(forward(xb).max(dim=1)[1].cpu())
-    return torch.cat(labels)
-
-
-def _check_square(state: AutoAttackState, adversary: Any) -> None:
-    # A single uninterrupted call ends with this check over the accuracies after every attack; the
-    # per-batch calls below each see only one attack, so the check is made here once, over all.
-    try:
-        checks = importlib.import_module("autoattack.checks")
-    except ImportError:  # pragma: no cover - compat.install() registered it
-        return
-    checks.check_square_sr(dict(state.accuracy), logger=getattr(adversary, "logger", None))
-
-
-def run_resumable(
-    adversary: Any,
-    x: Tensor,
-    y: Tensor,
-    *,
-    batch_size: int,
-    state_path: str | os.PathLike[str],
-) -> ResumableRun:
-    """Run ``adversary``'s attacks on ``(x, y)``, resumably, through ``state_path``.
-
-    ``adversary`` is an AutoAttack object with fra31's API (``robustbench_kd.zoo.compat.AutoAttack``, or
-    fra31's own). Its official ``run_standard_evaluation`` is called with ``attacks_to_run`` set to
-    one attack and the next ``batch_size`` still-robust points: exactly the batches a single
-    uninterrupted call makes (it also attacks, attack by attack, the points still robust, in index
-    order, ``batch_size`` at a time, re-seeding every batch), so the flags are the same. After every
-    batch the state (robust flags, adversarial labels, the attack in progress and the points it
-    still has to attack) is written atomically to ``state_path``; a later call with the same file
-    skips the finished work. A file made for other settings (see :class:`AutoAttackState`) raises
-    UserError; resuming with another batch size is allowed (with a warning: the remaining points
-    are then batched, hence randomly started, differently).
-
-    AutoAttack's per-call checks (randomness, output range, number of classes) therefore run once
-    per batch; their warnings are collected once. Square's success check runs once at the end over
-    the accuracies after every attack, as in a single call.
-    """
-    from robustbench_kd.zoo import compat
-    path = Path(state_path)
-    attacks = list(adversary.attacks_to_run)
-    y = y.long()
-    n = int(x.shape[0])
-    settings = _adversary_settings(adversary, x, y)
-    backend = compat.autoattack_version()
-    resumed = path.exists()
-    warnings_seen: list[str] = []
-
-    def remember(messages: list[str]) -> None:
-        for message in messages:
-            if message not in warnings_seen:
-                warnings_seen.append(message)
-
-    with _capture_autoattack_warnings() as messages:
-        if resumed:
-            state = read_autoattack_state(path)
-            _check_resume(state, settings, path)
-            remember(state.warnings)
-            if state.batch_size is not None and state.batch_size != batch_size:
-                logger.warning("resuming AutoAttack from %s with batch size %d instead of %d: the "
-                               "remaining points are batched differently, so borderline points may "
-                               "differ from an uninterrupted run", path, batch_size, state.batch_size)
-            if state.robust.numel() == 0:  # a legacy file saved before its clean pass
-                resumed = False
-            else:
-                state.settings = settings
-                logger.info("resuming AutoAttack from %s: done %s; %d of %d points still robust",
-                            path, ", ".join(state.completed) or "nothing", int(state.robust.sum()), n)
-        if not resumed:
-            clean = _clean_predictions(adversary, x, batch_size)
-            robust = clean == y.cpu()
-            state = AutoAttackState(settings=settings, attacks=attacks, robust=robust,
-                                    adv_labels=clean, accuracy={"clean": float(robust.sum()) / n})
-        state.batch_size, state.backend = batch_size, backend
-        atomic_write_text(path, state.to_json())
-
-        x_adv = x.clone()
-        fooled_now = torch.zeros(n, dtype=torch.bool)
-        try:
-            for attack in state.attacks:
-                if attack in state.completed:
-                    continue
-                if not bool(state.robust.any()):
-                    logger.debug("no robust datapoints left, skipping remaining attacks")
-                    break
-                if state.current == attack and state.pending is not None:
-                    pending = state.pending[state.robust[state.pending]]
-                else:
-                    pending = state.robust.nonzero().flatten()
-                state.current = attack
-                adversary.attacks_to_run = [attack]
-                while pending.numel():
-                    index = pending[:batch_size]
-                    batch_x = x[index.to(x.device)]
-                    batch_y = y[index.to(y.device)]
-                    found_x, found_y = adversary.run_standard_evaluation(
-                        batch_x, batch_y, bs=batch_size, return_labels=True
-                    )
-                    fooled = (found_y.cpu() != batch_y.cpu())
-                    hit = index[fooled]
-                    state.robust[hit] = False
-                    state.adv_labels[hit] = found_y.cpu()[fooled].long()
-                    x_adv[hit.to(x.device)] = found_x[fooled.to(found_x.device)].to(x_adv.device)
-                    fooled_now[hit] = True
-                    pending = pending[batch_size:]
-                    state.pending = pending
-                    remember(messages)
-                    state.warnings = list(warnings_seen)
-                    atomic_write_text(path, state.to_json())
-                state.completed.append(attack)
-                state.current, state.pending = None, None
-                state.accuracy[attack] = state.robust_accuracy
-                atomic_write_text(path, state.to_json())
-        finally:
-            adversary.attacks_to_run = attacks
-        _check_square(state, adversary)
-        remember(messages)
-    state.warnings = list(warnings_seen)
-    state.finished = True
-    atomic_write_text(path, state.to_json())
-    y_adv = state.adv_labels.clone().to(y.device)
-    return ResumableRun(x_adv=x_adv, y_adv=y_adv, robust=state.robust.clone(), fooled_now=fooled_now,
-                        warnings=list(warnings_seen), resumed=resumed, state=state)

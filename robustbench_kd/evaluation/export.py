@@ -31,8 +31,9 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from robustbench_kd.errors import UserError
-from robustbench_kd.evaluation.model_info import THREAT_MODELS, validate_dataset_name, validate_model_id
+from robustbench_kd.evaluation.model_info import THREAT_MODELS
 from robustbench_kd.storage.atomic import atomic_torch_save
+from robustbench_kd.zoo.names import validate_dataset_name, validate_model_id
 
 __all__ = ["imagenet_zoo_model", "save_zoo_checkpoint", "unwrap_model", "zoo_checkpoint_path", "zoo_key_problems",
            "zoo_network"]

@@ -16,6 +16,7 @@ test set and writes, under the output directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -25,10 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustbench_kd.config import ModelInfoSection
 from robustbench_kd.errors import UserError
 from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
 from robustbench_kd.submission.bundle import ZooConstructor, autoattack_log_partial, write_submission_bundle
+from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.threat import format_eps
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,36 @@ def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, la
     elif aa_log is not None:
         aa_log.unlink(missing_ok=True)
     return report
+
+
+def final_students(run: Any) -> list[tuple[str, str, Any]]:
+    """The student networks a finished run reports, as ``(model_id, label, network)``, selected first.
+
+    * With a best record (a validation split and ``eval.every``): ``checkpoints/best.pt`` as ``<name>``,
+      then the last epoch's weights as ``<name>_last``; when the best epoch is the last one, a single
+      entry ``<name>`` (the same weights: one evaluation, not two).
+    * Without one: the last epoch's weights as ``<name>``.
+    * With ``[ema]`` on, the averaged weights at the end of training follow as ``<name>_ema``.
+
+    A best record whose ``best.pt`` is missing or holds another epoch is a UserError, not a silent
+    fallback to the last epoch.
+    """
+    name, best = run.config.run.name, getattr(run, "best", None)
+    ema = getattr(run, "ema", None)
+    extra = [] if ema is None else [(f"{name}_ema", f"student {name}_ema (EMA decay {run.config.ema.decay:g}, "
+                                                    f"epoch {run.epoch})", ema.module)]
+    if best is None:
+        return [(name, f"student {name}", run.student), *extra]
+    if best["epoch"] == run.epoch:
+        return [(name, f"student {name} (best = last, epoch {run.epoch})", run.student), *extra]
+    path = run.checkpoint_dir / "best.pt"
+    saved = load_checkpoint(path, map_location=run.device)
+    if saved.get("epoch") != best["epoch"]:
+        raise UserError(f"{path} holds epoch {saved.get('epoch')} but the run recorded epoch {best['epoch']} as best; "
+                        "restore that file or evaluate checkpoints/last.pt with `robustbench-kd evaluate`")
+    selected = load_weights(copy.deepcopy(run.student), saved["student"], source=str(path)).eval()
+    return [(name, f"student {name} (best, epoch {best['epoch']})", selected),
+            (f"{name}_last", f"student {name}_last (last, epoch {run.epoch})", run.student), *extra]
 
 
 def _write_model_info(result: Any, *, model_id: str, dataset: str, norm: str, eps: float, out_dir: Path,

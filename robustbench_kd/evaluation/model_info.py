@@ -1,6 +1,6 @@
 """RobustBench leaderboard entries (``model_info/<dataset>/<threat_model>/<model_id>.json``).
 
-The files follow the hand-curated leaderboard files of RobustBench (ecosystem.md §4.2), not the
+The files follow the hand-curated leaderboard files of RobustBench (the JSON files under ``model_info/`` in RobustBench's repository), not the
 bare file ``benchmark(to_disk=True)`` writes: accuracies are percentage *strings* rounded to two
 decimals exactly like robustbench's ``update_json`` (``str(round(acc * 100, 2))``), ``eps`` is the
 string the leaderboard uses (``"8/255"``, ``"0.5"``; ``null`` for corruptions), booleans for
@@ -13,7 +13,6 @@ import difflib
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from robustbench_kd.errors import UserError
 from robustbench_kd.storage.atomic import atomic_write_text
 from robustbench_kd.threat import format_eps, parse_number, validate_eps
+from robustbench_kd.zoo.names import validate_dataset_name, validate_model_id
 
 __all__ = [
     "LEADERBOARD_KEYS",
@@ -65,33 +65,6 @@ PERCENT_EXTRA_KEYS = (
 )
 THREAT_MODELS = ("Linf", "L2", "corruptions")
 _KNOWN_KEYS = (*LEADERBOARD_KEYS, *PERCENT_EXTRA_KEYS)
-
-_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
-_MAX_ID_LEN = 200
-
-
-def _is_name(value: object) -> bool:
-    return isinstance(value, str) and bool(_ID_RE.fullmatch(value)) and len(value) <= _MAX_ID_LEN
-
-
-def validate_model_id(model_id: object) -> str:
-    """Return ``model_id`` if it is a usable file stem (letters, digits, ``_``, ``-``), else raise UserError."""
-    if not _is_name(model_id):
-        raise UserError(
-            f"model id must be 1-{_MAX_ID_LEN} characters from letters, digits, '_' and '-' "
-            f"(RobustBench style: <Surname><Year><FirstWord>[_suffix], e.g. Carmon2019Unlabeled); "
-            f"got {model_id!r}"
-        )
-    return model_id  # type: ignore[return-value]
-
-
-def validate_dataset_name(dataset: object) -> str:
-    """Return ``dataset`` if it is a usable directory name (letters, digits, ``_``, ``-``), else raise UserError."""
-    if not _is_name(dataset):
-        raise UserError(
-            f"dataset must be a name such as 'cifar10' (letters, digits, '_' and '-'), got {dataset!r}"
-        )
-    return dataset  # type: ignore[return-value]
 
 
 def _check_threat_model(threat_model: object) -> str:

@@ -43,6 +43,7 @@ from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.autoattack import autoattack_state, data_fingerprint, model_fingerprint
 from robustbench_kd.evaluation.runner import EvalResult, evaluate_model
 from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.threat import format_eps, parse_number
 
 __all__ = [
@@ -405,7 +406,6 @@ def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any
     bundle (it needs AutoAttack's log of one uninterrupted run).
     Returns a ``ModelReport``.
     """
-    from robustbench_kd.config import ModelInfoSection
     from robustbench_kd.evaluation.final_report import ModelReport, _write_model_info
 
     result, settings, model_id = merged.result, merged.settings, merged.model_id

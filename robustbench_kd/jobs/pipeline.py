@@ -7,11 +7,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from robustbench_kd.config import ModelInfoSection, RunConfig
+from robustbench_kd.config import ModelInfoSection, RunConfig, config_from_mapping, load_file
 from robustbench_kd.data.datasets import to_float
 from robustbench_kd.errors import UserError
-from robustbench_kd.evaluation.final_report import ModelReport, evaluate_and_write
+from robustbench_kd.evaluation.final_report import ModelReport, evaluate_and_write, final_students
 from robustbench_kd.plugin_host import PluginHost
+from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
 from robustbench_kd.submission.bundle import constructor_for_run, constructor_for_spec, distill_command
 from robustbench_kd.teachers import TeacherLoadContext
 from robustbench_kd.training import builders
@@ -66,40 +67,6 @@ def evaluate_run(run: Any, *, export_dir: Path | None = None) -> list[ModelRepor
             reports.append(evaluate_and_write(teacher, x, y, label=f"teacher {role} ({teacher.spec})",
                                               model_id=None, sanity=False, **common))
     return reports
-
-
-def final_students(run: Any) -> list[tuple[str, str, Any]]:
-    """The student networks a finished run reports, as ``(model_id, label, network)``, selected first.
-
-    * With a best record (a validation split and ``eval.every``): ``checkpoints/best.pt`` as ``<name>``,
-      then the last epoch's weights as ``<name>_last``; when the best epoch is the last one, a single
-      entry ``<name>`` (the same weights: one evaluation, not two).
-    * Without one: the last epoch's weights as ``<name>``.
-    * With ``[ema]`` on, the averaged weights at the end of training follow as ``<name>_ema``.
-
-    A best record whose ``best.pt`` is missing or holds another epoch is a UserError, not a silent
-    fallback to the last epoch.
-    """
-    import copy
-
-    from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
-
-    name, best = run.config.run.name, getattr(run, "best", None)
-    ema = getattr(run, "ema", None)
-    extra = [] if ema is None else [(f"{name}_ema", f"student {name}_ema (EMA decay {run.config.ema.decay:g}, "
-                                                    f"epoch {run.epoch})", ema.module)]
-    if best is None:
-        return [(name, f"student {name}", run.student), *extra]
-    if best["epoch"] == run.epoch:
-        return [(name, f"student {name} (best = last, epoch {run.epoch})", run.student), *extra]
-    path = run.checkpoint_dir / "best.pt"
-    saved = load_checkpoint(path, map_location=run.device)
-    if saved.get("epoch") != best["epoch"]:
-        raise UserError(f"{path} holds epoch {saved.get('epoch')} but the run recorded epoch {best['epoch']} as best; "
-                        "restore that file or evaluate checkpoints/last.pt with `robustbench-kd evaluate`")
-    selected = load_weights(copy.deepcopy(run.student), saved["student"], source=str(path)).eval()
-    return [(name, f"student {name} (best, epoch {best['epoch']})", selected),
-            (f"{name}_last", f"student {name}_last (last, epoch {run.epoch})", run.student), *extra]
 
 
 def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: float, attacks: list[str],
@@ -180,3 +147,21 @@ def _zoo_preprocessing(spec: str) -> str | None:
         return None
     dataset, threat_model, name = parse_zoo_ref(TeacherSpec.parse(spec).ref)
     return zoo_preprocessing(name, dataset=dataset, threat_model=threat_model) if dataset == "imagenet" else None
+
+
+def load_finished_run(run_dir: str | Path) -> Any:
+    """Rebuild a finished ``distill`` run from its directory (config.yaml + checkpoints/last.pt)."""
+    from robustbench_kd.training.loop import setup_run
+
+    run_dir = Path(run_dir)
+    config_path, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
+    if not config_path.is_file() or not last.is_file():
+        raise UserError(f"{run_dir} is not a run directory: it needs config.yaml and checkpoints/last.pt "
+                        "(the run.out_dir of a `distill` run)")
+    raw = load_file(config_path)
+    raw.setdefault("run", {})["out_dir"] = str(run_dir)
+    run = setup_run(config_from_mapping(raw))
+    saved = load_checkpoint(last, map_location=run.device)
+    load_weights(run.student, saved["student"], source=str(last))
+    run.epoch, run.best = int(saved["epoch"]), saved.get("best")
+    return run

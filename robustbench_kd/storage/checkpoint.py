@@ -29,6 +29,7 @@ from torch import nn
 
 from robustbench_kd.errors import UserError
 from robustbench_kd.storage.atomic import atomic_torch_save
+from robustbench_kd.storage.hashing import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ def verify_sha256(path: str | Path, expected: str) -> None:
 
     Reads raw bytes only: called before unpickling, so a swapped file is refused before it is parsed.
     """
-    from robustbench_kd.zoo.models import sha256_of
-
     actual = sha256_of(path)
     if actual != expected.strip().lower():
         raise UserError(f"checkpoint {path} has SHA-256 {actual} but {expected.strip().lower()} was pinned; the file "

@@ -40,7 +40,8 @@ from typing import Any
 
 from robustbench_kd.errors import UserError
 from robustbench_kd.storage.atomic import atomic_write_bytes, atomic_write_text
-from robustbench_kd.zoo.models import sha256_of
+from robustbench_kd.storage.hashing import sha256_of
+from robustbench_kd.zoo.names import validate_model_id
 
 __all__ = [
     "AUTOATTACK_LOG",
@@ -308,8 +309,6 @@ def constructor_for_spec(spec: str, *, num_classes: int, in_channels: int, image
     if parsed.scheme != "file":
         return _placeholder(f"the model was loaded through the {parsed.scheme!r} source ({spec}); "
                             "write its constructor by hand")
-    from robustbench_kd_plugins.teacher_sources import _option_value
-
     data = _checkpoint_metadata(Path(parsed.ref).expanduser())
     recorded = data.get("student_arch") if isinstance(data.get("student_arch"), dict) else {}
     options = dict(parsed.options)
@@ -318,7 +317,7 @@ def constructor_for_spec(spec: str, *, num_classes: int, in_channels: int, image
         return _placeholder(f"{spec} records no architecture; write its constructor by hand")
     # The same option resolution as the file teacher source, so the entry rebuilds what was evaluated.
     arch_options = dict(recorded.get("options", {})) if arch == recorded.get("name") else {}
-    arch_options.update({k: _option_value(v) for k, v in options.items()})
+    arch_options.update({k: TeacherSpec.option_value(v) for k, v in options.items()})
     return student_constructor(arch, num_classes=int(data.get("num_classes", num_classes)),
                                in_channels=int(data.get("in_channels", in_channels)),
                                image_size=int(data.get("image_size", image_size)), options=arch_options,
@@ -460,8 +459,6 @@ def _json(info: Mapping[str, Any]) -> str:
 # -- writing ---------------------------------------------------------------------------------------
 def bundle_dir(out_dir: str | os.PathLike[str], model_id: str) -> Path:
     """``<out_dir>/submission/<model_id>`` (the id is validated)."""
-    from robustbench_kd.evaluation.model_info import validate_model_id
-
     return Path(out_dir) / "submission" / validate_model_id(model_id)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robustbench_kd.errors import UserError, close_matches
+from robustbench_kd.zoo.autoattack_resume import read_autoattack_state, run_resumable
 
 if TYPE_CHECKING:
     import torch
@@ -191,7 +192,7 @@ def _evaluation_state_class() -> type:
     class EvaluationState(_Base):  # type: ignore[misc, valid-type]
         """pyautoattack's ``EvaluationState`` whose ``from_disk`` reads resumable state files.
 
-        Reads the files :func:`robustbench_kd.evaluation.autoattack.run_resumable` writes (what the
+        Reads the files :func:`robustbench_kd.zoo.autoattack_resume.run_resumable` writes (what the
         adapter's ``run_standard_evaluation(state_path=...)`` produces) and AutoAttack's own, whose
         attack set is a string. The loaded object has ``path=None`` so that touching it never
         overwrites the file in AutoAttack's (lossy) format.
@@ -199,8 +200,6 @@ def _evaluation_state_class() -> type:
 
         @classmethod
         def from_disk(cls, path: Path) -> EvaluationState:  # type: ignore[override]
-            from robustbench_kd.evaluation.autoattack import read_autoattack_state
-
             state = read_autoattack_state(path)
             return cls(_attacks_to_run=set(state.attacks), path=None, _run_attacks=set(state.completed),
                        _robust_flags=state.robust.as_subclass(RobustFlags),
@@ -272,7 +271,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _resolve_device(device: Any, model: Any) -> Any:
+def _cuda_or_model_device(device: Any, model: Any) -> Any:
     """fra31 defaults to 'cuda'; on a machine without CUDA use the model's own device instead."""
     import torch
 
@@ -379,7 +378,7 @@ def _adapter_class() -> type:
                 raise UserError(f"AutoAttack: attacks_to_run={attacks} is ignored by version={version!r}; "
                                 "pass version='custom' to choose the attacks")
             super().__init__(model, attacks=attacks if version == "custom" else None,
-                             device=_resolve_device(device, model), eps=eps, norm=norm, seed=seed,
+                             device=_cuda_or_model_device(device, model), eps=eps, norm=norm, seed=seed,
                              version=version)
             self.verbose = verbose
             self.is_tf_model = False
@@ -399,7 +398,7 @@ def _adapter_class() -> type:
             ``batch_size`` is accepted as an alias of ``bs`` for pyautoattack-style callers.
 
             ``state_path`` makes the run resumable, and resuming actually works (pyautoattack
-            0.2.0's own resume always fails: see :func:`robustbench_kd.evaluation.autoattack.
+            0.2.0's own resume always fails: see :func:`robustbench_kd.zoo.autoattack_resume.
             run_resumable`, which runs it here). The file is then ours, not an ``EvaluationState``
             dump; ``autoattack.state.EvaluationState.from_disk`` (what ``benchmark`` reads) reads it.
             As in AutoAttack, after a resume only the adversarial examples found in this session
@@ -407,9 +406,8 @@ def _adapter_class() -> type:
             """
             size = bs if batch_size is None else batch_size
             if state_path is not None:
-                from robustbench_kd.evaluation.autoattack import run_resumable
-
-                run = run_resumable(self, x_orig, y_orig, batch_size=size, state_path=state_path)
+                run = run_resumable(self, x_orig, y_orig, batch_size=size, state_path=state_path,
+                                    backend=autoattack_version())
                 return (run.x_adv, run.y_adv) if return_labels else run.x_adv
             with _log_to_file(self.log_path):
                 x_adv, y_adv = super().run_standard_evaluation(x_orig, y_orig, batch_size=size)

@@ -11,7 +11,6 @@ Importing this module does not import robustbench (that takes seconds); the func
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robustbench_kd.errors import UserError, close_matches
+from robustbench_kd.storage.hashing import sha256_of
 
 if TYPE_CHECKING:
     import torch
@@ -203,15 +203,6 @@ def expected_checkpoint_paths(model_dir: str | Path, dataset: str, threat_model:
     if isinstance(gdrive_id, (list, tuple)):
         return [Path(f"{base}_m{i}.pt") for i in range(len(gdrive_id))]
     return [base]
-
-
-def sha256_of(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _checkpoint_problem(path: Path) -> str | None:

@@ -24,7 +24,7 @@ from robustbench_kd.analysis.reports.metrics import read_metric_series
 from robustbench_kd.analysis.reports.section import ReportSection
 from robustbench_kd.analysis.reports.tsne import tsne_embedding
 from robustbench_kd.data.datasets import to_float
-from robustbench_kd.errors import UserError
+from robustbench_kd.evaluation.final_report import final_students
 from robustbench_kd.storage.atomic import atomic_write_text
 from robustbench_kd.teachers import EnsembleTeacher
 
@@ -54,8 +54,6 @@ def _single_network(model: nn.Module) -> bool:
 
 def write_run_report(run: Any, *, section: ReportSection | None = None, out_dir: Path | None = None) -> Path:
     """Compute the analyses of a finished ``run`` and write the report; returns ``report.md``'s path."""
-    from robustbench_kd.jobs.pipeline import final_students
-
     cfg = section or getattr(run.config, "report", None) or ReportSection()
     out = Path(out_dir or Path(run.out_dir) / "report")
     _, student_label, student = final_students(run)[0]
@@ -175,23 +173,3 @@ def _blocks(run: Any, numbers: dict[str, Any], written: dict[str, Path],
                                 "switch them on to get entropy, calibration, agreement, per-class and "
                                 "trajectory figures here."))
     return blocks
-
-
-def load_finished_run(run_dir: str | Path) -> Any:
-    """Rebuild a finished ``distill`` run from its directory (config.yaml + checkpoints/last.pt)."""
-    from robustbench_kd.config import config_from_mapping, load_file
-    from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
-    from robustbench_kd.training.loop import setup_run
-
-    run_dir = Path(run_dir)
-    config_path, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
-    if not config_path.is_file() or not last.is_file():
-        raise UserError(f"{run_dir} is not a run directory: it needs config.yaml and checkpoints/last.pt "
-                        "(the run.out_dir of a `distill` run)")
-    raw = load_file(config_path)
-    raw.setdefault("run", {})["out_dir"] = str(run_dir)
-    run = setup_run(config_from_mapping(raw))
-    saved = load_checkpoint(last, map_location=run.device)
-    load_weights(run.student, saved["student"], source=str(last))
-    run.epoch, run.best = int(saved["epoch"]), saved.get("best")
-    return run
