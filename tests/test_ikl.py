@@ -1,4 +1,5 @@
-"""The DKL/IKL loss pieces (``robustbench_kd.methods.divergence``): hand values, the KL equivalence, the class prior."""
+"""The DKL/IKL loss pieces (``robustbench_kd.methods.divergence``): hand values, the KL equivalence, the class prior,
+and the divergence component (options and KL-or-IKL term) that ard and rslad share."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from robustbench_kd.errors import UserError
 from robustbench_kd.methods.divergence import (
     ClassPrior,
-    check_divergence_options,
+    Divergence,
+    DivergenceOptions,
     dkl_per_sample,
     ikl_per_sample,
     pairwise_logit_differences,
@@ -19,22 +21,13 @@ from robustbench_kd.methods.divergence import (
     wmse_pairwise_per_sample,
     wmse_per_sample,
 )
-from robustbench_kd.methods.losses import kl_logits_per_sample
+from robustbench_kd.methods.losses import kl_logits_per_sample, kl_per_sample
+from robustbench_kd.testing import softmax
+from robustbench_kd.testing.stubs import wmse
 
 O_T = [[1.0, -0.5, 2.0], [0.3, 0.1, -1.2]]  # target side (teacher / natural), B = 2, C = 3
 O_L = [[0.2, 0.7, 1.1], [-0.4, 0.9, 0.0]]   # learner side (student / adversarial)
 S = [[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]]      # rank-one weight factors: w = s s^T
-
-
-def _softmax(row: list[float], tau: float = 1.0) -> list[float]:
-    m = max(row)
-    e = [math.exp((v - m) / tau) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _wmse_hand(o_t: list[float], o_l: list[float], w: list[list[float]]) -> float:
-    c = len(o_t)
-    return 0.25 * sum(w[j][k] * ((o_t[j] - o_t[k]) - (o_l[j] - o_l[k])) ** 2 for j in range(c) for k in range(c))
 
 
 def _outer(s: list[float]) -> list[list[float]]:
@@ -47,7 +40,7 @@ def test_pairwise_differences_layout() -> None:
 
 
 def test_wmse_by_hand() -> None:
-    expected = [_wmse_hand(O_T[b], O_L[b], _outer(S[b])) for b in range(2)]
+    expected = [wmse(O_T[b], O_L[b], _outer(S[b])) for b in range(2)]
     fast = wmse_per_sample(torch.tensor(O_T), torch.tensor(O_L), torch.tensor(S))
     pairwise = wmse_pairwise_per_sample(torch.tensor(O_T), torch.tensor(O_L),
                                         torch.tensor([_outer(s) for s in S]))
@@ -56,10 +49,10 @@ def test_wmse_by_hand() -> None:
     # A non-rank-one weight: only the pairwise form applies.
     w = [[0.0, 1.0, 2.0], [1.0, 0.0, 0.5], [2.0, 0.5, 3.0]]
     got = wmse_pairwise_per_sample(torch.tensor(O_T), torch.tensor(O_L), torch.tensor(w))
-    assert got.tolist() == pytest.approx([_wmse_hand(O_T[b], O_L[b], w) for b in range(2)], rel=1e-6)
+    assert got.tolist() == pytest.approx([wmse(O_T[b], O_L[b], w) for b in range(2)], rel=1e-6)
     # A shared [C] weight vector broadcasts over the batch.
     shared = wmse_per_sample(torch.tensor(O_T), torch.tensor(O_L), torch.tensor(S[0]))
-    assert shared.tolist() == pytest.approx([_wmse_hand(O_T[b], O_L[b], _outer(S[0])) for b in range(2)], rel=1e-6)
+    assert shared.tolist() == pytest.approx([wmse(O_T[b], O_L[b], _outer(S[0])) for b in range(2)], rel=1e-6)
 
 
 def test_wmse_fast_form_matches_pairwise_in_value_and_gradient() -> None:
@@ -80,17 +73,17 @@ def test_sce_by_hand() -> None:
     tau = 2.0
     expected = []
     for b in range(2):
-        q = _softmax(O_T[b], tau)
-        log_p = [math.log(p) for p in _softmax(O_L[b], tau)]
+        q = softmax(O_T[b], tau)
+        log_p = [math.log(p) for p in softmax(O_L[b], tau)]
         expected.append(-sum(qi * lp for qi, lp in zip(q, log_p, strict=True)))
     q = torch.softmax(torch.tensor(O_T) / tau, dim=1)
     assert sce_per_sample(torch.tensor(O_L), q, tau).tolist() == pytest.approx(expected, rel=1e-6)
     terms = ikl_per_sample(torch.tensor(O_L), torch.tensor(O_T), torch.tensor(S), mse_weight=20.0, sce_weight=4.0,
                            temperature=tau)
     assert terms.sce.tolist() == pytest.approx(expected, rel=1e-6)
-    wmse = [_wmse_hand(O_T[b], O_L[b], _outer(S[b])) for b in range(2)]  # no temperature in the wMSE
-    assert terms.wmse.tolist() == pytest.approx(wmse, rel=1e-6)
-    assert terms.total.tolist() == pytest.approx([20.0 * m + 4.0 * c for m, c in zip(wmse, expected, strict=True)],
+    wmse_values = [wmse(O_T[b], O_L[b], _outer(S[b])) for b in range(2)]  # no temperature in the wMSE
+    assert terms.wmse.tolist() == pytest.approx(wmse_values, rel=1e-6)
+    assert terms.total.tolist() == pytest.approx([20.0 * m + 4.0 * c for m, c in zip(wmse_values, expected, strict=True)],
                                                  rel=1e-6)
 
 
@@ -116,7 +109,7 @@ def logits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_dkl_equals_kl_in_gradient(logits) -> None:
-    """methods.md §10.1: DKL reduces to KL(s_t || s_l) in gradient w.r.t. BOTH sides when
+    """DKL reduces to KL(s_t || s_l) in gradient w.r.t. BOTH sides when
 
     weights are per sample, w = sg(s_t s_t^T) with s_t = softmax(o_t) at T = 1 (no class prior),
     the wMSE is stopped on the learner side (learner_mse_grad=False: the asymmetry kept),
@@ -190,7 +183,7 @@ def test_class_prior_accumulates_row_normalises_and_lags_one_epoch() -> None:
     rows: dict[int, list[list[float]]] = {0: [], 1: []}
     for z, y in batches:
         for b in range(len(y)):
-            rows[int(y[b])].append(_softmax(z[b].tolist(), t))
+            rows[int(y[b])].append(softmax(z[b].tolist(), t))
     for cls, members in rows.items():
         mean = [sum(m[j] for m in members) / len(members) for j in range(3)]
         assert prior.prior[cls].tolist() == pytest.approx(mean, rel=1e-6)
@@ -231,10 +224,49 @@ def test_class_prior_validation() -> None:
 
 
 def test_divergence_option_validation() -> None:
-    check_divergence_options(divergence="ikl", mse_weight=5.0, sce_weight=1.0, prior_temperature=4.0)
+    DivergenceOptions(divergence="ikl", ikl_mse_weight=5.0, ikl_sce_weight=1.0, ikl_prior_temperature=4.0)
     with pytest.raises(UserError, match="divergence"):
-        check_divergence_options(divergence="js", mse_weight=5.0, sce_weight=1.0, prior_temperature=4.0)
+        DivergenceOptions(divergence="js")
     with pytest.raises(UserError, match="ikl_mse_weight"):
-        check_divergence_options(divergence="ikl", mse_weight=-1.0, sce_weight=1.0, prior_temperature=4.0)
+        DivergenceOptions(divergence="ikl", ikl_mse_weight=-1.0)
     with pytest.raises(UserError, match="ikl_prior_temperature"):
-        check_divergence_options(divergence="ikl", mse_weight=1.0, sce_weight=1.0, prior_temperature=0.0)
+        DivergenceOptions(divergence="ikl", ikl_prior_temperature=0.0)
+
+
+# -- Divergence: the KL-or-IKL term of ard and rslad ------------------------------------------------
+def test_divergence_kl_is_the_tempered_kl_without_state() -> None:
+    kl = Divergence("kl", 3)
+    assert kl.prior is None
+    q = torch.softmax(torch.tensor(O_T) / 2.0, dim=1)
+    got = kl.per_sample(torch.tensor(O_L), q, teacher_logits=torch.tensor(O_T), labels=torch.tensor([0, 2]),
+                        temperature=2.0)
+    assert torch.equal(got, kl_per_sample(torch.tensor(O_L), q, temperature=2.0))
+    assert Divergence("ikl", 3, class_prior=False).prior is None
+
+
+def test_divergence_ikl_at_temperature_by_hand() -> None:
+    """IKL on logits / tau with the class prior's (first-epoch uniform) rows as weights."""
+    tau, labels = 2.0, torch.tensor([0, 2])
+    ikl = Divergence("ikl", 3, mse_weight=5.0, sce_weight=0.5)
+    q = torch.softmax(torch.tensor(O_T) / tau, dim=1)
+    got = ikl.per_sample(torch.tensor(O_L), q, teacher_logits=torch.tensor(O_T), labels=labels, temperature=tau)
+    expected = []
+    for b in range(2):
+        o_t, o_l = [v / tau for v in O_T[b]], [v / tau for v in O_L[b]]
+        sce = -sum(qi * math.log(p) for qi, p in zip(softmax(o_t), softmax(o_l), strict=True))
+        expected.append(5.0 * wmse(o_t, o_l, [1 / 3] * 3) + 0.5 * sce)
+    assert got.tolist() == pytest.approx(expected, rel=1e-6)
+    per_sample = Divergence("ikl", 3, class_prior=False, prior_temperature=4.0)
+    assert torch.equal(per_sample.weight_vectors(labels, torch.tensor(O_T)),
+                       torch.softmax(torch.tensor(O_T) / 4.0, dim=1))
+
+
+def test_divergence_prior_accumulates_and_finalizes() -> None:
+    ikl = Divergence.from_options(DivergenceOptions(divergence="ikl", ikl_prior_temperature=2.0), 3)
+    assert ikl.prior is not None and ikl.prior.temperature == 2.0
+    ikl.accumulate(torch.tensor(O_T), torch.tensor([0, 2]))
+    assert torch.equal(ikl.prior.prior, torch.full((3, 3), 1 / 3))  # lags until the epoch ends
+    ikl.finalize()
+    assert ikl.prior.prior[2].tolist() == pytest.approx(softmax(O_T[1], 2.0), rel=1e-6)
+    assert torch.equal(ikl.weight_vectors(torch.tensor([2]), torch.zeros(1, 3)), ikl.prior.prior[2:3])
+    Divergence("kl", 3).accumulate(torch.tensor(O_T), torch.tensor([0, 2]))  # no state: nothing to do

@@ -1,10 +1,14 @@
 r"""DKL / IKL: the Kullback-Leibler loss split into a weighted MSE and a soft-label cross-entropy.
 
 Cui, Tian, Zhong, Qi, Yu, Zhang, 'Decoupled Kullback-Leibler Divergence Loss', NeurIPS 2024
-[https://arxiv.org/abs/2305.13948]; reference code jiequancui/DKL (``DKLv1`` = IKL). methods.md §10.
+[https://arxiv.org/abs/2305.13948]; reference code jiequancui/DKL (``DKLv1`` = IKL).
 
-Notation (methods.md §10.1): ``o_t`` are the TARGET-side logits (teacher in distillation, the natural
-branch z(x) in adversarial training), ``o_l`` the LEARNER-side logits (student, adversarial branch z(x')),
+This module holds the loss maths (:func:`ikl_per_sample` and its parts), IKL's class prior
+(:class:`ClassPrior`) and the divergence component of the methods that can swap their KL for IKL
+(:class:`DivergenceOptions`, :class:`Divergence`; used by ard and rslad, and by ikl-at for its weights).
+
+Notation: ``o_t`` are the TARGET-side logits (teacher in distillation, the natural branch z(x) in
+adversarial training), ``o_l`` the LEARNER-side logits (student, adversarial branch z(x')),
 ``s_t = softmax(o_t)``, and the pairwise logit differences are ``Dt_jk = o_t^j - o_t^k``,
 ``Dl_jk = o_l^j - o_l^k`` over all class pairs (j = k contributes 0).
 
@@ -31,7 +35,7 @@ Per batch (``dkl_loss`` of the reference, reduced with a batch mean)::
     wMSE_b = (1/4) sum_{j,k} w_b^{jk} (Dt_b,jk - Dl_b,jk)^2
     sCE_b  = -sum_j sg(softmax(o_t,b / tau))_j * log_softmax(o_l,b / tau)_j
 
-**Parameter-name trap** (methods.md §10.2, §13.11, §14.11): the paper calls the wMSE weight alpha and
+**Parameter-name trap**: the paper calls the wMSE weight alpha and
 the sCE weight beta; the reference code names them the other way round (``beta * loss_mse + alpha *
 loss_sce``; its scripts pass ``--beta 20 --alpha 4``). This module and the methods built on it use the
 unambiguous names ``mse_weight`` (= paper alpha = code ``beta``) and ``sce_weight`` (= paper beta =
@@ -61,14 +65,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustbench_kd.errors import UserError
-from robustbench_kd.methods.losses import soft_cross_entropy_from_log_probs
+from robustbench_kd.distiller import MethodConfig, option
+from robustbench_kd.methods.losses import kl_per_sample, soft_cross_entropy_from_log_probs, soften
 
 __all__ = [
     "DIVERGENCES",
     "ClassPrior",
+    "Divergence",
+    "DivergenceOptions",
     "IKLTerms",
-    "check_divergence_options",
     "dkl_per_sample",
     "ikl_per_sample",
     "pairwise_logit_differences",
@@ -274,18 +279,105 @@ class ClassPrior(nn.Module):
         return f"num_classes={self.num_classes}, temperature={self.temperature}, mix={self.mix}"
 
 
+# -- the divergence component of a distillation method -------------------------------------------
 #: Values of the ``divergence`` option of methods that can swap their KL for IKL (rslad, ard).
 DIVERGENCES = ("kl", "ikl")
 
 
-def check_divergence_options(*, divergence: str, mse_weight: float, sce_weight: float,
-                             prior_temperature: float, prefix: str = "method.") -> None:
-    """Validate a method's ``divergence`` / ``ikl_*`` options; raise a one-line UserError otherwise."""
-    if divergence not in DIVERGENCES:
-        raise UserError(f"{prefix}divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
-    if not mse_weight >= 0.0:
-        raise UserError(f"{prefix}ikl_mse_weight must be >= 0, got {mse_weight}")
-    if not sce_weight >= 0.0:
-        raise UserError(f"{prefix}ikl_sce_weight must be >= 0, got {sce_weight}")
-    if not prior_temperature > 0.0:
-        raise UserError(f"{prefix}ikl_prior_temperature must be positive, got {prior_temperature}")
+@dataclass(frozen=True, kw_only=True)
+class DivergenceOptions(MethodConfig):
+    """The options of a method whose teacher-to-student KL can be replaced by IKL (base of its ``Config``).
+
+    ``ikl_mse_weight`` defaults to 5 with ``ikl_sce_weight`` 1: the IKL-AT scripts' wMSE:sCE ratio 20:4, with
+    the sCE (which has KL's gradient) kept at the scale of the KL it replaces; our choice, the IKL paper
+    does not distil with a teacher this way. ``ikl_prior_temperature`` 4 is the IKL-AT scripts' ``--T 4``.
+    """
+
+    divergence: str = option("kl", choices=DIVERGENCES,
+                             help="kl (the method's KL) or ikl (Improved KL: class-weighted wMSE + soft-label CE)")
+    ikl_mse_weight: float = option(5.0, low=0, help="IKL: weight of the wMSE (paper alpha, IKL code --beta)")
+    ikl_sce_weight: float = option(1.0, low=0, help="IKL: weight of the soft-label CE (paper beta, IKL code --alpha)")
+    ikl_prior_temperature: float = option(4.0, low=0, low_open=True,
+                                          help="IKL: temperature of the teacher softmax behind the class prior")
+    ikl_class_prior: bool = option(True, choices=(False, True),
+                                   help="IKL: class-wise weights from the previous epoch; false = per-sample weights")
+
+
+class Divergence:
+    r"""The KL-or-IKL term of a distillation loss, with the weights and class prior IKL needs.
+
+    ``kind="kl"``: ``KL(q || p_S^tau)`` per sample (:func:`~robustbench_kd.methods.losses.kl_per_sample`).
+    ``kind="ikl"``: IKL evaluated at the same temperature, on logits divided by tau, per sample::
+
+        mse_weight * (1/4) sum_{j,k} s_j s_k ((z_T^j - z_T^k) - (z_S^j - z_S^k))^2 / tau^2
+          + sce_weight * ( -sum_j q_j log p_S^tau_j )
+
+    with the teacher logits z_T detached and the student logits z_S receiving the wMSE gradient (in the
+    plain KL the student gets none of it). q is the method's target (its sCE has the KL's gradient, so
+    ``mse_weight = 0`` trains exactly like the KL). s is, per label y, the class prior's row ``s_bar_y``
+    (``class_prior=True``: the mean of ``softmax(z_T / prior_temperature)`` over the training samples of
+    class y in the previous epoch, uniform 1/C in the first) or the sample's own
+    ``softmax(z_T / prior_temperature)`` (:meth:`weight_vectors`).
+
+    Not an ``nn.Module``: the owning distiller registers :attr:`prior` as its own submodule ``prior``, so
+    its buffers are saved as ``prior.prior`` / ``prior.accumulator``; :attr:`prior` is None (no state at
+    all) unless the kind is ``"ikl"`` with a class prior. Per training batch call :meth:`accumulate` with
+    the target-side logits (after the optimiser step), and :meth:`finalize` at the end of every epoch.
+
+    Args:
+        kind: ``"kl"`` or ``"ikl"`` (:data:`DIVERGENCES`).
+        num_classes: C.
+        mse_weight, sce_weight: IKL's weights of the wMSE and the soft-label CE.
+        prior_temperature: T of the softmax behind the weights.
+        class_prior: class-wise weights (IKL) instead of per-sample ones.
+        prior_mix: m of :class:`ClassPrior` (new rows mixed into the old ones).
+    """
+
+    def __init__(self, kind: str, num_classes: int, *, mse_weight: float = 5.0, sce_weight: float = 1.0,
+                 prior_temperature: float = 4.0, class_prior: bool = True, prior_mix: float = 1.0) -> None:
+        if kind not in DIVERGENCES:
+            raise ValueError(f"kind must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
+        self.kind = kind
+        self.mse_weight = float(mse_weight)
+        self.sce_weight = float(sce_weight)
+        self.prior_temperature = float(prior_temperature)
+        self.prior: ClassPrior | None = (
+            ClassPrior(num_classes, temperature=prior_temperature, mix=prior_mix)
+            if kind == "ikl" and class_prior else None
+        )
+
+    @classmethod
+    def from_options(cls, options: DivergenceOptions, num_classes: int) -> Divergence:
+        """The component a method's :class:`DivergenceOptions` describe."""
+        return cls(options.divergence, num_classes, mse_weight=options.ikl_mse_weight,
+                   sce_weight=options.ikl_sce_weight, prior_temperature=options.ikl_prior_temperature,
+                   class_prior=options.ikl_class_prior)
+
+    def weight_vectors(self, labels: Tensor, target_logits: Tensor) -> Tensor:
+        """s with ``w = s s^T``: the class prior's rows for ``labels``, or per-sample softened target outputs."""
+        if self.prior is not None:
+            return self.prior.weight_vectors(labels)
+        return sample_weight_vectors(target_logits, self.prior_temperature)
+
+    def per_sample(self, student_logits: Tensor, target_probs: Tensor, *, teacher_logits: Tensor, labels: Tensor,
+                   temperature: float = 1.0) -> Tensor:
+        """KL(q || p_S^tau) or IKL(teacher -> student) at temperature tau, shape ``[B]`` (class docstring).
+
+        ``target_probs`` q is already softened (and possibly label-mixed); ``teacher_logits`` are the raw
+        teacher logits behind it (read by IKL only).
+        """
+        if self.kind == "kl":
+            return kl_per_sample(student_logits, target_probs, temperature=temperature)
+        weights = self.weight_vectors(labels, teacher_logits)
+        return ikl_per_sample(soften(student_logits, temperature), soften(teacher_logits, temperature), weights,
+                              mse_weight=self.mse_weight, sce_weight=self.sce_weight, target_probs=target_probs).total
+
+    def accumulate(self, target_logits: Tensor, labels: Tensor) -> None:
+        """After a training step: add the batch's target-side outputs to the class prior (if any)."""
+        if self.prior is not None:
+            self.prior.accumulate(target_logits, labels)
+
+    def finalize(self) -> None:
+        """At the end of an epoch: the class prior (if any) becomes the epoch's class means."""
+        if self.prior is not None:
+            self.prior.finalize()

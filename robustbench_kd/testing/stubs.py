@@ -95,3 +95,26 @@ def kl(p: Sequence[float], q: Sequence[float]) -> float:
 def cross_entropy(logits: Sequence[float] | torch.Tensor, label: int) -> float:
     """-log softmax(z)_label of one row."""
     return -log_softmax(logits)[label]
+
+
+def soft_cross_entropy(target: Sequence[float], logits: Sequence[float] | torch.Tensor, tau: float = 1.0) -> float:
+    """-sum_k q_k log softmax(z / tau)_k of one row, for a soft target q."""
+    return -sum(qk * lk for qk, lk in zip(target, log_softmax(logits, tau), strict=True))
+
+
+def wmse(target_logits: Sequence[float] | torch.Tensor, learner_logits: Sequence[float] | torch.Tensor,
+         weights: Sequence[float] | Sequence[Sequence[float]] | torch.Tensor) -> float:
+    """IKL's weighted MSE of one row: (1/4) sum_{j,k} w_jk ((t_j - t_k) - (l_j - l_k))^2.
+
+    ``weights`` is the C x C matrix w, or a vector s standing for the rank-one w = s s^T.
+    """
+    from typing import Any
+
+    t, lr = _row(target_logits), _row(learner_logits)
+    rows: list[Any] = weights.tolist() if isinstance(weights, torch.Tensor) else list(weights)
+    if rows and isinstance(rows[0], (list, tuple)):
+        w = [[float(v) for v in r] for r in rows]
+    else:
+        w = [[float(a) * float(b) for b in rows] for a in rows]
+    c = len(t)
+    return 0.25 * sum(w[j][k] * ((t[j] - t[k]) - (lr[j] - lr[k])) ** 2 for j in range(c) for k in range(c))
