@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from robustbench_kd_plugins import adaad, iad
-from robustbench_kd_plugins.adaad import AdaAD
+from robustbench_kd_plugins import adaad
+from robustbench_kd_plugins.adaad import AdaAD, AdaIAD
 from torch import nn
 
 from robustbench_kd.attacks import DistillationAttack
@@ -18,9 +16,9 @@ from robustbench_kd.errors import UserError
 from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
-from robustbench_kd.students import build_student
 from robustbench_kd.teachers import Teacher, TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import Affine, batch_context, cross_entropy, kl, softmax
+from robustbench_kd.testing.runs import random_teacher_spec, tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
 
@@ -29,22 +27,6 @@ X = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.
 X_ADV = torch.tensor([[0.9, 0.1, 0.3, 0.2], [0.5, 0.6, 0.8, 0.0], [0.1, 0.2, 0.9, 0.6]])
 Y = torch.tensor([1, 3, 0])
 T_BIAS = torch.tensor([0.5, -1.0, 2.0, 0.0])
-
-
-class Affine(nn.Module):
-    """Stub network: logits = w * x + bias; counts its forward passes and keeps its inputs."""
-
-    def __init__(self, w: float, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w))
-        self.bias = nn.Parameter(torch.zeros(4) if bias is None else bias.clone())
-        self.calls = 0
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        self.inputs.append(x)
-        return self.w * x + self.bias
 
 
 class Blind(nn.Module):
@@ -59,21 +41,6 @@ class Blind(nn.Module):
 
 
 # -- hand computation ----------------------------------------------------------------------------
-def _softmax(row: list[float], tau: float = 1.0) -> list[float]:
-    m = max(row)
-    e = [math.exp((v - m) / tau) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p: list[float], q: list[float]) -> float:
-    """KL(p || q): p is the target."""
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
-
-
-def _ce(row: list[float], y: int) -> float:
-    return math.log(sum(math.exp(v) for v in row)) - row[y]
-
-
 def _rows(w: float, x: torch.Tensor, bias: torch.Tensor | None = None) -> list[list[float]]:
     b = torch.zeros(x.shape[1]) if bias is None else bias
     return [(w * x[i] + b).double().tolist() for i in range(x.shape[0])]
@@ -85,11 +52,10 @@ def _mean(values) -> float:
 
 
 def _ctx(s_w: float = 3.0, t_w: float = 4.0, *, x=X, x_adv=X_ADV, y=Y, t_bias=T_BIAS) -> BatchContext:
-    teacher = Teacher(Affine(t_w, t_bias))
-    ctx = BatchContext(x=x.clone(), y=y.clone(), student=Affine(s_w, torch.zeros(x.shape[1])),
-                       teachers=TeacherSet({"robust": teacher}), threat=THREAT)
-    ctx.x_adv = x_adv.clone()
-    return ctx
+    c = x.shape[1]
+    return batch_context(x, y, student=Affine(s_w, num_classes=c, trainable_bias=True),
+                         teachers={"robust": Affine(t_w, t_bias, num_classes=c, trainable_bias=True)}, x_adv=x_adv,
+                         threat=THREAT)
 
 
 # -- attack --------------------------------------------------------------------------------------
@@ -98,7 +64,7 @@ def test_attack_spec() -> None:
     assert (spec.eps, spec.alpha, spec.steps) == (THREAT.eps, THREAT.alpha, 10)
     assert spec.init == "gauss" and spec.init_std == pytest.approx(1e-3)
     assert spec.student_mode == "eval" and spec.teacher_grad
-    assert AdaAD(AdaAD.Config(variant="adaiad")).attack_spec(THREAT).init == "gauss"
+    assert AdaIAD().attack_spec(THREAT) == spec  # AdaIAD attacks as AdaAD
     assert AdaAD(AdaAD.Config(init="none")).attack_spec(THREAT).init == "none"
 
 
@@ -106,7 +72,7 @@ def test_attack_loss_is_kl_teacher_to_student_at_the_same_point_by_hand() -> Non
     ctx = _ctx()
     got = AdaAD().attack_loss(ctx, X_ADV)
     zt, zs = _rows(4.0, X_ADV, T_BIAS), _rows(3.0, X_ADV)
-    assert got.tolist() == pytest.approx([_kl(_softmax(zt[b]), _softmax(zs[b])) for b in range(3)], rel=1e-5)
+    assert got.tolist() == pytest.approx([kl(softmax(zt[b]), softmax(zs[b])) for b in range(3)], rel=1e-5)
     assert torch.equal(ctx.teachers["robust"].net.inputs[-1], X_ADV)  # teacher at x', not at x
     assert not ctx._memo  # not the memoised no-grad teacher call
 
@@ -162,18 +128,18 @@ def test_blind_student_attack_moves_only_because_of_the_teacher() -> None:
 def test_kl_reduction_defaults() -> None:
     assert AdaAD(num_classes=10).kl_reduction == "mean_all"
     assert AdaAD(num_classes=100).kl_reduction == "batchmean"
-    assert AdaAD(AdaAD.Config(variant="adaiad"), num_classes=10).kl_reduction == "batchmean"
+    assert AdaIAD(num_classes=10).kl_reduction == "batchmean"
     assert AdaAD(AdaAD.Config(kl_reduction="sum"), num_classes=10).kl_reduction == "sum"
     assert AdaAD().temperature == 1.0
-    assert AdaAD(AdaAD.Config(variant="adaiad")).temperature == 30.0
-    assert AdaAD(AdaAD.Config(variant="adaiad", temperature=1.0)).temperature == 1.0
+    assert AdaIAD().temperature == 30.0
+    assert AdaIAD(AdaIAD.Config(temperature=1.0)).temperature == 1.0
 
 
 def test_default_loss_mean_all_by_hand() -> None:
     ctx = _ctx()
     out = AdaAD(num_classes=4).loss(ctx)
     zt, zs = _rows(4.0, X_ADV, T_BIAS), _rows(3.0, X_ADV)
-    kl_adv = _mean(_kl(_softmax(zt[b]), _softmax(zs[b])) for b in range(3))
+    kl_adv = _mean(kl(softmax(zt[b]), softmax(zs[b])) for b in range(3))
     assert out.total.item() == pytest.approx(kl_adv / 4, rel=1e-5)  # mean over B*C; alpha = 1
     assert set(out.terms) == {"kl_adv"}
     # Reference order: student(x) (BN statistics only, alpha = 1) then student(x').
@@ -186,8 +152,8 @@ def test_alpha_mixes_clean_kl_by_hand() -> None:
     out = AdaAD(AdaAD.Config(alpha=0.7), num_classes=4).loss(_ctx())
     zt_adv, zs_adv = _rows(4.0, X_ADV, T_BIAS), _rows(3.0, X_ADV)
     zt_nat, zs_nat = _rows(4.0, X, T_BIAS), _rows(3.0, X)
-    kl_adv = _mean(_kl(_softmax(zt_adv[b]), _softmax(zs_adv[b])) for b in range(3))
-    kl_nat = _mean(_kl(_softmax(zt_nat[b]), _softmax(zs_nat[b])) for b in range(3))
+    kl_adv = _mean(kl(softmax(zt_adv[b]), softmax(zs_adv[b])) for b in range(3))
+    kl_nat = _mean(kl(softmax(zt_nat[b]), softmax(zs_nat[b])) for b in range(3))
     assert out.total.item() == pytest.approx((0.7 * kl_adv + 0.3 * kl_nat) / 4, rel=1e-5)
     assert out.terms["kl_nat"].item() == pytest.approx(kl_nat / 4, rel=1e-5)
 
@@ -197,7 +163,7 @@ def test_hundred_classes_batchmean_by_hand() -> None:
     x, x_adv, t_bias = torch.rand(3, 100), torch.rand(3, 100), torch.randn(100)
     ctx = _ctx(x=x, x_adv=x_adv, y=torch.tensor([4, 50, 99]), t_bias=t_bias)
     zt, zs = _rows(4.0, x_adv, t_bias), _rows(3.0, x_adv)
-    kl_adv = _mean(_kl(_softmax(zt[b]), _softmax(zs[b])) for b in range(3))
+    kl_adv = _mean(kl(softmax(zt[b]), softmax(zs[b])) for b in range(3))
     assert AdaAD(num_classes=100).loss(ctx).total.item() == pytest.approx(kl_adv, rel=1e-5)
 
 
@@ -208,14 +174,14 @@ def test_clean_forward_flag() -> None:
 
 
 def test_adaiad_warm_up_switch_by_hand() -> None:
-    """AdaIAD: IAD-I loss with the teacher target at x', tau = 30, batchmean, begin = 60."""
+    """``adaiad``: IAD-I loss with the teacher target at x', tau = 30, batchmean, begin = 60."""
     tau = 30.0
     s_w, t_w = 30.0, 40.0  # large logits so that the tau = 30 distributions are far from uniform
-    distiller = AdaAD(AdaAD.Config(variant="adaiad"), num_classes=4)
+    distiller = AdaIAD(num_classes=4)
     zt_adv, zs_adv, zs_nat = _rows(t_w, X_ADV, T_BIAS), _rows(s_w, X_ADV), _rows(s_w, X)
-    kl_t = [_kl(_softmax(zt_adv[b], tau), _softmax(zs_adv[b], tau)) for b in range(3)]
-    w = [_softmax(zt_adv[b])[int(Y[b])] ** 0.1 for b in range(3)]
-    kl_self = [_kl(_softmax(zs_nat[b]), _softmax(zs_adv[b])) for b in range(3)]
+    kl_t = [kl(softmax(zt_adv[b], tau), softmax(zs_adv[b], tau)) for b in range(3)]
+    w = [softmax(zt_adv[b])[int(Y[b])] ** 0.1 for b in range(3)]
+    kl_self = [kl(softmax(zs_nat[b]), softmax(zs_adv[b])) for b in range(3)]
 
     distiller.on_epoch_start(59, 200)
     before = distiller.loss(_ctx(s_w, t_w))
@@ -235,14 +201,13 @@ def test_adaiad_warm_up_switch_by_hand() -> None:
 
 def test_adaiad_options_by_hand() -> None:
     a = 0.8
-    distiller = AdaAD(AdaAD.Config(variant="adaiad", temperature=1.0, alpha=a, begin=0, weight_teacher_term=True),
-                      num_classes=4)
+    distiller = AdaIAD(AdaIAD.Config(temperature=1.0, alpha=a, begin=0, weight_teacher_term=True), num_classes=4)
     distiller.on_epoch_start(0, 1)
     zt_adv, zs_adv, zs_nat = _rows(4.0, X_ADV, T_BIAS), _rows(3.0, X_ADV), _rows(3.0, X)
-    w = [_softmax(zt_adv[b])[int(Y[b])] ** 0.1 for b in range(3)]
-    kl_t = [_kl(_softmax(zt_adv[b]), _softmax(zs_adv[b])) for b in range(3)]
-    kl_self = [_kl(_softmax(zs_nat[b]), _softmax(zs_adv[b])) for b in range(3)]
-    ce = _mean(_ce(zs_nat[b], int(Y[b])) for b in range(3))
+    w = [softmax(zt_adv[b])[int(Y[b])] ** 0.1 for b in range(3)]
+    kl_t = [kl(softmax(zt_adv[b]), softmax(zs_adv[b])) for b in range(3)]
+    kl_self = [kl(softmax(zs_nat[b]), softmax(zs_adv[b])) for b in range(3)]
+    ce = _mean(cross_entropy(zs_nat[b], int(Y[b])) for b in range(3))
     expected = (a * _mean(w[b] * kl_t[b] for b in range(3)) + a * _mean((1 - w[b]) * kl_self[b] for b in range(3))
                 + (1 - a) * ce)
     assert distiller.loss(_ctx()).total.item() == pytest.approx(expected, rel=1e-5)
@@ -251,52 +216,42 @@ def test_adaiad_options_by_hand() -> None:
 def test_validation_and_registration() -> None:
     registry = Registry("method")
     adaad.rbkd_register_methods(registry.bound("adaad"))
-    assert registry.get("adaad") is AdaAD
-    assert AdaAD.teacher_roles == ("robust",)
+    assert registry.get("adaad") is AdaAD and registry.get("adaiad") is AdaIAD
+    assert AdaAD.teacher_roles == AdaIAD.teacher_roles == ("robust",)
     for bad in ({"variant": "iad"}, {"alpha": -0.1}, {"temperature": 0.0}, {"kl_reduction": "mean"},
-                {"begin": -1}, {"init": "normal"}, {"attack_student_mode": "training"}, {"unknown": 1}):
+                {"init": "normal"}, {"attack_student_mode": "training"}, {"unknown": 1}, {"beta": 0.1}):
         with pytest.raises(UserError):
             AdaAD.config_from_mapping(bad)
+    for bad in ({"begin": -1}, {"alpha": 1.5}, {"temperature": 0.0}, {"kl_reduction": "mean"}, {"variant": "adaiad"}):
+        with pytest.raises(UserError):
+            AdaIAD.config_from_mapping(bad)
+    assert AdaAD.config_from_mapping({"variant": "adaad"}) == AdaAD.Config()
 
 
-def test_contract() -> None:
-    check_distiller(AdaAD)
-    check_distiller(AdaAD, config=AdaAD.Config(alpha=0.5, init="none"))
-    check_distiller(AdaAD, config=AdaAD.Config(attack_teacher_grad=False, clean_forward_when_unused=False))
-    check_distiller(AdaAD, config=AdaAD.Config(variant="adaiad"))
-    check_distiller(AdaAD, config=AdaAD.Config(variant="adaiad", alpha=0.5, weight_teacher_term=True), epoch=60)
+def test_retired_adaiad_variant_names_its_replacement() -> None:
+    with pytest.raises(UserError) as info:
+        AdaAD.config_from_mapping({"variant": "adaiad", "begin": 60})
+    assert "name = \"adaiad\"" in str(info.value) and "\n" not in str(info.value)
 
 
 # -- through the trainer on digits ---------------------------------------------------------------
 def _teacher_file(tmp_path) -> str:
-    torch.manual_seed(0)
-    net = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=2.0)
-    path = tmp_path / "teacher.pt"
-    torch.save({"state_dict": net.state_dict()}, path)
-    return f"file:{path}?arch=small-cnn&width=2.0"
+    return random_teacher_spec(tmp_path / "teacher.pt")
 
 
 def _digits(out_dir, teacher, method, eval_section=None):
-    return config_from_mapping({
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "teachers": {"robust": teacher},
-        "method": method,
-        "optim": {"epochs": 2, "lr": 0.05},
-        "eval": eval_section or {"attacks": []},
-    })
+    return config_from_mapping(tiny_digits_raw(out_dir, teachers={"robust": teacher}, method=method,
+                                               eval=eval_section or {"attacks": []}))
 
 
 @pytest.fixture
 def ada_host() -> PluginHost:
-    return PluginHost.create(autoload=False, extra=[iad, adaad])
+    return PluginHost.create(autoload=False, extra=[adaad])
 
 
 def test_resume_adaiad_across_the_warm_up_is_exact(tmp_path, ada_host) -> None:
     teacher = _teacher_file(tmp_path)
-    method = {"name": "adaad", "variant": "adaiad", "begin": 1, "temperature": 4.0}
+    method = {"name": "adaiad", "begin": 1, "temperature": 4.0}
     full = train(_digits(tmp_path / "full", teacher, method), host=ada_host)
     cfg = _digits(tmp_path / "split", teacher, method)
     train(cfg, host=ada_host, stop_after=1)

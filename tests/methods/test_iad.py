@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from robustbench_kd_plugins import iad
-from robustbench_kd_plugins.iad import IAD, reliability_weights
+from robustbench_kd_plugins.iad import IAD
 from torch import nn
 
 from robustbench_kd.attacks import DistillationAttack
@@ -15,11 +13,12 @@ from robustbench_kd.config import config_from_mapping
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.jobs.pipeline import distill
+from robustbench_kd.methods.introspection import reliability_weights
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
-from robustbench_kd.students import build_student
 from robustbench_kd.teachers import Teacher, TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import Affine, batch_context, cross_entropy, kl, softmax
+from robustbench_kd.testing.runs import random_teacher_spec, tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
 
@@ -30,39 +29,6 @@ Y = torch.tensor([1, 3, 0])
 T_BIAS = torch.tensor([0.5, -1.0, 2.0, 0.0])
 N_BIAS = torch.tensor([-0.5, 1.5, 0.0, 1.0])
 S_W, T_W, N_W = 3.0, 4.0, 2.0
-
-
-class Affine(nn.Module):
-    """Stub network: logits = w * x + bias; counts its forward passes and keeps its outputs."""
-
-    def __init__(self, w: float, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w))
-        self.register_buffer("bias", torch.zeros(4) if bias is None else bias.clone())
-        self.calls = 0
-        self.outputs: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        out = self.w * x + self.bias
-        self.outputs.append(out)
-        return out
-
-
-# -- hand computation (float64, plain Python) ------------------------------------------------------
-def _softmax(row: list[float], tau: float = 1.0) -> list[float]:
-    m = max(row)
-    e = [math.exp((v - m) / tau) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p: list[float], q: list[float]) -> float:
-    """KL(p || q): p is the target."""
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
-
-
-def _ce(row: list[float], y: int) -> float:
-    return math.log(sum(math.exp(v) for v in row)) - row[y]
 
 
 def _rows(w: float, x: torch.Tensor, bias: torch.Tensor | None = None) -> list[list[float]]:
@@ -76,7 +42,7 @@ ZS_NAT, ZS_ADV = _rows(S_W, X), _rows(S_W, X_ADV)
 
 def _w(beta: float = 0.1) -> list[float]:
     """w_b = p_T(y_b | x'_b) ** beta, the teacher on the ADVERSARIAL input."""
-    return [_softmax(ZT_ADV[b])[int(Y[b])] ** beta for b in range(3)]
+    return [softmax(ZT_ADV[b])[int(Y[b])] ** beta for b in range(3)]
 
 
 def _mean(values) -> float:
@@ -85,12 +51,10 @@ def _mean(values) -> float:
 
 
 def _ctx(*, natural: bool = False) -> BatchContext:
-    teachers = {"robust": Teacher(Affine(T_W, T_BIAS))}
+    teachers = {"robust": Affine(T_W, T_BIAS)}
     if natural:
-        teachers["natural"] = Teacher(Affine(N_W, N_BIAS))
-    ctx = BatchContext(x=X.clone(), y=Y.clone(), student=Affine(S_W), teachers=TeacherSet(teachers), threat=THREAT)
-    ctx.x_adv = X_ADV.clone()
-    return ctx
+        teachers["natural"] = Affine(N_W, N_BIAS)
+    return batch_context(X, Y, student=Affine(S_W), teachers=teachers, x_adv=X_ADV, threat=THREAT)
 
 
 def _loss(distiller: IAD, epoch: int, *, natural: bool = False):
@@ -109,7 +73,7 @@ def test_attack_spec_is_ard_attack() -> None:
 
 def test_attack_loss_is_per_sample_ce() -> None:
     got = IAD().attack_loss(_ctx(), X_ADV)
-    assert got.tolist() == pytest.approx([_ce(ZS_ADV[b], int(Y[b])) for b in range(3)], rel=1e-6)
+    assert got.tolist() == pytest.approx([cross_entropy(ZS_ADV[b], int(Y[b])) for b in range(3)], rel=1e-6)
 
 
 def test_reliability_weight_by_hand() -> None:
@@ -138,9 +102,9 @@ def test_variant_defaults() -> None:
 def test_iad1_warm_up_switch_by_hand() -> None:
     """Before begin: ARD with batchmean; from begin on: + mean_b (1 - w_b) KL(p_S(x_b) || p_S(x'_b))."""
     distiller = IAD(num_classes=4)
-    kl_teacher = _mean(_kl(_softmax(ZT_NAT[b]), _softmax(ZS_ADV[b])) for b in range(3))  # teacher on CLEAN x
+    kl_teacher = _mean(kl(softmax(ZT_NAT[b]), softmax(ZS_ADV[b])) for b in range(3))  # teacher on CLEAN x
     w = _w()
-    intro = _mean((1 - w[b]) * _kl(_softmax(ZS_NAT[b]), _softmax(ZS_ADV[b])) for b in range(3))
+    intro = _mean((1 - w[b]) * kl(softmax(ZS_NAT[b]), softmax(ZS_ADV[b])) for b in range(3))
 
     before, ctx = _loss(distiller, 59)
     assert not distiller.introspection_active
@@ -159,7 +123,7 @@ def test_iad1_warm_up_switch_by_hand() -> None:
     assert ctx.student.calls == 2
     assert ctx.teachers["robust"].net.calls == 2  # once on x, once on x'
     # The per-sample weight is applied before the batch mean (not mean(1-w) * mean(KL)).
-    kl_self = [_kl(_softmax(ZS_NAT[b]), _softmax(ZS_ADV[b])) for b in range(3)]
+    kl_self = [kl(softmax(ZS_NAT[b]), softmax(ZS_ADV[b])) for b in range(3)]
     assert abs(intro - (1 - _mean(w)) * _mean(kl_self)) > 1e-4
 
 
@@ -167,9 +131,9 @@ def test_iad1_paper_form_weights_teacher_term_and_ce_temperature_by_hand() -> No
     tau, a = 2.0, 0.6
     distiller = IAD(IAD.Config(temperature=tau, alpha=a, weight_teacher_term=True, begin=5), num_classes=4)
     w = _w()
-    kl_t = [_kl(_softmax(ZT_NAT[b], tau), _softmax(ZS_ADV[b], tau)) for b in range(3)]
-    kl_self = [_kl(_softmax(ZS_NAT[b]), _softmax(ZS_ADV[b])) for b in range(3)]  # tau = 1
-    ce = _mean(_ce(ZS_NAT[b], int(Y[b])) for b in range(3))  # CE on the CLEAN student output
+    kl_t = [kl(softmax(ZT_NAT[b], tau), softmax(ZS_ADV[b], tau)) for b in range(3)]
+    kl_self = [kl(softmax(ZS_NAT[b]), softmax(ZS_ADV[b])) for b in range(3)]  # tau = 1
+    ce = _mean(cross_entropy(ZS_NAT[b], int(Y[b])) for b in range(3))  # CE on the CLEAN student output
     before, _ = _loss(distiller, 4)
     assert before.total.item() == pytest.approx(a * tau**2 * _mean(kl_t) + (1 - a) * ce, rel=1e-5)
     after, _ = _loss(distiller, 5)
@@ -181,10 +145,10 @@ def test_iad1_paper_form_weights_teacher_term_and_ce_temperature_by_hand() -> No
 def test_iad2_warm_up_switch_by_hand() -> None:
     distiller = IAD(IAD.Config(variant="II"), num_classes=4)
     w = _w()
-    kl_t = [_kl(_softmax(ZT_ADV[b]), _softmax(ZS_ADV[b])) for b in range(3)]  # AT teacher on x'
-    kl_n = [_kl(_softmax(ZN_ADV[b]), _softmax(ZS_ADV[b])) for b in range(3)]  # natural teacher on x'
-    kl_self = [_kl(_softmax(ZS_NAT[b]), _softmax(ZS_ADV[b])) for b in range(3)]
-    ce_adv = _mean(_ce(ZS_ADV[b], int(Y[b])) for b in range(3))  # CE on the ADVERSARIAL output
+    kl_t = [kl(softmax(ZT_ADV[b]), softmax(ZS_ADV[b])) for b in range(3)]  # AT teacher on x'
+    kl_n = [kl(softmax(ZN_ADV[b]), softmax(ZS_ADV[b])) for b in range(3)]  # natural teacher on x'
+    kl_self = [kl(softmax(ZS_NAT[b]), softmax(ZS_ADV[b])) for b in range(3)]
+    ce_adv = _mean(cross_entropy(ZS_ADV[b], int(Y[b])) for b in range(3))  # CE on the ADVERSARIAL output
 
     before, ctx = _loss(distiller, 39, natural=True)
     assert before.total.item() == pytest.approx(0.25 * ce_adv + 0.5 * _mean(kl_t) + 0.25 * _mean(kl_n), rel=1e-5)
@@ -205,10 +169,10 @@ def test_iad2_temperature_scales_teacher_and_introspection_terms() -> None:
     tau = 3.0
     distiller = IAD(IAD.Config(variant="II", temperature=tau, begin=0), num_classes=4)
     w = _w()
-    kl_t = [_kl(_softmax(ZT_ADV[b], tau), _softmax(ZS_ADV[b], tau)) for b in range(3)]
-    kl_n = [_kl(_softmax(ZN_ADV[b], tau), _softmax(ZS_ADV[b], tau)) for b in range(3)]
-    kl_self = [_kl(_softmax(ZS_NAT[b]), _softmax(ZS_ADV[b])) for b in range(3)]
-    ce_adv = _mean(_ce(ZS_ADV[b], int(Y[b])) for b in range(3))
+    kl_t = [kl(softmax(ZT_ADV[b], tau), softmax(ZS_ADV[b], tau)) for b in range(3)]
+    kl_n = [kl(softmax(ZN_ADV[b], tau), softmax(ZS_ADV[b], tau)) for b in range(3)]
+    kl_self = [kl(softmax(ZS_NAT[b]), softmax(ZS_ADV[b])) for b in range(3)]
+    ce_adv = _mean(cross_entropy(ZS_ADV[b], int(Y[b])) for b in range(3))
     out, _ = _loss(distiller, 0, natural=True)
     expected = (0.25 * ce_adv + 0.5 * tau**2 * (_mean(w[b] * kl_t[b] for b in range(3))
                                                + _mean((1 - w[b]) * kl_self[b] for b in range(3)))
@@ -280,34 +244,14 @@ def test_end_to_end_batch_attack_in_train_mode_updates_bn() -> None:
     assert all(p.grad is None for t in teachers.values() for p in t.parameters())
 
 
-def test_contract() -> None:
-    check_distiller(IAD)
-    check_distiller(IAD, epoch=60)
-    check_distiller(IAD, config=IAD.Config(variant="II"), epoch=40)
-    check_distiller(IAD, config=IAD.Config(alpha=0.5, weight_teacher_term=True, detach_self_target=True,
-                                           clean_forward_when_unused=False), epoch=60)
-
-
 # -- through the trainer on digits ---------------------------------------------------------------
 def _teacher_file(tmp_path, seed: int) -> str:
-    torch.manual_seed(seed)
-    net = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=2.0)
-    path = tmp_path / f"teacher{seed}.pt"
-    torch.save({"state_dict": net.state_dict()}, path)
-    return f"file:{path}?arch=small-cnn&width=2.0"
+    return random_teacher_spec(tmp_path / f"teacher{seed}.pt", seed=seed)
 
 
 def _digits(out_dir, teachers, method, eval_section=None):
-    return config_from_mapping({
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "teachers": teachers,
-        "method": method,
-        "optim": {"epochs": 2, "lr": 0.05},
-        "eval": eval_section or {"attacks": []},
-    })
+    return config_from_mapping(tiny_digits_raw(out_dir, teachers=teachers, method=method,
+                                               eval=eval_section or {"attacks": []}))
 
 
 @pytest.fixture
