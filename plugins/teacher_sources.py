@@ -22,7 +22,7 @@ from pathlib import Path
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights, state_dict_of
-from robustbench_kd.teachers import ResizeInput, TeacherLoadContext, TeacherSpec
+from robustbench_kd.teachers import ResizeInput, TeacherLoadContext, TeacherSpec, file_architecture
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,12 @@ def build_network_from_file(path: Path, options: dict[str, str], *, students, nu
     ``sha256``: the pinned digest, checked before the file is unpickled.
     """
     data = load_checkpoint(path, sha256=sha256)
-    arch_info = data.get("student_arch") if isinstance(data.get("student_arch"), dict) else {}
-    opts = dict(options)
-    arch = opts.pop("arch", None) or arch_info.get("name")
+    arch, arch_options = file_architecture(data, options)
     if not arch:
         raise UserError(
             f"checkpoint {path} does not record its architecture; add ?arch=NAME to the spec "
             f"(valid: {', '.join(students.names())})"
         )
-    arch_options = dict(arch_info.get("options", {})) if arch == arch_info.get("name") else {}
-    arch_options.update({k: TeacherSpec.option_value(v) for k, v in opts.items()})
     factory = students.get(arch)
     net = factory(num_classes=int(data.get("num_classes", num_classes)),
                   in_channels=int(data.get("in_channels", in_channels)),
@@ -81,5 +77,5 @@ def load_file_teacher(spec: TeacherSpec, ctx: TeacherLoadContext):
 
 
 # Both sources check ``?sha256=`` pins themselves (builders.load_teacher refuses a pin for sources without this).
-load_robustbench_teacher.verifies_sha256 = True
-load_file_teacher.verifies_sha256 = True
+load_robustbench_teacher.__dict__["verifies_sha256"] = True
+load_file_teacher.__dict__["verifies_sha256"] = True

@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("directory", help="<out>/shards/<name>, holding shard_<i>_of_<n>.json")
     p.add_argument("--out", default=None, help="output directory (default: the shard runs' --out)")
 
-    p = sub.add_parser("report", help="report of a finished run (report.html, report.md, overview.png, figures); several runs: a comparison report")
+    p = sub.add_parser("report", help="report of a finished run (report.html, report.md, overview.png, figures); "
+                                      "several runs: a comparison report")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run.out_dir of a distill run")
     p.add_argument("--out", default=None,
                    help="output directory (default: RUN_DIR/report for one run, ./comparison for several)")
@@ -151,7 +152,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     header = ("method", "plugin", "distribution", "teachers", "paper")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=False)) + "  " + row[4])
     return 0
 
 
@@ -160,7 +161,11 @@ def _print_options(cls) -> None:
 
     print(f"{cls.name}: {cls.__name__} - {cls.paper}")
     for f in dataclasses.fields(cls.Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert f.default_factory is not dataclasses.MISSING  # every method option has a default
+            default = f.default_factory()
         print(f"  method.{f.name} = {default!r}")
 
 

@@ -104,7 +104,8 @@ class DataSection:
     def _check_extra(self) -> None:
         f = self.extra_fraction
         if not 0 <= f < 1:  # also catches NaN
-            raise UserError(f"data.extra_fraction must be in [0, 1) (the share of each batch from extra_path), got {f!r}")
+            raise UserError(f"data.extra_fraction must be in [0, 1) (the share of each batch from extra_path), "
+                            f"got {f!r}")
         if (self.extra_path is None) != (f == 0):
             raise UserError("data.extra_path and data.extra_fraction go together: set both (e.g. extra_fraction "
                             "= 0.7 with extra_path = \"5m.npz\") or neither")
@@ -176,7 +177,8 @@ class CheckpointSection:
 class EvalSection:
     """Evaluation during and after training."""
 
-    every: int = 0                      #: clean + PGD check on n_examples validation points every N epochs (needs data.val_size)
+    #: clean + PGD check on n_examples validation points every N epochs (needs data.val_size)
+    every: int = 0
     select: str = "pgd"                 #: best.pt = the epoch with the best validation "pgd" (or "clean") accuracy
     n_examples: int = 256
     pgd_steps: int = 20
@@ -306,7 +308,8 @@ def config_from_mapping(raw: Mapping[str, Any]) -> RunConfig:
     for section, values in raw.items():
         if section == "threat" and isinstance(values, Mapping):
             # A partial [threat] keeps the dataset's defaults for the keys it does not set.
-            dataset = raw.get("data", {}).get("dataset", DataSection.dataset) if isinstance(raw.get("data"), Mapping) else DataSection.dataset
+            data = raw.get("data")
+            dataset = data.get("dataset", DataSection.dataset) if isinstance(data, Mapping) else DataSection.dataset
             values = {**dataclasses.asdict(default_threat(str(dataset))), **values}
             kwargs[section] = section_from_mapping(ThreatSpec, values, section)
         elif section in SECTIONS:

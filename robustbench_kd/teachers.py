@@ -274,7 +274,7 @@ class TeacherLoadContext:
     threat_model: str = "Linf"
     model_dir: Path = Path("models")
     allow_download: bool = False
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     students: Any = None  #: the student-architecture registry (to rebuild local checkpoints)
 
 
@@ -302,3 +302,19 @@ def describe(spec: Any) -> str:
     if isinstance(spec, Mapping):
         return " + ".join(spec.get("specs", []))
     return str(spec)
+
+
+def file_architecture(data: Mapping[str, Any], options: Mapping[str, str]) -> tuple[str | None, dict[str, Any]]:
+    """``(arch, arch_options)`` that a ``file:`` spec with ``options`` rebuilds from the checkpoint entries ``data``.
+
+    ``arch`` is the spec's ``arch`` option or else the checkpoint's recorded ``student_arch`` name (None when
+    neither says); the options are the recorded ones (only when ``arch`` is the recorded architecture)
+    overridden by the spec's other options, each read with :meth:`TeacherSpec.option_value`.
+    """
+    recorded = data.get("student_arch")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    spec_options = dict(options)
+    arch = spec_options.pop("arch", None) or recorded.get("name")
+    arch_options = dict(recorded.get("options", {})) if arch == recorded.get("name") else {}
+    arch_options.update({k: TeacherSpec.option_value(v) for k, v in spec_options.items()})
+    return arch, arch_options

@@ -73,15 +73,16 @@ def architecture_mismatch(members: Sequence[nn.Module]) -> str | None:
         modules = [(n, type(m), m.extra_repr(), _plain_attributes(m)) for n, m in member.named_modules()]
         if len(modules) != len(ref_modules):
             return f"member {i} has {len(modules)} submodules, member 0 has {len(ref_modules)}"
-        for (name, typ, rep, attrs), (_, rtyp, rrep, rattrs) in zip(modules, ref_modules):
+        for (name, typ, rep, attrs), (_, rtyp, rrep, rattrs) in zip(modules, ref_modules, strict=False):
             if typ is not rtyp or rep != rrep:
-                return f"member {i} submodule {name or '<root>'!r} is {typ.__name__}({rep}), member 0 has {rtyp.__name__}({rrep})"
+                return (f"member {i} submodule {name or '<root>'!r} is {typ.__name__}({rep}), "
+                        f"member 0 has {rtyp.__name__}({rrep})")
             if attrs.keys() != rattrs.keys() or any(not _same_value(attrs[k], rattrs[k]) for k in attrs):
                 return f"member {i} submodule {name or '<root>'!r} has different attributes from member 0"
         tensors = [(n, t.shape, t.dtype, t.device) for n, t in _tensors(member)]
         if len(tensors) != len(ref_tensors):
             return f"member {i} has {len(tensors)} parameters/buffers, member 0 has {len(ref_tensors)}"
-        for got, ref in zip(tensors, ref_tensors):
+        for got, ref in zip(tensors, ref_tensors, strict=False):
             if got != ref:
                 return (f"member {i} tensor {got[0]!r} is {tuple(got[1])} {got[2]} on {got[3]}, "
                         f"member 0 has {ref[0]!r} {tuple(ref[1])} {ref[2]} on {ref[3]}")

@@ -309,7 +309,8 @@ def test_bundle_concatenates_shard_logs_and_lists_what_is_missing(tmp_path):
         results={"n_examples": 10000, "seed": 0, "eps_str": "0.5", "autoattack_version": "pyautoattack 0.2.0"},
         constructor=None, autoattack_log=logs)
     log_text = bundle.autoattack_log.read_text()
-    assert log_text.index("shard0.log") < log_text.index("00.00%") < log_text.index("shard1.log") < log_text.index("10.00%")
+    assert (log_text.index("shard0.log") < log_text.index("00.00%") < log_text.index("shard1.log")
+            < log_text.index("10.00%"))
     assert not any(path.exists() for path in logs)
     assert bundle.sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert "name, authors, venue, link, architecture" in bundle.missing[0]
@@ -346,5 +347,5 @@ def test_reported_is_a_percentage(reported, expected):
 def test_reported_out_of_range_is_a_user_error(reported):
     from robustbench_kd.evaluation.final_report import _reported_fraction
 
-    with pytest.raises(UserError, match="model_info.reported must be a percentage"):
+    with pytest.raises(UserError, match=r"model_info.reported must be a percentage"):
         _reported_fraction(reported)

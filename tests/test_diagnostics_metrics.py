@@ -34,7 +34,8 @@ def test_reliability_bins_and_ece_by_hand():
 
 
 def test_reliability_bin_edges_are_right_closed_and_empty_bins_are_nan():
-    probs = torch.tensor([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]])  # conf exactly 0.5 -> bin 1 of 4 ((.25, .5]); 1.0 -> last bin
+    # conf exactly 0.5 -> bin 1 of 4 ((.25, .5]); 1.0 -> last bin
+    probs = torch.tensor([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]])
     table = M.reliability_bins(probs, torch.tensor([0, 0]), 4)
     assert table["count"] == [0.0, 1.0, 0.0, 1.0]
     assert math.isnan(table["accuracy"][0]) and math.isnan(table["confidence"][2])

@@ -62,7 +62,8 @@ def test_diagnostics_on_cost_extra_forwards(tmp_path):
     """The counter does see them: 2 epochs x (clean + 2 PGD steps + adversarial) passes over 40 points."""
     counter = CountForwards()
     host = PluginHost.create(autoload=False, extra=[counter])
-    plain = train(digits_config(tmp_path / "off"), host=PluginHost.create(autoload=False, extra=[off := CountForwards()]))
+    plain = train(digits_config(tmp_path / "off"),
+                  host=PluginHost.create(autoload=False, extra=[off := CountForwards()]))
     run = train(digits_config(tmp_path / "on", diagnostics={"enabled": ["entropy"], "n_examples": 40, "pgd_steps": 2,
                                                       "batch_size": 40}), host=host)
     # per recorded epoch: PGD = 2 gradient forwards, then one clean and one adversarial forward; the training

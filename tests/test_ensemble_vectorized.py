@@ -46,8 +46,8 @@ def hand_combination(members, weights, x, combine):
     """The formula from the docstring, member by member."""
     z = [t(x) for t in members]
     if combine == "logits":
-        return sum(w * zi for w, zi in zip(weights, z))
-    return torch.log(sum(w * zi.softmax(1) for w, zi in zip(weights, z)))
+        return sum(w * zi for w, zi in zip(weights, z, strict=False))
+    return torch.log(sum(w * zi.softmax(1) for w, zi in zip(weights, z, strict=False)))
 
 
 def input_grad(model, x, probe):

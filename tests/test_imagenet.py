@@ -1,4 +1,5 @@
-"""ImageNet from local class folders: class mapping, RobustBench preprocessing, lazy decoding, evaluate, zoo teachers."""
+"""ImageNet from local class folders: class mapping, RobustBench preprocessing, lazy decoding, evaluate, zoo
+teachers."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def test_class_mapping_and_splits(imagenet_dir):
     assert data.num_classes == 3 and len(data.train_y) == 12 and len(data.test_y) == 6
     assert data.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert data.test_y.tolist() == [0, 0, 1, 1, 2, 2]
-    assert all(Path(p).parent.name == CLASSES[y] for p, y in zip(data.train_x.paths, data.train_y.tolist()))
+    pairs = zip(data.train_x.paths, data.train_y.tolist(), strict=False)
+    assert all(Path(p).parent.name == CLASSES[y] for p, y in pairs)
     assert data.in_channels == 3 and data.image_size == 224 and data.augment_default
 
 
@@ -100,7 +102,7 @@ def test_other_preprocessing_sizes(imagenet_dir):
     assert x.shape == (3, 288, 288)
     # Crop288 crops 288 out of a 64x48 image: torchvision's CenterCrop pads with zeros.
     assert int(x[:, 0, 0].sum()) == 0
-    with pytest.raises(UserError, match="unknown ImageNet preprocessing 'Res256'.*valid: Res256Crop224"):
+    with pytest.raises(UserError, match=r"unknown ImageNet preprocessing 'Res256'.*valid: Res256Crop224"):
         load_imagefolder_splits("imagenet", imagenet_dir, preprocessing="Res256")
 
 
@@ -113,11 +115,11 @@ def test_robustbench_subset_is_the_test_split_when_present(imagenet_dir, monkeyp
 
 
 def test_layout_errors(tmp_path):
-    with pytest.raises(UserError, match="val is not a directory.*one folder of images per class"):
+    with pytest.raises(UserError, match=r"val is not a directory.*one folder of images per class"):
         load_imagefolder_splits("imagenet", tmp_path)
     root = make_imagefolder(tmp_path / "a")
     (root / "val" / "n09999999").mkdir()
-    with pytest.raises(UserError, match="must be the same .*n09999999"):
+    with pytest.raises(UserError, match=r"must be the same .*n09999999"):
         load_imagefolder_splits("imagenet", root)
     (tmp_path / "b" / "train" / "n1").mkdir(parents=True)
     (tmp_path / "b" / "val" / "n1").mkdir(parents=True)
@@ -126,7 +128,7 @@ def test_layout_errors(tmp_path):
     bad = make_imagefolder(tmp_path / "c")
     (bad / "val" / CLASSES[0] / "broken.png").write_bytes(b"not an image")
     data = load_imagefolder_splits("imagenet", bad)
-    with pytest.raises(UserError, match="cannot read image .*broken.png"):
+    with pytest.raises(UserError, match=r"cannot read image .*broken.png"):
         data.test_x[:]
 
 

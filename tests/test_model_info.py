@@ -121,7 +121,7 @@ def test_validate_rejects_wrong_types(key: str, value: object, match: str) -> No
 
 def test_validate_rejects_missing_and_misspelt_keys() -> None:
     missing = {k: v for k, v in CARMON.items() if k != "venue"}
-    with pytest.raises(ValueError, match="missing key.*venue"):
+    with pytest.raises(ValueError, match=r"missing key.*venue"):
         validate_model_info(missing)
     no_acc = {k: v for k, v in CARMON.items() if k != "autoattack_acc"}
     with pytest.raises(ValueError, match="autoattack_acc"):
@@ -267,7 +267,7 @@ def test_save_zoo_checkpoint_refuses_keys_load_model_would_mangle(tmp_path) -> N
             super().__init__()
             self.submodel = nn.Linear(2, 2)
 
-    with pytest.raises(ValueError, match="'submodel.weight' -> 'el.weight'"):
+    with pytest.raises(ValueError, match=r"'submodel.weight' -> 'el.weight'"):
         save_zoo_checkpoint(Sub(), tmp_path, dataset="cifar10", threat_model="Linf", model_id="X")
     assert not list(tmp_path.rglob("*.pt"))
 
@@ -277,7 +277,7 @@ def test_save_zoo_checkpoint_refuses_keys_load_model_would_mangle(tmp_path) -> N
     for model in (TinyZooNet(), nn.Sequential(OrderedDict(model=TinyZooNet()))):
         path = save_zoo_checkpoint(model, tmp_path, dataset="imagenet", threat_model="Linf", model_id="X")
         assert list(torch.load(path, weights_only=True)["state_dict"]) == bare
-    with pytest.raises(ValueError, match="'submodel.weight' -> 'model.el.weight'"):
+    with pytest.raises(ValueError, match=r"'submodel.weight' -> 'model.el.weight'"):
         save_zoo_checkpoint(Sub(), tmp_path, dataset="imagenet", threat_model="Linf", model_id="Y")
 
 

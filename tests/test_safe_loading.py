@@ -91,7 +91,7 @@ def test_student_init_from_refuses_and_runs_nothing(tmp_path, host, marker):
     path = write_malicious(tmp_path / "init.pt", marker, small_cnn_state(host))
     cfg = digits_config(tmp_path / "run", student={"arch": "small-cnn", "options": {"width": 0.5},
                                                    "init_from": str(path)})
-    with pytest.raises(UserError, match="init.pt was refused"):
+    with pytest.raises(UserError, match=r"init.pt was refused"):
         train(cfg, host=host)
     assert not marker.exists()
 
@@ -103,7 +103,7 @@ def test_resume_refuses_and_runs_nothing(tmp_path, host, marker):
     good = load_checkpoint(last)
     write_malicious(last, marker, first.student.state_dict(),
                     **{k: v for k, v in good.items() if k not in ("student", "student_arch")})
-    with pytest.raises(UserError, match="last.pt was refused"):
+    with pytest.raises(UserError, match=r"last.pt was refused"):
         train(cfg, host=host, resume=True)
     assert not marker.exists()
 
@@ -133,7 +133,7 @@ def test_zoo_file_refused_even_where_torch_would_unpickle_freely(tmp_path, marke
         path = zoo.expected_checkpoint_paths(tmp_path, "cifar10", "Linf", "RbkdTinyTest")[0]
         path.parent.mkdir(parents=True)
         torch.save({"state_dict": TinyNet().state_dict(), "payload": PlantMarker(marker)}, path)
-        with pytest.raises(UserError, match="RbkdTinyTest.pt for cifar10/Linf/RbkdTinyTest cannot be"):
+        with pytest.raises(UserError, match=r"RbkdTinyTest.pt for cifar10/Linf/RbkdTinyTest cannot be"):
             zoo.load_zoo_model("RbkdTinyTest", dataset="cifar10", threat_model="Linf", model_dir=tmp_path)
     assert not marker.exists()
 

@@ -295,7 +295,7 @@ def test_missing_inconsistent_or_overlapping_shards_are_one_line_errors(
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "shard_0_of_1.json").write_text("{}")
-    with pytest.raises(UserError, match="not <out>/shards/<name>|not a robustbench-kd shard"):
+    with pytest.raises(UserError, match=r"not <out>/shards/<name>|not a robustbench-kd shard"):
         merge_and_write(stray)
 
 

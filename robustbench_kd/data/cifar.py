@@ -15,6 +15,7 @@ from robustbench_kd.errors import UserError, close_matches
 
 if TYPE_CHECKING:
     import torch
+    from torchvision.datasets import CIFAR10
 
 __all__ = ["CIFAR_DIRS", "load_cifar"]
 
@@ -22,7 +23,7 @@ __all__ = ["CIFAR_DIRS", "load_cifar"]
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
-def _dataset_class(name: str, verify_md5: bool) -> type:
+def _dataset_class(name: str, verify_md5: bool) -> type[CIFAR10]:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     base = CIFAR10 if name == "cifar10" else CIFAR100
@@ -32,10 +33,11 @@ def _dataset_class(name: str, verify_md5: bool) -> type:
     # torchvision MD5-checks every file on construction, whatever ``download`` says; with md5=None
     # its check_integrity only tests that the file exists, so unofficial copies (test fixtures,
     # re-packed subsets) load. The archive checksum (tgz_md5) is kept for real downloads.
-    class _Unverified(base):  # type: ignore[misc, valid-type]
-        train_list = [[entry[0], None] for entry in base.train_list]
-        test_list = [[entry[0], None] for entry in base.test_list]
-        meta = {**base.meta, "md5": None}
+    # The lists and dict replace torchvision's class attributes of the same shape (hence mutable).
+    class _Unverified(base):  # type: ignore[valid-type, misc]  # a class chosen at run time
+        train_list = [[entry[0], None] for entry in base.train_list]  # noqa: RUF012
+        test_list = [[entry[0], None] for entry in base.test_list]  # noqa: RUF012
+        meta = {**base.meta, "md5": None}  # noqa: RUF012
 
     _Unverified.__name__ = _Unverified.__qualname__ = f"Unverified{base.__name__}"
     return _Unverified

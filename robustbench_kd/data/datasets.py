@@ -72,7 +72,7 @@ class DataSplits:
         splits = [("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)]
         if (self.val_x is None) != (self.val_y is None):
             raise UserError(f"dataset {self.name!r}: a validation split needs both images and labels")
-        if self.val_x is not None:
+        if self.val_x is not None and self.val_y is not None:
             splits.append(("validation", self.val_x, self.val_y))
         for split, x, y in splits:
             if len(x) == 0 and not (split == "train" and self.missing_train):
@@ -194,6 +194,7 @@ def iterate_batches(images: Tensor, labels: Tensor, *, batch_size: int, shuffle:
         idx = order[start:start + batch_size]
         x = to_float(images[idx])
         if augment:
+            assert generator is not None  # checked above
             x = random_crop_flip(x, generator)
         yield x.to(device, non_blocking=True), labels[idx].to(device, non_blocking=True), idx
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -251,6 +251,9 @@ def load_imagefolder_splits(name: str, root: str | Path, *, preprocessing: str =
         if not classes:
             raise UserError(f"{name}: {dirs['val']} has no class folders")
     test_paths, test_labels = _test_split(dirs["val"], classes)
-    return DataSplits(name, LazyImages(train_paths, prep), torch.tensor(train_labels, dtype=torch.int64),
-                      LazyImages(test_paths, prep), torch.tensor(test_labels, dtype=torch.int64),
+    # LazyImages stands in for a uint8 image tensor: it indexes, has len, shape, ndim and dtype like one.
+    train_x = cast(torch.Tensor, LazyImages(train_paths, prep))
+    test_x = cast(torch.Tensor, LazyImages(test_paths, prep))
+    return DataSplits(name, train_x, torch.tensor(train_labels, dtype=torch.int64),
+                      test_x, torch.tensor(test_labels, dtype=torch.int64),
                       num_classes=len(classes), augment_default=True, missing_train=missing_train)

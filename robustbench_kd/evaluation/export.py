@@ -84,7 +84,7 @@ def zoo_network(model: nn.Module, *, dataset: str) -> nn.Module:
     """
     model = unwrap_model(model)
     if dataset == "imagenet" and _is_imagenet_zoo_layout(model):
-        return unwrap_model(model.model)
+        return unwrap_model(dict(model.named_children())["model"])
     return model
 
 

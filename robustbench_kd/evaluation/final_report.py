@@ -102,7 +102,8 @@ def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, la
     if "autoattack" in result.accuracy:
         report.model_info_path = _write_model_info(result, model_id=model_id, dataset=dataset, norm=norm, eps=eps,
                                                    out_dir=out_dir, meta=meta or ModelInfoSection(),
-                                                   architecture=architecture or getattr(constructor, "architecture", None),
+                                                   architecture=architecture
+                                                   or getattr(constructor, "architecture", None),
                                                    host=host, run=run, sanity=report.sanity,
                                                    number_forward_passes=number_forward_passes)
     else:
@@ -218,7 +219,7 @@ def format_table(reports: list[ModelReport]) -> str:
     rows = [[rep.label, *[f"{100 * rep.accuracy[k]:.2f}" if k in rep.accuracy else "-" for k, _ in columns]]
             for rep in reports]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *[line(r) for r in rows]])
 
 

@@ -1,10 +1,11 @@
 """RobustBench leaderboard entries (``model_info/<dataset>/<threat_model>/<model_id>.json``).
 
-The files follow the hand-curated leaderboard files of RobustBench (the JSON files under ``model_info/`` in RobustBench's repository), not the
-bare file ``benchmark(to_disk=True)`` writes: accuracies are percentage *strings* rounded to two
-decimals exactly like robustbench's ``update_json`` (``str(round(acc * 100, 2))``), ``eps`` is the
-string the leaderboard uses (``"8/255"``, ``"0.5"``; ``null`` for corruptions), booleans for
-``additional_data`` / ``unreliable`` and an integer ``number_forward_passes``.
+The files follow the hand-curated leaderboard files of RobustBench (the JSON files under ``model_info/``
+in RobustBench's repository), not the bare file ``benchmark(to_disk=True)`` writes: accuracies are
+percentage *strings* rounded to two decimals exactly like robustbench's ``update_json``
+(``str(round(acc * 100, 2))``), ``eps`` is the string the leaderboard uses (``"8/255"``, ``"0.5"``;
+``null`` for corruptions), booleans for ``additional_data`` / ``unreliable`` and an integer
+``number_forward_passes``.
 """
 
 from __future__ import annotations

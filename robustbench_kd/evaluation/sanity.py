@@ -468,7 +468,8 @@ def run_sanity_checks(
                 at_eps = run(seeded_pgd(model, eps_value))
             pgd_acc = float(at_eps.float().mean())
             rises = [
-                (a, b) for (a, _), (b, _) in itertools.pairwise(radii) if report.sweep[b] > report.sweep[a] + tol + 1e-12
+                (a, b) for (a, _), (b, _) in itertools.pairwise(radii)
+                if report.sweep[b] > report.sweep[a] + tol + 1e-12
             ]
             checks["monotone"] = not rises
             for a, b in rises:

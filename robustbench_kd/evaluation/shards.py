@@ -179,7 +179,7 @@ def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, 
         "seed": int(seed),
         "batch_size": int(batch_size),
         "autoattack_version": result.autoattack_version,
-        "model_info": dataclasses.asdict(meta) if dataclasses.is_dataclass(meta) else None,
+        "model_info": dataclasses.asdict(meta) if isinstance(meta, ModelInfoSection) else None,
         "architecture": architecture,
         "sanity": bool(sanity),
         "robustbench_kd_version": __version__,
@@ -380,8 +380,8 @@ def merge_shards(directory: str | Path) -> MergedShards:
     )
     sanity = None
     if settings.get("sanity"):
-        reports = [r.sanity for r in records]
-        if any(not isinstance(r, dict) for r in reports):
+        reports = [r.sanity for r in records if isinstance(r.sanity, dict)]
+        if len(reports) != len(records):
             raise UserError(f"a shard in {directory} ran with sanity checks but saved no verdict; re-run it")
         reasons: list[str] = []
         for index, report in enumerate(reports):
@@ -424,7 +424,8 @@ def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any
         known = {f.name for f in dataclasses.fields(ModelInfoSection)}
         meta = ModelInfoSection(**{k: v for k, v in (settings.get("model_info") or {}).items() if k in known})
         report.model_info_path = _write_model_info(result, model_id=model_id, dataset=dataset, norm=norm, eps=eps,
-                                                   out_dir=out_dir, meta=meta, architecture=settings.get("architecture"),
+                                                   out_dir=out_dir, meta=meta,
+                                                   architecture=settings.get("architecture"),
                                                    host=host, run=None, sanity=merged.sanity)
     else:
         log.warning("the shards ran no 'clean' + standard 'autoattack': model_info JSON for %s not written "

@@ -34,12 +34,13 @@ def distill(config: RunConfig, *, host: PluginHost | None = None, resume: bool =
     if not final_eval or not config.eval.attacks or not is_main():  # torchrun: rank 0 evaluates
         return []
     reports = evaluate_run(run, export_dir=export_dir)
-    if config.report.enabled:  # issue 7: analyses and figures, after the final evaluation read the test set
+    if config.report.enabled:  # analyses and figures, after the final evaluation has read the test set
         from robustbench_kd.analysis.reports.run_report import write_run_report
 
+        # The results are written already; a model the analyses cannot read loses only the report.
         try:
             log.info("report written to %s", write_run_report(run))
-        except UserError as exc:  # the results are written already; a model the analyses cannot read loses only the report
+        except UserError as exc:
             log.warning("report not written: %s", exc)
     return reports
 
@@ -119,6 +120,7 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
     if shard is not None:  # sharded evaluation: this shard's flags only, merged later by merge-shards
         from robustbench_kd.evaluation.shards import evaluate_shard
 
+        assert model_id is not None  # a shard without --name was refused above
         constructor = constructor_for_spec(spec, num_classes=data.num_classes, in_channels=data.in_channels,
                                            image_size=data.image_size, dataset=data.name)
         return evaluate_shard(model, x, y, shard=shard, spec=spec, model_id=model_id, dataset=data.name, norm=norm,

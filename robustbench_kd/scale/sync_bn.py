@@ -19,6 +19,8 @@ of more than one process, both behave exactly like ``nn.BatchNorm*d``.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -54,7 +56,7 @@ class GlobalBatchNormMixin:
     """Training-mode BatchNorm over the whole distributed batch; mixed into a ``nn.BatchNorm*d`` class."""
 
     def forward(self, input: Tensor) -> Tensor:
-        bn = self  # type: nn.modules.batchnorm._BatchNorm  # for readers: all attributes are BatchNorm's
+        bn = cast(nn.modules.batchnorm._BatchNorm, self)  # mixed into a BatchNorm: all attributes are its
         if not (bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)  # type: ignore[misc]
         bn._check_input_dim(input)
@@ -74,11 +76,12 @@ class GlobalBatchNormMixin:
         out = centred * torch.rsqrt(var + bn.eps).view(shape)
         if bn.affine:
             out = out * bn.weight.view(shape) + bn.bias.view(shape)
-        if bn.track_running_stats:
+        running_mean, running_var = bn.running_mean, bn.running_var
+        if bn.track_running_stats and running_mean is not None and running_var is not None:
             with torch.no_grad():
                 unbiased = var.detach() * (count / (count - 1).clamp_min(1))
-                bn.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
-                bn.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+                running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
         return out
 
 

@@ -119,7 +119,7 @@ def verify_sha256_all(paths: Sequence[Path], digests: Sequence[str], *, what: st
     if len(digests) != len(paths):
         raise UserError(f"{what} reads {len(paths)} file(s) ({' '.join(map(str, paths))}) but {len(digests)} "
                         "sha256 digest(s) were pinned; give one per file, comma-separated, in that order")
-    for path, digest in zip(paths, digests):
+    for path, digest in zip(paths, digests, strict=False):
         if not (skip_missing and not Path(path).is_file()):
             verify_sha256(path, digest)
 

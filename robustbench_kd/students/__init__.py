@@ -90,6 +90,9 @@ class Normalized(nn.Module):
     RobustBench's loader).
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.net = net
@@ -103,7 +106,7 @@ class Normalized(nn.Module):
 
 def student_options(name: str) -> tuple[str, ...]:
     """The option names :func:`build_student` accepts for the built-in student ``name``, sorted."""
-    return tuple(sorted(set(_factory_options(_lookup(name).factory)) | set(COMMON_OPTIONS)))
+    return tuple(sorted(set(_factory_options(_lookup(name).factory) or ()) | set(COMMON_OPTIONS)))
 
 
 def build_student(name: str, *, num_classes: int, in_channels: int, image_size: int, **options: Any) -> nn.Module:
@@ -167,7 +170,7 @@ def _normalization(normalize: Any, in_channels: int) -> tuple[list[float], list[
     if not isinstance(normalize, Sequence) or isinstance(normalize, str) or len(normalize) != 2:
         raise UserError(f"normalize must be None or a (mean, std) pair, got {normalize!r}")
     expanded: list[list[float]] = []
-    for label, value in zip(("mean", "std"), normalize):
+    for label, value in zip(("mean", "std"), normalize, strict=False):
         values = [value] if isinstance(value, (int, float)) else value
         try:
             floats = [float(v) for v in values]

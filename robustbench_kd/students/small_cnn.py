@@ -13,7 +13,7 @@ BASE_HIDDEN = 128
 
 
 def _scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
+    return max(1, round(channels * width))
 
 
 class SmallCNN(nn.Module):

@@ -299,7 +299,7 @@ def constructor_for_spec(spec: str, *, num_classes: int, in_channels: int, image
     * ``robustbench:<dataset>/<threat>/<Name>``: :func:`zoo_entry_constructor`;
     * anything else (a plugin's scheme), or a file that records no architecture: a placeholder.
     """
-    from robustbench_kd.teachers import TeacherSpec
+    from robustbench_kd.teachers import TeacherSpec, file_architecture
 
     parsed = TeacherSpec.parse(spec)
     if parsed.scheme == "robustbench":
@@ -310,14 +310,10 @@ def constructor_for_spec(spec: str, *, num_classes: int, in_channels: int, image
         return _placeholder(f"the model was loaded through the {parsed.scheme!r} source ({spec}); "
                             "write its constructor by hand")
     data = _checkpoint_metadata(Path(parsed.ref).expanduser())
-    recorded = data.get("student_arch") if isinstance(data.get("student_arch"), dict) else {}
-    options = dict(parsed.options)
-    arch = options.pop("arch", None) or recorded.get("name")
+    # The same option resolution as the file teacher source, so the entry rebuilds what was evaluated.
+    arch, arch_options = file_architecture(data, parsed.options)
     if not arch:
         return _placeholder(f"{spec} records no architecture; write its constructor by hand")
-    # The same option resolution as the file teacher source, so the entry rebuilds what was evaluated.
-    arch_options = dict(recorded.get("options", {})) if arch == recorded.get("name") else {}
-    arch_options.update({k: TeacherSpec.option_value(v) for k, v in options.items()})
     return student_constructor(arch, num_classes=int(data.get("num_classes", num_classes)),
                                in_channels=int(data.get("in_channels", in_channels)),
                                image_size=int(data.get("image_size", image_size)), options=arch_options,
@@ -604,7 +600,8 @@ def _readme(model_id: str, *, dataset: str, threat_model: str, info_path: Path, 
         f"# Submission bundle for {model_id}",
         "",
         f"Produced by {produced}" + (f" with robustbench_kd {version}" if version else "") + ".",
-        f"Evaluation: {n_examples} {dataset} test points, threat model {threat_model}, eps {results.get('eps_str', '')}, "
+        f"Evaluation: {n_examples} {dataset} test points, threat model {threat_model}, "
+        f"eps {results.get('eps_str', '')}, "
         f"AutoAttack standard ({results.get('autoattack_version')}), seed {results.get('seed')}.",
         "",
         "| file | what it is |",

@@ -28,13 +28,16 @@ import types
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from robustbench_kd.errors import UserError, close_matches
 from robustbench_kd.zoo.autoattack_resume import read_autoattack_state, run_resumable
 
 if TYPE_CHECKING:
     import torch
+
+    #: fra31's ``AutoAttack`` class of the backend in use; resolved by the module ``__getattr__`` below.
+    AutoAttack: type
 
 __all__ = ["AutoAttack", "autoattack_version", "import_robustbench", "install"]
 
@@ -56,7 +59,7 @@ NORMS = ("Linf", "L2", "L1")
 
 # Warnings that importing robustbench 1.1.1 / timm 1.0.9 emits on every run and that a user cannot
 # act on (they come from third-party code, not from the user's call).
-_IMPORT_NOISE = (
+_IMPORT_NOISE: tuple[tuple[Literal["ignore"], str, type[Warning]], ...] = (
     ("ignore", r"pkg_resources is deprecated", UserWarning),
     ("ignore", r"`?torch\.jit\.interface`? is deprecated", FutureWarning),
     ("ignore", r"Importing from timm\.models\.", DeprecationWarning),
@@ -359,6 +362,8 @@ def _adapter_class() -> type:
         the ``auto-attack`` logger (DEBUG) instead of stdout, and to ``log_path`` when given;
         ``run_standard_evaluation_individual`` restores ``attacks_to_run`` and ``verbose`` afterwards.
         """
+
+        attacks_to_run: list[str]  # set by pyautoattack's constructor
 
         def __init__(self, model: torch.nn.Module, norm: str = "Linf", eps: float = .3,
                      seed: int | None = None, verbose: bool = True,

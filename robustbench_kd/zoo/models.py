@@ -145,7 +145,8 @@ def zoo_input_size(name: str, *, dataset: str, threat_model: str) -> int | None:
         return int(timm.models.get_pretrained_cfg(timm_name).input_size[-1])
     from robustbench_kd.data.imagenet import get_preprocessing
 
-    return get_preprocessing(zoo_preprocessing(name, dataset=dataset, threat_model=threat_model)).size
+    preprocessing = zoo_preprocessing(name, dataset=dataset, threat_model=threat_model)
+    return None if preprocessing is None else get_preprocessing(preprocessing).size
 
 
 def _timm_name(name: str, dataset: str, folder: str) -> str | None:

@@ -82,7 +82,8 @@ def adversarial(run: Any, x: Tensor, y: Tensor) -> Tensor:
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(section.seed)
-            parts = [pgd(student, x[i:i + section.batch_size].to(run.device), y[i:i + section.batch_size].to(run.device),
+            parts = [pgd(student, x[i:i + section.batch_size].to(run.device),
+                         y[i:i + section.batch_size].to(run.device),
                          eps=float(threat.eps), alpha=float(threat.alpha), steps=section.pgd_steps, norm=threat.norm)
                      .cpu() for i in range(0, len(x), section.batch_size)]
     finally:

@@ -52,8 +52,8 @@ def reliability_bins(probs: Tensor, y: Tensor, n_bins: int) -> dict[str, list[fl
 def expected_calibration_error(table: dict[str, list[float]]) -> float:
     """ECE = sum_b (n_b / N) |acc_b - conf_b| from a :func:`reliability_bins` table."""
     total = sum(table["count"])
-    return sum(n / total * abs(a - c) for n, a, c in zip(table["count"], table["accuracy"], table["confidence"])
-               if n > 0)
+    rows = zip(table["count"], table["accuracy"], table["confidence"], strict=False)
+    return sum(n / total * abs(a - c) for n, a, c in rows if n > 0)
 
 
 def agreement(logits_a: Tensor, logits_b: Tensor) -> float:

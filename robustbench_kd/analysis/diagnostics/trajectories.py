@@ -56,5 +56,5 @@ def append(path: Path, *, epoch: int, split: str, index: np.ndarray, y: np.ndarr
 
 def write(path: Path, arrays: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     atomic_write_bytes(path, buffer.getvalue())

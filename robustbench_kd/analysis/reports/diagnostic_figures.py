@@ -8,7 +8,7 @@ trajectories in ``diagnostics/trajectories.npz`` (see :mod:`robustbench_kd.analy
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +31,15 @@ def _panel_keys(names: Sequence[str], pattern: str) -> list[str]:
     return [n for n in names if n.endswith(pattern)]
 
 
-def diagnostics_over_epochs_figure(path: Path, epochs: Sequence[float], series: dict[str, Sequence[float]]) -> Path:
+def diagnostics_over_epochs_figure(path: Path, epochs: Sequence[float],
+                                   series: Mapping[str, Sequence[float | None]]) -> Path:
     """One panel per kind of diagnostic, every recorded ``diag_*`` series of that kind against the epoch."""
     panels = [(title, _panel_keys(list(series), pattern)) for title, pattern in OVER_EPOCHS.items()]
     panels = [(title, keys) for title, keys in panels if keys]
     fig, flat = _panel_grid(len(panels), 3, 5.2, 3.6)
-    for ax, (title, keys) in zip(flat, panels):
+    for ax, (title, keys) in zip(flat, panels, strict=False):
         for key in keys:
-            pairs = [(e, v) for e, v in zip(epochs, series[key]) if v is not None]
+            pairs = [(e, v) for e, v in zip(epochs, series[key], strict=False) if v is not None]
             ax.plot([e for e, _ in pairs], [v for _, v in pairs], marker=".", label=key.removeprefix("diag_"))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
@@ -52,7 +53,7 @@ def reliability_figure(path: Path, tables: dict[str, dict[str, list]]) -> Path:
     """Reliability diagrams: per confidence bin, accuracy (bars) against the diagonal; ECE in the title."""
     names = list(tables)
     fig, flat = _panel_grid(len(names), 4, 3.3, 3.3)
-    for ax, name in zip(flat, names):
+    for ax, name in zip(flat, names, strict=False):
         table = tables[name]
         lower, upper = np.asarray(table["lower"]), np.asarray(table["upper"])
         count = np.asarray(table["count"], dtype=float)
@@ -63,7 +64,8 @@ def reliability_figure(path: Path, tables: dict[str, dict[str, list]]) -> Path:
                linewidth=0.5, label="accuracy")
         ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
         ax.scatter(conf[filled], acc[filled], s=8, color="red", zorder=3, label="mean confidence")
-        ece = float(np.sum(count[filled] / count.sum() * np.abs(acc[filled] - conf[filled]))) if count.sum() else math.nan
+        gaps = count[filled] / count.sum() * np.abs(acc[filled] - conf[filled]) if count.sum() else None
+        ece = float(np.sum(gaps)) if gaps is not None else math.nan
         ax.set_title(f"{name}\nECE = {ece:.3f}", fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -104,7 +106,7 @@ def trajectory_figure(path: Path, arrays: dict[str, np.ndarray], *, n_examples: 
     epochs = arrays["epochs"]
     kinds = [k.removeprefix("difficulty_") for k in arrays if k.startswith("difficulty_")]
     fig, axes = _new_figure(15, 3.4 * len(kinds), len(kinds), 3)
-    for row, kind in zip(axes, kinds):
+    for row, kind in zip(axes, kinds, strict=False):
         score = arrays[f"difficulty_{kind}"]
         order = np.argsort(score, kind="stable")
         easy, hard = order[: (len(order) + 1) // 2], order[(len(order) + 1) // 2:]

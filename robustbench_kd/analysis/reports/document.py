@@ -11,8 +11,12 @@ import base64
 import html
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from robustbench_kd.storage.atomic import atomic_write_text
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ def overview_image(path: Path, figures: list[Figure], title: str) -> Path:
     from robustbench_kd.analysis.reports.figures import _new_figure, _save
 
     images = [(figure.title, mpimg.imread(figure.path)) for figure in figures]
-    rows: list[list[tuple[str, object]]] = []
+    rows: list[list[tuple[str, np.ndarray, bool]]] = []
     for name, image in images:
         aspect = image.shape[1] / image.shape[0]
         alone = aspect > 1.9 or aspect < 0.75

@@ -6,7 +6,7 @@ matplotlib is imported inside :func:`_new_figure` so importing this module stays
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ def cam_figure(path: Path, x: Tensor, x_adv: Tensor, cams: dict[str, Tensor], la
 def correlation_figure(path: Path, diffs: dict[str, tuple[Tensor, float]]) -> Path:
     """Heat maps of corr(T) - corr(S), one panel per sample set, titled with the Frobenius norm."""
     fig, axes = _new_figure(4.2 * len(diffs), 3.8, 1, len(diffs))
-    for ax, (name, (diff, fro)) in zip(axes[0], diffs.items()):
+    for ax, (name, (diff, fro)) in zip(axes[0], diffs.items(), strict=False):
         image = ax.imshow(diff.numpy(), cmap="coolwarm", vmin=-1, vmax=1)
         ax.set_title(f"{name}: ||T - S||_F = {fro:.3f}", fontsize=9)
         ax.set_xlabel("class")
@@ -100,7 +100,8 @@ def embedding_figure(path: Path, coords: Tensor, labels: Tensor, adversarial: Te
     for flag, marker, name in ((False, "o", "natural"), (True, "x", "adversarial")):
         keep = adversarial == flag
         points = ax.scatter(coords[keep, 0].numpy(), coords[keep, 1].numpy(), c=labels[keep].numpy(),
-                            cmap="tab10" if top < 10 else "viridis", vmin=0, vmax=max(top, 9), marker=marker, s=14, label=name)
+                            cmap="tab10" if top < 10 else "viridis", vmin=0, vmax=max(top, 9), marker=marker, s=14,
+                            label=name)
     ax.legend(fontsize=8)
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
@@ -108,7 +109,7 @@ def embedding_figure(path: Path, coords: Tensor, labels: Tensor, adversarial: Te
     return _save(fig, path)
 
 
-def eps_curve_figure(path: Path, eps_values: Sequence[float], curves: dict[str, Sequence[float]], *,
+def eps_curve_figure(path: Path, eps_values: Sequence[float], curves: Mapping[str, Sequence[float]], *,
                      norm: str) -> Path:
     """Accuracy (%) against the radius, one line per model."""
     fig, axes = _new_figure(5, 3.6)
@@ -123,12 +124,12 @@ def eps_curve_figure(path: Path, eps_values: Sequence[float], curves: dict[str, 
     return _save(fig, path)
 
 
-def metrics_figure(path: Path, epochs: Sequence[float], series: dict[str, Sequence[float]]) -> Path:
+def metrics_figure(path: Path, epochs: Sequence[float], series: Mapping[str, Sequence[float | None]]) -> Path:
     """One small panel per per-epoch metric (any numeric key of metrics.jsonl), against the epoch."""
     names = list(series)
     fig, flat = _panel_grid(len(names), 3, 3.6, 2.6)
-    for ax, name in zip(flat, names):
-        pairs = [(e, v) for e, v in zip(epochs, series[name]) if v is not None]
+    for ax, name in zip(flat, names, strict=False):
+        pairs = [(e, v) for e, v in zip(epochs, series[name], strict=False) if v is not None]
         ax.plot([e for e, _ in pairs], [v for _, v in pairs], marker=".")
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("epoch", fontsize=7)

@@ -66,7 +66,7 @@ def write_run_report(run: Any, *, section: ReportSection | None = None, out_dir:
         torch.manual_seed(run.config.eval.seed)
         return _write(run, cfg, out, student_label, student, teacher)
     finally:
-        for m, mode in zip(models, modes):
+        for m, mode in zip(models, modes, strict=False):
             m.train(mode)
 
 
@@ -77,7 +77,8 @@ def _write(run: Any, cfg: ReportSection, out: Path, student_label: str, student:
     x_adv = analyses.adversarial(student, x, y, eps=threat.eps, norm=threat.norm, steps=cfg.pgd_steps)
     numbers: dict[str, Any] = {"n_examples": len(y), "student": student_label, "norm": threat.norm,
                                "eps": threat.eps, "pgd_steps": cfg.pgd_steps,
-                               "teacher": None if teacher is None else f"{teacher[0]} ({getattr(teacher[1], 'spec', '')})"}
+                               "teacher": None if teacher is None
+                               else f"{teacher[0]} ({getattr(teacher[1], 'spec', '')})"}
     written: dict[str, Path] = {}
 
     # Accuracy against the radius, teacher and student.
