@@ -1,4 +1,4 @@
-"""``diagnostics``: the per-epoch diagnostics observer (issue 7), driven by the ``[diagnostics]`` section.
+"""``diagnostics``: the per-epoch diagnostics observer, driven by the ``[diagnostics]`` section.
 
 Off by default: with ``diagnostics.enabled = []`` both hooks return before touching a model, so the run does
 no extra forward pass. When on, every ``diagnostics.every`` epochs (and at the last epoch) it evaluates the

@@ -1,7 +1,7 @@
 """The inner maximisation of every method: one ``torchattacks.Attack`` driven by a loss closure.
 
 For a method's per-sample attack loss L(x') (``Distiller.attack_loss``) it runs projected gradient
-ascent (methods.md §0.4)::
+ascent, the inner maximisation of adversarial training as PGD defines it (Madry et al.)::
 
     x_0 = init(x)
     x_{k+1} = Proj_{B_eps(x) ∩ [0,1]}( x_k + alpha * step(grad_{x_k} sum_b L_b(x_k)) )

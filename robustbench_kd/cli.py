@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, metavar="SPEC",
                    help="a model (same spec forms) whose PGD adversarials are transferred to the evaluated "
                         "model: a sanity check for gradient masking")
-    # Sharded and resumable evaluation (issue 4): robustbench_kd/evaluation/shards.py
+    # Sharded and resumable evaluation: robustbench_kd.evaluation.shards
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="evaluate only shard I of N (0-based, contiguous slices) and write "
                         "<out>/shards/<name>/shard_I_of_N.json; needs --name; merge with merge-shards")
@@ -256,7 +256,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _print_outputs(reports) -> None:
     for rep in reports:
-        sanity = getattr(rep, "sanity", None)  # evaluation sanity suite (issue 4)
+        sanity = getattr(rep, "sanity", None)  # the evaluation sanity suite's verdict
         if sanity is not None and not sanity.reliable:
             print(f"UNRELIABLE evaluation of {rep.label}: " + "; ".join(sanity.reasons))
         for path in (rep.model_info_path, rep.checkpoint_path, rep.results_path, rep.bundle_path):

@@ -24,6 +24,11 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [report]     enabled, n_examples, n_cam, eps_factors, pgd_steps, embedding (robustbench_kd.analysis.reports)
 
 Unknown sections or keys are errors that list the valid ones.
+
+The sections that belong to one subsystem are defined there (``scale.sections``, ``analysis.*.section``,
+``submission.section``) and assembled here, so this module sits above ``analysis``, ``evaluation``,
+``submission`` and the layers below them, and below ``training``, ``jobs`` and ``cli``, which read the
+whole :class:`RunConfig`.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ class RunSection:
     device: str = "auto"                #: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     deterministic: bool = False         #: torch.use_deterministic_algorithms (slower on GPU)
     progress: bool = True               #: tqdm progress bars
-    sync_bn: bool = False               #: torchrun/DDP: BatchNorm statistics over the global batch (distributed.py)
+    sync_bn: bool = False               #: torchrun/DDP: BatchNorm statistics over the global batch (scale.sync_bn)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,9 +212,9 @@ SECTIONS: dict[str, type] = {
     "run": RunSection, "data": DataSection, "threat": ThreatSpec, "student": StudentSection,
     "zoo": ZooSection, "optim": OptimSection, "checkpoint": CheckpointSection, "eval": EvalSection,
     "model_info": ModelInfoSection,
-    "speed": SpeedSection, "ema": EmaSection,  # issue 5: precision/compile switches, weight averaging
-    "diagnostics": DiagnosticsSection,  # issue 7: per-epoch diagnostics (observer plugin), off by default
-    "report": ReportSection,  # issue 7: end-of-run analyses and report
+    "speed": SpeedSection, "ema": EmaSection,  # precision/compile switches, weight averaging
+    "diagnostics": DiagnosticsSection,  # per-epoch diagnostics (observer plugin), off by default
+    "report": ReportSection,  # end-of-run analyses and report
 }
 FREE_SECTIONS = ("teachers", "method")
 
@@ -330,7 +335,10 @@ def config_from_mapping(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def default_threat(dataset: str) -> ThreatSpec:
-    """Leaderboard-style defaults: 8/255 L_inf for CIFAR, 4/255 for ImageNet, 0.2 for the 8x8 digits (ecosystem §9)."""
+    """Leaderboard-style defaults: 8/255 L_inf for CIFAR, 4/255 for ImageNet, 0.2 for the 8x8 digits.
+
+    0.2 on the [0, 1] digits separates a standard model (0% under AutoAttack) from an adversarially trained one.
+    """
     if dataset == "digits":
         return ThreatSpec(norm="Linf", eps=0.2, alpha=0.05, steps=10)
     if dataset == "imagenet":  # RobustBench's ImageNet Linf leaderboard

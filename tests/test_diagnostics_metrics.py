@@ -1,4 +1,4 @@
-"""Issue 7 diagnostics: every formula against a hand computation on small tensors."""
+"""Per-epoch diagnostics: every formula against a hand computation on small tensors."""
 
 from __future__ import annotations
 

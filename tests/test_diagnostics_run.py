@@ -1,4 +1,4 @@
-"""Issue 7 diagnostics in a real (tiny digits) run: off costs nothing, on writes the keys and the files."""
+"""Per-epoch diagnostics in a real (tiny digits) run: off costs nothing, on writes the keys and the files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile-input catalogue (issue 6): every bad input is one actionable line, exit 2, no traceback, no output.
+"""Hostile-input catalogue: every bad input is one actionable line, exit 2, no traceback, no output.
 
 Each case builds its bad input under ``tmp_path`` (a run file, crafted checkpoints and data files, a fake
 plugin distribution) and runs the real entry point ``robustbench_kd.cli.main`` in-process; the cases marked

@@ -1,4 +1,4 @@
-"""Issue 7: end-of-run analyses, figures, the run report and the comparison report."""
+"""End-of-run analyses, figures, the run report and the comparison report."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 6: every checkpoint entry point refuses a code-running pickle (and runs none of it); sha256 pins."""
+"""Safe loading: every checkpoint entry point refuses a code-running pickle (and runs none of it); sha256 pins."""
 
 from __future__ import annotations
 

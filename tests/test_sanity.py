@@ -32,7 +32,7 @@ from robustbench_kd.training.loop import train
 
 pytestmark = pytest.mark.single_thread
 
-EPS = 0.2  # digits: separates standard (0% AA) from adversarially trained models (ecosystem.md §9)
+EPS = 0.2  # digits: separates standard (0% AA) from adversarially trained models
 
 
 

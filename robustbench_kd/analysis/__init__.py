@@ -1,5 +1,7 @@
 """Looking at a run: per-epoch diagnostics (:mod:`.diagnostics`) and end-of-run reports (:mod:`.reports`).
 
-May import: the core, ``methods`` (feature taps), ``evaluation`` (attacks for the eps sweep), ``storage``;
-never ``training`` or ``jobs``.
+May import the layers below it: ``evaluation`` (attacks for the eps sweep, the students a run reports),
+``submission``, ``methods`` (feature taps), ``students``, ``scale``, ``zoo``, ``data``, the core plugin API,
+``storage`` and ``errors``. Never ``config``, ``training``, ``jobs`` or ``cli``: a report reads the run's
+configuration through the run it is given, and ``training`` never imports this package.
 """

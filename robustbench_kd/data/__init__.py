@@ -4,5 +4,6 @@
 * :mod:`.cifar`: CIFAR batches read without executing code; :mod:`.imagenet`: ImageNet folders;
 * :mod:`.extra`: mixing a fraction of generated images into every batch; :mod:`.npz_mmap`: memory-mapped npz.
 
-May import: ``errors``, ``storage``.
+May import only the layers below it: the core plugin API, ``storage`` and ``errors``; never a subsystem
+(``zoo``, ``scale``, ``students``, ``methods``, ``evaluation``, ...), which all may import this package.
 """

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from robustbench_kd.errors import UserError
 
-DIGITS_TRAIN = 1500  # the remaining 297 digits are the test set (ecosystem §9 split)
+DIGITS_TRAIN = 1500  # the first 1500 digits train, the remaining 297 are the test set (a fixed split)
 DIGITS_SPLIT_SEED = 20240  # fixed: the test set must not depend on the run's seed
 VAL_SPLIT_SEED = 20241  # fixed: the validation split must not depend on the run's seed either
 

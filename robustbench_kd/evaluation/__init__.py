@@ -10,6 +10,14 @@
   teacher, determinism, AutoAttack's flags) that marks a gradient-masked number unreliable.
 
 Importing this package does not import robustbench; AutoAttack is imported when first run.
+
+:mod:`.final_report` (evaluate a model and write its leaderboard entry, zoo checkpoint, results and
+submission bundle) and :mod:`.shards` (sharded evaluation and its merge) are the writers; the rest measures.
+
+May import the layers below it: ``submission``, ``methods``, ``students``, ``scale``, ``zoo`` (the
+robustbench/AutoAttack shim), ``data``, the core plugin API, ``storage`` and ``errors``. Never ``config``,
+``analysis``, ``training`` or ``jobs``. ``training`` imports the measuring part (``evaluate_model``),
+never the writers.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, la
     from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
     from robustbench_kd.threat import parse_number
 
-    # Sanity suite (issue 4): an eps in the wrong unit fails here, before any attack runs.
+    # Sanity suite: an eps in the wrong unit fails here, before any attack runs.
     check_eps_units(parse_number(eps, what="eps"), norm, x)
     # Submission bundle: AutoAttack's log goes to a hidden file in the bundle directory while it runs and
     # is moved into place only once the whole evaluation has succeeded.
@@ -87,7 +87,7 @@ def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, la
     report = ModelReport(label=label, accuracy=dict(result.accuracy), pgd_alpha=result.pgd_alpha,
                          pgd_steps=result.pgd_steps, n_examples=result.n_examples,
                          flags=list(result.autoattack_flags))
-    # --- evaluation sanity suite (issue 4): before any result is written ---------------------------------
+    # --- evaluation sanity suite: before any result is written -------------------------------------------
     if sanity:
         report.sanity = check_evaluation(model, x, y, result, teacher=teacher, device=device, batch_size=batch_size)
     # --- end sanity suite ---
@@ -96,7 +96,7 @@ def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, la
     out_dir = Path(out_dir)
     results = {"model": model_id, "dataset": dataset, "threat_model": norm, "eps": format_eps(eps),
                **result.to_dict(), "batch_size": batch_size}
-    results["sanity"] = report.sanity.to_dict() if report.sanity is not None else None  # sanity suite (issue 4)
+    results["sanity"] = report.sanity.to_dict() if report.sanity is not None else None  # the sanity suite's verdict
     report.results_path = out_dir / "results" / f"{model_id}.json"
     atomic_write_text(report.results_path, json.dumps(results, indent=2) + "\n")
     if "autoattack" in result.accuracy:
@@ -167,7 +167,7 @@ def _write_model_info(result: Any, *, model_id: str, dataset: str, norm: str, ep
         note = "AutoAttack flagged: " + "; ".join(flags)
         footnote = f"{footnote} {note}" if footnote else note
         log.warning("AutoAttack flagged %s as possibly unreliable: %s", model_id, "; ".join(flags))
-    # --- evaluation sanity suite (issue 4) ------------------------------------------------------------------
+    # --- evaluation sanity suite ---------------------------------------------------------------------------
     # Its reasons include AutoAttack's flags, so they replace the note above instead of repeating it; the
     # suite has already logged each reason as a warning.
     if sanity is not None and sanity.reasons:

@@ -1,7 +1,8 @@
 """One call that evaluates a model the way robust-distillation papers report it.
 
 Clean accuracy, FGSM, PGD-k (cross-entropy), CW-inf (PGD-k on the CW margin) and AutoAttack, on the
-same examples, with the model in eval mode and the caller's RNG untouched (methods.md §0.7).
+same examples, with the model in eval mode and the caller's RNG untouched, so that the numbers are comparable across
+attacks and an evaluation in the middle of training changes nothing in the training run.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def evaluate_run(run: Any, *, export_dir: Path | None = None) -> list[ModelRepor
     common = dict(dataset=run.data.name, norm=cfg.threat.norm, eps=cfg.threat.eps, attacks=list(cfg.eval.attacks),
                   out_dir=export_dir or run.out_dir, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
                   pgd_steps=cfg.eval.pgd_steps, device=run.device, progress=cfg.run.progress)
-    # Sanity suite (issue 4): the 'robust' teacher, when there is one, drives its transfer-attack check.
+    # Sanity suite: the 'robust' teacher, when there is one, drives its transfer-attack check.
     sanity = {"sanity": cfg.eval.sanity, "teacher": run.teachers.get("robust")}
     reports = [evaluate_and_write(net, x, y, label=label, model_id=model_id, meta=cfg.model_info,
                                   constructor=constructor_for_run(run), command=distill_command(run), host=run.host,

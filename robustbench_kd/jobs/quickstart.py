@@ -2,7 +2,7 @@
 
 1. Train a robust teacher on the spot: PGD-AT, a 2x-wide small CNN, L_inf eps = 0.2 (on the 8x8
    digits a standard model keeps 0% under AutoAttack at that radius, an adversarially trained one
-   about 40%; ecosystem.md §9).
+   about 40%).
 2. Distil it into a half-width student with AKD (Maroto et al.: cross-entropy at the student's
    adversarial example against the teacher's probabilities there, mixed with the label,
    alpha = 0.75); the teacher is ``file:<out>/teacher/checkpoints/last.pt``.

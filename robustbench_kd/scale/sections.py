@@ -1,4 +1,4 @@
-"""The ``[speed]`` and ``[ema]`` config sections (issue 5), kept apart from :mod:`config` for one job each.
+"""The ``[speed]`` and ``[ema]`` config sections, defined by the subsystem that reads them.
 
 Both are plain frozen dataclasses validated in ``__post_init__``; :mod:`robustbench_kd.config` lists them
 among its sections, so unknown keys and wrong types are rejected there like everywhere else. What the

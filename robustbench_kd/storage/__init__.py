@@ -2,7 +2,8 @@
 
 * :mod:`.atomic`: write-to-temp, fsync, rename; a file is the old version or the new one, never a mix;
 * :mod:`.checkpoint`: save and safely load training checkpoints (``weights_only``), detect HTML pages
-  and truncated downloads, read a checkpoint's stored architecture.
+  and truncated downloads, check pinned SHA-256 digests, load weights into a network;
+* :mod:`.hashing`: the SHA-256 of a file from its raw bytes.
 
-May import: :mod:`robustbench_kd.errors` and the model builders (``students``) only.
+May import: :mod:`robustbench_kd.errors` only; every other layer may import this package.
 """

@@ -4,6 +4,10 @@ Every model here follows the RobustBench/AutoAttack convention: it takes images 
 (N, C, H, W) and returns logits (N, num_classes); any input normalisation happens inside
 ``forward`` (see the ``normalize`` option). State-dict keys never contain ``"model."`` or
 ``"module."``, which ``robustbench.utils.load_model`` would rewrite.
+
+May import the layers below it: ``scale``, ``zoo`` (RobustBench's own architectures, through its import
+shim), ``data``, the core plugin API, ``storage`` and ``errors``; never ``methods`` (an independent sibling)
+or anything that trains or evaluates.
 """
 
 from __future__ import annotations

@@ -185,8 +185,9 @@ def tiny_zoo_entry(name: str, factory: Callable[[], torch.nn.Module], *, dataset
             entries[name] = previous
 
 
-#: ``model_info/cifar10/Linf/Carmon2019Unlabeled.json`` of RobustBench, written out by hand (ecosystem.md
-#: §4.2): the reference for the key set, key order and value types of a leaderboard entry.
+#: ``model_info/cifar10/Linf/Carmon2019Unlabeled.json`` of RobustBench, written out by hand (a copy
+#: of the file in RobustBench's repository): the reference for the key set, key order and value types of a
+#: leaderboard entry.
 CARMON2019_MODEL_INFO: dict = {
     "link": "https://arxiv.org/abs/1905.13736",
     "name": "Unlabeled Data Improves Adversarial Robustness",

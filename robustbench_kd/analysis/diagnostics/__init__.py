@@ -1,4 +1,4 @@
-"""Per-epoch training diagnostics (issue 7): entropy, calibration, agreement, per-class accuracy, trajectories.
+"""Per-epoch training diagnostics: entropy, calibration, agreement, per-class accuracy, trajectories.
 
 :mod:`.metrics` holds the pure formulas, :mod:`.collect` evaluates them on a fixed subset at epoch end,
 :mod:`.trajectories` keeps the per-sample trajectory file, :mod:`.tensorboard` the optional event files and

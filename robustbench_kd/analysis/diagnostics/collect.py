@@ -1,4 +1,4 @@
-"""Evaluate the enabled diagnostics on the fixed subset at the end of an epoch (issue 7).
+"""Evaluate the enabled diagnostics on the fixed subset at the end of an epoch.
 
 Subsets (never the test set): ``val`` = the first ``diagnostics.n_examples`` points of the validation split
 when the run has one; ``train`` = ``n_examples`` training points drawn once with ``diagnostics.seed``. The

@@ -1,4 +1,4 @@
-"""The ``[diagnostics]`` config section (issue 7); no torch import, so parsing a config stays cheap.
+"""The ``[diagnostics]`` config section; no torch import, so parsing a config stays cheap.
 
 Off by default (``enabled = []``): the observer plugin then returns at once and the trainer does no extra
 forward pass. Example::

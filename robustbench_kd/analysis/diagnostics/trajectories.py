@@ -1,4 +1,6 @@
-"""The per-sample trajectory file ``OUT/diagnostics/trajectories.npz`` (issue 7, AKD §4.2).
+"""The per-sample trajectory file ``OUT/diagnostics/trajectories.npz``: how the
+correct-class probability of each sample evolves over training, for the student and each teacher, as
+in the sample-difficulty analysis of the AKD paper (Maroto et al.).
 
 One column per epoch. Arrays (N samples of the fixed subset, K recorded epochs):
 

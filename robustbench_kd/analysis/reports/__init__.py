@@ -1,4 +1,4 @@
-"""End-of-run analyses and reports (issue 7).
+"""End-of-run analyses and reports.
 
 * :mod:`.analyses`: logit-correlation difference, PCA embedding, accuracy against eps, CAMs;
 * :mod:`.figures`: one PNG per figure (matplotlib, Agg);

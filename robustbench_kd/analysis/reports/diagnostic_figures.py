@@ -1,4 +1,4 @@
-"""Figures drawn from the per-epoch diagnostics a run recorded (``[diagnostics]``, issue 7).
+"""Figures drawn from the per-epoch diagnostics a run recorded (``[diagnostics]``).
 
 Inputs are the files the diagnostics observer writes: the ``diag_*`` keys of ``metrics.jsonl``, the
 last epoch's tables in ``diagnostics/tables.jsonl`` (reliability bins, per-class accuracy) and the
@@ -95,7 +95,7 @@ def class_accuracy_figure(path: Path, tables: dict[str, list]) -> Path:
 
 
 def trajectory_figure(path: Path, arrays: dict[str, np.ndarray], *, n_examples: int = 3) -> Path:
-    """AKD §4.2 from ``trajectories.npz``, one row per input kind (clean, adv):
+    """The sample-difficulty analysis of the AKD paper from ``trajectories.npz``, one row per input kind (clean, adv):
 
     1. mean correct-class probability over the epochs, easier and harder half of the subset (by the
        difficulty score), student (solid), its EMA when recorded (dotted) and each teacher (dashed);

@@ -28,7 +28,7 @@ TITLES = {
     "diagnostics": "Diagnostics over the epochs (entropy, calibration, agreement, accuracy, trajectories)",
     "reliability": "Reliability diagrams (last recorded epoch)",
     "class_accuracy": "Per-class accuracy of the student (last recorded epoch)",
-    "trajectories": "Correct-class probability trajectories by sample difficulty (AKD §4.2)",
+    "trajectories": "Correct-class probability trajectories by sample difficulty",
 }
 
 
