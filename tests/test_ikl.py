@@ -83,8 +83,8 @@ def test_sce_by_hand() -> None:
     assert terms.sce.tolist() == pytest.approx(expected, rel=1e-6)
     wmse_values = [wmse(O_T[b], O_L[b], _outer(S[b])) for b in range(2)]  # no temperature in the wMSE
     assert terms.wmse.tolist() == pytest.approx(wmse_values, rel=1e-6)
-    assert terms.total.tolist() == pytest.approx([20.0 * m + 4.0 * c for m, c in zip(wmse_values, expected, strict=True)],
-                                                 rel=1e-6)
+    weighted = [20.0 * m + 4.0 * c for m, c in zip(wmse_values, expected, strict=True)]
+    assert terms.total.tolist() == pytest.approx(weighted, rel=1e-6)
 
 
 def test_sce_target_is_detached() -> None:
