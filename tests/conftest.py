@@ -26,6 +26,22 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any download attempt fails the test instead of reaching (or waiting for) the network.
+
+    Stricter than the autouse socket guard: robustbench's Google Drive downloader (gdown) is refused too,
+    before it opens a connection.
+    """
+    import gdown
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(gdown, "download", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
 @pytest.fixture(autouse=True)
 def _keep_tracing(monkeypatch):
     """AutoAttack's check_dynamic calls sys.settrace(None), which would switch off coverage."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,6 @@ import torch
 from robustbench_kd.data.cifar import load_cifar
 from robustbench_kd.errors import UserError
 from robustbench_kd.testing.fixtures import make_tiny_cifar, patch_cifar_integrity, tiny_zoo_entry
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def _unpickle(path: Path) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -28,23 +27,6 @@ class TinyCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.conv(x)).flatten(1))
-
-
-@pytest.fixture(autouse=True)
-def _no_settrace(monkeypatch: pytest.MonkeyPatch) -> None:
-    # check_dynamic calls sys.settrace(None), which would switch coverage off for the rest of the run.
-    # pyautoattack.autoattack calls it as ``checks.check_dynamic`` on the module, so patch the module.
-    import pyautoattack.checks
-
-    monkeypatch.setattr(pyautoattack.checks, "check_dynamic", lambda *args, **kwargs: None)
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture

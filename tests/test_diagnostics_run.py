@@ -14,14 +14,10 @@ from robustbench_kd.data.datasets import to_float
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.plugin_host import PluginHost
-from robustbench_kd.testing.runs import tiny_digits_raw
+from robustbench_kd.testing.runs import tiny_digits_config
 from robustbench_kd.training.loop import train
 
 ALL = ["entropy", "calibration", "agreement", "per_class", "trajectories"]
-
-
-def digits_config(out_dir, **sections):
-    return config_from_mapping(tiny_digits_raw(out_dir, **sections))
 
 
 class CountForwards:
@@ -38,7 +34,7 @@ class CountForwards:
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    train(digits_config(out, optim={"epochs": 1, "lr": 0.05}), host=PluginHost.create(autoload=False))
+    train(tiny_digits_config(out, optim={"epochs": 1, "lr": 0.05}), host=PluginHost.create(autoload=False))
     return f"file:{out / 'checkpoints' / 'last.pt'}"
 
 
@@ -51,7 +47,7 @@ def test_diagnostics_off_add_no_forward_pass(tmp_path, monkeypatch):
     for blocked in ((), ("diagnostics",)):
         counter = CountForwards()
         host = PluginHost.create(autoload=False, blocked=blocked, extra=[counter])
-        run = train(digits_config(tmp_path / f"r{len(blocked)}"), host=host)
+        run = train(tiny_digits_config(tmp_path / f"r{len(blocked)}"), host=host)
         counts.append(counter.calls)
         assert not any(k.startswith("diag_") for k in run.history[-1])
     assert counts[0] == counts[1] > 0
@@ -62,10 +58,10 @@ def test_diagnostics_on_cost_extra_forwards(tmp_path):
     """The counter does see them: 2 epochs x (clean + 2 PGD steps + adversarial) passes over 40 points."""
     counter = CountForwards()
     host = PluginHost.create(autoload=False, extra=[counter])
-    plain = train(digits_config(tmp_path / "off"),
+    plain = train(tiny_digits_config(tmp_path / "off"),
                   host=PluginHost.create(autoload=False, extra=[off := CountForwards()]))
-    run = train(digits_config(tmp_path / "on", diagnostics={"enabled": ["entropy"], "n_examples": 40, "pgd_steps": 2,
-                                                      "batch_size": 40}), host=host)
+    run = train(tiny_digits_config(tmp_path / "on", diagnostics={"enabled": ["entropy"], "n_examples": 40,
+                                                                 "pgd_steps": 2, "batch_size": 40}), host=host)
     # per recorded epoch: PGD = 2 gradient forwards, then one clean and one adversarial forward; the training
     # subset adds none (no validation split: it is the eval split)
     assert counter.calls - off.calls == 2 * (2 + 1 + 1)
@@ -75,7 +71,7 @@ def test_diagnostics_on_cost_extra_forwards(tmp_path):
 
 
 def test_diagnostics_on_write_keys_tables_and_trajectories(tmp_path, teacher_file):
-    cfg = digits_config(
+    cfg = tiny_digits_config(
         tmp_path / "r", method={"name": "kd"}, teachers={"robust": teacher_file},
         data={"dataset": "digits", "batch_size": 100, "n_train": 200, "val_size": 60},
         eval={"every": 1, "n_examples": 30, "pgd_steps": 2},
@@ -122,7 +118,7 @@ def test_diagnostics_on_write_keys_tables_and_trajectories(tmp_path, teacher_fil
 
 
 def test_without_validation_split_diagnostics_use_a_training_subset(tmp_path):
-    run = train(digits_config(tmp_path / "r", diagnostics={"enabled": ["trajectories"], "n_examples": 20,
+    run = train(tiny_digits_config(tmp_path / "r", diagnostics={"enabled": ["trajectories"], "n_examples": 20,
                                                            "adversarial": False}),
                 host=PluginHost.create(autoload=False))
     row = run.history[-1]
@@ -136,7 +132,7 @@ def test_without_validation_split_diagnostics_use_a_training_subset(tmp_path):
 
 
 def test_resume_keeps_one_trajectory_column_per_epoch(tmp_path):
-    cfg = digits_config(tmp_path / "r", optim={"epochs": 3, "lr": 0.05},
+    cfg = tiny_digits_config(tmp_path / "r", optim={"epochs": 3, "lr": 0.05},
                         diagnostics={"enabled": ["trajectories"], "n_examples": 20, "adversarial": False})
     train(cfg, host=PluginHost.create(autoload=False), stop_after=2)
     train(cfg, host=PluginHost.create(autoload=False), resume=True)
@@ -148,7 +144,7 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, monkeypat
     import sys
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
-    cfg = digits_config(tmp_path / "r", diagnostics={"enabled": ["entropy"], "tensorboard": True})
+    cfg = tiny_digits_config(tmp_path / "r", diagnostics={"enabled": ["entropy"], "tensorboard": True})
     with pytest.raises(UserError, match="pip install tensorboard") as info:
         train(cfg, host=PluginHost.create(autoload=False))
     assert "\n" not in str(info.value)
@@ -178,7 +174,7 @@ def test_tensorboard_gets_the_same_scalars(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-    run = train(digits_config(tmp_path / "r", diagnostics={"enabled": ["entropy"], "n_examples": 20,
+    run = train(tiny_digits_config(tmp_path / "r", diagnostics={"enabled": ["entropy"], "n_examples": 20,
                                                            "adversarial": False, "tensorboard": True}),
                 host=PluginHost.create(autoload=False))
     assert {(k, step) for _, k, _, step in written} == {("diag_train_student_clean_entropy", 1),
@@ -188,7 +184,7 @@ def test_tensorboard_gets_the_same_scalars(tmp_path, monkeypatch):
 
 
 def test_the_ema_student_is_diagnosed_too(tmp_path):
-    cfg = digits_config(tmp_path / "r", optim={"epochs": 2, "lr": 0.05}, ema={"decay": 0.9},
+    cfg = tiny_digits_config(tmp_path / "r", optim={"epochs": 2, "lr": 0.05}, ema={"decay": 0.9},
                         diagnostics={"enabled": ["entropy", "calibration", "trajectories"], "n_examples": 40,
                                      "adversarial": False, "bins": 5})
     run = train(cfg, host=PluginHost.create(autoload=False))
@@ -209,7 +205,7 @@ def test_tensorboard_event_file_holds_the_metrics_scalars(tmp_path):
     """The real writer (tensorboard is in the test extra): read the event file back, compare with metrics.jsonl."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = train(digits_config(tmp_path / "r", diagnostics={"enabled": ["entropy", "calibration"], "n_examples": 20,
+    run = train(tiny_digits_config(tmp_path / "r", diagnostics={"enabled": ["entropy", "calibration"], "n_examples": 20,
                                                            "adversarial": False, "tensorboard": True}),
                 host=PluginHost.create(autoload=False))
     events = EventAccumulator(str(tmp_path / "r" / "diagnostics" / "tensorboard"))

@@ -44,15 +44,6 @@ class TinyCNN(nn.Module):
 
 
 
-@pytest.fixture(autouse=True)
-def _no_settrace(monkeypatch: pytest.MonkeyPatch) -> None:
-    # AA's check_dynamic calls sys.settrace(None), which would switch off coverage for the rest of
-    # the session. pyautoattack.autoattack calls it as checks.check_dynamic, so patch it there.
-    import pyautoattack.checks
-
-    monkeypatch.setattr(pyautoattack.checks, "check_dynamic", lambda *args, **kwargs: None)
-
-
 def _make(n: int = 24, softmax: bool = False, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():

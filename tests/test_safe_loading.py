@@ -12,13 +12,12 @@ from torch import nn
 
 from robustbench_kd import hookimpl
 from robustbench_kd.cli import main
-from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.storage.checkpoint import load_checkpoint, weights_only_loads
 from robustbench_kd.teachers import TeacherLoadContext, TeacherSpec
 from robustbench_kd.testing.fixtures import tiny_zoo_entry
-from robustbench_kd.testing.runs import tiny_digits_raw
+from robustbench_kd.testing.runs import tiny_digits_config
 from robustbench_kd.training import builders
 from robustbench_kd.training.loop import train
 from robustbench_kd.zoo import models as zoo
@@ -49,7 +48,7 @@ def write_malicious(path: Path, marker: Path, state: dict[str, torch.Tensor], **
 
 def digits_config(out_dir, **sections):
     merge = {"run": {"deterministic": False}, "threat": {"steps": 1}, "optim": {"epochs": 1}}
-    return config_from_mapping(tiny_digits_raw(out_dir, merge=merge, **sections))
+    return tiny_digits_config(out_dir, merge=merge, **sections)
 
 
 def digits_ctx(host: PluginHost, model_dir: Path | str = "models") -> TeacherLoadContext:

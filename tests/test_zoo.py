@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -42,18 +41,6 @@ class TinyEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.models]).mean(0)
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any download attempt fails the test instead of reaching (or waiting for) the network."""
-    import gdown
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(gdown, "download", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def _seeded(factory: Callable[[], nn.Module], seed: int = 0) -> nn.Module:

@@ -2,7 +2,8 @@
 
 For tests and plugin authors: :func:`tiny_digits_raw` gives the raw mapping (``config_from_mapping``
 or a YAML run file) of a 2-epoch PGD-AT run of a half-width small CNN on 200 digits; callers adjust
-it. :func:`random_teacher_spec` saves a randomly initialised small CNN as a ``file:`` teacher.
+it. :func:`tiny_digits_config` is the same as a ``RunConfig``. :func:`random_teacher_spec` saves a
+randomly initialised small CNN as a ``file:`` teacher.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["random_teacher_spec", "tiny_digits_raw"]
+from robustbench_kd.config import RunConfig, config_from_mapping
+
+__all__ = ["random_teacher_spec", "tiny_digits_config", "tiny_digits_raw"]
 
 _TINY_DIGITS: dict[str, dict[str, Any]] = {
     "run": {"progress": False, "deterministic": True, "seed": 3},
@@ -34,6 +37,12 @@ def tiny_digits_raw(out_dir: str | Path, *, merge: Mapping[str, Mapping[str, Any
         raw[key] = {**raw.get(key, {}), **value}
     raw.update(sections)
     return raw
+
+
+def tiny_digits_config(out_dir: str | Path, *, merge: Mapping[str, Mapping[str, Any]] | None = None,
+                       **sections: Any) -> RunConfig:
+    """:func:`tiny_digits_raw` (same arguments) as a validated ``RunConfig``."""
+    return config_from_mapping(tiny_digits_raw(out_dir, merge=merge, **sections))
 
 
 def random_teacher_spec(path: str | Path, *, width: float = 2.0, seed: int = 0) -> str:
