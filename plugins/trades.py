@@ -1,4 +1,31 @@
-"""``trades``: TRADES (Zhang et al., ICML 2019): clean CE plus beta * KL(p(x) || p(x'))."""
+r"""``trades``: TRADES (Zhang et al., ICML 2019): clean CE plus beta * KL(p(x) || p(x')).
+
+Paper: Zhang, Yu, Jiao, Xing, El Ghaoui, Jordan, 'Theoretically Principled Trade-off between
+Robustness and Accuracy', ICML 2019 [https://arxiv.org/abs/1901.08573]. Reference code:
+yaodongyu/TRADES ``trades.py``.
+
+Loss::
+
+    L = (1/B) sum_b CE(z(x_b), y_b) + beta * R( KL(p(x_b) || p(x'_b)) )
+
+with R the ``kl_reduction`` (batchmean = (1/B) sum_b, as the reference's
+``KLDivLoss(size_average=False) / batch_size``). Nothing is detached: gradients flow through both
+p(x) and p(x'). The student runs on x and on x' in separate train-mode forward passes.
+
+Attack::
+
+    x' = PGD_{eps, alpha, K}( sum_c p(x)_c (log p(x)_c - log p(x')_c) ),  x'_0 = x + 0.001 N(0, I)
+
+(reduction sum; sign steps make it irrelevant), student in eval mode. The target p(x) comes from
+the current student in the attack's BN mode, computed once per batch in ``prepare`` under no_grad
+(the reference recomputes it at every step; in eval mode it is the same tensor).
+
+The budget (eps, alpha, K) is the run's threat. TRADES' official CIFAR-10 budget is
+eps = 0.031, alpha = 0.007, K = 10: set it in the run's threat to reproduce it exactly.
+
+The module reads top-down: this description, the pure loss :func:`trades_loss`, then the distiller
+:class:`TRADES` that gathers its tensors.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustbench_kd.attacks import module_mode
-from robustbench_kd.distiller import STUDENT_MODES, AttackSpec, Distiller, LossOutput
-from robustbench_kd.errors import UserError, check_choice
+from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput, MethodConfig, option
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_logits_per_sample, kl_per_sample, reduce_kl
+from robustbench_kd.methods.attack_options import student_mode_option, threat_attack
+from robustbench_kd.methods.losses import kl_logits_per_sample, kl_per_sample, kl_reduction_option, reduce_kl
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
@@ -24,31 +51,24 @@ if TYPE_CHECKING:
 CLEAN_PROBS_KEY = "trades.clean_probs"
 
 
+def trades_loss(logits_nat: Tensor, logits_adv: Tensor, labels: Tensor, *, beta: float, reduction: str,
+                target_logits: Tensor | None = None) -> LossOutput:
+    """``mean_b CE(z(x_b), y_b) + beta * R(KL(p(x) || p(x')))`` (module docstring), nothing detached.
+
+    ``target_logits`` are the logits behind p(x) in the KL (default ``logits_nat``; the reference's second
+    clean forward when asked). R is :func:`reduce_kl`. Terms: ``ce_nat`` and ``kl_adv`` (R(KL), before beta).
+    """
+    ce_nat = F.cross_entropy(logits_nat, labels, reduction="none").mean()
+    target = logits_nat if target_logits is None else target_logits
+    kl_adv = reduce_kl(kl_logits_per_sample(logits_adv, target), reduction, logits_adv.shape[1])
+    total = ce_nat + beta * kl_adv
+    return LossOutput(total=total, terms={"ce_nat": ce_nat.detach(), "kl_adv": kl_adv.detach()})
+
+
 class TRADES(Distiller):
     r"""TRADES: clean cross-entropy plus a KL robustness regulariser (no teacher).
 
-    Paper: Zhang, Yu, Jiao, Xing, El Ghaoui, Jordan, 'Theoretically Principled Trade-off between
-    Robustness and Accuracy', ICML 2019 [https://arxiv.org/abs/1901.08573]. Reference code:
-    yaodongyu/TRADES ``trades.py``.
-
-    Loss (methods.md §1.2)::
-
-        L = (1/B) sum_b CE(z(x_b), y_b) + beta * R( KL(p(x_b) || p(x'_b)) )
-
-    with R the ``kl_reduction`` (batchmean = (1/B) sum_b, as the reference's
-    ``KLDivLoss(size_average=False) / batch_size``). Nothing is detached: gradients flow through both
-    p(x) and p(x'). The student runs on x and on x' in separate train-mode forward passes.
-
-    Attack::
-
-        x' = PGD_{eps, alpha, K}( sum_c p(x)_c (log p(x)_c - log p(x')_c) ),  x'_0 = x + 0.001 N(0, I)
-
-    (reduction sum; sign steps make it irrelevant), student in eval mode. The target p(x) comes from
-    the current student in the attack's BN mode, computed once per batch in ``prepare`` under no_grad
-    (the reference recomputes it at every step; in eval mode it is the same tensor).
-
-    The budget (eps, alpha, K) is the run's threat. TRADES' official CIFAR-10 budget is
-    eps = 0.031, alpha = 0.007, K = 10: set it in the run's threat to reproduce it exactly.
+    The method (paper, loss, attack, reference defaults, deviations) is described in the module docstring.
 
     Arguments (``TRADES.Config``):
         beta (float): weight of the KL term. (Default: 6.0, TRADES CIFAR-10 script; README: 1-10,
@@ -81,23 +101,17 @@ class TRADES(Distiller):
     teacher_roles: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True, kw_only=True)
-    class Config:
+    class Config(MethodConfig):
         """Hyper-parameters of TRADES (see the class docstring for meanings and provenance)."""
 
-        beta: float = 6.0
-        kl_reduction: str = "batchmean"
-        attack_student_mode: str = "eval"
-        recompute_clean_target: bool = False
-
-        def __post_init__(self) -> None:
-            if not self.beta >= 0.0:
-                raise UserError(f"method.beta must be >= 0, got {self.beta}")
-            check_choice("kl_reduction", self.kl_reduction, KL_REDUCTIONS)
-            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
+        beta: float = option(6.0, low=0, help="weight of the KL robustness term")
+        kl_reduction: str = kl_reduction_option("batchmean")
+        attack_student_mode: str = student_mode_option("eval")
+        recompute_clean_target: bool = option(
+            False, choices=(False, True), help="a second train-mode forward on x for the KL target, as the reference")
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
-        return AttackSpec(eps=threat.eps, alpha=threat.alpha, steps=threat.steps, norm=threat.norm,
-                          init="gauss", init_std=1e-3, student_mode=self.config.attack_student_mode)
+        return threat_attack(threat, self.config, init="gauss")
 
     def prepare(self, ctx: BatchContext) -> None:
         if ctx.threat.steps > 0:
@@ -123,12 +137,10 @@ class TRADES(Distiller):
     def loss(self, ctx: BatchContext) -> LossOutput:
         cfg = self.config
         logits_nat = self.student_logits(ctx, ctx.x)
-        ce_nat = F.cross_entropy(logits_nat, ctx.y, reduction="none").mean()
         logits_adv = self.student_logits(ctx, ctx.x_adv)
         target_logits = self.student_logits(ctx, ctx.x) if cfg.recompute_clean_target else logits_nat
-        kl_adv = reduce_kl(kl_logits_per_sample(logits_adv, target_logits), cfg.kl_reduction, logits_adv.shape[1])
-        total = ce_nat + cfg.beta * kl_adv
-        return LossOutput(total=total, terms={"ce_nat": ce_nat.detach(), "kl_adv": kl_adv.detach()})
+        return trades_loss(logits_nat, logits_adv, ctx.y, beta=cfg.beta, reduction=cfg.kl_reduction,
+                           target_logits=target_logits)
 
 
 @hookimpl
