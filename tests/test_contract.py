@@ -22,6 +22,21 @@ def test_method_contract(host, name):
 # Non-default configurations that must satisfy the contract too: (method key, [method] options, epoch).
 # Each method's entries sit together; a method whose variants need a special host keeps them in its own file.
 VARIANTS: list[tuple[str, dict, int]] = [
+    ("iad", {}, 60),
+    ("iad", {"variant": "II"}, 40),
+    ("iad", {"alpha": 0.5, "weight_teacher_term": True, "detach_self_target": True, "clean_forward_when_unused": False},
+     60),
+    ("adaad", {"alpha": 0.5, "init": "none"}, 0),
+    ("adaad", {"attack_teacher_grad": False, "clean_forward_when_unused": False}, 0),
+    ("adaiad", {"alpha": 0.5, "weight_teacher_term": True}, 60),
+    ("smaraad", {"alpha": 0.5, "rank_on": "logits", "cam_class": "top", "cam_resize": "student", "init": "uniform"}, 0),
+    ("smaraad", {"align_weight": 0.0, "attack_align_weight": 0.0}, 0),
+    ("smaraad-plus", {"alpha": 0.5, "rank_on": "logits", "self_rho_sign": 1.0, "entropy_source": "student_clean",
+                      "cam_class": "top", "detach_self_target": True}, 0),
+    ("smaraad-plus", {"begin_epoch": 1}, 0),
+    ("gacd", {"symmetric": True, "sample_weights": False, "attack_budget": "threat", "attack_features": "logits",
+              "nce_k": 3, "ot_tol": 0.0, "ot_iters": 20}, 0),
+    ("gacd", {"positive": "clean"}, 0),
 ]
 
 
