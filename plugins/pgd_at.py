@@ -1,4 +1,32 @@
-"""``pgd-at``: Madry et al. PGD adversarial training, with the single-step "fast AT" (FGSM-RS) variant."""
+r"""``pgd-at``: Madry et al. PGD adversarial training, with the single-step "fast AT" (FGSM-RS) variant.
+
+Paper: 'Towards Deep Learning Models Resistant to Adversarial Attacks'
+[https://arxiv.org/abs/1706.06083]; fast variant: Wong, Rice, Kolter, 'Fast is better than free:
+Revisiting adversarial training' [https://arxiv.org/abs/2001.03994] (the "AT-FFGSM" teachers of
+the AKD paper).
+
+Loss::
+
+    L = (1/B) sum_b [ a * CE(z_S(x_b), y_b) + (1 - a) * CE(z_S(x'_b), y_b) ]
+
+with ``a = clean_weight`` (0 by default, so the clean forward pass is skipped entirely and the
+loss is Madry's CE(z_S(x'), y)). The clean and adversarial batches run in separate forward passes.
+
+Attack::
+
+    x' = PGD_{eps, alpha, K}( CE(z_S(x'), y) ),  uniform start U(-eps, eps), student in eval mode
+
+with eps, alpha, K from the run's threat (K overridable by ``steps``). With ``fast=True`` the
+attack is FGSM with random start: one step of size ``fast_step_factor * eps`` (1.25 eps, Wong
+et al.) from a uniform start, then projection onto the eps-ball and [0,1].
+
+Deviations / notes:
+    * The reference FGSM-RS also uses a cyclic LR and mixed precision; those are run options
+      (``optim``), not part of the method.
+
+The module reads top-down: this description, the pure loss :func:`pgd_at_loss`, then the distiller
+:class:`PGDAT` that gathers its tensors.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +36,10 @@ from typing import TYPE_CHECKING, ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, Distiller, LossOutput
-from robustbench_kd.errors import UserError, check_choice
+from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput, MethodConfig, option
+from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
+from robustbench_kd.methods.attack_options import init_option, steps_option, student_mode_option, threat_attack
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
@@ -18,28 +47,26 @@ if TYPE_CHECKING:
     from robustbench_kd.threat import ThreatSpec
 
 
+def pgd_at_loss(logits_adv: Tensor, labels: Tensor, *, clean_weight: float = 0.0,
+                logits_nat: Tensor | None = None) -> LossOutput:
+    """``mean_b [a * CE(z(x_b), y_b) + (1 - a) * CE(z(x'_b), y_b)]`` with a = ``clean_weight``.
+
+    ``logits_nat`` is needed (and read) only when ``a > 0``. Terms: ``ce_adv``, and ``ce_nat`` when ``a > 0``.
+    """
+    ce_adv = F.cross_entropy(logits_adv, labels, reduction="none").mean()
+    terms = {"ce_adv": ce_adv.detach()}
+    if clean_weight <= 0.0:
+        return LossOutput(total=ce_adv, terms=terms)
+    assert logits_nat is not None, "clean_weight > 0 trains the clean CE: pass logits_nat"
+    ce_nat = F.cross_entropy(logits_nat, labels, reduction="none").mean()
+    terms["ce_nat"] = ce_nat.detach()
+    return LossOutput(total=clean_weight * ce_nat + (1.0 - clean_weight) * ce_adv, terms=terms)
+
+
 class PGDAT(Distiller):
     r"""PGD adversarial training (Madry et al., ICLR 2018), optionally single-step "fast AT".
 
-    Paper: 'Towards Deep Learning Models Resistant to Adversarial Attacks'
-    [https://arxiv.org/abs/1706.06083]; fast variant: Wong, Rice, Kolter, 'Fast is better than free:
-    Revisiting adversarial training' [https://arxiv.org/abs/2001.03994] (the "AT-FFGSM" teachers of
-    the AKD paper).
-
-    Loss (methods.md §1.1)::
-
-        L = (1/B) sum_b [ a * CE(z_S(x_b), y_b) + (1 - a) * CE(z_S(x'_b), y_b) ]
-
-    with ``a = clean_weight`` (0 by default, so the clean forward pass is skipped entirely and the
-    loss is Madry's CE(z_S(x'), y)). The clean and adversarial batches run in separate forward passes.
-
-    Attack::
-
-        x' = PGD_{eps, alpha, K}( CE(z_S(x'), y) ),  uniform start U(-eps, eps), student in eval mode
-
-    with eps, alpha, K from the run's threat (K overridable by ``steps``). With ``fast=True`` the
-    attack is FGSM with random start: one step of size ``fast_step_factor * eps`` (1.25 eps, Wong
-    et al.) from a uniform start, then projection onto the eps-ball and [0,1].
+    The method (paper, loss, attack, reference defaults, deviations) is described in the module docstring.
 
     Arguments (``PGDAT.Config``):
         steps (int | None): attack steps; None = the threat's ``steps``. (Default: None. The
@@ -48,8 +75,7 @@ class PGDAT(Distiller):
         init (str): attack start, ``"uniform"``, ``"gauss"`` or ``"none"``. (Default: "uniform",
             Madry.)
         attack_student_mode (str): student BN mode during the attack, ``"eval"`` or ``"train"``.
-            (Default: "eval" -- AdaAD's Madry helper uses eval, ARD-style code train;
-            methods.md §1.1 [SUGGESTION].)
+            (Default: "eval", our choice -- AdaAD's Madry helper uses eval, ARD-style code train.)
         clean_weight (float): a in the loss above, in [0, 1]. (Default: 0.0; AdaAD's helper has
             this mixture, off by default.)
         fast (bool): single-step FGSM-RS ("fast AT") instead of PGD: 1 step, uniform start.
@@ -63,10 +89,6 @@ class PGDAT(Distiller):
 
     Terms logged:
         ``ce_adv`` (CE on x'), and ``ce_nat`` (CE on x) when ``clean_weight > 0``.
-
-    Deviations / notes:
-        * The reference FGSM-RS also uses a cyclic LR and mixed precision; those are run options
-          (``optim``), not part of the method.
 
     Examples::
 
@@ -84,25 +106,18 @@ class PGDAT(Distiller):
     teacher_roles: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True, kw_only=True)
-    class Config:
+    class Config(MethodConfig):
         """Hyper-parameters of PGD-AT (see the class docstring for meanings and provenance)."""
 
-        steps: int | None = None
-        init: str = "uniform"
-        attack_student_mode: str = "eval"
-        clean_weight: float = 0.0
-        fast: bool = False
-        fast_step_factor: float = 1.25
+        steps: int | None = steps_option()
+        init: str = init_option("uniform")
+        attack_student_mode: str = student_mode_option("eval")
+        clean_weight: float = option(0.0, low=0, high=1, help="a: weight of the clean CE, 1 - a on the adversarial CE")
+        fast: bool = option(False, choices=(False, True), help="single-step FGSM with random start (fast AT)")
+        fast_step_factor: float = option(1.25, low=0, low_open=True, help="FGSM-RS step size as a multiple of eps")
 
         def __post_init__(self) -> None:
-            if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 0):
-                raise UserError(f"method.steps must be a non-negative integer or None, got {self.steps!r}")
-            check_choice("init", self.init, ATTACK_INITS)
-            check_choice("attack_student_mode", self.attack_student_mode, STUDENT_MODES)
-            if not 0.0 <= self.clean_weight <= 1.0:
-                raise UserError(f"method.clean_weight must be in [0, 1], got {self.clean_weight}")
-            if not self.fast_step_factor > 0.0:
-                raise UserError(f"method.fast_step_factor must be positive, got {self.fast_step_factor}")
+            super().__post_init__()
             if self.fast and self.steps is not None and self.steps != 1:
                 raise UserError(f"method.fast=true is a single-step attack; method.steps={self.steps} conflicts")
 
@@ -111,29 +126,19 @@ class PGDAT(Distiller):
         return self.config.fast_step_factor * eps
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
-        cfg = self.config
-        if cfg.fast:
+        if self.config.fast:
             # FGSM-RS steps 1.25 eps from a uniform start; the projection clips it back into the ball.
-            return AttackSpec(eps=threat.eps, alpha=self.fast_step_size(threat.eps), steps=1, norm=threat.norm,
-                              init="uniform", student_mode=cfg.attack_student_mode, large_step=True)
-        steps = threat.steps if cfg.steps is None else cfg.steps
-        return AttackSpec(eps=threat.eps, alpha=threat.alpha, steps=steps, norm=threat.norm,
-                          init=cfg.init, student_mode=cfg.attack_student_mode)
+            return threat_attack(threat, self.config, alpha=self.fast_step_size(threat.eps), steps=1, init="uniform",
+                                 large_step=True)
+        return threat_attack(threat, self.config)
 
     def attack_loss(self, ctx: BatchContext, x_adv: Tensor) -> Tensor:
         return F.cross_entropy(self.student_logits(ctx, x_adv), ctx.y, reduction="none")
 
     def loss(self, ctx: BatchContext) -> LossOutput:
-        a = self.config.clean_weight
-        ce_adv = F.cross_entropy(self.student_logits(ctx, ctx.x_adv), ctx.y, reduction="none").mean()
-        terms = {"ce_adv": ce_adv.detach()}
-        if a > 0.0:
-            ce_nat = F.cross_entropy(self.student_logits(ctx, ctx.x), ctx.y, reduction="none").mean()
-            terms["ce_nat"] = ce_nat.detach()
-            total = a * ce_nat + (1.0 - a) * ce_adv
-        else:
-            total = ce_adv
-        return LossOutput(total=total, terms=terms)
+        logits_adv = self.student_logits(ctx, ctx.x_adv)
+        logits_nat = self.student_logits(ctx, ctx.x) if self.config.clean_weight > 0.0 else None
+        return pgd_at_loss(logits_adv, ctx.y, clean_weight=self.config.clean_weight, logits_nat=logits_nat)
 
 
 @hookimpl
