@@ -1,4 +1,18 @@
-"""``standard``: plain cross-entropy on clean data, no attack (for training natural teachers)."""
+r"""``standard``: plain cross-entropy on clean data, no attack (for training natural teachers).
+
+Used to train the *natural* (standardly trained) teachers of the AKD paper's ensembles and as the
+no-robustness baseline.
+
+Loss::
+
+    L = (1/B) sum_b CE(z_S(x_b), y_b)
+
+Attack:
+    none (``attack_spec`` returns None; the trainer never sets ``ctx.x_adv``).
+
+The module reads top-down: this description, the pure loss :func:`standard_loss`, then the distiller
+:class:`Standard` that gathers its tensors.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +20,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch.nn.functional as F
+from torch import Tensor
 
-from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput
-from robustbench_kd.errors import UserError
+from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput, MethodConfig, option
 from robustbench_kd.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -17,18 +31,16 @@ if TYPE_CHECKING:
     from robustbench_kd.threat import ThreatSpec
 
 
+def standard_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.0) -> LossOutput:
+    """``mean_b CE(z(x_b), y_b)`` with optional label smoothing; term ``ce`` (the same value, detached)."""
+    total = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing).mean()
+    return LossOutput(total=total, terms={"ce": total.detach()})
+
+
 class Standard(Distiller):
     r"""Standard training: cross-entropy on the clean batch, no inner maximisation, no teacher.
 
-    Used to train the *natural* (standardly trained) teachers of the AKD paper's ensembles and as the
-    no-robustness baseline.
-
-    Loss::
-
-        L = (1/B) sum_b CE(z_S(x_b), y_b)
-
-    Attack:
-        none (``attack_spec`` returns None; the trainer never sets ``ctx.x_adv``).
+    The method (paper, loss, attack, reference defaults, deviations) is described in the module docstring.
 
     Arguments (``Standard.Config``):
         label_smoothing (float): label smoothing of the cross-entropy, in [0, 1). (Default: 0.0,
@@ -53,23 +65,17 @@ class Standard(Distiller):
     teacher_roles: ClassVar[tuple[str, ...]] = ()
 
     @dataclass(frozen=True, kw_only=True)
-    class Config:
+    class Config(MethodConfig):
         """Hyper-parameters of standard training (see the class docstring)."""
 
-        label_smoothing: float = 0.0
-
-        def __post_init__(self) -> None:
-            if not 0.0 <= self.label_smoothing < 1.0:
-                raise UserError(f"method.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        label_smoothing: float = option(0.0, low=0, high=1, high_open=True,
+                                        help="label smoothing of the cross-entropy; 0 = plain CE")
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         return None
 
     def loss(self, ctx: BatchContext) -> LossOutput:
-        logits = self.student_logits(ctx, ctx.x)
-        ce = F.cross_entropy(logits, ctx.y, reduction="none", label_smoothing=self.config.label_smoothing)
-        total = ce.mean()
-        return LossOutput(total=total, terms={"ce": total.detach()})
+        return standard_loss(self.student_logits(ctx, ctx.x), ctx.y, label_smoothing=self.config.label_smoothing)
 
 
 @hookimpl
