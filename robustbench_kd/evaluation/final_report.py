@@ -27,11 +27,15 @@ import torch
 from torch import nn
 
 from robustbench_kd.errors import UserError
+from robustbench_kd.evaluation.export import save_zoo_checkpoint
+from robustbench_kd.evaluation.model_info import build_model_info, write_model_info
+from robustbench_kd.evaluation.runner import evaluate_model
+from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
 from robustbench_kd.storage.atomic import atomic_write_text
 from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
 from robustbench_kd.submission.bundle import ZooConstructor, autoattack_log_partial, write_submission_bundle
 from robustbench_kd.submission.section import ModelInfoSection
-from robustbench_kd.threat import format_eps
+from robustbench_kd.threat import format_eps, parse_number
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +76,6 @@ def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, la
     ``architecture`` does; ``command`` (the command line that ran this) goes into its README;
     ``number_forward_passes`` into the leaderboard entry.
     """
-    from robustbench_kd.evaluation import evaluate_model
-    from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
-    from robustbench_kd.threat import parse_number
-
     # Sanity suite: an eps in the wrong unit fails here, before any attack runs.
     check_eps_units(parse_number(eps, what="eps"), norm, x)
     # Submission bundle: AutoAttack's log goes to a hidden file in the bundle directory while it runs and
@@ -100,18 +100,16 @@ def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, la
     report.results_path = out_dir / "results" / f"{model_id}.json"
     atomic_write_text(report.results_path, json.dumps(results, indent=2) + "\n")
     if "autoattack" in result.accuracy:
-        report.model_info_path = _write_model_info(result, model_id=model_id, dataset=dataset, norm=norm, eps=eps,
-                                                   out_dir=out_dir, meta=meta or ModelInfoSection(),
-                                                   architecture=architecture
-                                                   or getattr(constructor, "architecture", None),
-                                                   host=host, run=run, sanity=report.sanity,
-                                                   number_forward_passes=number_forward_passes)
+        report.model_info_path = write_model_info_entry(result, model_id=model_id, dataset=dataset, norm=norm, eps=eps,
+                                                      out_dir=out_dir, meta=meta or ModelInfoSection(),
+                                                      architecture=architecture
+                                                      or getattr(constructor, "architecture", None),
+                                                      host=host, run=run, sanity=report.sanity,
+                                                      number_forward_passes=number_forward_passes)
     else:
         log.warning("no standard AutoAttack in eval.attacks: model_info JSON for %s not written "
                     "(leaderboard entries need 'autoattack')", model_id)
     if save_model:
-        from robustbench_kd.evaluation.export import save_zoo_checkpoint
-
         report.checkpoint_path = save_zoo_checkpoint(model, out_dir, dataset=dataset, threat_model=norm,
                                                      model_id=model_id)
     if report.model_info_path is not None and report.checkpoint_path is not None:
@@ -154,11 +152,14 @@ def final_students(run: Any) -> list[tuple[str, str, Any]]:
             (f"{name}_last", f"student {name}_last (last, epoch {run.epoch})", run.student), *extra]
 
 
-def _write_model_info(result: Any, *, model_id: str, dataset: str, norm: str, eps: float, out_dir: Path,
-                      meta: ModelInfoSection, architecture: str | None, host: Any, run: Any,
-                      sanity: Any = None, number_forward_passes: int = 1) -> Path:
-    from robustbench_kd.evaluation.model_info import build_model_info, write_model_info
+def write_model_info_entry(result: Any, *, model_id: str, dataset: str, norm: str, eps: float, out_dir: Path,
+                           meta: ModelInfoSection, architecture: str | None, host: Any, run: Any,
+                           sanity: Any = None, number_forward_passes: int = 1) -> Path:
+    """Write the leaderboard entry of ``result`` (``model_info/<dataset>/<norm>/<model_id>.json``).
 
+    AutoAttack's flags and the sanity suite's reasons go into the footnote and mark the entry unreliable;
+    the plugins' ``model_info`` hook sees the entry before it is written.
+    """
     flags = list(result.autoattack_flags)
     footnote = meta.footnote
     if flags and sanity is None:

@@ -39,9 +39,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustbench_kd import __version__
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.autoattack import autoattack_state, data_fingerprint, model_fingerprint
+from robustbench_kd.evaluation.export import save_zoo_checkpoint
+from robustbench_kd.evaluation.final_report import ModelReport, write_model_info_entry
+from robustbench_kd.evaluation.model_info import validate_model_id
 from robustbench_kd.evaluation.runner import EvalResult, evaluate_model
+from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
 from robustbench_kd.storage.atomic import atomic_write_text
 from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.threat import format_eps, parse_number
@@ -132,10 +137,6 @@ def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, 
     in pixel units is refused first, as in an unsharded evaluation. Returns a ``ModelReport`` for the
     shard (its ``results_path`` is the shard file).
     """
-    from robustbench_kd.evaluation.final_report import ModelReport
-    from robustbench_kd.evaluation.model_info import validate_model_id
-    from robustbench_kd.evaluation.sanity import check_eps_units
-
     model_id = validate_model_id(model_id)
     index, count = shard
     n = int(x.shape[0])
@@ -155,13 +156,9 @@ def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, 
                                 progress=progress)
     sanity_report = None
     if sanity:
-        from robustbench_kd.evaluation.sanity import check_evaluation
-
         sanity_report = check_evaluation(model, x[start:stop], y[start:stop], result, teacher=teacher,
                                          device=device, batch_size=batch_size)
     seconds = time.perf_counter() - began
-
-    from robustbench_kd import __version__
 
     settings = {
         "model_id": model_id,
@@ -204,8 +201,6 @@ def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, 
                          n_examples=result.n_examples, flags=list(result.autoattack_flags), results_path=path,
                          sanity=sanity_report)
     if index == 0:
-        from robustbench_kd.evaluation.export import save_zoo_checkpoint
-
         report.checkpoint_path = save_zoo_checkpoint(model, out_dir, dataset=dataset, threat_model=norm,
                                                      model_id=model_id)
     return report
@@ -406,8 +401,6 @@ def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any
     bundle (it needs AutoAttack's log of one uninterrupted run).
     Returns a ``ModelReport``.
     """
-    from robustbench_kd.evaluation.final_report import ModelReport, _write_model_info
-
     result, settings, model_id = merged.result, merged.settings, merged.model_id
     out_dir = Path(out_dir)
     dataset, norm, eps = str(settings["dataset"]), result.norm, result.eps
@@ -423,10 +416,10 @@ def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any
     if "autoattack" in result.accuracy and "clean" in result.accuracy:
         known = {f.name for f in dataclasses.fields(ModelInfoSection)}
         meta = ModelInfoSection(**{k: v for k, v in (settings.get("model_info") or {}).items() if k in known})
-        report.model_info_path = _write_model_info(result, model_id=model_id, dataset=dataset, norm=norm, eps=eps,
-                                                   out_dir=out_dir, meta=meta,
-                                                   architecture=settings.get("architecture"),
-                                                   host=host, run=None, sanity=merged.sanity)
+        report.model_info_path = write_model_info_entry(result, model_id=model_id, dataset=dataset, norm=norm, eps=eps,
+                                                      out_dir=out_dir, meta=meta,
+                                                      architecture=settings.get("architecture"),
+                                                      host=host, run=None, sanity=merged.sanity)
     else:
         log.warning("the shards ran no 'clean' + standard 'autoattack': model_info JSON for %s not written "
                     "(leaderboard entries need both)", model_id)

@@ -7,15 +7,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from robustbench_kd.config import ModelInfoSection, RunConfig, config_from_mapping, load_file
+from robustbench_kd.config import DataSection, ModelInfoSection, RunConfig, config_from_mapping, load_file
 from robustbench_kd.data.datasets import to_float
 from robustbench_kd.errors import UserError
+from robustbench_kd.evaluation.autoattack import autoattack_state
 from robustbench_kd.evaluation.final_report import ModelReport, evaluate_and_write, final_students
+from robustbench_kd.evaluation.shards import evaluate_shard
 from robustbench_kd.plugin_host import PluginHost
+from robustbench_kd.scale.distributed import is_main
 from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
 from robustbench_kd.submission.bundle import constructor_for_run, constructor_for_spec, distill_command
-from robustbench_kd.teachers import TeacherLoadContext
+from robustbench_kd.teachers import TeacherLoadContext, TeacherSpec
+from robustbench_kd.threat import parse_number, validate_eps
 from robustbench_kd.training import builders
+from robustbench_kd.training.loop import setup_run, train
+from robustbench_kd.zoo.models import parse_zoo_ref, zoo_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +32,6 @@ def distill(config: RunConfig, *, host: PluginHost | None = None, resume: bool =
 
     The outputs go under ``export_dir`` (default: the run's ``out_dir``).
     """
-    from robustbench_kd.scale.distributed import is_main
-    from robustbench_kd.training.loop import train
-
     host = host or PluginHost.create()
     run = train(config, host=host, resume=resume)
     if not final_eval or not config.eval.attacks or not is_main():  # torchrun: rank 0 evaluates
@@ -91,10 +94,6 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
     ``preprocessing`` (ImageNet only) names RobustBench's preprocessing; by default a ``robustbench:``
     zoo model gets the one RobustBench evaluates it with, any other model ``Res256Crop224``.
     """
-    from robustbench_kd.config import DataSection
-    from robustbench_kd.evaluation.autoattack import autoattack_state
-    from robustbench_kd.threat import parse_number, validate_eps
-
     validate_eps(parse_number(eps, what="eps"), norm, what="eps")
     if shard is not None and model_id is None:
         raise UserError("--shard needs --name ID: the shards are written to <out>/shards/ID and merged under "
@@ -118,8 +117,6 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
     transfer_from = builders.load_teacher(host, teacher, ctx) if teacher is not None and sanity else None
     x, y = to_float(data.test_x[:n_examples]), data.test_y[:n_examples]
     if shard is not None:  # sharded evaluation: this shard's flags only, merged later by merge-shards
-        from robustbench_kd.evaluation.shards import evaluate_shard
-
         assert model_id is not None  # a shard without --name was refused above
         constructor = constructor_for_spec(spec, num_classes=data.num_classes, in_channels=data.in_channels,
                                            image_size=data.image_size, dataset=data.name)
@@ -142,9 +139,6 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
 
 def _zoo_preprocessing(spec: str) -> str | None:
     """The preprocessing RobustBench evaluates a ``robustbench:imagenet/...`` spec with (None otherwise)."""
-    from robustbench_kd.teachers import TeacherSpec
-    from robustbench_kd.zoo.models import parse_zoo_ref, zoo_preprocessing
-
     if not spec.startswith("robustbench:"):
         return None
     dataset, threat_model, name = parse_zoo_ref(TeacherSpec.parse(spec).ref)
@@ -153,8 +147,6 @@ def _zoo_preprocessing(spec: str) -> str | None:
 
 def load_finished_run(run_dir: str | Path) -> Any:
     """Rebuild a finished ``distill`` run from its directory (config.yaml + checkpoints/last.pt)."""
-    from robustbench_kd.training.loop import setup_run
-
     run_dir = Path(run_dir)
     config_path, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
     if not config_path.is_file() or not last.is_file():
