@@ -9,8 +9,9 @@ from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.students import build_student
-from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherLoadContext
+from robustbench_kd.teachers import EnsembleTeacher, Teacher
 from robustbench_kd.testing import TinyNet
+from robustbench_kd.testing.runs import digits_load_context
 from robustbench_kd.training.builders import load_role
 
 WEIGHTS = [0.1, 0.2, 0.3, 0.4]
@@ -166,7 +167,7 @@ def test_config_accepts_vectorize_and_builders_pass_it(tmp_path):
     role = {"specs": [spec, spec, spec], "weights": [1, 1, 2], "vectorize": False}
     config = config_from_mapping({"teachers": {"robust": role}, "method": {"name": "akd"}})
     host = PluginHost.create(autoload=False)
-    ctx = TeacherLoadContext(dataset="digits", num_classes=10, in_channels=1, image_size=8, students=host.students)
+    ctx = digits_load_context(host)
     assert not load_role(host, config.teachers["robust"], ctx).can_vectorize
     assert load_role(host, {**role, "vectorize": True}, ctx).vectorizes_on("cpu")
     with pytest.raises(UserError, match=r"teachers.robust.vectorize must be \"auto\", true or false, got 'on'"):

@@ -17,7 +17,7 @@ from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.storage.checkpoint import load_checkpoint, weights_only_loads
 from robustbench_kd.teachers import TeacherLoadContext, TeacherSpec
 from robustbench_kd.testing.fixtures import tiny_zoo_entry
-from robustbench_kd.testing.runs import tiny_digits_config
+from robustbench_kd.testing.runs import digits_load_context, tiny_digits_config
 from robustbench_kd.training import builders
 from robustbench_kd.training.loop import train
 from robustbench_kd.zoo import models as zoo
@@ -51,11 +51,6 @@ def digits_config(out_dir, **sections):
     return tiny_digits_config(out_dir, merge=merge, **sections)
 
 
-def digits_ctx(host: PluginHost, model_dir: Path | str = "models") -> TeacherLoadContext:
-    return TeacherLoadContext(dataset="digits", num_classes=10, in_channels=1, image_size=8,
-                              model_dir=Path(model_dir), students=host.students)
-
-
 @pytest.fixture
 def marker(tmp_path) -> Path:
     return tmp_path / "code-ran"
@@ -72,7 +67,7 @@ def test_file_teacher_refuses_and_runs_nothing(tmp_path, host, marker):
     path = write_malicious(tmp_path / "evil.pt", marker, small_cnn_state(host))
     with pytest.raises(UserError, match=r"evil.pt was refused: it holds pickled Python objects that could run code") \
             as info:
-        builders.load_teacher(host, f"file:{path}", digits_ctx(host))
+        builders.load_teacher(host, f"file:{path}", digits_load_context(host))
     assert "mkdir" in str(info.value) and "\n" not in str(info.value) and "\033" not in str(info.value)
     assert not marker.exists()
 
@@ -155,7 +150,7 @@ def test_file_teacher_pin_accepts_the_right_file(tmp_path, host):
     path = tmp_path / "t.pt"
     torch.save({"student": small_cnn_state(host), "student_arch": {"name": "small-cnn", "options": {"width": 0.5}}},
                path)
-    teacher = builders.load_teacher(host, f"file:{path}?sha256={digest(path).upper()}", digits_ctx(host))
+    teacher = builders.load_teacher(host, f"file:{path}?sha256={digest(path).upper()}", digits_load_context(host))
     assert teacher(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
 
@@ -163,7 +158,7 @@ def test_pin_mismatch_names_file_and_both_digests_before_unpickling(tmp_path, ho
     path = write_malicious(tmp_path / "swapped.pt", marker, small_cnn_state(host))
     pinned = "0" * 64
     with pytest.raises(UserError) as info:
-        builders.load_teacher(host, f"file:{path}?sha256={pinned}", digits_ctx(host))
+        builders.load_teacher(host, f"file:{path}?sha256={pinned}", digits_load_context(host))
     message = str(info.value)
     assert str(path) in message and pinned in message and digest(path) in message and "\n" not in message
     assert "was refused" not in message  # the digest check came first: the file was never unpickled
@@ -214,4 +209,4 @@ def test_a_source_that_cannot_check_pins_refuses_them(host):
 
     host = PluginHost.create(autoload=False, extra=[Mine])
     with pytest.raises(UserError, match="teacher source 'mine' does not check sha256 pins"):
-        builders.load_teacher(host, f"mine:x?sha256={'a' * 64}", digits_ctx(host))
+        builders.load_teacher(host, f"mine:x?sha256={'a' * 64}", digits_load_context(host))

@@ -9,6 +9,7 @@ from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet, TeacherSpec
 from robustbench_kd.testing import TinyNet
+from robustbench_kd.testing.runs import digits_load_context
 from robustbench_kd.threat import ThreatSpec
 
 
@@ -102,9 +103,8 @@ def test_spec_without_scheme_explains_the_format():
 
 
 def test_unknown_scheme_lists_registered_ones(host):
-    from robustbench_kd.teachers import TeacherLoadContext
     from robustbench_kd.training.builders import load_teacher
 
-    ctx = TeacherLoadContext(dataset="digits", num_classes=10, in_channels=1, image_size=8)
+    ctx = digits_load_context()
     with pytest.raises(UserError, match=r"unknown teacher source 'hf'.*valid: file, robustbench"):
         load_teacher(host, "hf:someone/model", ctx)
