@@ -4,4 +4,5 @@ May import the layers below it: ``evaluation`` (attacks for the eps sweep, the s
 ``submission``, ``methods`` (feature taps), ``students``, ``scale``, ``zoo``, ``data``, the core plugin API,
 ``storage`` and ``errors``. Never ``config``, ``training``, ``jobs`` or ``cli``: a report reads the run's
 configuration through the run it is given, and ``training`` never imports this package.
+Inside, :mod:`.reports` may import :mod:`.diagnostics` (to draw what it recorded), never the reverse.
 """
