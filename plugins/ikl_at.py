@@ -239,7 +239,7 @@ class IKLAT(Distiller):
         return epoch_budget(threat, epoch, num_epochs, schedule=self.config.eps_schedule,
                             budget=self.config.attack_budget)
 
-    def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
+    def attack_spec(self, threat: ThreatSpec) -> AttackSpec:  # always attacks: the curriculum radius
         eps, step, steps = self.epoch_budget(threat, self._epoch, self._num_epochs)
         return AttackSpec(eps=eps, alpha=min(step, eps), steps=steps, norm=threat.norm, init="gauss",
                           init_std=1e-3, student_mode=self.config.attack_student_mode)
