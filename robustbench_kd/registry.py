@@ -8,6 +8,15 @@ from typing import Any
 
 from robustbench_kd.errors import UserError, close_matches
 
+#: Names that were registered once and are gone, per registry kind: name -> what to use instead. Looking one
+#: up raises a one-line UserError with this advice instead of the generic "unknown name" message.
+RETIRED: dict[str, dict[str, str]] = {
+    "method": {
+        "gacd-aft": "GACD's adversarial fine-tuning is [method] name = \"pgd-at\" with [student] init_from = "
+                    "\"<the GACD run's checkpoint>\" (same attack and loss)",
+    },
+}
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -49,6 +58,9 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
+            advice = RETIRED.get(self.kind, {}).get(name)
+            if advice is not None:
+                raise UserError(f"{self.kind} {name!r} was removed: {advice}") from None
             valid = ", ".join(sorted(self._entries)) or "(none registered)"
             raise UserError(
                 f"unknown {self.kind} {name!r}{close_matches(name, self._entries)}; valid: {valid}"

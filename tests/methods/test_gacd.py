@@ -1,24 +1,24 @@
-"""Numeric and protocol tests of ``gacd`` (stage 1), ``gacd-linear`` (stage 2) and ``gacd-aft`` (stage 3)."""
+"""Numeric and protocol tests of ``gacd`` (stage 1), ``gacd-linear`` (stage 2) and of stage 3 as ``pgd-at``."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 from robustbench_kd_plugins import gacd
-from robustbench_kd_plugins.gacd import (
-    GACD,
-    GACDAFT,
-    GACDLinear,
+from robustbench_kd_plugins.gacd.contrastive import (
     momentum_update,
     nce_log_likelihood,
     negative_scores,
-    ot_per_sample,
     sample_negatives,
-    sinkhorn_plan,
 )
+from robustbench_kd_plugins.gacd.distiller import GACD
+from robustbench_kd_plugins.gacd.linear import GACDLinear
+from robustbench_kd_plugins.gacd.transport import cosine_cost, ot_per_sample, sinkhorn_plan
+from robustbench_kd_plugins.pgd_at import PGDAT
 from torch import nn
 
 from robustbench_kd.attacks import DistillationAttack
@@ -34,7 +34,8 @@ from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
 from robustbench_kd.testing import check_distiller
 from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
-from robustbench_kd.training.loop import build_optimizer, train
+from robustbench_kd.training.loop import train
+from robustbench_kd.training.setup import build_optimizer
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 
@@ -50,8 +51,8 @@ def test_registration_and_validation() -> None:
     gacd.rbkd_register_methods(registry.bound("gacd"))
     assert registry.get("gacd") is GACD
     assert registry.get("gacd-linear") is GACDLinear
-    assert registry.get("gacd-aft") is GACDAFT
-    assert GACD.teacher_roles == ("robust",) and GACDLinear.teacher_roles == () and GACDAFT.teacher_roles == ()
+    assert "gacd-aft" not in registry  # retired: stage 3 is pgd-at from the stage-1 checkpoint
+    assert GACD.teacher_roles == ("robust",) and GACDLinear.teacher_roles == ()
     cfg = GACD.Config()
     assert (cfg.embed_dim, cfg.nce_k, cfg.nce_t, cfg.nce_momentum) == (128, 16384, 0.1, 0.5)
     assert not cfg.symmetric and cfg.sample_weights and cfg.positive == "adv"
@@ -60,8 +61,12 @@ def test_registration_and_validation() -> None:
                 {"ot_reg": 0.0}, {"ot_iters": 0}, {"ot_tol": -1.0}, {"embed_dim": True}):
         with pytest.raises(UserError):
             GACD.config_from_mapping(bad)
+    with pytest.raises(UserError, match=re.escape("method.nce_momentum must be in [0, 1), got 1.0")):
+        GACD.config_from_mapping({"nce_momentum": 1.0})
+    with pytest.raises(UserError, match=re.escape("method.embed_dim must be a positive integer, got True")):
+        GACD.Config(embed_dim=True)
     with pytest.raises(UserError):
-        GACDAFT.config_from_mapping({"init": "zeros"})
+        PGDAT.config_from_mapping({"init": "zeros"})  # stage 3's options
     assert GACD.config_from_mapping({"nce_k": 64}).nce_k == 64
 
 
@@ -72,10 +77,12 @@ def test_attack_specs() -> None:
     assert (budget.eps, budget.alpha, budget.steps, budget.init) == (THREAT.eps, THREAT.alpha, 10, "uniform")
     assert GACD(GACD.Config(positive="clean")).attack_spec(THREAT) is None
     assert GACDLinear().attack_spec(THREAT) is None
-    aft = GACDAFT().attack_spec(THREAT)
+    # Stage 3 (adversarial fine-tuning) is pgd-at: Madry's PGD from a uniform start, student in eval mode.
+    aft = PGDAT().attack_spec(THREAT)
     assert (aft.eps, aft.alpha, aft.steps, aft.init, aft.student_mode) == (THREAT.eps, THREAT.alpha, 10, "uniform",
                                                                             "eval")
-    assert GACDAFT(GACDAFT.Config(steps=3)).attack_spec(THREAT).steps == 3
+    assert not aft.teacher_grad and not aft.large_step and aft.norm == THREAT.norm
+    assert PGDAT(PGDAT.Config(steps=3)).attack_spec(THREAT).steps == 3
 
 
 # -- building blocks by hand -----------------------------------------------------------------------
@@ -227,7 +234,7 @@ def _hand(symmetric: bool, sample_weights: bool, z: tuple[float, float] | None =
 
     def nce(scores, zz):
         total = 0.0
-        for (s, t, w, negs), row in zip(rows, scores, strict=True):
+        for (_s, _t, w, _negs), row in zip(rows, scores, strict=True):
             p = [math.exp(v / temp) / zz for v in row]
             ll = math.log(p[0] / (p[0] + 2 / n + 1e-7)) + sum(math.log((2 / n) / (q + 2 / n + 1e-7)) for q in p[1:])
             total += w * ll
@@ -358,7 +365,7 @@ def test_ot_attack_is_finite_and_increases_feature_distortion(features: str) -> 
     feats = lambda x: distiller._attack_features(student, x)  # noqa: E731
     with torch.no_grad():
         clean, adv = feats(ctx.x), feats(x_adv)
-    cost = gacd.cosine_cost(clean, adv)
+    cost = cosine_cost(clean, adv)
     plan = sinkhorn_plan(cost, reg=0.01, iters=100, tol=0.1)
     assert at_adv.sum().item() == pytest.approx(float((plan * cost).sum()), rel=1e-5)
     assert ot_per_sample(clean, adv, reg=0.01, iters=100, tol=0.1).tolist() == pytest.approx(at_adv.tolist(),
@@ -386,15 +393,17 @@ def test_heads_get_gradients_and_are_in_the_optimiser() -> None:
     assert all(p.grad is None for p in ctx.teachers["robust"].parameters())
 
 
-def test_contract(gacd_host: PluginHost) -> None:
-    check_distiller(GACD, host=gacd_host)
-    check_distiller(GACD, host=gacd_host, config=GACD.Config(
-        symmetric=True, sample_weights=False, attack_budget="threat", attack_features="logits", nce_k=3,
-        ot_tol=0.0, ot_iters=20))
-    check_distiller(GACD, host=gacd_host, config=GACD.Config(positive="clean"))
-    check_distiller(GACDLinear, host=gacd_host)
-    check_distiller(GACDAFT, host=gacd_host)
-    check_distiller(GACDAFT, host=gacd_host, config=GACDAFT.Config(steps=1, init="gauss", attack_student_mode="train"))
+def test_stage3_is_pgd_at_with_the_options_of_the_retired_gacd_aft(host: PluginHost) -> None:
+    """The retired ``gacd-aft`` configurations, now ``pgd-at`` (same spec, same CE(z_S(x'), y) loss)."""
+    check_distiller(PGDAT, host=host)
+    check_distiller(PGDAT, host=host, config=PGDAT.Config(steps=1, init="gauss", attack_student_mode="train"))
+    ctx = _batch()
+    ctx.x_adv = (ctx.x + 0.05).clamp(0, 1)
+    out = PGDAT().loss(ctx)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(ctx.student(ctx.x_adv), ctx.y)
+    assert set(out.terms) == {"ce_adv"}
+    torch.testing.assert_close(out.total.detach(), expected, rtol=1e-6, atol=0)
 
 
 def test_linear_probe_trains_only_the_classifier_with_frozen_bn() -> None:
@@ -480,7 +489,7 @@ def test_standardised_probe_learns_offset_features_where_plain_sgd_cannot() -> N
             return losses, (student(x).argmax(1) == y).float().mean().item()
 
     losses, accuracy = train_probe(standardize=True)
-    assert all(a > b for a, b in zip(losses[::5], losses[5::5])) and accuracy == 1.0  # steady descent
+    assert all(a > b for a, b in zip(losses[::5], losses[5::5], strict=False)) and accuracy == 1.0  # steady descent
     losses, _ = train_probe(standardize=False)
     assert max(losses) > 10 * losses[0]  # the same SGD on the raw features blows up first
 
@@ -545,7 +554,8 @@ def test_three_stages_end_to_end_on_digits(tmp_path, gacd_host, teacher_spec) ->
         else:
             assert torch.equal(value, probe[key]), key          # backbone and BN statistics frozen
 
-    distill(_digits_config(tmp_path / "aft", method={"name": "gacd-aft"}, student=student, optim=one, eval=ev),
+    # Stage 3, adversarial fine-tuning: pgd-at from the stage-1 weights.
+    distill(_digits_config(tmp_path / "aft", method={"name": "pgd-at"}, student=student, optim=one, eval=ev),
             host=gacd_host)
     tuned = load_checkpoint(tmp_path / "aft" / "checkpoints" / "last.pt")["student"]
     assert not torch.equal(tuned["features.0.weight"], distilled["student"]["features.0.weight"])
