@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from robustbench_kd_plugins import ard
-from robustbench_kd_plugins.ard import ARD
-from torch import nn
+from robustbench_kd_plugins.ard import ARD, ard_loss
 
 from robustbench_kd.attacks import DistillationAttack
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.registry import Registry
 from robustbench_kd.teachers import Teacher, TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import Affine, TinyNet, batch_context, cross_entropy, softmax
+from robustbench_kd.testing import kl as kl_ref
+from robustbench_kd.testing.stubs import soft_cross_entropy, wmse
 from robustbench_kd.threat import ThreatSpec
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
@@ -25,40 +24,10 @@ Y = torch.tensor([1, 3, 0])
 T_BIAS = torch.tensor([0.5, -1.0, 2.0, 0.0])
 
 
-class Scale(nn.Module):
-    """Stub network: logits = w * x + bias; counts its forward passes."""
-
-    def __init__(self, w: float, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w))
-        self.register_buffer("bias", torch.zeros(4) if bias is None else bias.clone())
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.w * x + self.bias
-
-
-def _softmax(row: list[float], tau: float = 1.0) -> list[float]:
-    e = [math.exp(v / tau) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p: list[float], q: list[float]) -> float:
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
-
-
-def _ce(row: list[float], y: int) -> float:
-    return math.log(sum(math.exp(v) for v in row)) - row[y]
-
-
 def _ctx() -> BatchContext:
     # Teacher scale 40 so that its tau = 30 distribution is far from uniform.
-    teacher = Teacher(Scale(40.0, T_BIAS))
-    ctx = BatchContext(x=X.clone(), y=Y.clone(), student=Scale(30.0), teachers=TeacherSet({"robust": teacher}),
-                       threat=THREAT)
-    ctx.x_adv = X_ADV.clone()
-    return ctx
+    return batch_context(X, Y, student=Affine(30.0), teachers={"robust": Affine(40.0, T_BIAS)}, x_adv=X_ADV,
+                         threat=THREAT)
 
 
 def _hand(tau: float) -> tuple[float, float]:
@@ -68,8 +37,8 @@ def _hand(tau: float) -> tuple[float, float]:
         zt = (40.0 * X[b] + T_BIAS).double().tolist()  # teacher on CLEAN x
         zs_adv = (30.0 * X_ADV[b]).double().tolist()
         zs_nat = (30.0 * X[b]).double().tolist()
-        kl += _kl(_softmax(zt, tau), _softmax(zs_adv, tau))
-        ce += _ce(zs_nat, int(Y[b]))
+        kl += kl_ref(softmax(zt, tau), softmax(zs_adv, tau))
+        ce += cross_entropy(zs_nat, int(Y[b]))
     return kl / 3, ce / 3
 
 
@@ -114,33 +83,22 @@ def test_teacher_is_evaluated_on_clean_input_only() -> None:
     assert set(ctx._memo) == {("robust", "clean")}
 
 
-def test_attack_loss_is_per_sample_ce() -> None:
+def test_attack_loss_is_per_samplecross_entropy() -> None:
     ctx = _ctx()
     got = ARD().attack_loss(ctx, X_ADV)
-    assert got.tolist() == pytest.approx([_ce((30.0 * X_ADV[b]).double().tolist(), int(Y[b])) for b in range(3)],
-                                         rel=1e-6)
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+    assert got.tolist() == pytest.approx([cross_entropy(30.0 * X_ADV[b], int(Y[b])) for b in range(3)], rel=1e-6)
 
 
 def test_end_to_end_batch_attack_in_train_mode_updates_bn() -> None:
     torch.manual_seed(0)
-    student, teacher = TinyNet().train(), Teacher(TinyNet())
+    student, teacher = TinyNet(10).train(), Teacher(TinyNet(10, seed=1))
     distiller = ARD()
     threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=3)
-    ctx = BatchContext(x=torch.rand(4, 3, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
+    ctx = BatchContext(x=torch.rand(4, 1, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
                        teachers=TeacherSet({"robust": teacher}), threat=threat)
     distiller.prepare(ctx)
     spec = distiller.attack_spec(threat)
-    bn = student.body[1]
+    bn = student.bn
     tracked = int(bn.num_batches_tracked)
     atk = DistillationAttack(student, lambda xa: distiller.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
                              steps=spec.steps, init=spec.init, student_mode=spec.student_mode)
@@ -166,18 +124,23 @@ def test_registration_and_validation() -> None:
         ARD.Config(attack_student_mode="training")
 
 
-def test_contract() -> None:
-    check_distiller(ARD)
-    check_distiller(ARD, config=ARD.Config(alpha=0.5))
-    check_distiller(ARD, config=ARD.Config(clean_forward_when_unused=False))
+def test_ard_loss_weights_the_reduced_divergence_and_the_clean_ce() -> None:
+    logits_nat = 30.0 * X
+    per_sample = torch.tensor([0.3, 0.6, 0.9])
+    ce = sum(cross_entropy(logits_nat[b], int(Y[b])) for b in range(3)) / 3
+    out = ard_loss(per_sample, Y, logits_nat=logits_nat, alpha=0.5, temperature=2.0, reduction="batchmean",
+                   num_classes=4)
+    assert out.terms["kl_adv"].item() == pytest.approx(0.6)
+    assert out.total.item() == pytest.approx(0.5 * 4.0 * 0.6 + 0.5 * ce, rel=1e-6)
+    logged = ard_loss(per_sample, Y, logits_nat=logits_nat, alpha=1.0, temperature=2.0, reduction="mean_all",
+                      num_classes=4, name="ikl")
+    assert logged.total.item() == pytest.approx(4.0 * 0.6 / 4) and set(logged.terms) == {"ikl_adv", "ce_nat"}
+    assert logged.terms["ce_nat"].item() == pytest.approx(ce, rel=1e-6)
+    assert set(ard_loss(per_sample, Y, logits_nat=None, alpha=1.0, temperature=2.0, reduction="sum",
+                        num_classes=4).terms) == {"kl_adv"}
 
 
-# -- IKL in place of the KL (divergence="ikl", methods.md §10.4) ----------------------------------
-def _wmse(o_t: list[float], o_l: list[float], s: list[float]) -> float:
-    c = len(o_t)
-    return 0.25 * sum(s[j] * s[k] * ((o_t[j] - o_t[k]) - (o_l[j] - o_l[k])) ** 2 for j in range(c) for k in range(c))
-
-
+# -- IKL in place of the KL (divergence="ikl") -----------------------------------------------------
 def _hand_ikl(tau: float, mse_w: float, sce_w: float, rows: list[list[float]] | None = None) -> float:
     """batchmean of mse_w * wMSE(z_T(x)/tau, z_S(x')/tau) + sce_w * sCE(p_T^tau(x) -> p_S^tau(x'))."""
     rows = rows or [[0.25] * 4] * 4
@@ -185,9 +148,7 @@ def _hand_ikl(tau: float, mse_w: float, sce_w: float, rows: list[list[float]] | 
     for b in range(3):
         zt = [v / tau for v in (40.0 * X[b] + T_BIAS).double().tolist()]
         zs = [v / tau for v in (30.0 * X_ADV[b]).double().tolist()]
-        q, p = _softmax(zt), _softmax(zs)
-        sce = -sum(qi * math.log(pi) for qi, pi in zip(q, p, strict=True))
-        total += mse_w * _wmse(zt, zs, rows[int(Y[b])]) + sce_w * sce
+        total += mse_w * wmse(zt, zs, rows[int(Y[b])]) + sce_w * soft_cross_entropy(softmax(zt), zs)
     return total / 3
 
 
@@ -222,21 +183,16 @@ def test_ikl_prior_from_teacher_clean_outputs() -> None:
     distiller.on_epoch_end(0, 2)
     rows = [[0.25] * 4 for _ in range(4)]
     for b in range(3):  # the prior's own temperature (4), not tau
-        rows[int(Y[b])] = _softmax((40.0 * X[b] + T_BIAS).double().tolist(), 4.0)
+        rows[int(Y[b])] = softmax((40.0 * X[b] + T_BIAS).double().tolist(), 4.0)
     assert torch.allclose(distiller.prior.prior, torch.tensor(rows), atol=1e-6)
     out = distiller.loss(_ctx())
     assert out.total.item() == pytest.approx(4.0 * _hand_ikl(2.0, 5.0, 1.0, rows), rel=1e-5)
 
 
-def test_ikl_without_wmse_trains_exactly_like_kl() -> None:
+def test_ikl_without_wmse_trains_exactly_likekl() -> None:
     grads = []
     for config in (ARD.Config(alpha=0.7), ARD.Config(alpha=0.7, divergence="ikl", ikl_mse_weight=0.0)):
         ctx = _ctx()
         ARD(config, num_classes=4).loss(ctx).total.backward()
         grads.append(ctx.student.w.grad.item())
     assert grads[1] == pytest.approx(grads[0], rel=1e-6)
-
-
-def test_contract_ikl() -> None:
-    check_distiller(ARD, config=ARD.Config(divergence="ikl"))
-    check_distiller(ARD, config=ARD.Config(divergence="ikl", ikl_class_prior=False, alpha=0.5))
