@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from robustbench_kd_plugins import kd
 from robustbench_kd_plugins.kd import KD
-from torch import nn
 
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.registry import Registry
-from robustbench_kd.teachers import Teacher, TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import Affine, batch_context, cross_entropy, softmax
+from robustbench_kd.testing import kl as kl_ref
 from robustbench_kd.threat import ThreatSpec
 
 X = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])
@@ -22,35 +19,8 @@ Y = torch.tensor([1, 3, 0])
 T_BIAS = torch.tensor([0.5, -1.0, 2.0, 0.0])
 
 
-class Scale(nn.Module):
-    """Stub network: logits = w * x + bias."""
-
-    def __init__(self, w: float, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w))
-        self.register_buffer("bias", torch.zeros(4) if bias is None else bias.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w * x + self.bias
-
-
-def _softmax(row: list[float], tau: float = 1.0) -> list[float]:
-    e = [math.exp(v / tau) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p: list[float], q: list[float]) -> float:
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
-
-
-def _ce(row: list[float], y: int) -> float:
-    return math.log(sum(math.exp(v) for v in row)) - row[y]
-
-
 def _ctx() -> BatchContext:
-    teacher = Teacher(Scale(5.0, T_BIAS))
-    return BatchContext(x=X.clone(), y=Y.clone(), student=Scale(3.0), teachers=TeacherSet({"robust": teacher}),
-                        threat=ThreatSpec())
+    return batch_context(X, Y, student=Affine(3.0), teachers={"robust": Affine(5.0, T_BIAS)}, threat=ThreatSpec())
 
 
 def _hand(tau: float) -> tuple[float, float]:
@@ -59,8 +29,8 @@ def _hand(tau: float) -> tuple[float, float]:
     for b in range(3):
         zs = (3.0 * X[b]).double().tolist()
         zt = (5.0 * X[b] + T_BIAS).double().tolist()
-        ce += _ce(zs, int(Y[b]))
-        kl += _kl(_softmax(zt, tau), _softmax(zs, tau))
+        ce += cross_entropy(zs, int(Y[b]))
+        kl += kl_ref(softmax(zt, tau), softmax(zs, tau))
     return ce / 3, kl / 3
 
 
@@ -111,8 +81,3 @@ def test_registration_and_validation() -> None:
         KD.Config(kd_weight=-0.1)
     with pytest.raises(UserError, match="valid options"):
         KD.config_from_mapping({"tau": 4})
-
-
-def test_contract() -> None:
-    check_distiller(KD)
-    check_distiller(KD, config=KD.Config(temperature=1.0, kd_weight=0.5, ce_weight=0.5, tau_squared=False))

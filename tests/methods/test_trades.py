@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from robustbench_kd_plugins import trades
@@ -15,7 +13,8 @@ from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.registry import Registry
 from robustbench_kd.teachers import TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import Affine, TinyNet, batch_context, cross_entropy, softmax
+from robustbench_kd.testing import kl as kl_ref
 from robustbench_kd.threat import ThreatSpec
 
 THREAT = ThreatSpec(eps=0.031, alpha=0.007, steps=10)
@@ -24,37 +23,8 @@ X_ADV = torch.tensor([[0.9, 0.1, 0.3, 0.2], [0.5, 0.6, 0.8, 0.0], [0.1, 0.2, 0.9
 Y = torch.tensor([1, 3, 0])
 
 
-class Scale(nn.Module):
-    """Stub student: logits = w * x; counts its forward passes."""
-
-    def __init__(self, w: float = 1.0) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w))
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.w * x
-
-
-def _softmax(row: list[float]) -> list[float]:
-    m = max(row)
-    e = [math.exp(v - m) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p: list[float], q: list[float]) -> float:
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
-
-
-def _ce(row: list[float], y: int) -> float:
-    return math.log(sum(math.exp(v) for v in row)) - row[y]
-
-
 def _ctx(student: nn.Module) -> BatchContext:
-    ctx = BatchContext(x=X.clone(), y=Y.clone(), student=student, teachers=TeacherSet(), threat=THREAT)
-    ctx.x_adv = X_ADV.clone()
-    return ctx
+    return batch_context(X, Y, student=student, x_adv=X_ADV, threat=THREAT)
 
 
 def test_attack_spec() -> None:
@@ -66,21 +36,21 @@ def test_attack_spec() -> None:
 
 
 def test_loss_ce_plus_beta_batchmean_kl_by_hand() -> None:
-    ctx = _ctx(Scale(2.0))
+    ctx = _ctx(Affine(2.0))
     out = TRADES(num_classes=4).loss(ctx)
     ce = kl = 0.0
     for b in range(3):
         z_nat = (2.0 * X[b]).double().tolist()
         z_adv = (2.0 * X_ADV[b]).double().tolist()
-        ce += _ce(z_nat, int(Y[b]))
-        kl += _kl(_softmax(z_nat), _softmax(z_adv))
+        ce += cross_entropy(z_nat, int(Y[b]))
+        kl += kl_ref(softmax(z_nat), softmax(z_adv))
     ce, kl = ce / 3, kl / 3
     assert out.terms["ce_nat"].item() == pytest.approx(ce, rel=1e-6)
     assert out.terms["kl_adv"].item() == pytest.approx(kl, rel=1e-5)
     assert out.total.item() == pytest.approx(ce + 6.0 * kl, rel=1e-6)
-    beta2 = TRADES(TRADES.Config(beta=2.0)).loss(_ctx(Scale(2.0)))
+    beta2 = TRADES(TRADES.Config(beta=2.0)).loss(_ctx(Affine(2.0)))
     assert beta2.total.item() == pytest.approx(ce + 2.0 * kl, rel=1e-6)
-    mean_all = TRADES(TRADES.Config(kl_reduction="mean_all")).loss(_ctx(Scale(2.0)))
+    mean_all = TRADES(TRADES.Config(kl_reduction="mean_all")).loss(_ctx(Affine(2.0)))
     assert mean_all.terms["kl_adv"].item() == pytest.approx(kl / 4, rel=1e-5)
 
 
@@ -104,7 +74,7 @@ def test_gradient_flows_through_both_clean_and_adversarial_outputs() -> None:
 
 
 def test_recompute_clean_target_same_value_one_more_forward() -> None:
-    a, b = Scale(2.0), Scale(2.0)
+    a, b = Affine(2.0), Affine(2.0)
     out_a = TRADES().loss(_ctx(a))
     out_b = TRADES(TRADES.Config(recompute_clean_target=True)).loss(_ctx(b))
     assert out_a.total.item() == pytest.approx(out_b.total.item(), rel=1e-7)
@@ -112,36 +82,25 @@ def test_recompute_clean_target_same_value_one_more_forward() -> None:
 
 
 def test_attack_loss_targets_clean_probs_computed_once() -> None:
-    student = Scale(2.0)
+    student = Affine(2.0)
     ctx = _ctx(student)
     distiller = TRADES()
     first = distiller.attack_loss(ctx, X_ADV)
     second = distiller.attack_loss(ctx, X_ADV)
     assert student.calls == 3  # one clean forward (cached) + two adversarial forwards
     assert not ctx.extras[CLEAN_PROBS_KEY].requires_grad
-    expected = [_kl(_softmax((2.0 * X[b]).double().tolist()), _softmax((2.0 * X_ADV[b]).double().tolist()))
-                for b in range(3)]
+    expected = [kl_ref(softmax(2.0 * X[b]), softmax(2.0 * X_ADV[b])) for b in range(3)]
     assert first.tolist() == pytest.approx(expected, rel=1e-5)
     assert torch.equal(first, second)
 
 
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
 def test_end_to_end_batch_attack_target_in_eval_mode() -> None:
     torch.manual_seed(0)
-    student = TinyNet().train()
-    student.body[1].running_mean.uniform_(-0.5, 0.5)  # make eval and train BN outputs differ
+    student = TinyNet(10).train()
+    student.bn.running_mean.uniform_(-0.5, 0.5)  # make eval and train BN outputs differ
     distiller = TRADES()
     threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=2)
-    ctx = BatchContext(x=torch.rand(4, 3, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
+    ctx = BatchContext(x=torch.rand(4, 1, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
                        teachers=TeacherSet(), threat=threat)
     distiller.prepare(ctx)
     spec = distiller.attack_spec(threat)
@@ -164,22 +123,17 @@ def test_end_to_end_batch_attack_target_in_eval_mode() -> None:
 
 def test_attack_target_uses_eval_bn_whoever_calls_first_and_restores_modes() -> None:
     torch.manual_seed(0)
-    student = TinyNet().train()
-    student.body[1].running_mean.uniform_(-0.5, 0.5)
-    student.body[0].eval()  # a deliberately frozen submodule must stay as it was
-    ctx = BatchContext(x=torch.rand(4, 3, 8, 8), y=torch.zeros(4, dtype=torch.long), student=student,
+    student = TinyNet(10).train()
+    student.bn.running_mean.uniform_(-0.5, 0.5)
+    student.conv.eval()  # a deliberately frozen submodule must stay as it was
+    ctx = BatchContext(x=torch.rand(4, 1, 8, 8), y=torch.zeros(4, dtype=torch.long), student=student,
                        teachers=TeacherSet(), threat=ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=2))
     TRADES().attack_loss(ctx, ctx.x.clone())  # e.g. a contract probe before the attack, student in train mode
-    assert student.training and student.body[1].training and not student.body[0].training
+    assert student.training and student.bn.training and not student.conv.training
     student.eval()
     with torch.no_grad():
         eval_probs = torch.softmax(student(ctx.x), dim=1)
     assert torch.allclose(ctx.extras[CLEAN_PROBS_KEY], eval_probs, atol=1e-6)
-
-
-def test_contract() -> None:
-    check_distiller(TRADES)
-    check_distiller(TRADES, config=TRADES.Config(attack_student_mode="train", recompute_clean_target=True))
 
 
 def test_registration_and_validation() -> None:
