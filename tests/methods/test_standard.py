@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from robustbench_kd_plugins import standard
 from robustbench_kd_plugins.standard import Standard
-from torch import nn
 
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.registry import Registry
-from robustbench_kd.teachers import TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import Affine, batch_context, cross_entropy
 from robustbench_kd.threat import ThreatSpec
-
-
-class Scale(nn.Module):
-    """Stub student: logits = w * x, so the test controls the logits through x."""
-
-    def __init__(self, w: float = 1.0) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w * x
 
 
 def _ctx() -> BatchContext:
     x = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])
-    y = torch.tensor([1, 3, 0])
-    return BatchContext(x=x, y=y, student=Scale(2.0), teachers=TeacherSet(), threat=ThreatSpec())
+    return batch_context(x, torch.tensor([1, 3, 0]), student=Affine(2.0), threat=ThreatSpec())
 
 
 def test_no_attack_and_no_teacher() -> None:
@@ -44,12 +28,7 @@ def test_no_attack_and_no_teacher() -> None:
 def test_loss_is_mean_cross_entropy_by_hand() -> None:
     ctx = _ctx()
     out = Standard(num_classes=4).loss(ctx)
-    z = (2.0 * ctx.x).double()
-    expected = 0.0
-    for b in range(3):
-        lse = math.log(sum(math.exp(v) for v in z[b].tolist()))
-        expected += lse - z[b, ctx.y[b]].item()
-    expected /= 3
+    expected = sum(cross_entropy(2.0 * ctx.x[b], int(ctx.y[b])) for b in range(3)) / 3
     assert out.total.ndim == 0
     assert out.total.item() == pytest.approx(expected, rel=1e-6)
     assert set(out.terms) == {"ce"}
@@ -74,8 +53,3 @@ def test_registration_and_config_mapping() -> None:
     assert registry.get("standard") is Standard
     with pytest.raises(UserError, match="label_smoothing"):
         Standard.config_from_mapping({"label_smothing": 0.1})
-
-
-def test_contract() -> None:
-    check_distiller(Standard)
-    check_distiller(Standard, config=Standard.Config(label_smoothing=0.1))
