@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pluggy
 import pytest
 import torch
@@ -18,39 +16,20 @@ from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.registry import Registry
 from robustbench_kd.teachers import TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import Affine, TinyNet, batch_context, cross_entropy
 from robustbench_kd.threat import ThreatSpec
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 
 
-class Scale(nn.Module):
-    """Stub student: logits = w * x; counts its forward passes."""
-
-    def __init__(self, w: float = 1.0) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w))
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.w * x
-
-
 def _ce_by_hand(z: torch.Tensor, y: torch.Tensor) -> list[float]:
-    out = []
-    for b in range(z.shape[0]):
-        row = z[b].double().tolist()
-        out.append(math.log(sum(math.exp(v) for v in row)) - row[int(y[b])])
-    return out
+    return [cross_entropy(z[b], int(y[b])) for b in range(z.shape[0])]
 
 
 def _ctx(student: nn.Module | None = None) -> BatchContext:
     x = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.5, 0.5, 0.0, 1.0], [0.7, 0.2, 0.4, 0.6]])
-    y = torch.tensor([1, 3, 0])
-    ctx = BatchContext(x=x, y=y, student=student or Scale(3.0), teachers=TeacherSet(), threat=THREAT)
-    ctx.x_adv = torch.tensor([[0.9, 0.1, 0.3, 0.2], [0.5, 0.6, 0.8, 0.0], [0.1, 0.2, 0.9, 0.6]])
-    return ctx
+    x_adv = torch.tensor([[0.9, 0.1, 0.3, 0.2], [0.5, 0.6, 0.8, 0.0], [0.1, 0.2, 0.9, 0.6]])
+    return batch_context(x, torch.tensor([1, 3, 0]), student=student or Affine(3.0), x_adv=x_adv, threat=THREAT)
 
 
 def test_attack_spec_defaults_follow_threat() -> None:
@@ -123,7 +102,7 @@ def _plugin_manager() -> pluggy.PluginManager:
 
 def test_fast_spec_is_fgsm_rs_with_a_step_above_eps() -> None:
     pm = _plugin_manager()
-    student = Scale()
+    student = Affine(1.0)
     loss_fn = lambda xa: xa.sum(dim=1)  # noqa: E731
     fast = PGDAT(PGDAT.Config(fast=True))
     spec = fast.attack_spec(THREAT)
@@ -143,40 +122,31 @@ def test_fgsm_rs_takes_a_step_larger_than_eps() -> None:
     x = torch.full((64, 16), 0.5)
     direction = torch.where(torch.arange(16) % 2 == 0, 1.0, -1.0)
     loss_fn = lambda xa: (xa * direction).sum(dim=1)  # noqa: E731  gradient sign == direction
-    fast = DistillationAttack(Scale(), loss_fn, eps=eps, alpha=1.25 * eps, steps=1, allow_large_step=True)(
+    student = Affine(1.0, num_classes=16)
+    fast = DistillationAttack(student, loss_fn, eps=eps, alpha=1.25 * eps, steps=1, allow_large_step=True)(
         x, torch.zeros(64, dtype=torch.long))
     moved = (fast - x) * direction
     assert moved.max() <= eps + 1e-6
     assert moved.min() >= 0.25 * eps - 1e-6  # any start in [-eps, eps] plus 1.25 eps
     torch.manual_seed(0)
-    pgd1 = DistillationAttack(Scale(), loss_fn, eps=eps, alpha=eps, steps=1)(x, torch.zeros(64, dtype=torch.long))
+    pgd1 = DistillationAttack(student, loss_fn, eps=eps, alpha=eps, steps=1)(x, torch.zeros(64, dtype=torch.long))
     assert ((pgd1 - x) * direction).min() < 0.25 * eps  # a step of eps does not guarantee that
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
 
 
 @pytest.mark.parametrize("config", [PGDAT.Config(), PGDAT.Config(fast=True), PGDAT.Config(clean_weight=0.5)])
 def test_end_to_end_batch(config: PGDAT.Config) -> None:
     torch.manual_seed(0)
-    student = TinyNet().train()
+    student = TinyNet(10).train()
     distiller = PGDAT(config)
     threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=2)
-    ctx = BatchContext(x=torch.rand(4, 3, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
+    ctx = BatchContext(x=torch.rand(4, 1, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
                        teachers=TeacherSet(), threat=threat)
     distiller.prepare(ctx)
     spec = distiller.attack_spec(threat)
     atk = _plugin_manager().hook.rbkd_make_attack(distiller=distiller, student=student, spec=spec,
                                                   loss_fn=lambda xa: distiller.attack_loss(ctx, xa))
     ctx.x_adv = atk(ctx.x, ctx.y)
-    assert student.training and student.body[1].training
+    assert student.training and student.bn.training
     assert (ctx.x_adv - ctx.x).abs().max() <= threat.eps + 1e-6
     assert ctx.x_adv.min() >= 0 and ctx.x_adv.max() <= 1
     out = distiller.loss(ctx)
@@ -191,9 +161,3 @@ def test_registration() -> None:
     assert registry.get("pgd-at") is PGDAT
     assert PGDAT.teacher_roles == ()
     assert "Madry" in PGDAT.paper and "1706.06083" in PGDAT.paper
-
-
-def test_contract() -> None:
-    check_distiller(PGDAT)
-    check_distiller(PGDAT, config=PGDAT.Config(fast=True))
-    check_distiller(PGDAT, config=PGDAT.Config(clean_weight=0.5, steps=2, init="gauss"))
