@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from robustbench_kd_plugins import ikl_at
@@ -18,8 +16,9 @@ from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
 from robustbench_kd.storage.checkpoint import load_checkpoint
-from robustbench_kd.teachers import TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import Affine, batch_context, cross_entropy, softmax
+from robustbench_kd.testing.stubs import soft_cross_entropy
+from robustbench_kd.testing.stubs import wmse as wmse_ref
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
 
@@ -29,42 +28,13 @@ X_ADV = torch.tensor([[0.9, 0.1, 0.3, 0.2], [0.5, 0.6, 0.8, 0.0], [0.1, 0.2, 0.9
 Y = torch.tensor([1, 3, 0])
 
 
-class Affine(nn.Module):
-    """Stub network: logits = w * x + bias."""
-
-    def __init__(self, w: float = 3.0) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w))
-        self.bias = nn.Parameter(torch.zeros(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w * x + self.bias
-
-
-def _softmax(row: list[float], tau: float = 1.0) -> list[float]:
-    m = max(row)
-    e = [math.exp((v - m) / tau) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _wmse(o_t: list[float], o_l: list[float], s: list[float]) -> float:
-    c = len(o_t)
-    return 0.25 * sum(s[j] * s[k] * ((o_t[j] - o_t[k]) - (o_l[j] - o_l[k])) ** 2 for j in range(c) for k in range(c))
-
-
 def _sce(o_t: list[float], o_l: list[float]) -> float:
-    return -sum(q * math.log(p) for q, p in zip(_softmax(o_t), _softmax(o_l), strict=True))
-
-
-def _ce(row: list[float], y: int) -> float:
-    return -math.log(_softmax(row)[y])
+    return soft_cross_entropy(softmax(o_t), o_l)
 
 
 def _ctx(student: nn.Module | None = None, x: torch.Tensor = X, x_adv: torch.Tensor = X_ADV,
          y: torch.Tensor = Y) -> BatchContext:
-    ctx = BatchContext(x=x.clone(), y=y.clone(), student=student or Affine(), teachers=TeacherSet({}), threat=THREAT)
-    ctx.x_adv = x_adv.clone()
-    return ctx
+    return batch_context(x, y, student=student or Affine(3.0, trainable_bias=True), x_adv=x_adv, threat=THREAT)
 
 
 # -- epsilon curriculum and attack budget ---------------------------------------------------------
@@ -115,8 +85,8 @@ def _hand_loss(s_vectors: list[list[float]], mse_w: float = 20.0, sce_w: float =
     ce = wmse = sce = 0.0
     for b in range(3):
         nat, adv = (3.0 * X[b]).double().tolist(), (3.0 * X_ADV[b]).double().tolist()
-        ce += _ce(nat, int(Y[b]))
-        wmse += _wmse(nat, adv, s_vectors[b])
+        ce += cross_entropy(nat, int(Y[b]))
+        wmse += wmse_ref(nat, adv, s_vectors[b])
         sce += _sce(nat, adv)
     ce, wmse, sce = ce / 3, wmse / 3, sce / 3
     return ce + mse_w * wmse + sce_w * sce, wmse, sce
@@ -189,7 +159,7 @@ def test_attack_loss_is_sce_to_the_eval_mode_clean_output() -> None:
     expected = [_sce((3.0 * X[b]).double().tolist(), (3.0 * X_ADV[b]).double().tolist()) for b in range(3)]
     assert got.tolist() == pytest.approx(expected, rel=1e-5)
     with_mse = IKLAT(IKLAT.Config(attack_mse_weight=1.0), num_classes=4).attack_loss(_ctx(), X_ADV)
-    extra = [_wmse((3.0 * X[b]).double().tolist(), (3.0 * X_ADV[b]).double().tolist(), [0.25] * 4) for b in range(3)]
+    extra = [wmse_ref((3.0 * X[b]).double().tolist(), (3.0 * X_ADV[b]).double().tolist(), [0.25] * 4) for b in range(3)]
     assert with_mse.tolist() == pytest.approx([e + m for e, m in zip(expected, extra, strict=True)], rel=1e-5)
 
 
@@ -223,7 +193,7 @@ def test_prior_from_previous_epoch_natural_outputs_at_temperature() -> None:
     assert torch.equal(distiller.prior.prior, torch.full((4, 4), 0.25))  # lags: nothing before the epoch ends
     metrics = distiller.on_epoch_end(0, 2)
     for b, y in enumerate(Y.tolist()):  # one sample per class: the row is that sample's softmax(z(x) / 4)
-        assert distiller.prior.prior[y].tolist() == pytest.approx(_softmax((3.0 * X[b]).double().tolist(), 4.0),
+        assert distiller.prior.prior[y].tolist() == pytest.approx(softmax((3.0 * X[b]).double().tolist(), 4.0),
                                                                   rel=1e-5)
     assert distiller.prior.prior[2].tolist() == pytest.approx([0.25] * 4)  # class 2 unseen
     assert metrics["prior_true_class"] == pytest.approx(float(distiller.prior.prior.diagonal().mean()))
@@ -248,14 +218,6 @@ def test_registration_and_validation() -> None:
         with pytest.raises(UserError):
             IKLAT.config_from_mapping(bad)
     assert IKLAT.config_from_mapping({"mse_weight": 12.0}).mse_weight == 12.0
-
-
-def test_contract(host) -> None:
-    check_distiller(IKLAT, host=host)
-    check_distiller(IKLAT, host=host, epoch=1)
-    check_distiller(IKLAT, host=host, config=IKLAT.Config(class_prior=False, attack_mse_weight=1.0,
-                                                          attack_budget="intended", learner_mse_grad=False))
-    check_distiller(IKLAT, host=host, config=IKLAT.Config(attack_budget="threat", eps_schedule="constant"))
 
 
 # -- training runs on digits --------------------------------------------------------------------------
