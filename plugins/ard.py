@@ -55,10 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput, option
+from robustbench_kd.distiller import AttackSpec, LossOutput, option
 from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.methods.attack_options import init_option, student_mode_option, threat_attack
-from robustbench_kd.methods.divergence import ClassPrior, Divergence, DivergenceOptions
+from robustbench_kd.methods.divergence import DivergenceDistiller, DivergenceOptions
 from robustbench_kd.methods.losses import kl_reduction_option, reduce_kl
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def ard_loss(divergence_adv: Tensor, labels: Tensor, *, logits_nat: Tensor | Non
     return LossOutput(total=total, terms=terms)
 
 
-class ARD(Distiller):
+class ARD(DivergenceDistiller):
     r"""ARD: the student on x' matches the teacher's softened output on clean x.
 
     The method (paper, loss, attack, IKL variant, deviations) is described in the module docstring.
@@ -148,12 +148,6 @@ class ARD(Distiller):
         clean_forward_when_unused: bool = option(
             True, choices=(False, True), help="with alpha = 1 still run the student on x (BN statistics, ce_nat)")
 
-    def __init__(self, config: ARD.Config | None = None, *, num_classes: int = 10) -> None:
-        super().__init__(config, num_classes=num_classes)
-        self.divergence = Divergence.from_options(self.config, num_classes)
-        # Registered here so its buffers are saved as prior.*; None (no state at all) for the KL.
-        self.prior: ClassPrior | None = self.divergence.prior
-
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         return threat_attack(threat, self.config)
 
@@ -175,13 +169,6 @@ class ARD(Distiller):
                 logits_nat = self.student_logits(ctx, ctx.x)
         return ard_loss(per_sample, ctx.y, logits_nat=logits_nat, alpha=cfg.alpha, temperature=tau,
                         reduction=cfg.kl_reduction, num_classes=logits_adv.shape[1], name=cfg.divergence)
-
-    def after_step(self, ctx: BatchContext, out: LossOutput) -> None:
-        self.divergence.accumulate(ctx.teacher_logits("robust", "clean"), ctx.y)
-
-    def on_epoch_end(self, epoch: int, num_epochs: int) -> dict[str, float]:
-        self.divergence.finalize()
-        return {}
 
 
 @hookimpl

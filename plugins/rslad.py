@@ -59,10 +59,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
-from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput, option
+from robustbench_kd.distiller import AttackSpec, LossOutput, option
 from robustbench_kd.hookspecs import hookimpl
 from robustbench_kd.methods.attack_options import student_mode_option, threat_attack
-from robustbench_kd.methods.divergence import ClassPrior, Divergence, DivergenceOptions
+from robustbench_kd.methods.divergence import DivergenceDistiller, DivergenceOptions
 from robustbench_kd.methods.losses import (
     kl_per_sample,
     kl_reduction_option,
@@ -91,7 +91,7 @@ def rslad_loss(divergence_adv: Tensor, divergence_nat: Tensor, *, adv_weight: fl
     return LossOutput(total=total, terms={f"{name}_adv": adv.detach(), f"{name}_nat": nat.detach()})
 
 
-class RSLAD(Distiller):
+class RSLAD(DivergenceDistiller):
     r"""RSLAD: the clean-teacher soft label is the target of both the attack and the training loss.
 
     The method (paper, loss, attack, IKL variant, deviations) is described in the module docstring.
@@ -150,12 +150,6 @@ class RSLAD(Distiller):
         mix_in_attack: bool = option(False, choices=(False, True), help="attack the label-mixed target q")
         attack_student_mode: str = student_mode_option("eval")
 
-    def __init__(self, config: RSLAD.Config | None = None, *, num_classes: int = 10) -> None:
-        super().__init__(config, num_classes=num_classes)
-        self.divergence = Divergence.from_options(self.config, num_classes)
-        # Registered here so its buffers are saved as prior.*; None (no state at all) for the KL.
-        self.prior: ClassPrior | None = self.divergence.prior
-
     @property
     def kl_scale(self) -> float:
         """The effective KL multiplier s (resolves ``Config.kl_scale=None`` to the reference default)."""
@@ -188,13 +182,6 @@ class RSLAD(Distiller):
         return rslad_loss(divergence(logits_adv), divergence(logits_nat), adv_weight=cfg.adv_weight,
                           reduction=cfg.kl_reduction, scale=self.kl_scale, num_classes=logits_adv.shape[1],
                           name=cfg.divergence)
-
-    def after_step(self, ctx: BatchContext, out: LossOutput) -> None:
-        self.divergence.accumulate(ctx.teacher_logits("robust", "clean"), ctx.y)
-
-    def on_epoch_end(self, epoch: int, num_epochs: int) -> dict[str, float]:
-        self.divergence.finalize()
-        return {}
 
 
 @hookimpl

@@ -60,18 +60,23 @@ weights the wMSE is also KL's second-order expansion, KL(s_t || s_l) ~ (1/2) Var
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustbench_kd.distiller import MethodConfig, option
+from robustbench_kd.distiller import Distiller, LossOutput, MethodConfig, option
 from robustbench_kd.methods.losses import kl_per_sample, soft_cross_entropy_from_log_probs, soften
+
+if TYPE_CHECKING:
+    from robustbench_kd.context import BatchContext
 
 __all__ = [
     "DIVERGENCES",
     "ClassPrior",
     "Divergence",
+    "DivergenceDistiller",
     "DivergenceOptions",
     "IKLTerms",
     "dkl_per_sample",
@@ -381,3 +386,28 @@ class Divergence:
         """At the end of an epoch: the class prior (if any) becomes the epoch's class means."""
         if self.prior is not None:
             self.prior.finalize()
+
+
+class DivergenceDistiller(Distiller):
+    """Base of a distiller whose teacher KL can be IKL (its ``Config`` derives from :class:`DivergenceOptions`).
+
+    Owns the :class:`Divergence` its options describe as ``self.divergence``, registers the class prior as the
+    submodule ``prior`` (checkpoint buffers ``prior.prior`` / ``prior.accumulator``; no state at all for the
+    KL), feeds it the clean logits of the teacher role :attr:`divergence_role` after every training step and
+    finalises it at the end of every epoch. Subclasses compute their loss with ``self.divergence.per_sample``.
+    """
+
+    #: The teacher role whose clean logits build the class prior.
+    divergence_role: ClassVar[str] = "robust"
+
+    def __init__(self, config: Any = None, *, num_classes: int = 10) -> None:
+        super().__init__(config, num_classes=num_classes)
+        self.divergence = Divergence.from_options(self.config, num_classes)
+        self.prior: ClassPrior | None = self.divergence.prior
+
+    def after_step(self, ctx: BatchContext, out: LossOutput) -> None:
+        self.divergence.accumulate(ctx.teacher_logits(self.divergence_role, "clean"), ctx.y)
+
+    def on_epoch_end(self, epoch: int, num_epochs: int) -> dict[str, float]:
+        self.divergence.finalize()
+        return {}
