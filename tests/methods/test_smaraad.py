@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from cam_stubs import STUDENT, TEACHER, CamStub, mse, normalize, rho
 from robustbench_kd_plugins import smaraad
 from robustbench_kd_plugins.smaraad import SmaraAD
 from torch import nn
@@ -20,92 +19,16 @@ from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import batch_context, kl, softmax
+from robustbench_kd.testing.runs import random_teacher_spec, tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
+METHOD, SEED = "smaraad", 5
 
 
 # -- pure-Python reference formulas -------------------------------------------------------------
-
-def _sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
-
-
-def _softmax(row: list[float]) -> list[float]:
-    m = max(row)
-    e = [math.exp(v - m) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _rho(u: list[float], v: list[float], gamma: float) -> float:
-    ru = [sum(_sigmoid(gamma * (uj - ui)) for uj in u) for ui in u]
-    rv = [sum(_sigmoid(gamma * (vj - vi)) for vj in v) for vi in v]
-    n = len(u)
-    return 1.0 - 6.0 * sum((a - b) ** 2 for a, b in zip(ru, rv, strict=True)) / (n * (n * n - 1))
-
-
-def _kl(q: list[float], p: list[float]) -> float:
-    return sum(qi * (math.log(qi) - math.log(pi)) for qi, pi in zip(q, p, strict=True) if qi > 0)
-
-
-def _normalize(m: list[list[float]], mode: str = "relu_minmax") -> list[list[float]]:
-    if mode == "none":
-        return m
-    if mode == "relu_minmax":
-        m = [[max(v, 0.0) for v in row] for row in m]
-    flat = [v for row in m for v in row]
-    lo, hi = min(flat), max(flat)
-    return [[(v - lo) / (hi - lo + 1e-7) for v in row] for row in m]
-
-
-def _mse(a: list[list[float]], b: list[list[float]]) -> float:
-    flat = [(x - y) ** 2 for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
-    return sum(flat) / len(flat)
-
-
-class CamStub(nn.Module):
-    """x (B, 2, H, W) -> A = 1x1 conv with matrix M (K x 2) -> global mean -> Linear(W, bias).
-
-    By hand, with U = W M (C x 2): logits = U mean_hw(x) + bias and CAM_c = sum_ch U[c, ch] x[ch].
-    """
-
-    def __init__(self, mix: list[list[float]], weight: list[list[float]], bias: list[float]) -> None:
-        super().__init__()
-        k = len(mix)
-        self.features = nn.Conv2d(2, k, 1, bias=False)
-        self.fc = nn.Linear(k, len(bias))
-        with torch.no_grad():
-            self.features.weight.copy_(torch.tensor(mix).view(k, 2, 1, 1))
-            self.fc.weight.copy_(torch.tensor(weight))
-            self.fc.bias.copy_(torch.tensor(bias))
-        self.mix, self.weight, self.bias = mix, weight, bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean(dim=(2, 3)))
-
-    def u(self) -> list[list[float]]:
-        return [[sum(self.weight[c][k] * self.mix[k][ch] for k in range(len(self.mix))) for ch in range(2)]
-                for c in range(len(self.bias))]
-
-    def hand_logits(self, x: torch.Tensor) -> list[float]:
-        u = self.u()
-        means = [x[ch].double().mean().item() for ch in range(2)]
-        return [u[c][0] * means[0] + u[c][1] * means[1] + self.bias[c] for c in range(len(self.bias))]
-
-    def hand_cam(self, x: torch.Tensor, c: int) -> list[list[float]]:
-        u = self.u()
-        return (u[c][0] * x[0].double() + u[c][1] * x[1].double()).tolist()
-
-
-STUDENT = {"mix": [[1.0, -0.5], [0.3, 0.8], [-0.7, 0.2]],
-           "weight": [[0.5, -1.0, 0.3], [1.2, 0.4, -0.6], [-0.3, 0.9, 1.1], [0.7, 0.2, -0.8]],
-           "bias": [0.1, -0.2, 0.0, 0.3]}
-TEACHER = {"mix": [[0.6, 0.9], [-1.0, 0.4]],
-           "weight": [[1.5, -0.2], [-0.4, 1.1], [0.8, 0.6], [0.2, -0.9]],
-           "bias": [0.0, 0.5, -0.3, 0.2]}
-
 
 def _data(seed: int = 0, batch: int = 3, size: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
@@ -116,11 +39,8 @@ def _data(seed: int = 0, batch: int = 3, size: int = 3) -> tuple[torch.Tensor, t
 
 
 def _ctx(x, x_adv, y) -> BatchContext:
-    teacher = Teacher(CamStub(**TEACHER))
-    ctx = BatchContext(x=x.clone(), y=y.clone(), student=CamStub(**STUDENT),
-                       teachers=TeacherSet({"robust": teacher}), threat=THREAT)
-    ctx.x_adv = x_adv.clone()
-    return ctx
+    return batch_context(x, y, student=CamStub(**STUDENT), teachers={"robust": CamStub(**TEACHER)}, x_adv=x_adv,
+                         threat=THREAT)
 
 
 def _guidance_by_hand(x, y, gamma: float, rank_on: str, cam_class: str = "label", align: float = 1.0,
@@ -130,15 +50,15 @@ def _guidance_by_hand(x, y, gamma: float, rank_on: str, cam_class: str = "label"
     out = []
     for b in range(x.shape[0]):
         zs, zt = s.hand_logits(x[b]), t.hand_logits(x[b])
-        us, ut = (_softmax(zs), _softmax(zt)) if rank_on == "probs" else (zs, zt)
-        rho = _rho(us, ut, gamma)
+        us, ut = (softmax(zs), softmax(zt)) if rank_on == "probs" else (zs, zt)
+        r = rho(us, ut, gamma)
         if cam_class == "label":
             cs = ct = int(y[b])
         else:
             cs, ct = max(range(4), key=lambda c: zs[c]), max(range(4), key=lambda c: zt[c])
-        l_align = _mse(_normalize(t.hand_cam(x[b], ct), normalization),
-                       _normalize(s.hand_cam(x[b], cs), normalization)) if align else 0.0
-        out.append((rho, l_align))
+        l_align = mse(normalize(t.hand_cam(x[b], ct), normalization),
+                       normalize(s.hand_cam(x[b], cs), normalization)) if align else 0.0
+        out.append((r, l_align))
     return out
 
 
@@ -170,19 +90,19 @@ def test_alignment_loss_resize_targets_by_hand() -> None:
     teacher_cam = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
     student_cam = torch.arange(16.0).view(1, 4, 4) % 5
     x = torch.zeros(1, 1, 4, 4)
-    t_norm = _normalize(teacher_cam[0].tolist())
-    s_norm = _normalize(student_cam[0].tolist())
+    t_norm = normalize(teacher_cam[0].tolist())
+    s_norm = normalize(student_cam[0].tolist())
     # "teacher": the student map is brought down to 2x2 (a 2x2 average of its normalised map)
     s_down = [[sum(s_norm[2 * i + a][2 * j + b] for a in (0, 1) for b in (0, 1)) / 4 for j in (0, 1)] for i in (0, 1)]
     got = CamAlignment(resize="teacher").loss(teacher_cam, student_cam, x)
-    assert got.item() == pytest.approx(_mse(t_norm, s_down), rel=1e-5)
+    assert got.item() == pytest.approx(mse(t_norm, s_down), rel=1e-5)
     # "student" / "input" (both 4x4 here): the teacher map goes up with weights t = (0, 1/4, 3/4, 1)
     t = [0.0, 0.25, 0.75, 1.0]
     t_up = [[(1 - tp) * ((1 - tq) * t_norm[0][0] + tq * t_norm[0][1]) + tp * ((1 - tq) * t_norm[1][0]
              + tq * t_norm[1][1]) for tq in t] for tp in t]
     for resize in ("student", "input"):
         got = CamAlignment(resize=resize).loss(teacher_cam, student_cam, x)
-        assert got.item() == pytest.approx(_mse(t_up, s_norm), rel=1e-5)
+        assert got.item() == pytest.approx(mse(t_up, s_norm), rel=1e-5)
     assert alignment_loss(teacher_cam, teacher_cam, size=(7, 7)).item() == 0.0
 
 
@@ -261,7 +181,7 @@ def test_attack_loss_by_hand(cam_class: str) -> None:
     got = SmaraAD(SmaraAD.Config(cam_class=cam_class)).attack_loss(ctx, x_adv)
     s, t = CamStub(**STUDENT), CamStub(**TEACHER)
     hand = _guidance_by_hand(x_adv, y, 1000.0, "probs", cam_class)
-    expected = [_kl(_softmax(t.hand_logits(x_adv[b])), _softmax(s.hand_logits(x_adv[b]))) + hand[b][1]
+    expected = [kl(softmax(t.hand_logits(x_adv[b])), softmax(s.hand_logits(x_adv[b]))) + hand[b][1]
                 for b in range(3)]
     assert got.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert all(h[1] > 0 for h in hand)  # the CAM term is really there
@@ -390,43 +310,21 @@ def test_registration_and_validation() -> None:
     assert SmaraAD.config_from_mapping({"cam_class": "top"}).cam_class == "top"
 
 
-def test_contract() -> None:
-    host = _host()
-    check_distiller(SmaraAD, host=host)
-    check_distiller(SmaraAD, host=host, config=SmaraAD.Config(alpha=0.5, rank_on="logits", cam_class="top",
-                                                               cam_resize="student", init="uniform"))
-    check_distiller(SmaraAD, host=host, config=SmaraAD.Config(align_weight=0.0, attack_align_weight=0.0))
-
-
 # -- end to end on digits -------------------------------------------------------------------------
 
 def _host() -> PluginHost:
-    host = PluginHost.create(autoload=False)
-    if "smaraad" in host.methods:
-        return host
-    return PluginHost.create(autoload=False, extra=[smaraad])
+    return PluginHost.create(autoload=False)
 
 
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    net = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=2.0)
-    torch.save({"state_dict": net.state_dict()}, path)
-    return f"file:{path}?arch=small-cnn&width=2.0"
+    return random_teacher_spec(tmp_path_factory.mktemp("teacher") / "teacher.pt")
 
 
 def _digits(out_dir, teacher: str, **method):
-    return config_from_mapping({
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 5},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "teachers": {"robust": teacher},
-        "method": {"name": "smaraad", **method},
-        "optim": {"epochs": 2, "lr": 0.05},
-        "eval": {"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False},
-    })
+    return config_from_mapping(tiny_digits_raw(
+        out_dir, merge={"run": {"seed": SEED}}, teachers={"robust": teacher}, method={"name": METHOD, **method},
+        eval={"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False}))
 
 
 def test_distill_on_digits(tmp_path, digits_teacher) -> None:

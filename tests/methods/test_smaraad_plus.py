@@ -6,94 +6,31 @@ import math
 
 import pytest
 import torch
-from robustbench_kd_plugins import smaraad, smaraad_plus
+from cam_stubs import STUDENT, TEACHER, CamStub, mse, normalize, rho
+from robustbench_kd_plugins import smaraad_plus
 from robustbench_kd_plugins.smaraad import SmaraAD
 from robustbench_kd_plugins.smaraad_plus import SmaraADPlus, entropy_weight
-from torch import nn
 
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
-from robustbench_kd.students import build_student
-from robustbench_kd.teachers import Teacher, TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import batch_context, softmax
+from robustbench_kd.testing.runs import random_teacher_spec, tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
+METHOD, SEED = "smaraad-plus", 7
 
 
-# -- pure-Python reference formulas (same stub networks as tests/methods/test_smaraad.py) ---------
-
-def _sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
-
-
-def _softmax(row: list[float]) -> list[float]:
-    m = max(row)
-    e = [math.exp(v - m) for v in row]
-    return [v / sum(e) for v in e]
-
-
-def _rho(u: list[float], v: list[float], gamma: float) -> float:
-    ru = [sum(_sigmoid(gamma * (uj - ui)) for uj in u) for ui in u]
-    rv = [sum(_sigmoid(gamma * (vj - vi)) for vj in v) for vi in v]
-    n = len(u)
-    return 1.0 - 6.0 * sum((a - b) ** 2 for a, b in zip(ru, rv, strict=True)) / (n * (n * n - 1))
-
-
-def _relu_minmax(m: list[list[float]]) -> list[list[float]]:
-    m = [[max(v, 0.0) for v in row] for row in m]
-    flat = [v for row in m for v in row]
-    lo, hi = min(flat), max(flat)
-    return [[(v - lo) / (hi - lo + 1e-7) for v in row] for row in m]
-
-
-def _mse(a: list[list[float]], b: list[list[float]]) -> float:
-    flat = [(x - y) ** 2 for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
-    return sum(flat) / len(flat)
-
+# -- pure-Python reference formulas ----------------------------------------------------------------
 
 def _entropy_w(logits: list[float]) -> float:
-    p = _softmax(logits)
+    p = softmax(logits)
     h = -sum(pi * math.log(pi) for pi in p if pi > 0)
     return min(max(1.0 - h / math.log(len(p)), 0.0), 1.0)
-
-
-class CamStub(nn.Module):
-    """x (B, 2, H, W) -> 1x1 conv (matrix M) -> global mean -> Linear; U = W M gives logits and CAMs by hand."""
-
-    def __init__(self, mix: list[list[float]], weight: list[list[float]], bias: list[float]) -> None:
-        super().__init__()
-        k = len(mix)
-        self.features = nn.Conv2d(2, k, 1, bias=False)
-        self.fc = nn.Linear(k, len(bias))
-        with torch.no_grad():
-            self.features.weight.copy_(torch.tensor(mix).view(k, 2, 1, 1))
-            self.fc.weight.copy_(torch.tensor(weight))
-            self.fc.bias.copy_(torch.tensor(bias))
-        self.u = [[sum(weight[c][j] * mix[j][ch] for j in range(k)) for ch in range(2)] for c in range(len(bias))]
-        self.b = bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean(dim=(2, 3)))
-
-    def hand_logits(self, x: torch.Tensor) -> list[float]:
-        means = [x[ch].double().mean().item() for ch in range(2)]
-        return [self.u[c][0] * means[0] + self.u[c][1] * means[1] + self.b[c] for c in range(len(self.b))]
-
-    def hand_cam(self, x: torch.Tensor, c: int) -> list[list[float]]:
-        return (self.u[c][0] * x[0].double() + self.u[c][1] * x[1].double()).tolist()
-
-
-STUDENT = {"mix": [[1.0, -0.5], [0.3, 0.8], [-0.7, 0.2]],
-           "weight": [[0.5, -1.0, 0.3], [1.2, 0.4, -0.6], [-0.3, 0.9, 1.1], [0.7, 0.2, -0.8]],
-           "bias": [0.1, -0.2, 0.0, 0.3]}
-TEACHER = {"mix": [[0.6, 0.9], [-1.0, 0.4]],
-           "weight": [[1.5, -0.2], [-0.4, 1.1], [0.8, 0.6], [0.2, -0.9]],
-           "bias": [0.0, 0.5, -0.3, 0.2]}
 
 
 def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,11 +41,8 @@ def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _ctx(x, x_adv, y, epoch: int = 0) -> BatchContext:
-    ctx = BatchContext(x=x.clone(), y=y.clone(), student=CamStub(**STUDENT),
-                       teachers=TeacherSet({"robust": Teacher(CamStub(**TEACHER))}), threat=THREAT, epoch=epoch,
-                       num_epochs=3)
-    ctx.x_adv = x_adv.clone()
-    return ctx
+    return batch_context(x, y, student=CamStub(**STUDENT), teachers={"robust": CamStub(**TEACHER)}, x_adv=x_adv,
+                         threat=THREAT, epoch=epoch, num_epochs=3)
 
 
 def _eq10_by_hand(x, x_adv, y, *, gamma=1000.0, rank_on="probs", c=2.0, lam=0.1, sign=-1.0,
@@ -119,14 +53,14 @@ def _eq10_by_hand(x, x_adv, y, *, gamma=1000.0, rank_on="probs", c=2.0, lam=0.1,
         yb = int(y[b])
         zs_adv, zs_nat = s.hand_logits(x_adv[b]), s.hand_logits(x[b])
         zt_adv, zt_nat = t.hand_logits(x_adv[b]), t.hand_logits(x[b])
-        scores = (lambda z: _softmax(z)) if rank_on == "probs" else (lambda z: z)
-        guidance = c - _rho(scores(zs_adv), scores(zt_adv), gamma) + _mse(
-            _relu_minmax(t.hand_cam(x_adv[b], yb)), _relu_minmax(s.hand_cam(x_adv[b], yb)))
-        reliability = _softmax(zt_adv)[yb] ** lam
+        scores = (lambda z: softmax(z)) if rank_on == "probs" else (lambda z: z)
+        guidance = c - rho(scores(zs_adv), scores(zt_adv), gamma) + mse(
+            normalize(t.hand_cam(x_adv[b], yb)), normalize(s.hand_cam(x_adv[b], yb)))
+        reliability = softmax(zt_adv)[yb] ** lam
         w = _entropy_w({"teacher_adv": zt_adv, "teacher_clean": zt_nat, "student_adv": zs_adv,
                         "student_clean": zs_nat}[source])
-        ce = -math.log(_softmax(zs_nat)[yb])
-        self_term = sign * _rho(scores(zs_nat), scores(zs_adv), gamma)
+        ce = -math.log(softmax(zs_nat)[yb])
+        self_term = sign * rho(scores(zs_nat), scores(zs_adv), gamma)
         total += reliability * w * guidance + (1 - reliability) * (self_term + ce)
     return total / x.shape[0]
 
@@ -155,9 +89,9 @@ def test_eq10_by_hand_default() -> None:
     out = SmaraADPlus().loss(_ctx(x, x_adv, y))
     assert out.total.item() == pytest.approx(_eq10_by_hand(x, x_adv, y), rel=1e-5)
     s, t = CamStub(**STUDENT), CamStub(**TEACHER)
-    rel = [_softmax(t.hand_logits(x_adv[b]))[int(y[b])] ** 0.1 for b in range(4)]
+    rel = [softmax(t.hand_logits(x_adv[b]))[int(y[b])] ** 0.1 for b in range(4)]
     assert out.terms["reliability"].item() == pytest.approx(sum(rel) / 4, rel=1e-5)
-    ce = [-math.log(_softmax(s.hand_logits(x[b]))[int(y[b])]) for b in range(4)]
+    ce = [-math.log(softmax(s.hand_logits(x[b]))[int(y[b])]) for b in range(4)]
     assert out.terms["ce_nat"].item() == pytest.approx(sum(ce) / 4, rel=1e-5)
 
 
@@ -233,45 +167,21 @@ def test_registration_and_validation() -> None:
     assert SmaraADPlus.config_from_mapping({"self_rho_sign": 1.0, "cam_class": "top"}).self_rho_sign == 1.0
 
 
-def test_contract() -> None:
-    host = _host()
-    check_distiller(SmaraADPlus, host=host)
-    check_distiller(SmaraADPlus, host=host, config=SmaraADPlus.Config(
-        alpha=0.5, rank_on="logits", self_rho_sign=1.0, entropy_source="student_clean", cam_class="top",
-        detach_self_target=True))
-    check_distiller(SmaraADPlus, host=host, config=SmaraADPlus.Config(begin_epoch=1), epoch=0)
-
-
 # -- end to end on digits -------------------------------------------------------------------------
 
 def _host() -> PluginHost:
-    host = PluginHost.create(autoload=False)
-    if "smaraad-plus" in host.methods:
-        return host
-    extra = [smaraad_plus] if "smaraad" in host.methods else [smaraad, smaraad_plus]
-    return PluginHost.create(autoload=False, extra=extra)
+    return PluginHost.create(autoload=False)
 
 
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    net = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=2.0)
-    torch.save({"state_dict": net.state_dict()}, path)
-    return f"file:{path}?arch=small-cnn&width=2.0"
+    return random_teacher_spec(tmp_path_factory.mktemp("teacher") / "teacher.pt")
 
 
 def _digits(out_dir, teacher: str, **method):
-    return config_from_mapping({
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 7},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "teachers": {"robust": teacher},
-        "method": {"name": "smaraad-plus", **method},
-        "optim": {"epochs": 2, "lr": 0.05},
-        "eval": {"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False},
-    })
+    return config_from_mapping(tiny_digits_raw(
+        out_dir, merge={"run": {"seed": SEED}}, teachers={"robust": teacher}, method={"name": METHOD, **method},
+        eval={"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False}))
 
 
 def test_distill_on_digits(tmp_path, digits_teacher) -> None:
