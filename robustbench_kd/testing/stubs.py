@@ -118,3 +118,40 @@ def wmse(target_logits: Sequence[float] | torch.Tensor, learner_logits: Sequence
         w = [[float(a) * float(b) for b in rows] for a in rows]
     c = len(t)
     return 0.25 * sum(w[j][k] * ((t[j] - t[k]) - (lr[j] - lr[k])) ** 2 for j in range(c) for k in range(c))
+
+
+def attacked_batch(distiller: nn.Module, student: nn.Module, teachers: Mapping[str, nn.Module] = {}, *,
+                   threat: ThreatSpec, batch: int = 4, num_classes: int = 10) -> BatchContext:
+    """A random batch of 1x8x8 images (for ``TinyNet``) attacked as the trainer would: ``distiller.prepare``,
+    then a :class:`~robustbench_kd.attacks.DistillationAttack` with the distiller's own spec and attack loss.
+
+    ``teachers`` are already-built :class:`~robustbench_kd.teachers.Teacher` objects (or ensembles).
+    """
+    from typing import Any
+
+    from robustbench_kd.attacks import DistillationAttack
+
+    method: Any = distiller  # a Distiller
+    ctx = BatchContext(x=torch.rand(batch, 1, 8, 8), y=torch.randint(0, num_classes, (batch,)), student=student,
+                       teachers=TeacherSet(dict(teachers)), threat=threat)
+    method.prepare(ctx)
+    spec = method.attack_spec(threat)
+    attack = DistillationAttack(student, lambda xa: method.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
+                                steps=spec.steps, norm=spec.norm, init=spec.init, init_std=spec.init_std,
+                                student_mode=spec.student_mode, allow_large_step=spec.large_step)
+    ctx.x_adv = attack(ctx.x, ctx.y)
+    return ctx
+
+
+def assert_loss_trains_student(distiller: nn.Module, ctx: BatchContext, frozen: Sequence[nn.Module] = ()) -> None:
+    """The attacked batch stays in the eps-ball, the loss is a finite scalar, and its backward reaches every
+    student parameter and no parameter of the ``frozen`` modules (teachers)."""
+    assert (ctx.x_adv - ctx.x).abs().max() <= ctx.threat.eps + 1e-6
+    from typing import Any
+
+    method: Any = distiller  # a Distiller
+    out = method.loss(ctx)
+    assert torch.isfinite(out.total) and out.total.ndim == 0
+    out.total.backward()
+    assert all(p.grad is not None for p in ctx.student.parameters())
+    assert all(p.grad is None for module in frozen for p in module.parameters())

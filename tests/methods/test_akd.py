@@ -8,13 +8,12 @@ from robustbench_kd_plugins import akd
 from robustbench_kd_plugins.akd import AKD
 from torch import nn
 
-from robustbench_kd.attacks import DistillationAttack
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.registry import Registry
 from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
 from robustbench_kd.testing import Affine, TinyNet, batch_context, check_distiller, softmax
-from robustbench_kd.testing.stubs import soft_cross_entropy
+from robustbench_kd.testing.stubs import assert_loss_trains_student, attacked_batch, soft_cross_entropy
 from robustbench_kd.threat import ThreatSpec
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
@@ -108,20 +107,9 @@ def test_end_to_end_batch_with_ensemble() -> None:
     ensemble = EnsembleTeacher(teachers, weights=[0.25, 0.75])
     distiller = AKD()
     threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
-    ctx = BatchContext(x=torch.rand(4, 1, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
-                       teachers=TeacherSet({"robust": ensemble}), threat=threat)
-    distiller.prepare(ctx)
-    spec = distiller.attack_spec(threat)
-    atk = DistillationAttack(student, lambda xa: distiller.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
-                             steps=spec.steps, init=spec.init, student_mode=spec.student_mode)
-    ctx.x_adv = atk(ctx.x, ctx.y)
+    ctx = attacked_batch(distiller, student, {"robust": ensemble}, threat=threat)
     assert student.training
-    assert (ctx.x_adv - ctx.x).abs().max() <= threat.eps + 1e-6
-    out = distiller.loss(ctx)
-    assert torch.isfinite(out.total) and out.total.ndim == 0
-    out.total.backward()
-    assert all(p.grad is not None for p in student.parameters())
-    assert all(p.grad is None for t in teachers for p in t.parameters())
+    assert_loss_trains_student(distiller, ctx, frozen=teachers)
 
 
 def test_registration_and_validation() -> None:

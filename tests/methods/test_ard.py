@@ -7,14 +7,13 @@ import torch
 from robustbench_kd_plugins import ard
 from robustbench_kd_plugins.ard import ARD, ard_loss
 
-from robustbench_kd.attacks import DistillationAttack
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.registry import Registry
-from robustbench_kd.teachers import Teacher, TeacherSet
+from robustbench_kd.teachers import Teacher
 from robustbench_kd.testing import Affine, TinyNet, batch_context, cross_entropy, softmax
 from robustbench_kd.testing import kl as kl_ref
-from robustbench_kd.testing.stubs import soft_cross_entropy, wmse
+from robustbench_kd.testing.stubs import assert_loss_trains_student, attacked_batch, soft_cross_entropy, wmse
 from robustbench_kd.threat import ThreatSpec
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
@@ -93,24 +92,12 @@ def test_end_to_end_batch_attack_in_train_mode_updates_bn() -> None:
     torch.manual_seed(0)
     student, teacher = TinyNet(10).train(), Teacher(TinyNet(10, seed=1))
     distiller = ARD()
+    tracked = int(student.bn.num_batches_tracked)
     threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=3)
-    ctx = BatchContext(x=torch.rand(4, 1, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
-                       teachers=TeacherSet({"robust": teacher}), threat=threat)
-    distiller.prepare(ctx)
-    spec = distiller.attack_spec(threat)
-    bn = student.bn
-    tracked = int(bn.num_batches_tracked)
-    atk = DistillationAttack(student, lambda xa: distiller.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
-                             steps=spec.steps, init=spec.init, student_mode=spec.student_mode)
-    ctx.x_adv = atk(ctx.x, ctx.y)
-    assert int(bn.num_batches_tracked) == tracked + 3  # batch statistics at every attack step
+    ctx = attacked_batch(distiller, student, {"robust": teacher}, threat=threat)
+    assert int(student.bn.num_batches_tracked) == tracked + 3  # batch statistics at every attack step
     assert student.training
-    assert (ctx.x_adv - ctx.x).abs().max() <= threat.eps + 1e-6
-    out = distiller.loss(ctx)
-    assert torch.isfinite(out.total) and out.total.ndim == 0
-    out.total.backward()
-    assert all(p.grad is not None for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
+    assert_loss_trains_student(distiller, ctx, frozen=[teacher])
 
 
 def test_registration_and_validation() -> None:

@@ -8,13 +8,13 @@ from robustbench_kd_plugins import trades
 from robustbench_kd_plugins.trades import CLEAN_PROBS_KEY, TRADES
 from torch import nn
 
-from robustbench_kd.attacks import DistillationAttack
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
 from robustbench_kd.registry import Registry
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.testing import Affine, TinyNet, batch_context, cross_entropy, softmax
 from robustbench_kd.testing import kl as kl_ref
+from robustbench_kd.testing.stubs import assert_loss_trains_student, attacked_batch
 from robustbench_kd.threat import ThreatSpec
 
 THREAT = ThreatSpec(eps=0.031, alpha=0.007, steps=10)
@@ -99,26 +99,14 @@ def test_end_to_end_batch_attack_target_in_eval_mode() -> None:
     student = TinyNet(10).train()
     student.bn.running_mean.uniform_(-0.5, 0.5)  # make eval and train BN outputs differ
     distiller = TRADES()
-    threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=2)
-    ctx = BatchContext(x=torch.rand(4, 1, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
-                       teachers=TeacherSet(), threat=threat)
-    distiller.prepare(ctx)
-    spec = distiller.attack_spec(threat)
-    atk = DistillationAttack(student, lambda xa: distiller.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
-                             steps=spec.steps, init=spec.init, init_std=spec.init_std,
-                             student_mode=spec.student_mode)
-    ctx.x_adv = atk(ctx.x, ctx.y)
+    ctx = attacked_batch(distiller, student, threat=ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=2))
     assert student.training
     student.eval()
     with torch.no_grad():
         eval_probs = torch.softmax(student(ctx.x), dim=1)
     student.train()
     assert torch.allclose(ctx.extras[CLEAN_PROBS_KEY], eval_probs, atol=1e-6)
-    assert (ctx.x_adv - ctx.x).abs().max() <= threat.eps + 1e-6
-    out = distiller.loss(ctx)
-    assert out.total.ndim == 0 and torch.isfinite(out.total)
-    out.total.backward()
-    assert all(p.grad is not None for p in student.parameters())
+    assert_loss_trains_student(distiller, ctx)
 
 
 def test_attack_target_uses_eval_bn_whoever_calls_first_and_restores_modes() -> None:
