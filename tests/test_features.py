@@ -230,7 +230,7 @@ def test_reading_before_any_forward_is_an_error() -> None:
 
 
 def test_model_without_linear_is_rejected() -> None:
-    with pytest.raises(UserError, match="no nn.Linear"):
+    with pytest.raises(UserError, match=r"no nn\.Linear"):
         FeatureTap(nn.Sequential(nn.Conv2d(3, 3, 1)))
 
 

@@ -108,7 +108,7 @@ def test_gradients_are_not_detached_and_nonzero_near_ties() -> None:
 
 
 def test_gradients_vanish_far_from_ties_at_gamma_1000() -> None:
-    """The documented §14.9 weakness: well separated scores give (numerically) zero gradient."""
+    """The documented weakness at gamma = 1000: well separated scores give (numerically) zero gradient."""
     u = torch.tensor([[0.6, 0.3, 0.1]], requires_grad=True)
     rho = soft_spearman(u, torch.tensor([[0.1, 0.3, 0.6]]), 1000.0)
     (grad,) = torch.autograd.grad(rho.sum(), u)

@@ -1,7 +1,7 @@
 """Attribution-region (class activation map) alignment between a teacher and a student, in torch.
 
-SmaraAD (Yin et al., CVPR 2024, Eqs. 6-7; methods.md §8.1 d-e) makes the student attend to the same
-image regions as the teacher by matching their class activation maps (CAM, Zhou et al. 2016)::
+SmaraAD (Yin et al., CVPR 2024, Eqs. 6-7) makes the student attend to the same image regions as the
+teacher by matching their class activation maps (CAM, Zhou et al. 2016)::
 
     CAM_M(x)[h, w] = sum_k W_M[c, k] * A_M(x)[k, h, w]                                   (Eq. 6)
     L_align(x)     = 1/(W H) sum_{i,j} ( G(N(CAM_T(x)))_ij - G(N(CAM_S(x)))_ij )^2        (Eq. 7)
@@ -9,13 +9,13 @@ image regions as the teacher by matching their class activation maps (CAM, Zhou 
 A_M is model M's last feature map (the map that is globally average-pooled before the final
 ``nn.Linear``), W_M that Linear's weight, c the class the map explains, N a per-image normalisation
 and G a bilinear resize that brings both maps to a common W x H. The paper points to
-pytorch-grad-cam for the CAMs; that library returns numpy arrays and cannot be trained through
-(methods.md §14.10), so everything here is torch and keeps the autograd graph: gradients reach the
-student's parameters in the outer loss and the *input* through both models inside the attack.
+pytorch-grad-cam for the CAMs; that library returns numpy arrays and cannot be trained through, so
+everything here is torch and keeps the autograd graph: gradients reach the student's parameters in the
+outer loss and the *input* through both models inside the attack.
 
-Choices the paper leaves open (methods.md §13.9 iii), as options of :class:`CamAlignment`:
+Choices the paper leaves open, as options of :class:`CamAlignment`:
 
-* ``classes``: ``"label"`` -- c = the ground-truth y for both models ([SUGGESTION], so both maps
+* ``classes``: ``"label"`` -- c = the ground-truth y for both models (our choice, so both maps
   explain the same class) -- or ``"top"`` -- each model's own arg-max class (pytorch-grad-cam's
   default target).
 * ``normalization`` N: ``"relu_minmax"`` -- ReLU, then per image ``(m - min) / (max - min + 1e-7)``

@@ -1,7 +1,8 @@
 """Differentiable (soft) ranks and the soft Spearman correlation, batched over samples.
 
-SmaraAD's slack matching (Yin et al., CVPR 2024, Eqs. 2-5; methods.md §8.1 a-c) replaces the KL
-between teacher and student outputs by (minus) the Spearman rank correlation of the two score
+SmaraAD's slack matching (Yin et al., 'Adversarial Distillation Based on Slack Matching and
+Attribution Region Alignment', CVPR 2024, Eqs. 2-5) replaces the KL between teacher and student outputs
+by (minus) the Spearman rank correlation of the two score
 vectors, with the hard ranks replaced by sigmoid-smoothed ones so that the loss has a gradient.
 
 Soft rank
@@ -40,12 +41,12 @@ Gradient (why gamma = 1000 gives vanishing gradients)
 dr_i/du_k = gamma * s_ik (1 - s_ik) for k != i (and minus the sum of those for k = i), with
 s_ik = sigmoid(gamma (u_k - u_i)). The factor gamma s (1 - s) is below 5e-4 * gamma once
 |gamma (u_k - u_i)| > 10, so with gamma = 1000 only pairs whose scores differ by less than ~0.01
-carry gradient (methods.md §14.9). On softmax probabilities that is mostly the many near-zero
-probabilities of unlikely classes; the top classes are usually far apart and then get no gradient.
+carry gradient. On softmax probabilities that is mostly the many near-zero probabilities of unlikely
+classes; the top classes are usually far apart and then get no gradient.
 :func:`near_tie_fraction` measures the share of pairs that still carry gradient.
 
-Pitfalls avoided (methods.md §8.3, §14.9): the public snippet builds ``torch.tensor(list_of_tensors)``,
-which detaches the ranks (zero gradient), and loops over the entries of one 1-D vector, which silently
+Pitfalls avoided: the public SmaraAD snippet builds ``torch.tensor(list_of_tensors)``, which detaches the
+ranks (zero gradient), and loops over the entries of one 1-D vector, which silently
 computes nonsense on a (B, C) batch. Here everything is broadcast on tensors, per sample along the
 last dimension, and the graph is kept.
 """
