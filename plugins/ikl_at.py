@@ -151,7 +151,7 @@ class IKLAT(Distiller):
             in gradient.
         eps_schedule (str): ``"linear"`` or ``"constant"``. (Default: "linear", code.)
         attack_budget (str): ``"high"``, ``"intended"``, ``"low"`` or ``"threat"``. (Default: "high",
-            scripts -- see above.)
+            scripts -- see the module docstring.)
         attack_mse_weight (float | None): weight of the wMSE in the attack loss (sCE weight 1). None =
             reference default: 0 (``train_dkl_cifar10.py``) unless the run has 100 classes, then 1
             (``train_dkl_cifar100.py`` attacks with ``dkl_loss(..., 1.0, 1.0)``). (Default: None.)

@@ -20,7 +20,7 @@ gradient, but MTARD feeds the values into its weights, so it is kept by default
 (``teacher_log_eps=0`` gives the exact KL). Student forwards as the reference: student(x') then
 student(x), both in train mode, separate passes.
 
-Adaptive Normalization Loss (reference code; once per training batch, inside :meth:`loss`, i.e.
+Adaptive Normalization Loss (reference code; once per training batch, inside ``MTARD.loss``, i.e.
 after the forwards and BEFORE backward, no gradient)::
 
     first batch of training only:  L_adv^0 = L_adv,  L_nat^0 = L_nat      (never reset)

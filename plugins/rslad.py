@@ -37,7 +37,7 @@ with Dt_jk = z_T(x)^j - z_T(x)^k (teacher on the clean batch, detached), Ds_jk t
 the student's logits on x' (resp. x), which receive the wMSE gradient (IKL's "broken asymmetry":
 in plain KL the student gets none of it). w_y = s_bar_y s_bar_y^T with s_bar_y the mean of the
 teacher's clean ``softmax(z_T/ikl_prior_temperature)`` over class y in the previous epoch (uniform
-1/C in the first epoch; accumulated in :meth:`after_step`, finalised in :meth:`on_epoch_end`, saved
+1/C in the first epoch; accumulated in ``after_step``, finalised in ``on_epoch_end``, saved
 in the checkpoint as buffers ``prior.*``); ``ikl_class_prior=False`` uses per-sample teacher weights
 instead. The sCE has KL's gradient, so ``ikl_mse_weight=0`` trains exactly like ``divergence="kl"``.
 Reductions, s and lam apply as for the KL. The attack keeps the KL: its input gradient equals that

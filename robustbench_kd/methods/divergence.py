@@ -4,8 +4,10 @@ Cui, Tian, Zhong, Qi, Yu, Zhang, 'Decoupled Kullback-Leibler Divergence Loss', N
 [https://arxiv.org/abs/2305.13948]; reference code jiequancui/DKL (``DKLv1`` = IKL).
 
 This module holds the loss maths (:func:`ikl_per_sample` and its parts), IKL's class prior
-(:class:`ClassPrior`) and the divergence component of the methods that can swap their KL for IKL
-(:class:`DivergenceOptions`, :class:`Divergence`; used by ard and rslad, and by ikl-at for its weights).
+(:class:`ClassPrior`) and the divergence component of the methods that can swap their KL for IKL:
+:class:`DivergenceOptions` (their five ``divergence`` / ``ikl_*`` options), :class:`Divergence` (the
+KL-or-IKL term with its weights and prior) and :class:`DivergenceDistiller` (the base that owns one and
+updates its prior); ard and rslad derive from them, ikl-at uses :class:`Divergence` for its weights.
 
 Notation: ``o_t`` are the TARGET-side logits (teacher in distillation, the natural branch z(x) in
 adversarial training), ``o_l`` the LEARNER-side logits (student, adversarial branch z(x')),
@@ -324,10 +326,11 @@ class Divergence:
     class y in the previous epoch, uniform 1/C in the first) or the sample's own
     ``softmax(z_T / prior_temperature)`` (:meth:`weight_vectors`).
 
-    Not an ``nn.Module``: the owning distiller registers :attr:`prior` as its own submodule ``prior``, so
-    its buffers are saved as ``prior.prior`` / ``prior.accumulator``; :attr:`prior` is None (no state at
-    all) unless the kind is ``"ikl"`` with a class prior. Per training batch call :meth:`accumulate` with
-    the target-side logits (after the optimiser step), and :meth:`finalize` at the end of every epoch.
+    Not an ``nn.Module``: the owning distiller registers :attr:`prior` as its own submodule ``prior`` (as
+    :class:`DivergenceDistiller` does), so its buffers are saved as ``prior.prior`` / ``prior.accumulator``;
+    :attr:`prior` is None (no state at all) unless the kind is ``"ikl"`` with a class prior. Per training
+    batch call :meth:`accumulate` with the target-side logits (after the optimiser step), and
+    :meth:`finalize` at the end of every epoch.
 
     Args:
         kind: ``"kl"`` or ``"ikl"`` (:data:`DIVERGENCES`).
