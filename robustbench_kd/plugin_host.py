@@ -50,7 +50,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("smaraad-plus", "robustbench_kd_plugins.smaraad_plus"),
     ("gacd", "robustbench_kd_plugins.gacd"),
     ("ikl-at", "robustbench_kd_plugins.ikl_at"),
-    ("diagnostics", "robustbench_kd_plugins.diagnostics"),  # issue 7: per-epoch diagnostics observer
+    ("diagnostics", "robustbench_kd_plugins.diagnostics"),  # per-epoch diagnostics observer
 )
 
 
