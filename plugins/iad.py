@@ -213,8 +213,8 @@ class IAD(IntrospectionWarmUp, Distiller):
         self.weight_teacher_term = bool(cfg.resolved("weight_teacher_term"))
         self.clean_forward_when_unused = bool(cfg.resolved("clean_forward_when_unused"))
         # Roles of this instance (the trainer checks the configured teachers against these).
-        self.teacher_roles = ("robust", "natural") if cfg.variant == "II" else ("robust",)
-        self.optional_teacher_roles = ()
+        self.teacher_roles = ("robust", "natural") if cfg.variant == "II" else ("robust",)  # type: ignore[misc]
+        self.optional_teacher_roles = ()  # type: ignore[misc]
         self._epoch = 0
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:

@@ -99,7 +99,7 @@ class Registrar:
     def add(self, name_or_obj: Any, value: Any = None, *, description: str = "") -> None:
         """Register ``value`` under ``name``; for methods call ``add(DistillerClass)``."""
         if value is None and hasattr(name_or_obj, "name") and isinstance(name_or_obj, type):
-            cls = name_or_obj
+            cls: Any = name_or_obj  # a Distiller subclass
             cls.check_class()
             doc = (cls.__doc__ or "").strip().splitlines()
             self._registry._add(cls.name, cls, plugin=self.plugin,

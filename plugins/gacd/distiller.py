@@ -212,6 +212,13 @@ class GACD(Distiller):
         ot_iters: int = option(100, low=0, low_open=True, integer=True, help="maximum Sinkhorn iterations")
         ot_tol: float = option(0.1, low=0, help="Sinkhorn early-stop threshold; 0 = never stop early")
 
+    # Registered buffers (see __init__); declared here for the type checker.
+    memory_s: Tensor
+    memory_t: Tensor
+    memory_labels: Tensor
+    nce_z: Tensor
+    nce_z_set: Tensor
+
     #: buffers whose first dimension is the training-set size (resized when a checkpoint is loaded).
     _BANK_BUFFERS: ClassVar[tuple[str, ...]] = ("memory_s", "memory_t", "memory_labels")
 

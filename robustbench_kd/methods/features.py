@@ -145,8 +145,8 @@ class FeatureTap:
             raise UserError("feature_map_transform needs feature_map_module as well")
         # A torch.compile view ([speed] compile): hook the module it wraps. The view's own call does not run
         # hooks registered on the view, while the wrapped module's hooks run inside the compiled call.
-        while isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        while isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
+            model = inner
         self.model = model
         self.fc_name, self.fc = final_linear(model, fc_module)
         self._want_penultimate = penultimate
