@@ -54,7 +54,8 @@ from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.students import build_student
-from robustbench_kd.training.loop import setup_run, train_one_epoch
+from robustbench_kd.training.loop import train_one_epoch
+from robustbench_kd.training.setup import setup_run
 
 EPS, ALPHA, LR = 0.2, 0.05, 0.01
 LOCKSTEP = Lockstep()  # registered on the benchmark's plugin host; idle outside lockstep rounds

@@ -24,7 +24,8 @@ from robustbench_kd.config import config_from_mapping
 from robustbench_kd.data.datasets import DataSplits
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.students import build_student
-from robustbench_kd.training.loop import setup_run, train_one_epoch
+from robustbench_kd.training.loop import train_one_epoch
+from robustbench_kd.training.setup import setup_run
 
 SWITCHES = {
     "off": {},

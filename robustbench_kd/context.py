@@ -4,10 +4,17 @@ Teacher outputs are memoised per batch (computed once, without gradients, in eva
 several places need them: a method's ``prepare``, every attack step, and the outer loss. Student
 outputs are never memoised: the student runs in different BN modes and with different gradient
 needs in the attack and in the loss.
+
+Under torchrun the outer loss runs through the DistributedDataParallel wrapper of the student and
+everything else (``prepare``, the attack, ``after_step``, observers) on the plain student. The step
+therefore hands ``distiller.loss`` a second context, :meth:`BatchContext.with_student`, that shares this
+batch's tensors, teacher memo, ``x_adv`` and ``extras`` and differs only in ``student``; one context is
+never switched from one network to the other.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +33,8 @@ class BatchContext:
         x: clean inputs in [0,1], on the training device.
         y: int64 labels.
         index: dataset indices of the samples (for per-sample state), or None.
-        student: the network being trained.
+        student: the network this phase of the step calls: the student being trained (its compiled view
+            under ``speed.compile``); in ``distiller.loss`` under torchrun, its DDP wrapper.
         teachers: teachers by role.
         threat: the run's threat model.
         epoch, num_epochs: 0-based epoch and total epochs.
@@ -48,6 +56,14 @@ class BatchContext:
     _x_adv: Tensor | None = field(default=None, repr=False)
     _memo: dict[tuple[str, str], Tensor] = field(default_factory=dict, repr=False)  # (role, on) -> logits
     _probs: dict[tuple[str, str, float], Tensor] = field(default_factory=dict, repr=False)  # + temperature
+
+    def with_student(self, student: nn.Module) -> BatchContext:
+        """This batch with ``student`` as the network: a second context sharing the tensors, the teacher
+        memo, ``x_adv`` and ``extras`` (the same objects, not copies). The step gives it to
+        ``distiller.loss`` under torchrun, with the DDP wrapper as ``student``."""
+        view = copy.copy(self)
+        view.student = student
+        return view
 
     @property
     def x_adv(self) -> Tensor:

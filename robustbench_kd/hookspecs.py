@@ -88,8 +88,9 @@ def rbkd_make_attack(distiller: Distiller, student: nn.Module, spec: AttackSpec,
 
     Return a callable ``attack(x, y) -> x_adv`` (a ``torchattacks.Attack``) or None to let the next
     implementation decide. The trainer calls this once per epoch for each distinct ``spec`` and
-    reuses the attack for every batch with that spec; ``loss_fn`` always evaluates the batch being
-    attacked, so call it inside ``attack`` (do not precompute anything from it here). The built-in
+    reuses the attack for every batch with that spec; ``loss_fn`` evaluates the batch being attacked
+    and is bound to it only while ``attack(x, y)`` runs, so call it inside ``attack`` (calling it here,
+    while building, raises). The built-in
     (``trylast``) returns :class:`robustbench_kd.attacks.DistillationAttack`. A plugin can substitute APGD, FGSM with
     random start, or an early-stopped PGD for some methods.
 

@@ -114,7 +114,8 @@ def test_two_processes_with_extra_data_match_one_process(tmp_path):
     single = train(config_from_mapping(raw_config(tmp_path / "one", data=data)))
     proc = torchrun(write_config(tmp_path / "run.yaml", raw_config(tmp_path / "two", data=data)))
     check_ok(proc)
-    assert_same_weights(student_weights(tmp_path / "two"), {k: v.detach() for k, v in single.student.state_dict().items()})
+    assert_same_weights(student_weights(tmp_path / "two"),
+                        {k: v.detach() for k, v in single.student.state_dict().items()})
     rows = [yaml.safe_load(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in single.history], rel=1e-4)
 
@@ -220,5 +221,5 @@ def test_single_process_is_unchanged_without_torchrun(monkeypatch):
     env = distributed.from_environ()
     assert not env.enabled and env.is_main
     batches = [(torch.zeros(4, 1, 8, 8), torch.arange(4), torch.arange(4))]
-    (x, y, index), = distributed.shard_batches(batches, torch.device("cpu"))
+    (_x, y, _index), = distributed.shard_batches(batches, torch.device("cpu"))
     assert len(y) == 4 and distributed.rank_seed(123) == 123

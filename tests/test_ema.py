@@ -74,9 +74,9 @@ def test_ema_config_validation():
     assert EmaSection().decay == 0 and not EmaSection().enabled
     with pytest.raises(UserError, match=r"ema.decay must be 0 \(off\) or in \(0, 1\)"):
         config_from_mapping({"ema": {"decay": 1.0}})
-    with pytest.raises(UserError, match="ema.every must be >= 1"):
+    with pytest.raises(UserError, match=r"ema.every must be >= 1"):
         config_from_mapping({"ema": {"decay": 0.99, "every": 0}})
-    with pytest.raises(UserError, match="unknown key ema.decy"):
+    with pytest.raises(UserError, match=r"unknown key ema.decy"):
         config_from_mapping({"ema": {"decy": 0.99}})
 
 

@@ -137,7 +137,7 @@ def test_bad_files_are_one_line_errors(tmp_path, arrays, match):
 
 def test_not_an_npz_and_missing_file(tmp_path):
     (tmp_path / "x.npz").write_text("hello")
-    with pytest.raises(UserError, match="not an .npz"):
+    with pytest.raises(UserError, match=r"not an .npz"):
         memmap_npz(tmp_path / "x.npz")
     with pytest.raises(UserError, match="does not exist"):
         memmap_npz(tmp_path / "missing.npz")
@@ -160,11 +160,12 @@ def test_gacd_refuses_extra_data(tmp_path, host):
     teacher_dir = tmp_path / "teacher"
     teacher = train(digits_config(teacher_dir, path), host=host)
     cfg = config_from_mapping({
-        **{k: v for k, v in digits_config(tmp_path / "gacd", path).to_dict().items() if k not in ("method", "teachers")},
+        **{k: v for k, v in digits_config(tmp_path / "gacd", path).to_dict().items()
+           if k not in ("method", "teachers")},
         "method": {"name": "gacd", "nce_k": 8},
         "teachers": {"robust": f"file:{teacher.checkpoint_dir / 'last.pt'}"},
     })
-    with pytest.raises(UserError, match="'gacd' keeps per-sample state .* remove data.extra_path"):
+    with pytest.raises(UserError, match=r"'gacd' keeps per-sample state .* remove data.extra_path"):
         train(cfg, host=host)
 
 

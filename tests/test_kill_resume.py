@@ -1,4 +1,4 @@
-"""Exact kill-and-resume and atomic state (issue 6).
+"""Exact kill-and-resume and atomic state.
 
 ``robustbench-kd distill`` runs as a subprocess with a step checkpoint after every optimiser step and is
 killed with SIGKILL, then resumed with ``--resume``, again and again, until it finishes. Some kills land at
@@ -32,7 +32,7 @@ from robustbench_kd.config import config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.storage.checkpoint import load_checkpoint, save_checkpoint
 from robustbench_kd.testing.runs import tiny_digits_raw
-from robustbench_kd.training import loop as trainer
+from robustbench_kd.training import checkpoints as run_checkpoints
 from robustbench_kd.training.loop import train
 
 # Installed in the subprocess only: RBKD_TEST_KILL="N:mode" kills the process with SIGKILL in the N-th
@@ -137,7 +137,7 @@ def assert_bitwise_equal(a, b, where="checkpoint"):
             assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             assert_bitwise_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
@@ -301,14 +301,14 @@ def test_mid_epoch_resume_is_exact_with_ema_and_method_state(tmp_path, host, mon
     class Stop(Exception):
         pass
 
-    real = trainer.save_checkpoint
+    real = run_checkpoints.save_checkpoint
 
     def stop_after_second_epoch_step_checkpoint(path, payload):
         real(path, payload)
         if payload["position"] is not None and payload["epoch"] == 1:
             raise Stop  # like a kill right after the write
 
-    monkeypatch.setattr(trainer, "save_checkpoint", stop_after_second_epoch_step_checkpoint)
+    monkeypatch.setattr(run_checkpoints, "save_checkpoint", stop_after_second_epoch_step_checkpoint)
     split = cfg(tmp_path / "split")
     with pytest.raises(Stop):
         train(split, host=host)
@@ -325,5 +325,5 @@ def test_mid_epoch_resume_is_exact_with_ema_and_method_state(tmp_path, host, mon
 
 
 def test_every_steps_must_not_be_negative():
-    with pytest.raises(UserError, match="checkpoint.every_steps must be >= 0"):
+    with pytest.raises(UserError, match=r"checkpoint.every_steps must be >= 0"):
         config_from_mapping({"checkpoint": {"every_steps": -1}})

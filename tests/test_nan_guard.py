@@ -1,4 +1,4 @@
-"""Issue 6: a non-finite loss or gradient stops training with a one-line error; the last good checkpoint stays."""
+"""A non-finite loss or gradient stops training with a one-line error; the last good checkpoint stays."""
 
 from __future__ import annotations
 

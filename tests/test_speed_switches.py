@@ -18,7 +18,8 @@ from robustbench_kd.students import build_student
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.testing.contract import contract_batch
 from robustbench_kd.testing.runs import random_teacher_spec, tiny_digits_raw
-from robustbench_kd.training.loop import setup_run, train, train_one_epoch
+from robustbench_kd.training.loop import train, train_one_epoch
+from robustbench_kd.training.setup import setup_run
 
 CPU = torch.device("cpu")
 
@@ -70,7 +71,7 @@ def test_fp16_autocast_works_on_this_cpu(host, name):
 
 def test_amp_dtype_this_torch_cannot_autocast_to_is_a_one_line_error():
     # CPU autocast does not lower to float64: the same check refuses fp16 on a torch without CPU fp16.
-    with pytest.raises(UserError, match="is not supported on cpu|does not autocast") as info:
+    with pytest.raises(UserError, match=r"is not supported on cpu|does not autocast") as info:
         check_autocast("cpu", torch.float64, "fp16")
     assert "\n" not in str(info.value)
 
@@ -143,7 +144,7 @@ def test_train_with_each_switch_runs_and_resumes_exactly(tmp_path, host, digits_
     resumed = train(cfg, host=host, resume=True)
     for key, value in full.student.state_dict().items():
         assert torch.equal(value, resumed.student.state_dict()[key]), key
-    for role, teacher in resumed.teachers.items():  # teachers stay frozen and in eval mode
+    for _role, teacher in resumed.teachers.items():  # teachers stay frozen and in eval mode
         assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     saved = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
     assert not any("_orig_mod" in k for k in saved["student"])  # plain state dict, compiled or not

@@ -90,7 +90,7 @@ def test_quick_eval_every_epoch_is_logged(tmp_path, host):
 
 
 def test_quick_eval_without_a_validation_split_is_an_error(tmp_path, host):
-    with pytest.raises(UserError, match="set data.val_size"):
+    with pytest.raises(UserError, match=r"set data.val_size"):
         train(digits_config(tmp_path / "r", eval={"every": 1}), host=host)
 
 
@@ -123,7 +123,7 @@ def test_student_init_from_a_checkpoint(tmp_path, host):
     first = train(digits_config(tmp_path / "a", optim={"epochs": 1, "lr": 0.05}), host=host)
     cfg = digits_config(tmp_path / "b", student={"arch": "small-cnn", "options": {"width": 0.5},
                                                  "init_from": str(tmp_path / "a" / "checkpoints" / "last.pt")})
-    from robustbench_kd.training.loop import setup_run
+    from robustbench_kd.training.setup import setup_run
 
     run = setup_run(cfg, host)
     for key, value in first.student.state_dict().items():
@@ -166,7 +166,7 @@ def test_distiller_sees_the_run_before_training(tmp_path):
 def test_optimizer_updates_equal_the_per_parameter_sgd_bitwise(tmp_path, host, nesterov):
     """The library's multi-tensor SGD gives exactly the updates of torch's default per-parameter loop on CPU."""
     from robustbench_kd.students import build_student
-    from robustbench_kd.training.loop import build_optimizer
+    from robustbench_kd.training.setup import build_optimizer
 
     cfg = config_from_mapping(tiny_digits_raw(tmp_path, merge={"optim": {"nesterov": nesterov}}))
     torch.manual_seed(0)
@@ -179,11 +179,11 @@ def test_optimizer_updates_equal_the_per_parameter_sgd_bitwise(tmp_path, host, n
                                   nesterov=nesterov, foreach=False)]
     x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 10
     for _ in range(3):
-        for net, opt in zip((ours, theirs), optimizers):
+        for net, opt in zip((ours, theirs), optimizers, strict=False):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
-    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=False):
         assert torch.equal(a, b), name
 
 

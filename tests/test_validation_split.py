@@ -15,9 +15,9 @@ from robustbench_kd.jobs import pipeline
 from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.storage.checkpoint import load_checkpoint, state_dict_of
 from robustbench_kd.testing.runs import tiny_digits_raw
-from robustbench_kd.training import builders
-from robustbench_kd.training import loop as trainer
-from robustbench_kd.training.loop import train, update_best
+from robustbench_kd.training import builders, selection
+from robustbench_kd.training.loop import train
+from robustbench_kd.training.selection import update_best
 
 NAME = "ValSplit_SmallCNN"
 
@@ -52,7 +52,7 @@ def scripted_quick_eval(monkeypatch, scores):
         pgd, clean = scores[run.epoch + 1]
         return {"val_clean_acc": clean, f"val_pgd{run.config.eval.pgd_steps}_acc": pgd}
 
-    monkeypatch.setattr(trainer, "quick_eval", fake)
+    monkeypatch.setattr(selection, "quick_eval", fake)
 
 
 # -- the split -----------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def test_val_size_accepts_fractions_and_counts(value, parsed):
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "ten", float("nan")])
 def test_val_size_rejects_other_values(value):
-    with pytest.raises(UserError, match="data.val_size must be"):
+    with pytest.raises(UserError, match=r"data.val_size must be"):
         config_from_mapping({"data": {"val_size": value}})
 
 
@@ -109,18 +109,18 @@ def test_val_size_must_leave_training_images():
 
 # -- configuration errors ------------------------------------------------------------------------
 def test_eval_every_without_validation_split_is_an_error(tmp_path, host):
-    with pytest.raises(UserError, match="set data.val_size"):
+    with pytest.raises(UserError, match=r"set data.val_size"):
         train(digits_config(tmp_path / "r", val_size=0), host=host)
 
 
 def test_validation_split_without_eval_every_is_an_error(tmp_path, host):
-    with pytest.raises(UserError, match="eval.every = 0 never evaluates them"):
+    with pytest.raises(UserError, match=r"eval.every = 0 never evaluates them"):
         train(digits_config(tmp_path / "r", eval={"every": 0}), host=host)
 
 
 def test_select_must_be_pgd_or_clean():
     assert config_from_mapping({"eval": {"select": "clean"}}).eval.select == "clean"
-    with pytest.raises(UserError, match="eval.select must be one of pgd, clean"):
+    with pytest.raises(UserError, match=r"eval.select must be one of pgd, clean"):
         config_from_mapping({"eval": {"select": "autoattack"}})
 
 
@@ -180,7 +180,7 @@ def test_the_guard_catches_a_quick_eval_on_the_test_set(tmp_path, host, monkeypa
         return {"val_clean_acc": float((run.student(run.data.test_x[:8].float()).argmax(1) == 0).float().mean()),
                 "val_pgd2_acc": 0.0}
 
-    monkeypatch.setattr(trainer, "quick_eval", quick_eval_on_test)
+    monkeypatch.setattr(selection, "quick_eval", quick_eval_on_test)
     with pytest.raises(AssertionError, match="test set was read before the final evaluation"):
         train(digits_config(tmp_path / "r", epochs=1), host=host)
 
@@ -220,9 +220,9 @@ def test_clean_accuracy_breaks_a_pgd_tie():
 def test_resume_with_other_selection_or_split_is_an_error(tmp_path, host, monkeypatch):
     scripted_quick_eval(monkeypatch, SCORES)
     train(digits_config(tmp_path / "r", epochs=3), host=host, stop_after=1)
-    with pytest.raises(UserError, match="best.pt was chosen by"):
+    with pytest.raises(UserError, match=r"best.pt was chosen by"):
         train(digits_config(tmp_path / "r", epochs=3, eval={"select": "clean"}), host=host, resume=True)
-    with pytest.raises(UserError, match="data.val_size = 0.1"):
+    with pytest.raises(UserError, match=r"data.val_size = 0.1"):
         train(digits_config(tmp_path / "r", epochs=3, val_size=0.2), host=host, resume=True)
 
 
@@ -256,5 +256,5 @@ def test_missing_best_checkpoint_is_an_error_not_a_fallback(tmp_path, host, monk
     scripted_quick_eval(monkeypatch, {1: (0.6, 0.9), 2: (0.4, 0.9)})
     run = train(digits_config(tmp_path / "r", epochs=2), host=host)
     (tmp_path / "r" / "checkpoints" / "best.pt").unlink()
-    with pytest.raises(UserError, match="best.pt does not exist"):
+    with pytest.raises(UserError, match=r"best.pt does not exist"):
         pipeline.evaluate_run(run)

@@ -84,16 +84,15 @@ def is_main() -> bool:
     return from_environ().is_main
 
 
-def resolve_device(name: str, env: DistEnv) -> torch.device:
-    """``run.device`` for this process: ``cuda:LOCAL_RANK`` for a CUDA run under torchrun."""
-    from robustbench_kd.training.builders import resolve_device as resolve_single
-
-    device = resolve_single(name)
+def process_device(device: torch.device, env: DistEnv) -> torch.device:
+    """This process's device for the run's ``device`` (``run.device`` resolved): ``cuda:LOCAL_RANK`` for a CUDA
+    run under torchrun, ``device`` itself otherwise."""
     if not env.enabled or device.type != "cuda":
         return device
     if device.index is not None:
-        raise UserError(f"run.device = {name!r} names one GPU, but under torchrun each process uses cuda:LOCAL_RANK; "
-                        "set run.device = \"cuda\" (or \"auto\") and choose GPUs with CUDA_VISIBLE_DEVICES")
+        raise UserError(f"run.device = {str(device)!r} names one GPU, but under torchrun each process uses "
+                        "cuda:LOCAL_RANK; set run.device = \"cuda\" (or \"auto\") and choose GPUs with "
+                        "CUDA_VISIBLE_DEVICES")
     if env.local_rank >= torch.cuda.device_count():
         raise UserError(f"LOCAL_RANK {env.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
                         "start at most that many processes per node")

@@ -1,13 +1,17 @@
 """What the ``[speed]`` switches do to a training step: autocast, GradScaler, channels_last, torch.compile.
 
-:class:`SpeedPlan` is the trainer's single seam for them; with every switch off each method is a no-op,
-so the loop reads the same either way::
+:class:`SpeedPlan` applies them to a run's student and teachers and gives the step's phases as named
+methods; with every switch off each method is a plain call, so a step reads the same either way::
 
     plan = SpeedPlan(config.speed, device, student, teachers)
     x = plan.inputs(x)
     with plan.attack_precision():   ctx.x_adv = attack(x, y)      # fp32 unless attack_fp32 = false
     with plan.autocast():           out = distiller.loss(ctx)     # bf16/fp16 outer step
-    plan.backward_step(out.total, optimizer)                      # GradScaler for fp16
+    plan.backward(out.total)                                      # scaled by the GradScaler for fp16
+    plan.optimizer_step(optimizer)                                # the scaler's step and update for fp16
+
+The trainer reaches these through :class:`robustbench_kd.training.engine.StepEngine`, which adds DDP and the
+EMA copy.
 
 Decisions, and why:
 
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -112,21 +115,24 @@ class SpeedPlan:
             return torch.autocast(self.device_type, enabled=False)
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
-    def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer,
-                      before_step: Callable[[], None] | None = None) -> None:
-        """``loss.backward(); before_step(); optimizer.step()``, through the GradScaler for fp16 (which
-        skips steps whose gradients overflowed and adapts the scale). ``before_step`` sees the (possibly
-        scaled) gradients, e.g. to average a method's own parameters' gradients across DDP ranks (linear,
-        so scaling commutes with it)."""
+    @property
+    def scales_gradients(self) -> bool:
+        """Whether the gradients after :meth:`backward` are multiplied by the fp16 loss scale."""
+        return self.scaler is not None
+
+    def backward(self, loss: Tensor) -> None:
+        """``loss.backward()``; under fp16 the loss is multiplied by the GradScaler's scale first."""
         if self.scaler is None:
             loss.backward()
-            if before_step is not None:
-                before_step()
+        else:
+            self.scaler.scale(loss).backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()``; under fp16 the GradScaler's step (unscales, skips a step whose gradients
+        overflowed) and its update of the scale."""
+        if self.scaler is None:
             optimizer.step()
             return
-        self.scaler.scale(loss).backward()
-        if before_step is not None:
-            before_step()
         self.scaler.step(optimizer)
         self.scaler.update()
 

@@ -66,7 +66,8 @@ def load_data(host: PluginHost, config: RunConfig) -> DataSplits:
     return data
 
 
-def build_student(host: PluginHost, config: RunConfig, data: DataSplits) -> nn.Module:
+def build_run_student(host: PluginHost, config: RunConfig, data: DataSplits) -> nn.Module:
+    """The run's student: ``student.arch`` from the registry, shaped for the data, ``student.init_from`` loaded."""
     factory = host.students.get(config.student.arch)
     net = factory(num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size,
                   **config.student.options)

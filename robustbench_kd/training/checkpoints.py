@@ -50,7 +50,7 @@ def checkpoint_payload(run: Run, position: dict[str, Any] | None = None) -> dict
         "config": cfg.to_dict(),
         "history": run.history,
         "best": run.best,
-        # Issue 5: GradScaler state (fp16 only) and the averaged student (ema.decay > 0), else None.
+        # The GradScaler state (speed.amp = "fp16" only) and the averaged student (ema.decay > 0), else None.
         "scaler": run.speed.state_dict() if run.speed is not None else None,
         "ema": run.ema.state_dict() if run.ema is not None else None,
         "position": position,
@@ -69,6 +69,11 @@ def step_position(run: Run, epoch: int, step: int, total: int, sums: MetricSums,
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
     return {"epoch": epoch, "step": step, "batches": total, "seen": seen,
             **sums.position_entries(), "rng": rng}
+
+
+def write_step_checkpoint(run: Run, position: dict[str, Any]) -> None:
+    """Rewrite ``last.pt`` inside an epoch (``checkpoint.every_steps``), with the :func:`step_position`."""
+    save_checkpoint(run.checkpoint_dir / "last.pt", checkpoint_payload(run, position))
 
 
 def restore_rng(run: Run, rng: dict[str, Any]) -> None:
@@ -144,7 +149,7 @@ def resume_from(run: Run, path: Path) -> None:
 
 
 def _resume_speed_and_ema(run: Run, data: dict[str, Any], path: Path) -> None:
-    """Issue 5: restore the GradScaler and the EMA copy; the [speed] switches may change between runs."""
+    """Restore the GradScaler and the EMA copy; the [speed] switches may change between runs."""
     if run.speed is not None:
         run.speed.load_state_dict(data.get("scaler"))
     if run.ema is not None:

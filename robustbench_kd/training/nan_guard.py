@@ -105,7 +105,7 @@ class FiniteGuard:
         """Host side, only once something was flagged: the first bad global step and what was bad there."""
         first, names_at = None, set()
         for step, names, values in self._rows:
-            bad = [n for n, ok in zip(names, values.isfinite().tolist()) if not ok]
+            bad = [n for n, ok in zip(names, values.isfinite().tolist(), strict=True) if not ok]
             if bad and (first is None or step < first):
                 first, names_at = step, set(bad)
             elif bad and step == first:
@@ -128,7 +128,7 @@ class FiniteGuard:
             self._rows.clear()
             self._where.clear()
             return
-        flagged = [n for n, flag in zip(self._names, anywhere.tolist()) if flag]
+        flagged = [n for n, flag in zip(self._names, anywhere.tolist(), strict=True) if flag]
         if bool(bad_here.any()):
             first, names = self._first_bad()
             # Name what went wrong at the first bad step; what followed from it (NaN weights make every

@@ -26,7 +26,7 @@ def quick_eval(run: Run) -> dict[str, float]:
     if not run.data.has_validation:
         raise UserError("evaluation during training needs a validation split: set data.val_size")
     n = cfg.eval.n_examples
-    # EMA (issue 5): the averaged student is checked on the same points, as val_ema_*; best.pt still ranks
+    # With [ema] on, the averaged student is checked on the same points, as val_ema_*; best.pt still ranks
     # the raw student.
     models = [("val", run.student)] + ([("val_ema", run.ema.module)] if run.ema is not None else [])
     metrics: dict[str, float] = {}

@@ -56,7 +56,8 @@ class Run:
     ema: StudentEMA | None = None
     #: on-device NaN/inf record, checked every few steps and before every checkpoint
     guard: FiniteGuard = field(default_factory=FiniteGuard)
-    #: where a step checkpoint stopped inside an epoch (see :func:`~robustbench_kd.training.checkpoints.step_position`); consumed by that epoch
+    #: where a step checkpoint stopped inside an epoch (:func:`~robustbench_kd.training.checkpoints.step_position`);
+    #: consumed by that epoch
     resume_position: dict[str, Any] | None = None
 
     @property
@@ -98,7 +99,7 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     torch.manual_seed(config.run.seed)
     # torchrun (DDP): checks that need no other process come first, so a mistake fails every rank alike.
     dist_env = distributed.from_environ()
-    device = distributed.resolve_device(config.run.device, dist_env)
+    device = distributed.process_device(builders.resolve_device(config.run.device), dist_env)
     distributed.check_batch_size(config.data.batch_size, dist_env)
     if dist_env.enabled and config.checkpoint.every_steps:
         # Each process has its own attack RNG stream and metric sums; rank 0 alone would save them.
@@ -112,13 +113,13 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     if data.extra is not None:  # each process gets its share of the real and of the extra images
         distributed.check_extra_split(*batch_split(config.data.batch_size, config.data.extra_fraction), dist_env)
     distributed.init_process_group(dist_env, device)
-    student = builders.build_student(host, config, data).to(device)
+    student = builders.build_run_student(host, config, data).to(device)
     student = distributed.prepare_student(student, device, sync_bn=config.run.sync_bn)
     teachers = builders.load_teachers(host, config, data, distiller, device)
     optimizer = build_optimizer(config, student, distiller)
     steps = num_batches(len(data.train_y), real_batch_size(config), drop_last_batch(config, data))
     scheduler, per_batch = build_scheduler(config, optimizer, steps)
-    # Issue 5: precision/compile switches, then the EMA copy (after channels_last, so it shares the layout).
+    # The [speed] switches, then the EMA copy (after channels_last, so it shares the layout).
     speed = SpeedPlan(config.speed, device, student, teachers)
     ema = StudentEMA(student, config.ema) if config.ema.enabled else None
     return Run(config=config, host=host, out_dir=Path(config.run.out_dir), device=device, data=data,
