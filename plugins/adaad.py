@@ -65,7 +65,6 @@ from robustbench_kd.methods.introspection import (
     IntrospectionWarmUp,
     clean_pass,
     iad1_objective,
-    introspective_terms,
 )
 from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_logits_per_sample, kl_per_sample, reduce_kl
 
@@ -274,21 +273,14 @@ class AdaIAD(IntrospectionWarmUp, AdaptiveAttack):
                                 forward_when_unused=cfg.clean_forward_when_unused)
         logits_adv = self.student_logits(ctx, ctx.x_adv)
         kl_t = kl_per_sample(logits_adv, ctx.teacher_probs("robust", "adv", temperature=tau), temperature=tau)
+        parts = self.introspect(ctx, kl_t, logits_adv, logits_nat, beta=cfg.beta,
+                                weight_teacher_term=cfg.weight_teacher_term, detach_target=cfg.detach_self_target,
+                                reduction=red)
         terms: dict[str, Tensor] = {}
-        kl_intro: Tensor | None = None
-        if active and logits_nat is not None:
-            parts = introspective_terms(kl_t, logits_adv, logits_nat, ctx.teacher_logits("robust", "adv"), ctx.y,
-                                        beta=cfg.beta, weight_teacher_term=cfg.weight_teacher_term,
-                                        detach_target=cfg.detach_self_target, reduction=red)
-            kl_teacher, kl_intro = parts.teacher, parts.introspection
-            terms["kl_intro"] = kl_intro.detach()
-            terms["w_mean"] = parts.weights.mean()
-        else:
-            kl_teacher = reduce_kl(kl_t, red, logits_adv.shape[1])
-        terms["kl_teacher"] = kl_teacher.detach()
+        parts.log_terms(terms)
         ce_nat = F.cross_entropy(logits_nat, ctx.y) if cfg.alpha < 1.0 and logits_nat is not None else None
-        total = iad1_objective(kl_teacher, kl_intro, ce_nat, alpha=cfg.alpha, ce_weight=1.0 - cfg.alpha,
-                               temperature=tau)
+        total = iad1_objective(parts.teacher, parts.introspection, ce_nat, alpha=cfg.alpha,
+                               ce_weight=1.0 - cfg.alpha, temperature=tau)
         if logits_nat is not None:
             terms["ce_nat"] = F.cross_entropy(logits_nat.detach(), ctx.y)
         return LossOutput(total=total, terms=terms)

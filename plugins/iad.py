@@ -73,7 +73,6 @@ from robustbench_kd.methods.introspection import (
     IntrospectionWarmUp,
     clean_pass,
     iad1_objective,
-    introspective_terms,
 )
 from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_per_sample, reduce_kl
 
@@ -234,17 +233,11 @@ class IAD(IntrospectionWarmUp, Distiller):
         ce_weight = 1.0 - self.alpha - self.natural_weight
         logits_nat = clean_pass(ctx.student, ctx.x, needed=active or (cfg.variant == "I" and ce_weight > 0.0),
                                 forward_when_unused=self.clean_forward_when_unused)
+        parts = self.introspect(ctx, kl_t, logits_adv, logits_nat, beta=cfg.beta,
+                                weight_teacher_term=self.weight_teacher_term, detach_target=cfg.detach_self_target,
+                                reduction=red)
+        kl_teacher, kl_intro = parts.teacher, parts.introspection
         terms: dict[str, Tensor] = {}
-        kl_intro: Tensor | None = None
-        if active and logits_nat is not None:
-            parts = introspective_terms(kl_t, logits_adv, logits_nat, ctx.teacher_logits("robust", "adv"), ctx.y,
-                                        beta=cfg.beta, weight_teacher_term=self.weight_teacher_term,
-                                        detach_target=cfg.detach_self_target, reduction=red)
-            kl_teacher, kl_intro = parts.teacher, parts.introspection
-            terms["w_mean"] = parts.weights.mean()
-        else:
-            kl_teacher = reduce_kl(kl_t, red, logits_adv.shape[1])
-
         if cfg.variant == "I":
             ce_nat = F.cross_entropy(logits_nat, ctx.y) if ce_weight > 0.0 and logits_nat is not None else None
             total = iad1_objective(kl_teacher, kl_intro, ce_nat, alpha=self.alpha, ce_weight=ce_weight,
@@ -258,10 +251,7 @@ class IAD(IntrospectionWarmUp, Distiller):
                                    natural_weight=self.natural_weight, ce_weight=ce_weight, temperature=tau)
             terms["kl_natural"] = kl_natural.detach()
             terms["ce_adv"] = ce_adv.detach()
-
-        terms["kl_teacher"] = kl_teacher.detach()
-        if kl_intro is not None:
-            terms["kl_intro"] = kl_intro.detach()
+        parts.log_terms(terms)
         if logits_nat is not None:
             terms["ce_nat"] = F.cross_entropy(logits_nat.detach(), ctx.y)
         return LossOutput(total=total, terms=terms)

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from robustbench_kd.methods.losses import kl_logits_per_sample, reduce_kl
+
+if TYPE_CHECKING:
+    from robustbench_kd.context import BatchContext
 
 __all__ = ["IntrospectionTerms", "IntrospectionWarmUp", "clean_pass", "iad1_objective", "introspection_kl",
            "introspective_terms", "reliability_weights"]
@@ -62,13 +65,21 @@ class IntrospectionTerms:
 
     Attributes:
         teacher: R(W_b KL_b) of the teacher KL (weighted only if asked), before any alpha or tau^2.
-        introspection: R((1 - w_b) intro_b).
-        weights: w_b, shape ``[B]`` (detached).
+        introspection: R((1 - w_b) intro_b); None during the warm-up.
+        weights: w_b, shape ``[B]`` (detached); None during the warm-up.
     """
 
     teacher: Tensor
-    introspection: Tensor
-    weights: Tensor
+    introspection: Tensor | None = None
+    weights: Tensor | None = None
+
+    def log_terms(self, terms: dict[str, Tensor]) -> None:
+        """Add ``kl_teacher`` and, after the warm-up, ``kl_intro`` and ``w_mean`` to ``terms``."""
+        terms["kl_teacher"] = self.teacher.detach()
+        if self.introspection is not None:
+            terms["kl_intro"] = self.introspection.detach()
+        if self.weights is not None:
+            terms["w_mean"] = self.weights.mean()
 
 
 def introspective_terms(teacher_kl: Tensor, logits_adv: Tensor, logits_nat: Tensor, teacher_logits_adv: Tensor,
@@ -108,6 +119,16 @@ class IntrospectionWarmUp:
     def introspection_active(self) -> bool:
         """Whether the current epoch is past the warm-up."""
         return self._epoch >= self.begin
+
+    def introspect(self, ctx: BatchContext, teacher_kl: Tensor, logits_adv: Tensor, logits_nat: Tensor | None, *,
+                   beta: float, weight_teacher_term: bool, detach_target: bool, reduction: str) -> IntrospectionTerms:
+        """The batch's terms: :func:`introspective_terms` after the warm-up (reading the ``robust`` teacher's
+        memoised logits on x'), else only the plain reduced teacher KL (the teacher is not run on x' for it)."""
+        if self.introspection_active and logits_nat is not None:
+            return introspective_terms(teacher_kl, logits_adv, logits_nat, ctx.teacher_logits("robust", "adv"), ctx.y,
+                                       beta=beta, weight_teacher_term=weight_teacher_term,
+                                       detach_target=detach_target, reduction=reduction)
+        return IntrospectionTerms(teacher=reduce_kl(teacher_kl, reduction, logits_adv.shape[1]))
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
         self._epoch = int(epoch)

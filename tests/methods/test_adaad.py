@@ -16,7 +16,6 @@ from robustbench_kd.errors import UserError
 from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
-from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.testing import Affine, batch_context, cross_entropy, kl, softmax
 from robustbench_kd.testing.runs import random_teacher_spec, tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
@@ -99,10 +98,10 @@ def test_attack_gradient_flows_through_the_teacher_input() -> None:
 def test_blind_student_attack_moves_only_because_of_the_teacher() -> None:
     torch.manual_seed(0)
     x = torch.rand(5, 4)
-    teacher = Teacher(Affine(4.0, T_BIAS))
     student = Blind(torch.tensor([0.3, -0.2, 0.1, 0.0]))
-    ctx = BatchContext(x=x, y=torch.zeros(5, dtype=torch.long), student=student,
-                       teachers=TeacherSet({"robust": teacher}), threat=THREAT)
+    ctx = batch_context(x, torch.zeros(5, dtype=torch.long), student=student, teachers={"robust": Affine(4.0, T_BIAS)},
+                        threat=THREAT)
+    teacher = ctx.teachers["robust"]
     x_probe = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(AdaAD().attack_loss(ctx, x_probe).sum(), x_probe)
     assert g.abs().min() > 0  # every input coordinate moves the teacher's output

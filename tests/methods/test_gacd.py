@@ -31,7 +31,7 @@ from robustbench_kd.registry import Registry
 from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
-from robustbench_kd.testing import check_distiller
+from robustbench_kd.testing import batch_context, check_distiller
 from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
@@ -203,8 +203,8 @@ def _stub(symmetric: bool = False, sample_weights: bool = True) -> tuple[GACD, B
     distiller.memory_s = BANK.clone()
     distiller.memory_t = BANK_T.clone() if symmetric else torch.zeros(0, 2)
     distiller.memory_labels = LABELS.clone()
-    ctx = BatchContext(x=X.clone(), y=Y.clone(), index=INDEX.clone(), student=_linear(S_W),
-                       teachers=TeacherSet({"robust": Teacher(_linear(T_W))}), threat=THREAT)
+    ctx = batch_context(X, Y, index=INDEX.clone(), student=_linear(S_W), teachers={"robust": _linear(T_W)},
+                        threat=THREAT)
     return distiller, ctx
 
 
@@ -332,9 +332,8 @@ class TinyNet(nn.Module):
 def _batch(seed: int = 0, b: int = 8) -> BatchContext:
     torch.manual_seed(seed)
     threat = ThreatSpec(eps=0.1, alpha=0.025, steps=4)
-    return BatchContext(x=torch.rand(b, 3, 8, 8), y=torch.arange(b) % 4, index=torch.arange(b),
-                        student=TinyNet().train(), teachers=TeacherSet({"robust": Teacher(TinyNet())}),
-                        threat=threat)
+    return batch_context(torch.rand(b, 3, 8, 8), torch.arange(b) % 4, index=torch.arange(b),
+                         student=TinyNet().train(), teachers={"robust": TinyNet()}, threat=threat)
 
 
 @pytest.mark.parametrize("features", ["penultimate", "logits"])
@@ -472,8 +471,7 @@ def test_standardised_probe_learns_offset_features_where_plain_sgd_cannot() -> N
         torch.manual_seed(1)
         student = Offset()
         method = GACDLinear(GACDLinear.Config(standardize=standardize), num_classes=4)
-        ctx = BatchContext(x=x, y=y, index=torch.arange(256), student=student, teachers=TeacherSet({}),
-                           threat=THREAT)
+        ctx = batch_context(x, y, index=torch.arange(256), student=student, threat=THREAT)
         method.loss(ctx)  # materialise the probe (standardised) before building the optimiser
         params = list(method.parameters()) if standardize else list(student.fc.parameters())
         optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)

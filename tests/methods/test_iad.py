@@ -16,7 +16,6 @@ from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.methods.introspection import reliability_weights
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
-from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.testing import Affine, batch_context, cross_entropy, kl, softmax
 from robustbench_kd.testing.runs import random_teacher_spec, tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
@@ -225,12 +224,12 @@ def test_end_to_end_batch_attack_in_train_mode_updates_bn() -> None:
             return self.body(x)
 
     student = TinyNet().train()
-    teachers = TeacherSet({"robust": Teacher(TinyNet()), "natural": Teacher(TinyNet())})
+    teachers = {"robust": TinyNet(), "natural": TinyNet()}
     distiller = IAD(IAD.Config(variant="II", begin=0))
     distiller.on_epoch_start(0, 1)
     threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=3)
-    ctx = BatchContext(x=torch.rand(4, 3, 8, 8), y=torch.randint(0, 10, (4,)), student=student, teachers=teachers,
-                       threat=threat)
+    ctx = batch_context(torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,)), student=student, teachers=teachers,
+                        threat=threat)
     spec = distiller.attack_spec(threat)
     bn = student.body[1]
     tracked = int(bn.num_batches_tracked)
@@ -241,7 +240,7 @@ def test_end_to_end_batch_attack_in_train_mode_updates_bn() -> None:
     out = distiller.loss(ctx)
     out.total.backward()
     assert all(p.grad is not None for p in student.parameters())
-    assert all(p.grad is None for t in teachers.values() for p in t.parameters())
+    assert all(p.grad is None for t in ctx.teachers.values() for p in t.parameters())
 
 
 # -- through the trainer on digits ---------------------------------------------------------------

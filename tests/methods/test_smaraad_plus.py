@@ -6,20 +6,17 @@ import math
 
 import pytest
 import torch
-from cam_stubs import STUDENT, TEACHER, CamStub, mse, normalize, rho
+from cam_stubs import STUDENT, TEACHER, CamStub, check_distill_logs, check_resume_is_exact, mse, normalize, rho
 from robustbench_kd_plugins import smaraad_plus
 from robustbench_kd_plugins.smaraad import SmaraAD
 from robustbench_kd_plugins.smaraad_plus import SmaraADPlus, entropy_weight
 
-from robustbench_kd.config import config_from_mapping
 from robustbench_kd.context import BatchContext
 from robustbench_kd.errors import UserError
-from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.registry import Registry
 from robustbench_kd.testing import batch_context, softmax
-from robustbench_kd.testing.runs import random_teacher_spec, tiny_digits_raw
+from robustbench_kd.testing.runs import random_teacher_spec
 from robustbench_kd.threat import ThreatSpec
-from robustbench_kd.training.loop import train
 
 THREAT = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10)
 METHOD, SEED = "smaraad-plus", 7
@@ -169,41 +166,16 @@ def test_registration_and_validation() -> None:
 
 # -- end to end on digits -------------------------------------------------------------------------
 
-def _host() -> PluginHost:
-    return PluginHost.create(autoload=False)
-
-
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory) -> str:
     return random_teacher_spec(tmp_path_factory.mktemp("teacher") / "teacher.pt")
 
 
-def _digits(out_dir, teacher: str, **method):
-    return config_from_mapping(tiny_digits_raw(
-        out_dir, merge={"run": {"seed": SEED}}, teachers={"robust": teacher}, method={"name": METHOD, **method},
-        eval={"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False}))
+def test_distill_on_digits(tmp_path, host, digits_teacher) -> None:
+    check_distill_logs(tmp_path / "run", host, digits_teacher, METHOD, seed=SEED, terms=("reliability", "entropy_w"))
 
 
-def test_distill_on_digits(tmp_path, digits_teacher) -> None:
-    from robustbench_kd.jobs.pipeline import distill
-
-    reports = distill(_digits(tmp_path / "run", digits_teacher), host=_host())
-    assert reports and all(0.0 <= acc <= 1.0 for acc in reports[0].accuracy.values())
-    rows = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line]
-    assert len(rows) == 2 and all('"reliability"' in row and '"entropy_w"' in row for row in rows)
-
-
-def test_resume_equals_uninterrupted(tmp_path, digits_teacher) -> None:
+def test_resume_equals_uninterrupted(tmp_path, host, digits_teacher) -> None:
     """begin_epoch = 1 switches to Eq. 10 exactly at the resume boundary."""
-    host = _host()
-    full = train(_digits(tmp_path / "full", digits_teacher, begin_epoch=1), host=host)
-    cfg = _digits(tmp_path / "split", digits_teacher, begin_epoch=1)
-    train(cfg, host=host, stop_after=1)
-    resumed = train(cfg, host=host, resume=True)
-    for key, value in full.student.state_dict().items():
-        assert torch.equal(value, resumed.student.state_dict()[key]), key
-    got, want = resumed.distiller.method_state(), full.distiller.method_state()
-    assert set(got) == set(want) == {"agreement"}  # the epoch's top-1 agreement tally (step checkpoints)
-    assert torch.equal(got["agreement"][0], want["agreement"][0]) and got["agreement"][1] == want["agreement"][1]
-    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    full = check_resume_is_exact(tmp_path, host, digits_teacher, METHOD, seed=SEED, begin_epoch=1)
     assert "reliability" not in full.history[0] and "reliability" in full.history[1]
