@@ -2,7 +2,7 @@
 
 Public API (imported lazily so ``robustbench-kd --help`` starts fast)::
 
-    from robustbench_kd import hookimpl, Distiller, AttackSpec, LossOutput, BatchContext
+    from robustbench_kd import hookimpl, Distiller, MethodConfig, option, AttackSpec, LossOutput, BatchContext
 
 Methods are plugins: see :mod:`robustbench_kd.hookspecs`.
 """
@@ -20,6 +20,8 @@ _EXPORTS = {
     "Distiller": "robustbench_kd.distiller",
     "AttackSpec": "robustbench_kd.distiller",
     "LossOutput": "robustbench_kd.distiller",
+    "MethodConfig": "robustbench_kd.distiller",
+    "option": "robustbench_kd.distiller",
     "BatchContext": "robustbench_kd.context",
     "Teacher": "robustbench_kd.teachers",
     "EnsembleTeacher": "robustbench_kd.teachers",

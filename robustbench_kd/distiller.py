@@ -87,6 +87,8 @@ class OptionRule:
     def accepts(self, value: Any) -> bool:
         if self.choices is not None:
             return value in self.choices
+        if self.low is None and self.high is None and not self.integer:
+            return True  # no rule: an option declared for its help text only
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.integer and not isinstance(value, int):

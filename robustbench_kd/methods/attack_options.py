@@ -34,9 +34,9 @@ def init_option(default: str = "uniform") -> Any:
                   help="attack start: uniform (x + U(-eps, eps)), gauss (x + 0.001 N(0, I)) or none")
 
 
-def steps_option() -> Any:
+def steps_option(default: int | None = None) -> Any:
     """``steps``: attack steps overriding the threat's ``steps``; None keeps the threat's."""
-    return option(None, low=0, integer=True, help="attack steps; None = the threat's steps")
+    return option(default, low=0, integer=True, help="attack steps; None = the threat's steps")
 
 
 def threat_attack(threat: ThreatSpec, config: Any = None, *, init: str | None = None, init_std: float = 1e-3,
