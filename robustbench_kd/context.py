@@ -76,9 +76,10 @@ class BatchContext:
     def x_adv(self, value: Tensor | None) -> None:
         self._x_adv = value
         # Teacher outputs on the previous x_adv are stale now.
-        for memo in (self._memo, self._probs):
-            for key in [k for k in memo if k[1] == "adv"]:
-                del memo[key]
+        for key in [k for k in self._memo if k[1] == "adv"]:
+            del self._memo[key]
+        for probs_key in [k for k in self._probs if k[1] == "adv"]:
+            del self._probs[probs_key]
 
     @property
     def has_x_adv(self) -> bool:

@@ -114,8 +114,8 @@ def init_process_group(env: DistEnv, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                            **({"device_id": device} if device.type == "cuda" else {}))
+    options: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, **options)
     log.info("process %d of %d joined the %s process group on %s", env.rank, env.world_size, backend, device)
 
 
@@ -162,7 +162,8 @@ def wrap(student: nn.Module, device: torch.device, *, sync_bn: bool) -> nn.Modul
     # Newer torch renames broadcast_buffers (same meaning for what we need: sync at every forward or not).
     params = inspect.signature(DistributedDataParallel).parameters
     sync_key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-    return DistributedDataParallel(student, device_ids=ids, **{sync_key: not sync_bn})
+    options: dict[str, Any] = {sync_key: not sync_bn}
+    return DistributedDataParallel(student, device_ids=ids, **options)
 
 
 # -- data ------------------------------------------------------------------------------------------

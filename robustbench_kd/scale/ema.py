@@ -65,7 +65,8 @@ class StudentEMA:
         """One EMA step towards ``student``'s current parameters; buffers copied."""
         d = self.current_decay()
         params = dict(student.named_parameters())
-        averaged, current = [], []
+        averaged: list[torch.Tensor] = []
+        current: list[torch.Tensor] = []
         for name, ema_p in self.module.named_parameters():
             p = params[name].detach()
             if ema_p.is_floating_point():

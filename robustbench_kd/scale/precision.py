@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +88,7 @@ class SpeedPlan:
         #: what the training loop calls: the compiled view of the student, or the student itself
         self.student: nn.Module = student
         if section.compile in ("student", "both"):
-            self.student = torch.compile(student, backend=section.compile_backend)
+            self.student = cast(nn.Module, torch.compile(student, backend=section.compile_backend))
         if section.compile in ("teachers", "both"):
             for teacher in teachers.values():
                 teacher.compile(backend=section.compile_backend)

@@ -8,7 +8,7 @@ draws what an uninterrupted one draws:
   (:func:`seed_attack_rng`; under torchrun each process gets its own, rank 0's being a single run's);
 * stream 3: which extra images join each batch and their augmentation (:func:`~robustbench_kd.data.extra.mix_extra`).
 
-:class:`EpochBatches` yields the epoch's batches in order, as :class:`Batch` tuples. Every process builds
+:class:`EpochBatches` yields the epoch's batches in order, as :class:`Batch` records. Every process builds
 the same global batches and keeps its slice of the real and of the extra images
 (:func:`~robustbench_kd.scale.distributed.shard_batches`). Resumed from a step checkpoint, the batches
 finished before it are still drawn (so the generators stay in step) but not yielded.
@@ -17,7 +17,8 @@ finished before it are still drawn (so the generators stay in step) but not yiel
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +31,8 @@ from robustbench_kd.training.checkpoints import restore_rng
 from robustbench_kd.training.setup import Run, drop_last_batch
 
 
-class Batch(NamedTuple):
+@dataclass(frozen=True)
+class Batch:
     """One batch of an epoch, on the training device (``index`` stays on the CPU)."""
 
     step: int  #: 0-based position in the epoch

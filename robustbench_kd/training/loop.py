@@ -184,10 +184,12 @@ def _finish_epoch(run: Run, epoch: int, metrics: dict[str, Any]) -> None:
     if every and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
         metrics.update(selection.quick_eval(run))
         improved = selection.update_best(run, epoch + 1, metrics)
-        metrics["best_epoch"] = run.best["epoch"]
+        best = run.best
+        assert best is not None  # update_best has recorded this epoch or kept an earlier one
+        metrics["best_epoch"] = best["epoch"]
         if improved:
-            log.info("epoch %d is the best so far (%s=%.4g): writing %s", epoch + 1, run.best["metric"],
-                     run.best[run.best["metric"]], run.checkpoint_dir / "best.pt")
+            log.info("epoch %d is the best so far (%s=%.4g): writing %s", epoch + 1, best["metric"],
+                     best[best["metric"]], run.checkpoint_dir / "best.pt")
     run.host.epoch_end(run, epoch, metrics)
     run.epoch = epoch + 1
     run.history.append(metrics)

@@ -110,6 +110,7 @@ class FiniteGuard:
                 first, names_at = step, set(bad)
             elif bad and step == first:
                 names_at.update(bad)
+        assert first is not None, "_first_bad is called only once a recorded value was non-finite"
         return first, [n for n in self._names if n in names_at]
 
     def check(self, last_good: Path | None = None, *, collective: bool = True) -> None:
@@ -133,8 +134,8 @@ class FiniteGuard:
             first, names = self._first_bad()
             # Name what went wrong at the first bad step; what followed from it (NaN weights make every
             # later term NaN) is listed apart, so the cause is not buried.
-            epoch, step = self._where.get(first, (None, None))
-            where = (f"epoch {epoch + 1}, step {step + 1} (global step {first + 1})" if epoch is not None
+            at = self._where.get(first)  # (epoch, step)
+            where = (f"epoch {at[0] + 1}, step {at[1] + 1} (global step {first + 1})" if at is not None
                      else f"global step {first + 1}")
         else:
             names, where = flagged, "another process"

@@ -23,7 +23,8 @@ def quick_eval(run: Run) -> dict[str, float]:
     from robustbench_kd.evaluation import evaluate_model
 
     cfg = run.config
-    if not run.data.has_validation:
+    val_x, val_y = run.data.val_x, run.data.val_y
+    if val_x is None or val_y is None:
         raise UserError("evaluation during training needs a validation split: set data.val_size")
     n = cfg.eval.n_examples
     # With [ema] on, the averaged student is checked on the same points, as val_ema_*; best.pt still ranks
@@ -31,7 +32,7 @@ def quick_eval(run: Run) -> dict[str, float]:
     models = [("val", run.student)] + ([("val_ema", run.ema.module)] if run.ema is not None else [])
     metrics: dict[str, float] = {}
     for prefix, model in models:
-        result = evaluate_model(model, to_float(run.data.val_x[:n]), run.data.val_y[:n], norm=cfg.threat.norm,
+        result = evaluate_model(model, to_float(val_x[:n]), val_y[:n], norm=cfg.threat.norm,
                                 eps=cfg.threat.eps, attacks=("clean", "pgd"), batch_size=cfg.eval.batch_size,
                                 seed=cfg.eval.seed, pgd_steps=cfg.eval.pgd_steps, device=run.device,
                                 progress=False)
@@ -51,7 +52,8 @@ def selection_metrics(config: RunConfig) -> tuple[str, str]:
 def selection_protocol(run: Run) -> dict[str, Any]:
     """What makes two epochs' validation numbers comparable; stored with the best record."""
     cfg = run.config
-    n_val = len(run.data.val_y) if run.data.has_validation else 0
+    val_y = run.data.val_y
+    n_val = len(val_y) if run.data.has_validation and val_y is not None else 0
     return {"metric": selection_metrics(cfg)[0], "n_examples": min(cfg.eval.n_examples, n_val),
             "eps": float(cfg.threat.eps), "norm": cfg.threat.norm, "seed": cfg.eval.seed}
 

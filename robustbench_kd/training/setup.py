@@ -141,8 +141,9 @@ def check_validation(config: RunConfig, data: DataSplits) -> None:
             "evaluation"
         )
     if data.has_validation and config.eval.every == 0:
+        held_out = len(data.val_y) if data.val_y is not None else 0
         raise UserError(
-            f"data.val_size holds out {len(data.val_y)} training images but eval.every = 0 never evaluates "
+            f"data.val_size holds out {held_out} training images but eval.every = 0 never evaluates "
             "them; set eval.every (e.g. 1) to select best.pt on them, or data.val_size = 0"
         )
 
