@@ -1,14 +1,18 @@
 """The one interface every distillation method implements.
 
-A method is a :class:`Distiller` subclass in a plugin module. The trainer calls, per batch::
+A method is a :class:`Distiller` subclass in a plugin module. The trainer calls, per batch (the step
+itself is :func:`robustbench_kd.training.step.train_step`)::
 
     ctx = BatchContext(...)                 # clean batch, student, teachers, threat, counters
     distiller.prepare(ctx)                  # optional: precompute what the attack needs
     spec = distiller.attack_spec(threat)    # None = no inner maximisation (clean training)
-    ctx.x_adv = attack(ctx, spec)           # maximises distiller.attack_loss(ctx, x').sum()
+    ctx.x_adv = attack(x, y)                # built per spec per epoch; maximises distiller.attack_loss(ctx, x').sum()
     out = distiller.loss(ctx)               # LossOutput(total, terms), student in train mode
     out.total.backward(); optimiser.step()
     distiller.after_step(ctx, out)          # stateful updates (adaptive weights, memory banks)
+
+A method's options are the fields of its nested ``Config``; :func:`option` declares an option's accepted
+values and help once, and :class:`MethodConfig` checks them whenever a Config is built.
 
 The trainer never branches on a method's name: everything method-specific lives in these calls.
 A distiller is an ``nn.Module`` so that extra trainable parts (embedding heads) and buffers (memory
