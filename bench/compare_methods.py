@@ -6,9 +6,10 @@
 1. Trains the teachers once: a robust one (PGD-AT, 2x-wide small CNN, the quickstart's teacher) and a
    natural one (standard training, same architecture) for methods that also use a ``natural`` role.
 2. For each method: a small-CNN student, the same epochs, schedule and seed, the method's default
-   options (the reference code's), teachers by role. GACD's later stages (``gacd-linear``,
-   ``gacd-aft``) start from the distilled ``gacd`` weights. Then the ``VARIANTS`` (flags that the
-   default run shows to matter) unless ``--no-variants``.
+   options (the reference code's), teachers by role. GACD's linear probe (``gacd-linear``) and its
+   adversarial fine-tuning (``pgd-at`` from the ``gacd`` weights, the paper's GACD+AFT) start from the
+   distilled ``gacd`` weights. Then the ``VARIANTS`` (flags that the default run shows to matter) unless
+   ``--no-variants``.
 3. Evaluates every model on the first ``--n-eval`` test digits: clean, PGD-20 (step 0.05) and the
    original AutoAttack (standard), eps = 0.2 L_inf, and prints a Markdown table (also written to
    ``<out>/comparison.md``).
@@ -28,7 +29,12 @@ from robustbench_kd.jobs.pipeline import distill
 from robustbench_kd.plugin_host import PluginHost
 
 #: stage methods and the method whose final weights they start from
-STAGE_OF = {"gacd-linear": "gacd", "gacd-aft": "gacd"}  # AFT fine-tunes the distilled network (paper)
+STAGE_OF = {"gacd-linear": "gacd"}
+
+#: rows of a method started from another run's final weights: label -> (method, options, the run it starts from)
+FROM_WEIGHTS = {
+    "pgd-at from gacd (GACD+AFT)": ("pgd-at", {}, "gacd"),  # GACD's adversarial fine-tuning (paper)
+}
 
 #: extra rows: label -> (method, options). Why each is here: README "All methods side by side".
 VARIANTS = {
@@ -103,6 +109,7 @@ def main() -> None:
         teachers[role] = f"file:{out / f'teacher_{role}' / 'checkpoints' / 'last.pt'}"
 
     runs = [(name, name, {}) for name in names]
+    runs += [(label, name, options) for label, (name, options, start) in FROM_WEIGHTS.items() if start in names]
     if not args.no_variants:
         runs += [(label, name, options) for label, (name, options) in VARIANTS.items() if name in names]
     for label, name, options in runs:
@@ -111,8 +118,9 @@ def main() -> None:
         raw = base_config(out, slug, epochs=args.epochs, n_eval=args.n_eval, seed=args.seed)
         raw["method"] = {"name": name, **options}
         raw["teachers"] = {role: teachers[role] for role in cls.teacher_roles}
-        if name in STAGE_OF:
-            raw["student"]["init_from"] = str(out / STAGE_OF[name] / "checkpoints" / "last.pt")
+        start = FROM_WEIGHTS[label][2] if label in FROM_WEIGHTS else STAGE_OF.get(name)
+        if start is not None:
+            raw["student"]["init_from"] = str(out / start / "checkpoints" / "last.pt")
         acc, secs = reuse_or_run(raw, host, args.reuse)
         rows.append((label, ", ".join(cls.teacher_roles) or "-", acc, secs))
 
