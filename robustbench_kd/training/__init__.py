@@ -7,6 +7,8 @@ EMA copy behind one object), :mod:`.setup` (building the run from a config),
 :mod:`.checkpoints` (what a checkpoint holds and exact resume), :mod:`.selection` (best-epoch selection on the
 validation split), :mod:`.nan_guard`, :mod:`.metric_sums`.
 
-May import: the core, ``data``, ``scale``, ``storage``, ``students``, ``zoo``; never ``evaluation``'s writers,
-``submission``, ``analysis`` or ``jobs``.
+May import: ``config``, ``evaluation``'s measuring modules (``evaluate_model`` for the validation check; never
+``final_report`` or ``shards``), ``methods``, ``students``, ``scale``, ``zoo``, ``data``, the core plugin API,
+``storage``, ``errors``; never ``submission``, ``analysis`` or ``jobs`` (import-linter contracts in
+``pyproject.toml``).
 """
