@@ -277,12 +277,10 @@ class AdaIAD(IntrospectionWarmUp, AdaptiveAttack):
                                 weight_teacher_term=cfg.weight_teacher_term, detach_target=cfg.detach_self_target,
                                 reduction=red)
         terms: dict[str, Tensor] = {}
-        parts.log_terms(terms)
+        parts.log_terms(terms, logits_nat=logits_nat, y=ctx.y)
         ce_nat = F.cross_entropy(logits_nat, ctx.y) if cfg.alpha < 1.0 and logits_nat is not None else None
         total = iad1_objective(parts.teacher, parts.introspection, ce_nat, alpha=cfg.alpha,
                                ce_weight=1.0 - cfg.alpha, temperature=tau)
-        if logits_nat is not None:
-            terms["ce_nat"] = F.cross_entropy(logits_nat.detach(), ctx.y)
         return LossOutput(total=total, terms=terms)
 
 

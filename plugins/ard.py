@@ -55,16 +55,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustbench_kd.distiller import AttackSpec, LossOutput, option
+from robustbench_kd.distiller import LossOutput, option
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.methods.attack_options import init_option, student_mode_option, threat_attack
+from robustbench_kd.methods.attack_options import (
+    LabelCrossEntropyAttack,
+    init_option,
+    student_mode_option,
+)
 from robustbench_kd.methods.divergence import DivergenceDistiller, DivergenceOptions
 from robustbench_kd.methods.losses import kl_reduction_option, reduce_kl
 
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
     from robustbench_kd.registry import Registrar
-    from robustbench_kd.threat import ThreatSpec
 
 
 def ard_loss(divergence_adv: Tensor, labels: Tensor, *, logits_nat: Tensor | None, alpha: float, temperature: float,
@@ -89,7 +92,7 @@ def ard_loss(divergence_adv: Tensor, labels: Tensor, *, logits_nat: Tensor | Non
     return LossOutput(total=total, terms=terms)
 
 
-class ARD(DivergenceDistiller):
+class ARD(LabelCrossEntropyAttack, DivergenceDistiller):
     r"""ARD: the student on x' matches the teacher's softened output on clean x.
 
     The method (paper, loss, attack, IKL variant, deviations) is described in the module docstring.
@@ -147,12 +150,6 @@ class ARD(DivergenceDistiller):
         attack_student_mode: str = student_mode_option("train")
         clean_forward_when_unused: bool = option(
             True, choices=(False, True), help="with alpha = 1 still run the student on x (BN statistics, ce_nat)")
-
-    def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
-        return threat_attack(threat, self.config)
-
-    def attack_loss(self, ctx: BatchContext, x_adv: Tensor) -> Tensor:
-        return F.cross_entropy(self.student_logits(ctx, x_adv), ctx.y, reduction="none")
 
     def loss(self, ctx: BatchContext) -> LossOutput:
         cfg = self.config

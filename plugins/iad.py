@@ -65,10 +65,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput, MethodConfig, option
+from robustbench_kd.distiller import Distiller, LossOutput, MethodConfig, option
 from robustbench_kd.errors import UserError
 from robustbench_kd.hookspecs import hookimpl
-from robustbench_kd.methods.attack_options import init_option, student_mode_option, threat_attack
+from robustbench_kd.methods.attack_options import (
+    LabelCrossEntropyAttack,
+    init_option,
+    student_mode_option,
+)
 from robustbench_kd.methods.introspection import (
     IntrospectionWarmUp,
     clean_pass,
@@ -79,7 +83,6 @@ from robustbench_kd.methods.losses import KL_REDUCTIONS, kl_per_sample, reduce_k
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
     from robustbench_kd.registry import Registrar
-    from robustbench_kd.threat import ThreatSpec
 
 VARIANTS = ("I", "II")
 BOOLS = (False, True)
@@ -108,7 +111,7 @@ def iad2_objective(kl_teacher: Tensor, kl_intro: Tensor | None, kl_natural: Tens
     return total
 
 
-class IAD(IntrospectionWarmUp, Distiller):
+class IAD(LabelCrossEntropyAttack, IntrospectionWarmUp, Distiller):
     r"""IAD: trust the teacher per sample by its confidence in the true label at x', else introspect.
 
     Loss, attack and reference defaults: see the module docstring of ``robustbench_kd_plugins.iad``.
@@ -216,12 +219,6 @@ class IAD(IntrospectionWarmUp, Distiller):
         self.optional_teacher_roles = ()  # type: ignore[misc]
         self._epoch = 0
 
-    def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
-        return threat_attack(threat, self.config)
-
-    def attack_loss(self, ctx: BatchContext, x_adv: Tensor) -> Tensor:
-        return F.cross_entropy(self.student_logits(ctx, x_adv), ctx.y, reduction="none")
-
     def loss(self, ctx: BatchContext) -> LossOutput:
         cfg = self.config
         tau, red = cfg.temperature, cfg.kl_reduction
@@ -251,9 +248,7 @@ class IAD(IntrospectionWarmUp, Distiller):
                                    natural_weight=self.natural_weight, ce_weight=ce_weight, temperature=tau)
             terms["kl_natural"] = kl_natural.detach()
             terms["ce_adv"] = ce_adv.detach()
-        parts.log_terms(terms)
-        if logits_nat is not None:
-            terms["ce_nat"] = F.cross_entropy(logits_nat.detach(), ctx.y)
+        parts.log_terms(terms, logits_nat=logits_nat, y=ctx.y)
         return LossOutput(total=total, terms=terms)
 
 

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch.nn.functional as F
+from torch import Tensor
+
 from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec, option
 
 if TYPE_CHECKING:
+    from robustbench_kd.context import BatchContext
     from robustbench_kd.threat import ThreatSpec
 
 
@@ -61,3 +65,19 @@ def threat_attack(threat: ThreatSpec, config: Any = None, *, init: str | None = 
         teacher_grad=teacher_grad,
         large_step=large_step,
     )
+
+
+class LabelCrossEntropyAttack:
+    """Distiller mixin for the attack of Madry et al. that ARD and IAD keep: x' ascends CE(z_S(x'), y).
+
+    The attack runs on the run's threat with the Config's ``init``/``attack_student_mode``/``steps`` options
+    (:func:`threat_attack`); list it before the Distiller base: ``class ARD(LabelCrossEntropyAttack, Distiller)``.
+    """
+
+    config: Any
+
+    def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
+        return threat_attack(threat, self.config)
+
+    def attack_loss(self, ctx: BatchContext, x_adv: Tensor) -> Tensor:
+        return F.cross_entropy(ctx.student(x_adv), ctx.y, reduction="none")

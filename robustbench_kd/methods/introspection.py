@@ -73,13 +73,17 @@ class IntrospectionTerms:
     introspection: Tensor | None = None
     weights: Tensor | None = None
 
-    def log_terms(self, terms: dict[str, Tensor]) -> None:
-        """Add ``kl_teacher`` and, after the warm-up, ``kl_intro`` and ``w_mean`` to ``terms``."""
+    def log_terms(self, terms: dict[str, Tensor], *, logits_nat: Tensor | None = None,
+                  y: Tensor | None = None) -> None:
+        """Add ``kl_teacher``, after the warm-up ``kl_intro`` and ``w_mean``, and ``ce_nat`` (the clean CE,
+        whenever the clean pass ran: ``logits_nat`` given) to ``terms``."""
         terms["kl_teacher"] = self.teacher.detach()
         if self.introspection is not None:
             terms["kl_intro"] = self.introspection.detach()
         if self.weights is not None:
             terms["w_mean"] = self.weights.mean()
+        if logits_nat is not None and y is not None:
+            terms["ce_nat"] = F.cross_entropy(logits_nat.detach(), y)
 
 
 def introspective_terms(teacher_kl: Tensor, logits_adv: Tensor, logits_nat: Tensor, teacher_logits_adv: Tensor,
