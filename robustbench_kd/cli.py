@@ -192,10 +192,10 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import shlex
 
-    from robustbench_kd.config import ModelInfoSection
     from robustbench_kd.evaluation.final_report import format_table
     from robustbench_kd.evaluation.shards import parse_shard
     from robustbench_kd.jobs.pipeline import evaluate_spec
+    from robustbench_kd.submission.section import ModelInfoSection
     from robustbench_kd.threat import parse_number, validate_eps
 
     if args.eps is None:

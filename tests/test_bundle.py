@@ -13,12 +13,12 @@ import torch
 from robustbench_kd.cli import main
 from robustbench_kd.errors import UserError
 from robustbench_kd.students import build_student
-from robustbench_kd.submission.bundle import (
+from robustbench_kd.submission.bundle import write_submission_bundle
+from robustbench_kd.submission.zoo_entry import (
     ZooConstructor,
     constructor_for_spec,
     format_zoo_entry,
     student_constructor,
-    write_submission_bundle,
     zoo_entry_constructor,
 )
 from robustbench_kd.testing.fixtures import (

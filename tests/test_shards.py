@@ -15,7 +15,7 @@ from robustbench_kd.cli import main
 from robustbench_kd.data.datasets import DataSplits
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation import evaluate_model, run_autoattack
-from robustbench_kd.evaluation.autoattack import autoattack_state, read_autoattack_state
+from robustbench_kd.evaluation.autoattack import autoattack_state
 from robustbench_kd.evaluation.shards import (
     evaluate_shard,
     merge_and_write,
@@ -27,6 +27,7 @@ from robustbench_kd.evaluation.shards import (
 from robustbench_kd.jobs.pipeline import evaluate_spec
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.testing.fixtures import make_tiny_cifar, tiny_zoo_entry
+from robustbench_kd.zoo.autoattack_resume import read_autoattack_state
 
 pytestmark = pytest.mark.single_thread
 

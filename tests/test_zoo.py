@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from robustbench_kd.errors import UserError
+from robustbench_kd.storage.hashing import sha256_of
 from robustbench_kd.testing.fixtures import save_random_zoo_checkpoint, tiny_zoo_entry
 from robustbench_kd.zoo import models as zoo
 
@@ -112,7 +113,7 @@ def test_zoo_teacher_loads_offline_and_matches_saved_weights(tmp_path: Path, no_
                 tensor.copy_(tensor.half().float())
         x = torch.rand(2, 3, 32, 32)
         assert torch.allclose(model(x), reference(x), atol=1e-5)
-    assert zoo.sha256_of(paths[0]) == hashlib.sha256(paths[0].read_bytes()).hexdigest()
+    assert sha256_of(paths[0]) == hashlib.sha256(paths[0].read_bytes()).hexdigest()
 
 
 def test_tiny_entry_and_ensemble_load_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

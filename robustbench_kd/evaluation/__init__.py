@@ -30,7 +30,6 @@ from robustbench_kd.evaluation.model_info import (
     THREAT_MODELS,
     build_model_info,
     model_info_path,
-    validate_model_id,
     validate_model_info,
     write_model_info,
 )
@@ -42,6 +41,7 @@ from robustbench_kd.evaluation.sanity import (
     check_evaluation,
     run_sanity_checks,
 )
+from robustbench_kd.zoo.names import validate_model_id
 
 __all__ = [
     "AUTOATTACK_VERSIONS",

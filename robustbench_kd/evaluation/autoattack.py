@@ -9,7 +9,7 @@ collected so that a report can mark the evaluation as possibly unreliable.
 
 Resumable runs (``state_path``) do not use AutoAttack's own state file, whose resume is broken; they go
 through :func:`robustbench_kd.zoo.autoattack_resume.run_resumable` (the state file format, the
-batch-by-batch driver and why, are described there; its names are re-exported here).
+batch-by-batch driver and why, are described there; import its names from there).
 """
 
 from __future__ import annotations
@@ -30,30 +30,16 @@ from robustbench_kd.evaluation.attacks import check_inputs
 from robustbench_kd.threat import NORMS, parse_number, validate_eps
 from robustbench_kd.zoo import compat
 from robustbench_kd.zoo.autoattack_resume import (
-    AA_LOGGER_NAME,
-    STATE_FORMAT,
-    AutoAttackState,
     ResumableRun,
     capture_autoattack_warnings,
-    data_fingerprint,
-    model_fingerprint,
-    read_autoattack_state,
     run_resumable,
 )
 
 __all__ = [
-    "AA_LOGGER_NAME",
     "AUTOATTACK_VERSIONS",
-    "STATE_FORMAT",
     "AutoAttackResult",
-    "AutoAttackState",
-    "ResumableRun",
     "autoattack_state",
-    "data_fingerprint",
-    "model_fingerprint",
-    "read_autoattack_state",
     "run_autoattack",
-    "run_resumable",
 ]
 
 logger = logging.getLogger(__name__)

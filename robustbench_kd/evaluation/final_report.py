@@ -33,8 +33,10 @@ from robustbench_kd.evaluation.runner import evaluate_model
 from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
 from robustbench_kd.storage.atomic import atomic_write_text
 from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
-from robustbench_kd.submission.bundle import ZooConstructor, autoattack_log_partial, write_submission_bundle
+from robustbench_kd.submission.autoattack_log import autoattack_log_partial
+from robustbench_kd.submission.bundle import write_submission_bundle
 from robustbench_kd.submission.section import ModelInfoSection
+from robustbench_kd.submission.zoo_entry import ZooConstructor
 from robustbench_kd.threat import format_eps, parse_number
 
 log = logging.getLogger(__name__)

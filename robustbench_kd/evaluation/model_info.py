@@ -28,8 +28,6 @@ __all__ = [
     "THREAT_MODELS",
     "build_model_info",
     "model_info_path",
-    "validate_dataset_name",
-    "validate_model_id",
     "validate_model_info",
     "write_model_info",
 ]

@@ -41,15 +41,16 @@ from torch import Tensor, nn
 
 from robustbench_kd import __version__
 from robustbench_kd.errors import UserError
-from robustbench_kd.evaluation.autoattack import autoattack_state, data_fingerprint, model_fingerprint
+from robustbench_kd.evaluation.autoattack import autoattack_state
 from robustbench_kd.evaluation.export import save_zoo_checkpoint
 from robustbench_kd.evaluation.final_report import ModelReport, write_model_info_entry
-from robustbench_kd.evaluation.model_info import validate_model_id
 from robustbench_kd.evaluation.runner import EvalResult, evaluate_model
 from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
 from robustbench_kd.storage.atomic import atomic_write_text
 from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.threat import format_eps, parse_number
+from robustbench_kd.zoo.autoattack_resume import data_fingerprint, model_fingerprint
+from robustbench_kd.zoo.names import validate_model_id
 
 __all__ = [
     "SHARD_FORMAT",

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from robustbench_kd.config import DataSection, ModelInfoSection, RunConfig, config_from_mapping, load_file
+from robustbench_kd.config import DataSection, RunConfig, config_from_mapping, load_file
 from robustbench_kd.data.datasets import to_float
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.autoattack import autoattack_state
@@ -16,11 +16,14 @@ from robustbench_kd.evaluation.shards import evaluate_shard
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.scale.distributed import is_main
 from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
-from robustbench_kd.submission.bundle import constructor_for_run, constructor_for_spec, distill_command
+from robustbench_kd.submission.bundle import distill_command
+from robustbench_kd.submission.section import ModelInfoSection
+from robustbench_kd.submission.zoo_entry import constructor_for_run, constructor_for_spec
 from robustbench_kd.teachers import TeacherLoadContext, TeacherSpec
 from robustbench_kd.threat import parse_number, validate_eps
 from robustbench_kd.training import builders
-from robustbench_kd.training.loop import setup_run, train
+from robustbench_kd.training.loop import train
+from robustbench_kd.training.setup import setup_run
 from robustbench_kd.zoo.models import parse_zoo_ref, zoo_preprocessing
 
 log = logging.getLogger(__name__)

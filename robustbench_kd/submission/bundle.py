@@ -17,7 +17,7 @@ For a model id ``ID`` evaluated with standard AutoAttack, :func:`write_submissio
 
 Each file has its own module: :mod:`.layout` (the directory and file names), :mod:`.autoattack_log`,
 :mod:`.zoo_entry` (the architecture's constructor as source), :mod:`.issue`; this module writes them
-all, with the checksum and the README. The names of those modules are re-exported here.
+all, with the checksum and the README. Import the names of those modules from the modules themselves.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 from robustbench_kd.errors import UserError
 from robustbench_kd.storage.atomic import atomic_write_bytes, atomic_write_text
 from robustbench_kd.storage.hashing import sha256_of
-from robustbench_kd.submission.autoattack_log import autoattack_log_partial, bundle_log
+from robustbench_kd.submission.autoattack_log import bundle_log
 from robustbench_kd.submission.issue import format_new_model_issue, or_fill_in
 from robustbench_kd.submission.layout import (
     AUTOATTACK_LOG,
@@ -49,28 +49,14 @@ from robustbench_kd.submission.layout import (
 from robustbench_kd.submission.zoo_entry import (
     ZOO_DICT_NAMES,
     ZooConstructor,
-    constructor_for_run,
-    constructor_for_spec,
     format_zoo_entry,
     placeholder_constructor,
-    student_constructor,
-    zoo_entry_constructor,
 )
 
 __all__ = [
-    "AUTOATTACK_LOG",
     "SubmissionBundle",
-    "ZooConstructor",
-    "autoattack_log_partial",
-    "bundle_dir",
-    "constructor_for_run",
-    "constructor_for_spec",
     "distill_command",
-    "format_new_model_issue",
-    "format_zoo_entry",
-    "student_constructor",
     "write_submission_bundle",
-    "zoo_entry_constructor",
 ]
 
 log = logging.getLogger(__name__)

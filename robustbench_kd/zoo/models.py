@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robustbench_kd.errors import UserError, close_matches
-from robustbench_kd.storage.hashing import sha256_of
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +29,6 @@ __all__ = [
     "expected_checkpoint_paths",
     "load_zoo_model",
     "parse_zoo_ref",
-    "sha256_of",
     "zoo_input_size",
     "zoo_names",
     "zoo_preprocessing",
