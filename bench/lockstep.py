@@ -11,8 +11,8 @@ How: the other loops are iterators doing one batch per ``next()``. :class:`Locks
 in real use), after each of its optimiser steps the hook advances every other loop by one batch,
 in an order that rotates every batch, and times each. The library's time is the epoch's wall time
 minus the time spent inside the hook (the other loops and this bookkeeping), so it covers everything
-the trainer does around the passes (its epoch set-up and close included). A worker-thread design was tried first and dropped: handing
-control between threads made the library's batches measurably slower on this VM.
+the trainer does around the passes (its epoch set-up and close included). A worker-thread design was
+tried first and dropped: handing control between threads made the library's batches measurably slower on this VM.
 
 The harness control (``control_epoch``): the minimal loop run in the library's slot measured 0.990x to
 1.008x itself in the others' slot (RSLAD, ARD, AKD; 10 rounds of 1024 images, two runs), so ratios

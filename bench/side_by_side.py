@@ -187,7 +187,7 @@ def ratio_interval(numerators: list[float], denominators: list[float], *, level:
     The rounds are the unit of repetition (each one's loops ran batch by batch together), so they are
     resampled whole, keeping every round's pair; the seed is fixed, so a table can be reproduced.
     """
-    rounds = list(zip(numerators, denominators))
+    rounds = list(zip(numerators, denominators, strict=True))
     rng = random.Random(0)
     ratios = sorted(
         sum(n for n, _ in sample) / sum(d for _, d in sample)
@@ -323,7 +323,8 @@ def main() -> None:
                         help="skip the harness control (--interleave batch): the minimal loop timed in the library's "
                              "slot against itself, the resolution of the library/reference ratio")
     parser.add_argument("--no-steady-allocator", action="store_true",
-                        help="leave glibc's heap trimming on (by default it is turned off on CPU: see steady_allocator)")
+                        help="leave glibc's heap trimming on (by default it is turned off on CPU: see "
+                             "steady_allocator)")
     parser.add_argument("--interleave", choices=("batch", "epoch"), default=None,
                         help="batch: the loops take turns batch by batch and their sums are compared (default on "
                              "CPU); epoch: whole epochs in turn (default on CUDA, where per-batch timing would sync)")

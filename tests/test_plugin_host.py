@@ -95,7 +95,7 @@ def test_duplicate_method_keys_name_both_plugins():
 
     host = PluginHost.create(autoload=False, extra=[Impostor])
     with pytest.raises(UserError, match=r"registered twice: by plugin 'rslad' and by plugin 'Impostor'"):
-        host.methods
+        _ = host.methods
 
 
 def test_unknown_hook_fails_check_pending():
