@@ -54,8 +54,12 @@ def base_config(out_dir: Path, name: str, *, epochs: int, n_eval: int, seed: int
         "threat": {"norm": "Linf", "eps": 0.2, "alpha": 0.05, "steps": 10},
         "student": {"arch": "small-cnn", "options": {"width": 1.0}},
         "optim": {"epochs": epochs, "lr": 0.05, "schedule": "multistep", "milestones": [max(1, int(epochs * 0.75))]},
-        "eval": {"attacks": ["clean", "pgd", "autoattack"], "pgd_steps": 20, "final_n_examples": n_eval,
-                 "teachers": False},
+        "eval": {
+            "attacks": ["clean", "pgd", "autoattack"],
+            "pgd_steps": 20,
+            "final_n_examples": n_eval,
+            "teachers": False,
+        },
     }
 
 
@@ -124,12 +128,18 @@ def main() -> None:
         acc, secs = reuse_or_run(raw, host, args.reuse)
         rows.append((label, ", ".join(cls.teacher_roles) or "-", acc, secs))
 
-    lines = [f"Digits, L_inf eps = 0.2, {args.epochs} epochs, small-CNN students, first {args.n_eval} test images",
-             "", "| model | teachers | clean | PGD-20 | AutoAttack | train s |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Digits, L_inf eps = 0.2, {args.epochs} epochs, small-CNN students, first {args.n_eval} test images",
+        "",
+        "| model | teachers | clean | PGD-20 | AutoAttack | train s |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, roles, acc, secs in rows:
         pgd = next((v for k, v in acc.items() if k.startswith("pgd")), float("nan"))
-        lines.append(f"| {label} | {roles} | {100 * acc['clean']:.2f} | {100 * pgd:.2f} | "
-                     f"{100 * acc['autoattack']:.2f} | {secs:.0f} |")
+        lines.append(
+            f"| {label} | {roles} | {100 * acc['clean']:.2f} | {100 * pgd:.2f} | "
+            f"{100 * acc['autoattack']:.2f} | {secs:.0f} |"
+        )
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(table + "\n")

@@ -51,8 +51,10 @@ def main() -> None:
     variants = {
         "plugin blocked": ((("diagnostics",)), {}),
         "diagnostics off": ((), {}),
-        "all diagnostics on": ((), {"diagnostics": {"enabled": ALL, "n_examples": args.n_examples,
-                                                    "pgd_steps": args.pgd_steps}}),
+        "all diagnostics on": (
+            (),
+            {"diagnostics": {"enabled": ALL, "n_examples": args.n_examples, "pgd_steps": args.pgd_steps}},
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
@@ -62,8 +64,10 @@ def main() -> None:
             train(config(out, args, **student, **extra), host=PluginHost.create(autoload=False, blocked=blocked))
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["plugin blocked"])
-    print(f"{args.epochs} epochs, {args.n_train} training digits, subset {args.n_examples}, "
-          f"PGD-{args.pgd_steps}, {args.repeats} repeats (median)")
+    print(
+        f"{args.epochs} epochs, {args.n_train} training digits, subset {args.n_examples}, "
+        f"PGD-{args.pgd_steps}, {args.repeats} repeats (median)"
+    )
     for name, values in times.items():
         med = statistics.median(values)
         print(f"{name:20s} {med:8.3f} s  {100 * (med / base - 1):+6.1f} %")

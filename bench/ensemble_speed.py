@@ -53,8 +53,10 @@ def main() -> None:
     c, h, w = (int(s) for s in args.image_shape.split(","))
     options = {} if args.width is None else {"width": args.width}
     torch.manual_seed(0)
-    members = [Teacher(build_student(args.arch, num_classes=10, in_channels=c, image_size=h, **options)).to(device)
-               for _ in range(args.members)]
+    members = [
+        Teacher(build_student(args.arch, num_classes=10, in_channels=c, image_size=h, **options)).to(device)
+        for _ in range(args.members)
+    ]
     vec = EnsembleTeacher(members, vectorize=True)
     loop = EnsembleTeacher(members, vectorize=False)
     x = torch.rand(args.batch, c, h, w, device=device)
@@ -66,6 +68,7 @@ def main() -> None:
             with torch.no_grad():
                 for _ in range(args.iters):
                     model(x)
+
         return run
 
     def forward_backward(model):
@@ -73,11 +76,14 @@ def main() -> None:
             for _ in range(args.iters):
                 xg = x.detach().requires_grad_(True)
                 torch.autograd.grad(model(xg).sum(), xg)
+
         return run
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.members} x "
-          f"{args.arch}{'' if args.width is None else f' width {args.width}'}, batch {args.batch}, input {c}x{h}x{w}; "
-          f"max |vectorised - loop| = {diff:.1e}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.members} x "
+        f"{args.arch}{'' if args.width is None else f' width {args.width}'}, batch {args.batch}, input {c}x{h}x{w}; "
+        f"max |vectorised - loop| = {diff:.1e}"
+    )
     print("| pass | loop img/s | vectorised img/s | speed-up |")
     print("|---|---|---|---|")
     for name, make in (("forward (no grad)", forward), ("forward + input gradient", forward_backward)):

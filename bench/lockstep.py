@@ -60,8 +60,13 @@ class Lockstep:
             self._spent[name] += time.perf_counter() - start
         self._turn += 1
 
-    def epoch(self, run, epoch: int, others: dict[str, Iterator[None]],
-              epoch_fn: Callable[[Any, int], object] = train_one_epoch) -> dict[str, float]:
+    def epoch(
+        self,
+        run,
+        epoch: int,
+        others: dict[str, Iterator[None]],
+        epoch_fn: Callable[[Any, int], object] = train_one_epoch,
+    ) -> dict[str, float]:
         """One library epoch with ``others`` interleaved; seconds per loop, the library's as ``"library"``.
 
         ``epoch_fn`` replaces the library's epoch for the harness control (:func:`control_epoch`).
@@ -84,6 +89,7 @@ def control_epoch(steps: Callable[[], Iterator[None]]) -> Callable[[Any, int], N
     With the minimal loop there, the ratio of its time to the same loop's time in the others' slot is
     the harness's own bias and noise: library/reference ratios that close to 1 cannot be told apart.
     """
+
     def run_epoch(run, epoch: int) -> None:
         for _ in steps():
             run.host.step_end(run, None, None)

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 REFERENCE_METHODS = ("pgd-at", "rslad", "ard", "akd")
 
 
-def pgd(student: nn.Module, x: Tensor, loss_fn, *, eps: float, alpha: float, steps: int, start: str,
-        train_mode: bool) -> Tensor:
+def pgd(
+    student: nn.Module, x: Tensor, loss_fn, *, eps: float, alpha: float, steps: int, start: str, train_mode: bool
+) -> Tensor:
     """A fresh L_inf PGD run: x' <- clip_{x,eps}(x' + alpha sign(grad loss_fn(student(x'))))."""
     student.train(train_mode)
     if start == "gauss":
@@ -46,8 +47,18 @@ def pgd(student: nn.Module, x: Tensor, loss_fn, *, eps: float, alpha: float, ste
     return x_adv.detach()
 
 
-def reference_step(method: str, student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor,
-                   optimizer: torch.optim.Optimizer, *, eps: float, alpha: float, steps: int) -> float:
+def reference_step(
+    method: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+) -> float:
     """One training step of ``method``; returns ``loss.item()`` as the official scripts print it."""
     student.train()
     optimizer.zero_grad()
@@ -55,8 +66,16 @@ def reference_step(method: str, student: nn.Module, teacher: nn.Module, x: Tenso
         with torch.no_grad():
             teacher_logits = teacher(x)
         kl_sum = nn.KLDivLoss(reduction="sum")
-        x_adv = pgd(student, x, lambda out: kl_sum(F.log_softmax(out, dim=1), F.softmax(teacher_logits, dim=1)),
-                    eps=eps, alpha=alpha, steps=steps, start="gauss", train_mode=False)
+        x_adv = pgd(
+            student,
+            x,
+            lambda out: kl_sum(F.log_softmax(out, dim=1), F.softmax(teacher_logits, dim=1)),
+            eps=eps,
+            alpha=alpha,
+            steps=steps,
+            start="gauss",
+            train_mode=False,
+        )
         adv_logits = student(x_adv)
         nat_logits = student(x)
         kl = nn.KLDivLoss(reduction="none")
@@ -65,24 +84,49 @@ def reference_step(method: str, student: nn.Module, teacher: nn.Module, x: Tenso
         loss = 5 / 6.0 * loss1 + 1 / 6.0 * loss2
     elif method == "ard":
         tau, a = 30.0, 1.0
-        x_adv = pgd(student, x, lambda out: F.cross_entropy(out, y), eps=eps, alpha=alpha, steps=steps,
-                    start="uniform", train_mode=True)
-        outputs = student(x)            # the reference wrapper returns the clean logits as well
+        x_adv = pgd(
+            student,
+            x,
+            lambda out: F.cross_entropy(out, y),
+            eps=eps,
+            alpha=alpha,
+            steps=steps,
+            start="uniform",
+            train_mode=True,
+        )
+        outputs = student(x)  # the reference wrapper returns the clean logits as well
         per_outputs = student(x_adv)
         teacher_outputs = teacher(x)
         kl = nn.KLDivLoss(reduction="none")
-        loss = kl(F.log_softmax(per_outputs / tau, dim=1), F.softmax(teacher_outputs / tau, dim=1)).mean() \
-            * (a * tau * tau) + (1.0 - a) * F.cross_entropy(outputs, y)
+        loss = kl(F.log_softmax(per_outputs / tau, dim=1), F.softmax(teacher_outputs / tau, dim=1)).mean() * (
+            a * tau * tau
+        ) + (1.0 - a) * F.cross_entropy(outputs, y)
     elif method == "akd":
-        x_adv = pgd(student, x, lambda out: F.cross_entropy(out, y), eps=eps, alpha=alpha, steps=7,
-                    start="uniform", train_mode=False)
+        x_adv = pgd(
+            student,
+            x,
+            lambda out: F.cross_entropy(out, y),
+            eps=eps,
+            alpha=alpha,
+            steps=7,
+            start="uniform",
+            train_mode=False,
+        )
         with torch.no_grad():
             p_t = F.softmax(teacher(x_adv), dim=1)
         q = 0.75 * p_t + 0.25 * F.one_hot(y, p_t.shape[1]).float()
         loss = torch.sum(-q * F.log_softmax(student(x_adv), dim=1), dim=1).mean()
     elif method == "pgd-at":
-        x_adv = pgd(student, x, lambda out: F.cross_entropy(out, y), eps=eps, alpha=alpha, steps=steps,
-                    start="uniform", train_mode=False)
+        x_adv = pgd(
+            student,
+            x,
+            lambda out: F.cross_entropy(out, y),
+            eps=eps,
+            alpha=alpha,
+            steps=steps,
+            start="uniform",
+            train_mode=False,
+        )
         loss = F.cross_entropy(student(x_adv), y)
     else:
         raise ValueError(f"no reference loop for {method!r}; choose from {', '.join(REFERENCE_METHODS)}")
@@ -91,28 +135,61 @@ def reference_step(method: str, student: nn.Module, teacher: nn.Module, x: Tenso
     return loss.item()
 
 
-def reference_epoch(method: str, student: nn.Module, teacher: nn.Module, images: Tensor, labels: Tensor, *,
-                    batch_size: int, eps: float, alpha: float, steps: int, lr: float,
-                    device: torch.device) -> float:
+def reference_epoch(
+    method: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int,
+    eps: float,
+    alpha: float,
+    steps: int,
+    lr: float,
+    device: torch.device,
+) -> float:
     """One epoch of :func:`reference_steps`; returns wall seconds."""
     start = time.perf_counter()
-    for _ in reference_steps(method, student, teacher, images, labels, batch_size=batch_size, eps=eps, alpha=alpha,
-                             steps=steps, lr=lr, device=device):
+    for _ in reference_steps(
+        method,
+        student,
+        teacher,
+        images,
+        labels,
+        batch_size=batch_size,
+        eps=eps,
+        alpha=alpha,
+        steps=steps,
+        lr=lr,
+        device=device,
+    ):
         pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def reference_steps(method: str, student: nn.Module, teacher: nn.Module, images: Tensor, labels: Tensor, *,
-                    batch_size: int, eps: float, alpha: float, steps: int, lr: float,
-                    device: torch.device) -> Iterator[None]:
+def reference_steps(
+    method: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int,
+    eps: float,
+    alpha: float,
+    steps: int,
+    lr: float,
+    device: torch.device,
+) -> Iterator[None]:
     """:func:`reference_step` over shuffled ``images``, yielding after each batch."""
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(2))
     train_loss = 0.0
     for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         x = images[idx].float().to(device)
         y = labels[idx].to(device)
         train_loss += reference_step(method, student, teacher, x, y, optimizer, eps=eps, alpha=alpha, steps=steps)

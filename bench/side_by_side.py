@@ -90,8 +90,7 @@ def make_run(method: str, args: argparse.Namespace, host: PluginHost, workdir: P
     data = host.datasets.get("synthetic")(None)
     t_arch, t_opts = parse_arch(args.teacher)
     s_arch, s_opts = parse_arch(args.student)
-    teacher = build_student(t_arch, num_classes=10, in_channels=data.in_channels, image_size=data.image_size,
-                            **t_opts)
+    teacher = build_student(t_arch, num_classes=10, in_channels=data.in_channels, image_size=data.image_size, **t_opts)
     teacher_file = workdir / "teacher.pt"
     torch.save({"state_dict": teacher.state_dict()}, teacher_file)
     query = "&".join([f"arch={t_arch}", *(f"{k}={v}" for k, v in t_opts.items())])
@@ -180,8 +179,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     return max(peak[0], _rss_bytes()) - before
 
 
-def ratio_interval(numerators: list[float], denominators: list[float], *, level: float = 0.95,
-                   resamples: int = 2000) -> tuple[float, float]:
+def ratio_interval(
+    numerators: list[float], denominators: list[float], *, level: float = 0.95, resamples: int = 2000
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``sum(numerators) / sum(denominators)``, resampling paired rounds.
 
     The rounds are the unit of repetition (each one's loops ran batch by batch together), so they are
@@ -207,8 +207,14 @@ def mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
 
-def compare(method: str, args: argparse.Namespace, host: PluginHost, workdir: Path, speed: dict[str, object],
-            device: torch.device) -> str:
+def compare(
+    method: str,
+    args: argparse.Namespace,
+    host: PluginHost,
+    workdir: Path,
+    speed: dict[str, object],
+    device: torch.device,
+) -> str:
     """Time library, reference and minimal epochs of ``method`` (interleaved) and return the table row."""
     library_note = None
     try:
@@ -234,8 +240,11 @@ def compare(method: str, args: argparse.Namespace, host: PluginHost, workdir: Pa
         times = _lockstep_rounds(method, args, run, teacher, data, device, common, library_note)
         t_lib, t_ref, t_min = times["lib"], times["ref"], times["min"]
         if args.control:
-            control = with_interval(sum(times["control"]) / sum(times["control_min"]),
-                                    ratio_interval(times["control"], times["control_min"]), "{:.3f}")
+            control = with_interval(
+                sum(times["control"]) / sum(times["control_min"]),
+                ratio_interval(times["control"], times["control_min"]),
+                "{:.3f}",
+            )
     else:
         t_lib, t_ref, t_min = _epoch_rounds(run, ref, mini, args, device, library_note)
     m_ref = peak_memory(ref, device)
@@ -252,19 +261,22 @@ def compare(method: str, args: argparse.Namespace, host: PluginHost, workdir: Pa
         lib_ips, lib_out, lib_mem = f"{n / lo:.0f}", f"{max(0.0, 1 - mi / lo):.1%}", mib(m_lib)
     else:
         lib_ips, ratio, lib_out, lib_mem = library_note, "n/a", "n/a", "n/a"
-    return (f"| {method} | {lib_ips} | {n / re:.0f} | {ratio} | {n / mi:.0f} | {lib_out} "
-            f"| {max(0.0, 1 - mi / re):.1%} | {lib_mem} | {mib(m_ref)} | {control} |")
+    return (
+        f"| {method} | {lib_ips} | {n / re:.0f} | {ratio} | {n / mi:.0f} | {lib_out} "
+        f"| {max(0.0, 1 - mi / re):.1%} | {lib_mem} | {mib(m_ref)} | {control} |"
+    )
 
 
 def _epoch_rounds(run, ref, mini, args, device, library_note):
     """Whole epochs, one loop after another, order rotating each round; per-round seconds per loop."""
+
     def lib(r: int) -> float:
         return timed(partial(train_one_epoch, run, r), device) if library_note is None else float("nan")
 
     loops = {"lib": lib, "ref": lambda r: timed(ref, device), "min": lambda r: timed(mini, device)}
     times: dict[str, list[float]] = {name: [] for name in loops}
     for r in range(args.repeats + 1):
-        names = list(loops)[r % 3:] + list(loops)[:r % 3]
+        names = list(loops)[r % 3 :] + list(loops)[: r % 3]
         for name in names:
             seconds = loops[name](r)
             if r:  # the first round warms up (and compiles, with --compile)
@@ -281,9 +293,10 @@ def _lockstep_rounds(method, args, run, teacher, data, device, common, library_n
     times: dict[str, list[float]] = {"lib": [], "ref": [], "min": [], "control": [], "control_min": []}
 
     def others() -> dict:
-        return {"ref": reference_steps(method, run.student, teacher, data.train_x, data.train_y, device=device,
-                                       **common),
-                "min": minimal_steps(method, run.student, teacher, data, device=device, **common)}
+        return {
+            "ref": reference_steps(method, run.student, teacher, data.train_x, data.train_y, device=device, **common),
+            "min": minimal_steps(method, run.student, teacher, data, device=device, **common),
+        }
 
     for r in range(args.repeats + 1):
         if library_note is None:
@@ -319,21 +332,40 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="PGD steps (AKD uses its own 7)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-control", dest="control", action="store_false",
-                        help="skip the harness control (--interleave batch): the minimal loop timed in the library's "
-                             "slot against itself, the resolution of the library/reference ratio")
-    parser.add_argument("--no-steady-allocator", action="store_true",
-                        help="leave glibc's heap trimming on (by default it is turned off on CPU: see "
-                             "steady_allocator)")
-    parser.add_argument("--interleave", choices=("batch", "epoch"), default=None,
-                        help="batch: the loops take turns batch by batch and their sums are compared (default on "
-                             "CPU); epoch: whole epochs in turn (default on CUDA, where per-batch timing would sync)")
-    parser.add_argument("--statistic", choices=("min", "median"), default="min",
-                        help="--interleave epoch: how the repeats of each loop are summarised (min: timeit's)")
+    parser.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        help="skip the harness control (--interleave batch): the minimal loop timed in the library's "
+        "slot against itself, the resolution of the library/reference ratio",
+    )
+    parser.add_argument(
+        "--no-steady-allocator",
+        action="store_true",
+        help="leave glibc's heap trimming on (by default it is turned off on CPU: see steady_allocator)",
+    )
+    parser.add_argument(
+        "--interleave",
+        choices=("batch", "epoch"),
+        default=None,
+        help="batch: the loops take turns batch by batch and their sums are compared (default on "
+        "CPU); epoch: whole epochs in turn (default on CUDA, where per-batch timing would sync)",
+    )
+    parser.add_argument(
+        "--statistic",
+        choices=("min", "median"),
+        default="min",
+        help="--interleave epoch: how the repeats of each loop are summarised (min: timeit's)",
+    )
     parser.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None, help="library: speed.amp")
     parser.add_argument("--channels-last", action="store_true", help="library: speed.channels_last = true")
-    parser.add_argument("--compile", nargs="?", const="student", default=None,
-                        help="library: speed.compile (student, teachers, both; bare flag = student)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="student",
+        default=None,
+        help="library: speed.compile (student, teachers, both; bare flag = student)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -348,14 +380,18 @@ def main() -> None:
     shape = tuple(int(s) for s in args.dataset_shape.split(","))
     host = PluginHost.create(autoload=False, extra=[SyntheticDataPlugin(shape, args.n), LOCKSTEP])
     speed = speed_section(args)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, data {shape} x {args.n}, "
-          f"batch {args.batch_size}, PGD-{args.steps}, student {args.student}, teacher {args.teacher}, "
-          f"library [speed] {speed or 'defaults'}, {args.repeats} rounds interleaved by {args.interleave}"
-          + (f" ({args.statistic} per loop)" if args.interleave == "epoch" else " (sums per loop)")
-          + (", glibc heap kept (no trimming)" if steady else ""))
-    print("| method | library img/s | reference img/s | library / reference (95% interval) | minimal img/s "
-          "| outside necessary passes: library | reference | peak memory: library | reference "
-          "| harness control (95% interval) |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, data {shape} x {args.n}, "
+        f"batch {args.batch_size}, PGD-{args.steps}, student {args.student}, teacher {args.teacher}, "
+        f"library [speed] {speed or 'defaults'}, {args.repeats} rounds interleaved by {args.interleave}"
+        + (f" ({args.statistic} per loop)" if args.interleave == "epoch" else " (sums per loop)")
+        + (", glibc heap kept (no trimming)" if steady else "")
+    )
+    print(
+        "| method | library img/s | reference img/s | library / reference (95% interval) | minimal img/s "
+        "| outside necessary passes: library | reference | peak memory: library | reference "
+        "| harness control (95% interval) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:

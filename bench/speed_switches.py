@@ -55,8 +55,9 @@ class SyntheticData:
 def make_run(args: argparse.Namespace, speed: dict, host: PluginHost, workdir: Path, tag: str):
     data = host.datasets.get("synthetic")(None)
     torch.manual_seed(0)
-    teacher = build_student("small-cnn", num_classes=10, in_channels=data.in_channels, image_size=data.image_size,
-                            width=2 * args.width)
+    teacher = build_student(
+        "small-cnn", num_classes=10, in_channels=data.in_channels, image_size=data.image_size, width=2 * args.width
+    )
     teacher_file = workdir / "teacher.pt"
     torch.save({"state_dict": teacher.state_dict()}, teacher_file)
     cls = host.methods.get(args.method)
@@ -70,16 +71,20 @@ def make_run(args: argparse.Namespace, speed: dict, host: PluginHost, workdir: P
         "speed": {**speed, "compile_backend": args.backend} if "compile" in speed else speed,
     }
     if cls.teacher_roles:
-        raw["teachers"] = {role: f"file:{teacher_file}?arch=small-cnn&width={2 * args.width}"
-                           for role in cls.teacher_roles}
+        raw["teachers"] = {
+            role: f"file:{teacher_file}?arch=small-cnn&width={2 * args.width}" for role in cls.teacher_roles
+        }
     return setup_run(config_from_mapping(raw), host)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="rslad")
-    parser.add_argument("--switches", default="off,bf16,fp16,channels_last,compile-student",
-                        help=f"comma-separated, from {', '.join(SWITCHES)}")
+    parser.add_argument(
+        "--switches",
+        default="off,bf16,fp16,channels_last,compile-student",
+        help=f"comma-separated, from {', '.join(SWITCHES)}",
+    )
     parser.add_argument("--dataset-shape", default="1,8,8", help="C,H,W of synthetic data (1,8,8 = digits)")
     parser.add_argument("--n", type=int, default=1024, help="training images per epoch")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -95,9 +100,11 @@ def main() -> None:
         parser.error(f"unknown switch {', '.join(unknown)}; choose from {', '.join(SWITCHES)}")
     shape = tuple(int(s) for s in args.dataset_shape.split(","))
     host = PluginHost.create(autoload=False, extra=[SyntheticData(shape, args.n)])
-    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, data {shape} x {args.n}, "
-          f"batch {args.batch_size}, {args.method}, PGD-{args.steps}, small-cnn width {args.width} "
-          f"(teacher {2 * args.width}), compile backend {args.backend}")
+    print(
+        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, data {shape} x {args.n}, "
+        f"batch {args.batch_size}, {args.method}, PGD-{args.steps}, small-cnn width {args.width} "
+        f"(teacher {2 * args.width}), compile backend {args.backend}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         runs = {name: make_run(args, SWITCHES[name], host, Path(tmp), name) for name in names}
         times: dict[str, list[float]] = {name: [] for name in names}

@@ -46,21 +46,44 @@ def synthetic_data(shape: tuple[int, int, int], n: int) -> DataSplits:
 MINIMAL_LOOPS = ("pgd-at", "rslad", "ard", "akd")
 
 
-def minimal_epoch(method: str, student, teacher, data: DataSplits, *, batch_size: int, eps: float, alpha: float,
-                  steps: int, lr: float, device: torch.device | None = None) -> float:
+def minimal_epoch(
+    method: str,
+    student,
+    teacher,
+    data: DataSplits,
+    *,
+    batch_size: int,
+    eps: float,
+    alpha: float,
+    steps: int,
+    lr: float,
+    device: torch.device | None = None,
+) -> float:
     """One epoch of :func:`minimal_steps`; returns wall seconds."""
     device = device or torch.device("cpu")
     start = time.perf_counter()
-    for _ in minimal_steps(method, student, teacher, data, batch_size=batch_size, eps=eps, alpha=alpha,
-                           steps=steps, lr=lr, device=device):
+    for _ in minimal_steps(
+        method, student, teacher, data, batch_size=batch_size, eps=eps, alpha=alpha, steps=steps, lr=lr, device=device
+    ):
         pass
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def minimal_steps(method: str, student, teacher, data: DataSplits, *, batch_size: int, eps: float, alpha: float,
-                  steps: int, lr: float, device: torch.device | None = None) -> Iterator[None]:
+def minimal_steps(
+    method: str,
+    student,
+    teacher,
+    data: DataSplits,
+    *,
+    batch_size: int,
+    eps: float,
+    alpha: float,
+    steps: int,
+    lr: float,
+    device: torch.device | None = None,
+) -> Iterator[None]:
     """The method's necessary passes only, hand-written in the reference scripts' style; yields after each batch.
 
     pgd-at: K CE steps (eval BN), student(x'). rslad: teacher(x), K KL steps (eval BN), student(x'),
@@ -72,7 +95,7 @@ def minimal_steps(method: str, student, teacher, data: DataSplits, *, batch_size
     order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(1))
     k = 7 if method == "akd" else steps
     for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         x, y = data.train_x[idx].float().to(device), data.train_y[idx].to(device)
         if method in ("rslad", "ard"):
             with torch.no_grad():
@@ -130,8 +153,9 @@ class SyntheticDataPlugin:
 def make_run(method: str, args: argparse.Namespace, host: PluginHost, workdir: Path):
     """A trainer Run for ``method`` with a random small-cnn student and a 2x-wide teacher."""
     data = host.datasets.get("synthetic")(None)
-    teacher = build_student("small-cnn", num_classes=10, in_channels=data.in_channels, image_size=data.image_size,
-                            width=2.0)
+    teacher = build_student(
+        "small-cnn", num_classes=10, in_channels=data.in_channels, image_size=data.image_size, width=2.0
+    )
     teacher_file = workdir / "teacher.pt"
     torch.save({"state_dict": teacher.state_dict()}, teacher_file)
     cls = host.methods.get(method)
@@ -164,8 +188,10 @@ def main() -> None:
         parser.error(f"no minimal loop for {', '.join(unknown)}; choose from {', '.join(MINIMAL_LOOPS)}")
     shape = tuple(int(s) for s in args.dataset_shape.split(","))
     host = PluginHost.create(autoload=False, extra=[SyntheticDataPlugin(shape, args.n)])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, data {shape} x {args.n}, "
-          f"batch {args.batch_size}, PGD-{args.steps}, small-cnn student, 2x small-cnn teacher")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, data {shape} x {args.n}, "
+        f"batch {args.batch_size}, PGD-{args.steps}, small-cnn student, 2x small-cnn teacher"
+    )
     print("| method | library img/s | minimal loop img/s | time outside the necessary passes |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,8 +203,17 @@ def main() -> None:
                 t = time.perf_counter()
                 train_one_epoch(run, r)
                 t_lib = time.perf_counter() - t
-                t_min = minimal_epoch(method, run.student, teacher, run.data, batch_size=args.batch_size,
-                                      eps=0.2, alpha=0.05, steps=args.steps, lr=0.01)
+                t_min = minimal_epoch(
+                    method,
+                    run.student,
+                    teacher,
+                    run.data,
+                    batch_size=args.batch_size,
+                    eps=0.2,
+                    alpha=0.05,
+                    steps=args.steps,
+                    lr=0.01,
+                )
                 if r:  # the first round warms up
                     lib.append(t_lib)
                     mini.append(t_min)

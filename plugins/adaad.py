@@ -104,10 +104,12 @@ class AdaptiveAttackConfig(MethodConfig):
     alpha: float = option(1.0, low=0, high=1, help="weight a of the adversarial / distillation terms")
     init: str = init_option("gauss")
     attack_student_mode: str = student_mode_option("eval")
-    attack_teacher_grad: bool = option(True, choices=BOOLS,
-                                       help="differentiate the teacher w.r.t. x' in the attack (False: ablation)")
-    clean_forward_when_unused: bool = option(True, choices=BOOLS,
-                                             help="run student(x) without grad for BN statistics when unused")
+    attack_teacher_grad: bool = option(
+        True, choices=BOOLS, help="differentiate the teacher w.r.t. x' in the attack (False: ablation)"
+    )
+    clean_forward_when_unused: bool = option(
+        True, choices=BOOLS, help="run student(x) without grad for BN statistics when unused"
+    )
 
 
 class AdaptiveAttack(Distiller):
@@ -173,16 +175,19 @@ class AdaAD(AdaptiveAttack):
         """Hyper-parameters of AdaAD (see the class docstring for meanings and provenance)."""
 
         temperature: float = option(1.0, low=0, low_open=True, help="tau of the outer loss")
-        kl_reduction: str | None = option(None, choices=KL_REDUCTIONS,
-                                          help="batch reduction; None = mean_all up to 10 classes, batchmean above")
+        kl_reduction: str | None = option(
+            None, choices=KL_REDUCTIONS, help="batch reduction; None = mean_all up to 10 classes, batchmean above"
+        )
 
     @classmethod
     def config_from_mapping(cls, values: Mapping[str, Any]) -> Any:
         """As :meth:`Distiller.config_from_mapping`; the retired ``variant`` option names its replacement."""
         if "variant" in values:
             if values["variant"] != "adaad":
-                raise UserError(f"method.variant was removed from adaad: AdaIAD is its own method, use "
-                                f"[method] name = \"adaiad\" (got variant = {values['variant']!r})")
+                raise UserError(
+                    f"method.variant was removed from adaad: AdaIAD is its own method, use "
+                    f'[method] name = "adaiad" (got variant = {values["variant"]!r})'
+                )
             values = {k: v for k, v in values.items() if k != "variant"}
         return super().config_from_mapping(values)
 
@@ -195,18 +200,23 @@ class AdaAD(AdaptiveAttack):
         cfg = self.config
         tau, red = self.temperature, self.kl_reduction
         # Reference order: student(x) then student(x'), train mode, separate passes.
-        logits_nat = clean_pass(ctx.student, ctx.x, needed=cfg.alpha < 1.0,
-                                forward_when_unused=cfg.clean_forward_when_unused)
+        logits_nat = clean_pass(
+            ctx.student, ctx.x, needed=cfg.alpha < 1.0, forward_when_unused=cfg.clean_forward_when_unused
+        )
         logits_adv = self.student_logits(ctx, ctx.x_adv)
         c = logits_adv.shape[1]
-        kl_adv = reduce_kl(kl_per_sample(logits_adv, ctx.teacher_probs("robust", "adv", temperature=tau),
-                                         temperature=tau), red, c)
+        kl_adv = reduce_kl(
+            kl_per_sample(logits_adv, ctx.teacher_probs("robust", "adv", temperature=tau), temperature=tau), red, c
+        )
         terms = {"kl_adv": kl_adv.detach()}
         kl_nat: Tensor | None = None
         if cfg.alpha < 1.0:
             assert logits_nat is not None
-            kl_nat = reduce_kl(kl_per_sample(logits_nat, ctx.teacher_probs("robust", "clean", temperature=tau),
-                                             temperature=tau), red, c)
+            kl_nat = reduce_kl(
+                kl_per_sample(logits_nat, ctx.teacher_probs("robust", "clean", temperature=tau), temperature=tau),
+                red,
+                c,
+            )
             terms["kl_nat"] = kl_nat.detach()
         return LossOutput(total=adaad_objective(kl_adv, kl_nat, alpha=cfg.alpha, temperature=tau), terms=terms)
 
@@ -255,8 +265,9 @@ class AdaIAD(IntrospectionWarmUp, AdaptiveAttack):
         beta: float = option(0.1, low=0, help="exponent of the reliability weight p_T(y|x')**beta")
         begin: int = option(60, low=0, integer=True, help="first 0-based epoch with the introspection term")
         weight_teacher_term: bool = option(False, choices=BOOLS, help="multiply the teacher KL by w (paper form)")
-        detach_self_target: bool = option(False, choices=BOOLS,
-                                          help="stop the gradient through p_S(x) in the introspection KL")
+        detach_self_target: bool = option(
+            False, choices=BOOLS, help="stop the gradient through p_S(x) in the introspection KL"
+        )
 
     def __init__(self, config: Any = None, *, num_classes: int = 10) -> None:
         super().__init__(config, num_classes=num_classes)
@@ -269,18 +280,27 @@ class AdaIAD(IntrospectionWarmUp, AdaptiveAttack):
         cfg = self.config
         tau, red = self.temperature, self.kl_reduction
         active = self.introspection_active
-        logits_nat = clean_pass(ctx.student, ctx.x, needed=active or cfg.alpha < 1.0,
-                                forward_when_unused=cfg.clean_forward_when_unused)
+        logits_nat = clean_pass(
+            ctx.student, ctx.x, needed=active or cfg.alpha < 1.0, forward_when_unused=cfg.clean_forward_when_unused
+        )
         logits_adv = self.student_logits(ctx, ctx.x_adv)
         kl_t = kl_per_sample(logits_adv, ctx.teacher_probs("robust", "adv", temperature=tau), temperature=tau)
-        parts = self.introspect(ctx, kl_t, logits_adv, logits_nat, beta=cfg.beta,
-                                weight_teacher_term=cfg.weight_teacher_term, detach_target=cfg.detach_self_target,
-                                reduction=red)
+        parts = self.introspect(
+            ctx,
+            kl_t,
+            logits_adv,
+            logits_nat,
+            beta=cfg.beta,
+            weight_teacher_term=cfg.weight_teacher_term,
+            detach_target=cfg.detach_self_target,
+            reduction=red,
+        )
         terms: dict[str, Tensor] = {}
         parts.log_terms(terms, logits_nat=logits_nat, y=ctx.y)
         ce_nat = F.cross_entropy(logits_nat, ctx.y) if cfg.alpha < 1.0 and logits_nat is not None else None
-        total = iad1_objective(parts.teacher, parts.introspection, ce_nat, alpha=cfg.alpha,
-                               ce_weight=1.0 - cfg.alpha, temperature=tau)
+        total = iad1_objective(
+            parts.teacher, parts.introspection, ce_nat, alpha=cfg.alpha, ce_weight=1.0 - cfg.alpha, temperature=tau
+        )
         return LossOutput(total=total, terms=terms)
 
 

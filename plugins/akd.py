@@ -141,8 +141,9 @@ class AKD(Distiller):
         return mix_with_labels(ctx.teacher_probs("robust", "adv"), ctx.y, self.config.alpha)
 
     def loss(self, ctx: BatchContext) -> LossOutput:
-        return akd_loss(self.student_logits(ctx, ctx.x_adv), ctx.teacher_probs("robust", "adv"), ctx.y,
-                        alpha=self.config.alpha)
+        return akd_loss(
+            self.student_logits(ctx, ctx.x_adv), ctx.teacher_probs("robust", "adv"), ctx.y, alpha=self.config.alpha
+        )
 
 
 @hookimpl

@@ -70,8 +70,17 @@ if TYPE_CHECKING:
     from robustbench_kd.registry import Registrar
 
 
-def ard_loss(divergence_adv: Tensor, labels: Tensor, *, logits_nat: Tensor | None, alpha: float, temperature: float,
-             reduction: str, num_classes: int, name: str = "kl") -> LossOutput:
+def ard_loss(
+    divergence_adv: Tensor,
+    labels: Tensor,
+    *,
+    logits_nat: Tensor | None,
+    alpha: float,
+    temperature: float,
+    reduction: str,
+    num_classes: int,
+    name: str = "kl",
+) -> LossOutput:
     """``alpha * tau^2 * R(d_adv) + (1 - alpha) * mean_b CE(z_S(x_b), y_b)``.
 
     ``divergence_adv`` is the per-sample KL (or IKL) of the student on x' at temperature tau, ``[B]``; R is
@@ -149,23 +158,36 @@ class ARD(LabelCrossEntropyAttack, DivergenceDistiller):
         init: str = init_option("uniform")
         attack_student_mode: str = student_mode_option("train")
         clean_forward_when_unused: bool = option(
-            True, choices=(False, True), help="with alpha = 1 still run the student on x (BN statistics, ce_nat)")
+            True, choices=(False, True), help="with alpha = 1 still run the student on x (BN statistics, ce_nat)"
+        )
 
     def loss(self, ctx: BatchContext) -> LossOutput:
         cfg = self.config
         tau = cfg.temperature
         logits_adv = self.student_logits(ctx, ctx.x_adv)
-        per_sample = self.divergence.per_sample(logits_adv, ctx.teacher_probs("robust", "clean", temperature=tau),
-                                                teacher_logits=ctx.teacher_logits("robust", "clean"), labels=ctx.y,
-                                                temperature=tau)
+        per_sample = self.divergence.per_sample(
+            logits_adv,
+            ctx.teacher_probs("robust", "clean", temperature=tau),
+            teacher_logits=ctx.teacher_logits("robust", "clean"),
+            labels=ctx.y,
+            temperature=tau,
+        )
         logits_nat: Tensor | None = None
         if cfg.alpha < 1.0:
             logits_nat = self.student_logits(ctx, ctx.x)
         elif cfg.clean_forward_when_unused:
             with torch.no_grad():
                 logits_nat = self.student_logits(ctx, ctx.x)
-        return ard_loss(per_sample, ctx.y, logits_nat=logits_nat, alpha=cfg.alpha, temperature=tau,
-                        reduction=cfg.kl_reduction, num_classes=logits_adv.shape[1], name=cfg.divergence)
+        return ard_loss(
+            per_sample,
+            ctx.y,
+            logits_nat=logits_nat,
+            alpha=cfg.alpha,
+            temperature=tau,
+            reduction=cfg.kl_reduction,
+            num_classes=logits_adv.shape[1],
+            name=cfg.divergence,
+        )
 
 
 @hookimpl

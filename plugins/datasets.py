@@ -28,10 +28,16 @@ def _imagenet(config):
 
 @hookimpl
 def rbkd_register_datasets(registry):
-    registry.add("digits", _digits,
-                 description="scikit-learn's bundled 8x8 handwritten digits (1500 train / 297 test), no download")
+    registry.add(
+        "digits",
+        _digits,
+        description="scikit-learn's bundled 8x8 handwritten digits (1500 train / 297 test), no download",
+    )
     registry.add("cifar10", _cifar("cifar10"), description="CIFAR-10 from data_dir (download=true to fetch)")
     registry.add("cifar100", _cifar("cifar100"), description="CIFAR-100 from data_dir (download=true to fetch)")
-    registry.add("imagenet", _imagenet,
-                 description="ImageNet from data_dir/train and data_dir/val class folders (val/ alone to evaluate), "
-                             "decoded lazily (RobustBench Res256Crop224; test = its 5000-image subset when present)")
+    registry.add(
+        "imagenet",
+        _imagenet,
+        description="ImageNet from data_dir/train and data_dir/val class folders (val/ alone to evaluate), "
+        "decoded lazily (RobustBench Res256Crop224; test = its 5000-image subset when present)",
+    )

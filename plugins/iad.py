@@ -89,16 +89,35 @@ BOOLS = (False, True)
 
 #: Reference defaults per variant (the argparse defaults of ``IAD-I.py`` / ``IAD-II.py``).
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "I": {"alpha": 1.0, "natural_weight": 0.0, "begin": 60, "weight_teacher_term": False,
-          "clean_forward_when_unused": True},
-    "II": {"alpha": 0.5, "natural_weight": 0.25, "begin": 40, "weight_teacher_term": True,
-           "clean_forward_when_unused": False},
+    "I": {
+        "alpha": 1.0,
+        "natural_weight": 0.0,
+        "begin": 60,
+        "weight_teacher_term": False,
+        "clean_forward_when_unused": True,
+    },
+    "II": {
+        "alpha": 0.5,
+        "natural_weight": 0.25,
+        "begin": 40,
+        "weight_teacher_term": True,
+        "clean_forward_when_unused": False,
+    },
 }
 
 
 # -- the loss of IAD-II (IAD-I's is :func:`robustbench_kd.methods.introspection.iad1_objective`) -------------------
-def iad2_objective(kl_teacher: Tensor, kl_intro: Tensor | None, kl_natural: Tensor, ce_adv: Tensor, *,
-                   alpha: float, natural_weight: float, ce_weight: float, temperature: float) -> Tensor:
+def iad2_objective(
+    kl_teacher: Tensor,
+    kl_intro: Tensor | None,
+    kl_natural: Tensor,
+    ce_adv: Tensor,
+    *,
+    alpha: float,
+    natural_weight: float,
+    ce_weight: float,
+    temperature: float,
+) -> Tensor:
     """IAD-II's total: ``a tau^2 (teacher + self) + a2 tau^2 natural + ce_weight CE(z_S(x'), y)``.
 
     ``kl_intro`` is None during the warm-up; the CE is added only when ``ce_weight > 0``.
@@ -173,33 +192,44 @@ class IAD(LabelCrossEntropyAttack, IntrospectionWarmUp, Distiller):
 
         variant: str = option("I", choices=VARIANTS, help="IAD-I (ARD-based) or IAD-II (AKD2-based, two teachers)")
         temperature: float = option(1.0, low=0, low_open=True, help="tau of the teacher terms")
-        alpha: float | None = option(None, low=0, high=1,
-                                     help="weight a of the teacher and introspection terms; None = 1.0 (I), 0.5 (II)")
-        natural_weight: float | None = option(None, low=0, high=1,
-                                              help="weight a2 of the natural-teacher term (IAD-II); None = 0.25")
+        alpha: float | None = option(
+            None, low=0, high=1, help="weight a of the teacher and introspection terms; None = 1.0 (I), 0.5 (II)"
+        )
+        natural_weight: float | None = option(
+            None, low=0, high=1, help="weight a2 of the natural-teacher term (IAD-II); None = 0.25"
+        )
         beta: float = option(0.1, low=0, help="exponent of the reliability weight p_T(y|x')**beta")
-        begin: int | None = option(None, low=0, integer=True,
-                                   help="first 0-based epoch with the introspection term; None = 60 (I), 40 (II)")
-        weight_teacher_term: bool | None = option(None, choices=BOOLS,
-                                                  help="multiply the teacher KL by w; None = False (I), True (II)")
-        detach_self_target: bool = option(False, choices=BOOLS,
-                                          help="stop the gradient through p_S(x) in the introspection KL")
+        begin: int | None = option(
+            None, low=0, integer=True, help="first 0-based epoch with the introspection term; None = 60 (I), 40 (II)"
+        )
+        weight_teacher_term: bool | None = option(
+            None, choices=BOOLS, help="multiply the teacher KL by w; None = False (I), True (II)"
+        )
+        detach_self_target: bool = option(
+            False, choices=BOOLS, help="stop the gradient through p_S(x) in the introspection KL"
+        )
         kl_reduction: str = option("batchmean", choices=KL_REDUCTIONS, help="batch reduction of the KL terms")
         init: str = init_option("uniform")
         attack_student_mode: str = student_mode_option("train")
         clean_forward_when_unused: bool | None = option(
-            None, choices=BOOLS,
-            help="run student(x) without grad for BN statistics when unused; None = True (I), False (II)")
+            None,
+            choices=BOOLS,
+            help="run student(x) without grad for BN statistics when unused; None = True (I), False (II)",
+        )
 
         def __post_init__(self) -> None:
             super().__post_init__()
             if self.variant == "I" and self.natural_weight not in (None, 0.0):
-                raise UserError("method.natural_weight is an IAD-II option (natural teacher); "
-                                "set method.variant = \"II\" or remove it")
+                raise UserError(
+                    "method.natural_weight is an IAD-II option (natural teacher); "
+                    'set method.variant = "II" or remove it'
+                )
             a, a2 = self.resolved("alpha"), self.resolved("natural_weight")
             if a + a2 > 1.0 + 1e-12:
-                raise UserError(f"method.alpha + method.natural_weight must not exceed 1 (the CE weight is "
-                                f"1 - alpha - natural_weight), got {a} + {a2}")
+                raise UserError(
+                    f"method.alpha + method.natural_weight must not exceed 1 (the CE weight is "
+                    f"1 - alpha - natural_weight), got {a} + {a2}"
+                )
 
         def resolved(self, key: str) -> Any:
             """The value of option ``key`` with None replaced by the reference default of the variant."""
@@ -228,24 +258,44 @@ class IAD(LabelCrossEntropyAttack, IntrospectionWarmUp, Distiller):
         kl_t = kl_per_sample(logits_adv, ctx.teacher_probs("robust", teacher_on, temperature=tau), temperature=tau)
         # The student's clean pass: needed for the CE (IAD-I), the introspection target, or BN statistics.
         ce_weight = 1.0 - self.alpha - self.natural_weight
-        logits_nat = clean_pass(ctx.student, ctx.x, needed=active or (cfg.variant == "I" and ce_weight > 0.0),
-                                forward_when_unused=self.clean_forward_when_unused)
-        parts = self.introspect(ctx, kl_t, logits_adv, logits_nat, beta=cfg.beta,
-                                weight_teacher_term=self.weight_teacher_term, detach_target=cfg.detach_self_target,
-                                reduction=red)
+        logits_nat = clean_pass(
+            ctx.student,
+            ctx.x,
+            needed=active or (cfg.variant == "I" and ce_weight > 0.0),
+            forward_when_unused=self.clean_forward_when_unused,
+        )
+        parts = self.introspect(
+            ctx,
+            kl_t,
+            logits_adv,
+            logits_nat,
+            beta=cfg.beta,
+            weight_teacher_term=self.weight_teacher_term,
+            detach_target=cfg.detach_self_target,
+            reduction=red,
+        )
         kl_teacher, kl_intro = parts.teacher, parts.introspection
         terms: dict[str, Tensor] = {}
         if cfg.variant == "I":
             ce_nat = F.cross_entropy(logits_nat, ctx.y) if ce_weight > 0.0 and logits_nat is not None else None
-            total = iad1_objective(kl_teacher, kl_intro, ce_nat, alpha=self.alpha, ce_weight=ce_weight,
-                                   temperature=tau)
+            total = iad1_objective(kl_teacher, kl_intro, ce_nat, alpha=self.alpha, ce_weight=ce_weight, temperature=tau)
         else:
             kl_natural = reduce_kl(
                 kl_per_sample(logits_adv, ctx.teacher_probs("natural", "adv", temperature=tau), temperature=tau),
-                red, logits_adv.shape[1])
+                red,
+                logits_adv.shape[1],
+            )
             ce_adv = F.cross_entropy(logits_adv, ctx.y)
-            total = iad2_objective(kl_teacher, kl_intro, kl_natural, ce_adv, alpha=self.alpha,
-                                   natural_weight=self.natural_weight, ce_weight=ce_weight, temperature=tau)
+            total = iad2_objective(
+                kl_teacher,
+                kl_intro,
+                kl_natural,
+                ce_adv,
+                alpha=self.alpha,
+                natural_weight=self.natural_weight,
+                ce_weight=ce_weight,
+                temperature=tau,
+            )
             terms["kl_natural"] = kl_natural.detach()
             terms["ce_adv"] = ce_adv.detach()
         parts.log_terms(terms, logits_nat=logits_nat, y=ctx.y)

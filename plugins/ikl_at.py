@@ -88,8 +88,9 @@ EPS_SCHEDULES = ("linear", "constant")
 ATTACK_BUDGETS = ("high", "low", "intended", "threat")
 
 
-def epoch_budget(threat: ThreatSpec, epoch: int, num_epochs: int, *, schedule: str,
-                 budget: str) -> tuple[float, float, int]:
+def epoch_budget(
+    threat: ThreatSpec, epoch: int, num_epochs: int, *, schedule: str, budget: str
+) -> tuple[float, float, int]:
     """``(eps_e, step, steps)`` of the attack in 0-based ``epoch`` of ``num_epochs`` (module docstring).
 
     ``schedule`` is ``eps_schedule`` (``"linear"``: eps * e / E with the 1-based e; ``"constant"``), ``budget``
@@ -113,8 +114,17 @@ def epoch_budget(threat: ThreatSpec, epoch: int, num_epochs: int, *, schedule: s
     return eps, eps / 2.0, 5
 
 
-def ikl_at_loss(logits_nat: Tensor, logits_adv: Tensor, labels: Tensor, weight_vectors: Tensor, *, mse_weight: float,
-                sce_weight: float, sce_temperature: float, learner_mse_grad: bool) -> LossOutput:
+def ikl_at_loss(
+    logits_nat: Tensor,
+    logits_adv: Tensor,
+    labels: Tensor,
+    weight_vectors: Tensor,
+    *,
+    mse_weight: float,
+    sce_weight: float,
+    sce_temperature: float,
+    learner_mse_grad: bool,
+) -> LossOutput:
     """``mean_b CE(z(x_b), y_b) + mean_b [mse_weight * wMSE_b + sce_weight * sCE_b]`` (module docstring).
 
     ``logits_nat`` z(x) is the target side (trained through the CE and the wMSE), ``logits_adv`` z(x') the
@@ -122,11 +132,20 @@ def ikl_at_loss(logits_nat: Tensor, logits_adv: Tensor, labels: Tensor, weight_v
     batch means ``wmse`` and ``sce`` before their weights.
     """
     ce_nat = F.cross_entropy(logits_nat, labels, reduction="none").mean()
-    terms = ikl_per_sample(logits_adv, logits_nat, weight_vectors, mse_weight=mse_weight, sce_weight=sce_weight,
-                           temperature=sce_temperature, learner_mse_grad=learner_mse_grad)
+    terms = ikl_per_sample(
+        logits_adv,
+        logits_nat,
+        weight_vectors,
+        mse_weight=mse_weight,
+        sce_weight=sce_weight,
+        temperature=sce_temperature,
+        learner_mse_grad=learner_mse_grad,
+    )
     total = ce_nat + terms.total.mean()
-    return LossOutput(total=total, terms={"ce_nat": ce_nat.detach(), "wmse": terms.wmse.detach().mean(),
-                                          "sce": terms.sce.detach().mean()})
+    return LossOutput(
+        total=total,
+        terms={"ce_nat": ce_nat.detach(), "wmse": terms.wmse.detach().mean(), "sce": terms.sce.detach().mean()},
+    )
 
 
 class IKLAT(Distiller):
@@ -191,15 +210,19 @@ class IKLAT(Distiller):
         prior_temperature: float = option(4.0, low=0, low_open=True, help="T of the class prior's softmax")
         sce_temperature: float = option(1.0, low=0, low_open=True, help="tau of the soft-label CE")
         prior_mix: float = option(1.0, low=0, high=1, help="m: prior = m * epoch's class means + (1 - m) * old prior")
-        class_prior: bool = option(True, choices=(False, True),
-                                   help="class-wise global weights; false = per-sample weights (DKL-style)")
-        learner_mse_grad: bool = option(True, choices=(False, True),
-                                        help="let the wMSE gradient reach z(x'); false = DKL's stop-gradient")
+        class_prior: bool = option(
+            True, choices=(False, True), help="class-wise global weights; false = per-sample weights (DKL-style)"
+        )
+        learner_mse_grad: bool = option(
+            True, choices=(False, True), help="let the wMSE gradient reach z(x'); false = DKL's stop-gradient"
+        )
         eps_schedule: str = option("linear", choices=EPS_SCHEDULES, help="linear (eps * e / E) or constant radius")
-        attack_budget: str = option("high", choices=ATTACK_BUDGETS,
-                                    help="attack steps and step size per epoch: high, intended, low or threat")
+        attack_budget: str = option(
+            "high", choices=ATTACK_BUDGETS, help="attack steps and step size per epoch: high, intended, low or threat"
+        )
         attack_mse_weight: float | None = option(
-            None, low=0, help="wMSE weight in the attack; None = 1 for 100 classes, else 0 (reference scripts)")
+            None, low=0, help="wMSE weight in the attack; None = 1 for 100 classes, else 0 (reference scripts)"
+        )
         attack_student_mode: str = student_mode_option("eval")
         awp: bool = option(False, choices=(False, True), help="adversarial weight perturbation (not implemented)")
 
@@ -214,9 +237,15 @@ class IKLAT(Distiller):
     def __init__(self, config: IKLAT.Config | None = None, *, num_classes: int = 10) -> None:
         super().__init__(config, num_classes=num_classes)
         cfg = self.config
-        self.divergence = Divergence("ikl", num_classes, mse_weight=cfg.mse_weight, sce_weight=cfg.sce_weight,
-                                     prior_temperature=cfg.prior_temperature, class_prior=cfg.class_prior,
-                                     prior_mix=cfg.prior_mix)
+        self.divergence = Divergence(
+            "ikl",
+            num_classes,
+            mse_weight=cfg.mse_weight,
+            sce_weight=cfg.sce_weight,
+            prior_temperature=cfg.prior_temperature,
+            class_prior=cfg.class_prior,
+            prior_mix=cfg.prior_mix,
+        )
         # Registered here so its buffers are saved as prior.*; None without the class prior.
         self.prior: ClassPrior | None = self.divergence.prior
         # Curriculum position, set by on_epoch_start (0-based epoch). Before any epoch: the full radius.
@@ -236,13 +265,21 @@ class IKLAT(Distiller):
 
     def epoch_budget(self, threat: ThreatSpec, epoch: int, num_epochs: int) -> tuple[float, float, int]:
         """``(eps_e, step, steps)`` of the attack in 0-based ``epoch`` of ``num_epochs`` (:func:`epoch_budget`)."""
-        return epoch_budget(threat, epoch, num_epochs, schedule=self.config.eps_schedule,
-                            budget=self.config.attack_budget)
+        return epoch_budget(
+            threat, epoch, num_epochs, schedule=self.config.eps_schedule, budget=self.config.attack_budget
+        )
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec:  # always attacks: the curriculum radius
         eps, step, steps = self.epoch_budget(threat, self._epoch, self._num_epochs)
-        return AttackSpec(eps=eps, alpha=min(step, eps), steps=steps, norm=threat.norm, init="gauss",
-                          init_std=1e-3, student_mode=self.config.attack_student_mode)
+        return AttackSpec(
+            eps=eps,
+            alpha=min(step, eps),
+            steps=steps,
+            norm=threat.norm,
+            init="gauss",
+            init_std=1e-3,
+            student_mode=self.config.attack_student_mode,
+        )
 
     # -- weights ----------------------------------------------------------------------------
     def weight_vectors(self, labels: Tensor, natural_logits: Tensor) -> Tensor:
@@ -275,9 +312,16 @@ class IKLAT(Distiller):
         cfg = self.config
         logits_adv = self.student_logits(ctx, ctx.x_adv)
         logits_nat = self.student_logits(ctx, ctx.x)
-        out = ikl_at_loss(logits_nat, logits_adv, ctx.y, self.weight_vectors(ctx.y, logits_nat),
-                          mse_weight=cfg.mse_weight, sce_weight=cfg.sce_weight, sce_temperature=cfg.sce_temperature,
-                          learner_mse_grad=cfg.learner_mse_grad)
+        out = ikl_at_loss(
+            logits_nat,
+            logits_adv,
+            ctx.y,
+            self.weight_vectors(ctx.y, logits_nat),
+            mse_weight=cfg.mse_weight,
+            sce_weight=cfg.sce_weight,
+            sce_temperature=cfg.sce_temperature,
+            learner_mse_grad=cfg.learner_mse_grad,
+        )
         ctx.extras[PRIOR_LOGITS_KEY] = logits_nat.detach()
         return out
 

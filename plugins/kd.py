@@ -43,16 +43,26 @@ if TYPE_CHECKING:
     from robustbench_kd.threat import ThreatSpec
 
 
-def kd_loss(student_logits: Tensor, target_probs: Tensor, labels: Tensor, *, temperature: float, kd_weight: float,
-            ce_weight: float, tau_squared: bool, reduction: str) -> LossOutput:
+def kd_loss(
+    student_logits: Tensor,
+    target_probs: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float,
+    kd_weight: float,
+    ce_weight: float,
+    tau_squared: bool,
+    reduction: str,
+) -> LossOutput:
     """``ce_weight * mean_b CE(z_S, y) + kd_weight * [tau^2] * R(KL(q || p_S^tau))`` (module docstring).
 
     ``target_probs`` q is the teacher's softened output ``softmax(z_T / tau)``; R is :func:`reduce_kl`.
     Terms: ``ce_nat`` and ``kl_nat`` (R(KL), before its weight and tau^2).
     """
     ce_nat = F.cross_entropy(student_logits, labels, reduction="none").mean()
-    kl_nat = reduce_kl(kl_per_sample(student_logits, target_probs, temperature=temperature), reduction,
-                       student_logits.shape[1])
+    kl_nat = reduce_kl(
+        kl_per_sample(student_logits, target_probs, temperature=temperature), reduction, student_logits.shape[1]
+    )
     scale = temperature * temperature if tau_squared else 1.0
     total = ce_weight * ce_nat + kd_weight * scale * kl_nat
     return LossOutput(total=total, terms={"ce_nat": ce_nat.detach(), "kl_nat": kl_nat.detach()})
@@ -107,9 +117,16 @@ class KD(Distiller):
     def loss(self, ctx: BatchContext) -> LossOutput:
         cfg = self.config
         logits = self.student_logits(ctx, ctx.x)
-        return kd_loss(logits, ctx.teacher_probs("robust", "clean", temperature=cfg.temperature), ctx.y,
-                       temperature=cfg.temperature, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight,
-                       tau_squared=cfg.tau_squared, reduction=cfg.kl_reduction)
+        return kd_loss(
+            logits,
+            ctx.teacher_probs("robust", "clean", temperature=cfg.temperature),
+            ctx.y,
+            temperature=cfg.temperature,
+            kd_weight=cfg.kd_weight,
+            ce_weight=cfg.ce_weight,
+            tau_squared=cfg.tau_squared,
+            reduction=cfg.kl_reduction,
+        )
 
 
 @hookimpl

@@ -97,11 +97,19 @@ def eps_kl_per_sample(student_logits: Tensor, teacher_probs: Tensor, *, log_eps:
     return (teacher_probs * (torch.log(teacher_probs + log_eps) - log_p)).sum(dim=1)
 
 
-def adaptive_nat_weight(w_nat: Tensor, weight_lr: Tensor, loss_adv: Tensor, loss_nat: Tensor, init_loss_adv: Tensor,
-                        init_loss_nat: Tensor, *, power: float) -> Tensor:
+def adaptive_nat_weight(
+    w_nat: Tensor,
+    weight_lr: Tensor,
+    loss_adv: Tensor,
+    loss_nat: Tensor,
+    init_loss_adv: Tensor,
+    init_loss_nat: Tensor,
+    *,
+    power: float,
+) -> Tensor:
     """One Adaptive Normalization Loss step of w_nat (module docstring), or w_nat unchanged if not finite::
 
-        r = (L / L^0)^b per term;  w_nat - eta_w * (w_nat - r_nat / (r_adv + r_nat))
+    r = (L / L^0)^b per term;  w_nat - eta_w * (w_nat - r_nat / (r_adv + r_nat))
     """
     rate_adv = (loss_adv / init_loss_adv) ** power
     rate_nat = (loss_nat / init_loss_nat) ** power
@@ -118,9 +126,10 @@ def mtard_loss(kl_adv: Tensor, kl_nat: Tensor, w_adv: Tensor, w_nat: Tensor) -> 
     w_adv = w_adv.to(kl_adv.dtype)
     w_nat = w_nat.to(kl_nat.dtype)
     total = w_adv * kl_adv + w_nat * kl_nat
-    return LossOutput(total=total, terms={"kl_adv": kl_adv.detach(), "kl_nat": kl_nat.detach(),
-                                          "w_adv": w_adv.clone(), "w_nat": w_nat.clone()})
-
+    return LossOutput(
+        total=total,
+        terms={"kl_adv": kl_adv.detach(), "kl_nat": kl_nat.detach(), "w_adv": w_adv.clone(), "w_nat": w_nat.clone()},
+    )
 
 
 class MTARD(Distiller):
@@ -182,8 +191,9 @@ class MTARD(Distiller):
         """Hyper-parameters of MTARD (see the class docstring for meanings and provenance)."""
 
         init_nat_weight: float = option(0.5, low=0, high=1, help="initial w_nat (w_adv = 1 - w_nat)")
-        adaptive_weights: bool = option(True, choices=(False, True),
-                                        help="update the weights each batch; false keeps the initial ones")
+        adaptive_weights: bool = option(
+            True, choices=(False, True), help="update the weights each batch; false keeps the initial ones"
+        )
         weight_lr: float = option(0.025, low=0, high=1, help="eta_w, rate of the weight update")
         weight_lr_gamma: float = option(0.1, low=0, low_open=True, help="factor applied to eta_w at each milestone")
         # A list, which option() rules do not describe: checked (and made a tuple) in __post_init__.
@@ -198,8 +208,11 @@ class MTARD(Distiller):
             super().__post_init__()
             if self.weight_lr_milestones is not None:
                 milestones = self.weight_lr_milestones
-                if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence) or not all(
-                        isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in milestones):
+                if (
+                    isinstance(milestones, (str, bytes))
+                    or not isinstance(milestones, Sequence)
+                    or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in milestones)
+                ):
                     raise UserError(
                         f"method.weight_lr_milestones must be a list of positive epochs, got {milestones!r}"
                     )
@@ -266,8 +279,9 @@ class MTARD(Distiller):
         self.init_loss_adv.copy_(torch.where(first, la, self.init_loss_adv))
         self.init_loss_nat.copy_(torch.where(first, ln, self.init_loss_nat))
         self.has_init_losses.fill_(True)
-        w_nat = adaptive_nat_weight(self.w_nat, self.weight_lr, la, ln, self.init_loss_adv, self.init_loss_nat,
-                                    power=self.config.relative_power)
+        w_nat = adaptive_nat_weight(
+            self.w_nat, self.weight_lr, la, ln, self.init_loss_adv, self.init_loss_nat, power=self.config.relative_power
+        )
         self.w_nat.copy_(w_nat)
         self.w_adv.copy_(1 - w_nat)
 

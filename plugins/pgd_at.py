@@ -47,8 +47,9 @@ if TYPE_CHECKING:
     from robustbench_kd.threat import ThreatSpec
 
 
-def pgd_at_loss(logits_adv: Tensor, labels: Tensor, *, clean_weight: float = 0.0,
-                logits_nat: Tensor | None = None) -> LossOutput:
+def pgd_at_loss(
+    logits_adv: Tensor, labels: Tensor, *, clean_weight: float = 0.0, logits_nat: Tensor | None = None
+) -> LossOutput:
     """``mean_b [a * CE(z(x_b), y_b) + (1 - a) * CE(z(x'_b), y_b)]`` with a = ``clean_weight``.
 
     ``logits_nat`` is needed (and read) only when ``a > 0``. Terms: ``ce_adv``, and ``ce_nat`` when ``a > 0``.
@@ -128,8 +129,9 @@ class PGDAT(Distiller):
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         if self.config.fast:
             # FGSM-RS steps 1.25 eps from a uniform start; the projection clips it back into the ball.
-            return threat_attack(threat, self.config, alpha=self.fast_step_size(threat.eps), steps=1, init="uniform",
-                                 large_step=True)
+            return threat_attack(
+                threat, self.config, alpha=self.fast_step_size(threat.eps), steps=1, init="uniform", large_step=True
+            )
         return threat_attack(threat, self.config)
 
     def attack_loss(self, ctx: BatchContext, x_adv: Tensor) -> Tensor:

@@ -78,8 +78,16 @@ if TYPE_CHECKING:
     from robustbench_kd.threat import ThreatSpec
 
 
-def rslad_loss(divergence_adv: Tensor, divergence_nat: Tensor, *, adv_weight: float, reduction: str, scale: float,
-               num_classes: int, name: str = "kl") -> LossOutput:
+def rslad_loss(
+    divergence_adv: Tensor,
+    divergence_nat: Tensor,
+    *,
+    adv_weight: float,
+    reduction: str,
+    scale: float,
+    num_classes: int,
+    name: str = "kl",
+) -> LossOutput:
     """``s * [lam * R(d_adv) + (1 - lam) * R(d_nat)]`` from per-sample divergences ``[B]`` to the target q.
 
     ``d_adv`` / ``d_nat`` are the student's KL (or IKL) on x' / x; R is :func:`reduce_kl` with ``reduction``
@@ -145,8 +153,9 @@ class RSLAD(DivergenceDistiller):
         adv_weight: float = option(5.0 / 6.0, low=0, high=1, help="lam, weight of the adversarial KL term")
         kl_reduction: str = kl_reduction_option("mean_all")
         kl_scale: float | None = kl_scale_option()
-        label_mix_alpha: float = option(1.0, low=0, high=1,
-                                        help="a, teacher weight of the label-mixed target; 1 = original RSLAD")
+        label_mix_alpha: float = option(
+            1.0, low=0, high=1, help="a, teacher weight of the label-mixed target; 1 = original RSLAD"
+        )
         mix_in_attack: bool = option(False, choices=(False, True), help="attack the label-mixed target q")
         attack_student_mode: str = student_mode_option("eval")
 
@@ -179,9 +188,15 @@ class RSLAD(DivergenceDistiller):
         def divergence(student_logits: Tensor) -> Tensor:
             return self.divergence.per_sample(student_logits, q, teacher_logits=teacher_logits, labels=ctx.y)
 
-        return rslad_loss(divergence(logits_adv), divergence(logits_nat), adv_weight=cfg.adv_weight,
-                          reduction=cfg.kl_reduction, scale=self.kl_scale, num_classes=logits_adv.shape[1],
-                          name=cfg.divergence)
+        return rslad_loss(
+            divergence(logits_adv),
+            divergence(logits_nat),
+            adv_weight=cfg.adv_weight,
+            reduction=cfg.kl_reduction,
+            scale=self.kl_scale,
+            num_classes=logits_adv.shape[1],
+            name=cfg.divergence,
+        )
 
 
 @hookimpl

@@ -68,8 +68,9 @@ def entropy_weight(logits: Tensor) -> Tensor:
         return (1.0 - entropy / math.log(c)).clamp(0.0, 1.0).to(logits.dtype)
 
 
-def eq10_per_sample(guidance: Tensor, reliability: Tensor, weight: Tensor, rho_self: Tensor, ce_nat: Tensor, *,
-                    sign: float) -> Tensor:
+def eq10_per_sample(
+    guidance: Tensor, reliability: Tensor, weight: Tensor, rho_self: Tensor, ce_nat: Tensor, *, sign: float
+) -> Tensor:
     """Eq. 10 per sample: ``P^lam w G + (1 - P^lam) (s rho(S(x), S(x')) + CE(z_S(x), y))``."""
     return reliability * weight * guidance + (1.0 - reliability) * (sign * rho_self + ce_nat)
 
@@ -112,16 +113,18 @@ class SmaraADPlus(SlackMatchingDistiller):
         """Hyper-parameters of SmaraAD++ (SmaraAD's plus the Eq. 10 weights; see the class docstring)."""
 
         lam: float = option(0.1, low=0, high=1, help="power lam on the teacher's probability of the label")
-        self_rho_sign: float = option(-1.0, choices=(-1.0, 1.0),
-                                      help="sign s of the self-learning rho: -1 (correlate) or +1 (as printed)")
-        entropy_source: str = option("teacher_adv", choices=ENTROPY_SOURCES,
-                                     help="whose prediction the entropy weight w is computed from")
-        detach_self_target: bool = option(False, choices=(False, True),
-                                          help="detach S(x) in the self-learning rho")
+        self_rho_sign: float = option(
+            -1.0, choices=(-1.0, 1.0), help="sign s of the self-learning rho: -1 (correlate) or +1 (as printed)"
+        )
+        entropy_source: str = option(
+            "teacher_adv", choices=ENTROPY_SOURCES, help="whose prediction the entropy weight w is computed from"
+        )
+        detach_self_target: bool = option(False, choices=(False, True), help="detach S(x) in the self-learning rho")
         begin_epoch: int = option(0, low=0, integer=True, help="first 0-based epoch that uses Eq. 10")
 
-    def _entropy_logits(self, ctx: BatchContext, teacher_adv: Tensor, student_adv: Tensor,
-                        student_nat: Tensor) -> Tensor:
+    def _entropy_logits(
+        self, ctx: BatchContext, teacher_adv: Tensor, student_adv: Tensor, student_nat: Tensor
+    ) -> Tensor:
         source = self.config.entropy_source
         if source == "teacher_adv":
             return teacher_adv
@@ -145,8 +148,12 @@ class SmaraADPlus(SlackMatchingDistiller):
         ce_nat = F.cross_entropy(logits_nat, ctx.y, reduction="none")
         per_sample = eq10_per_sample(g.per_sample, reliability, weight, rho_self, ce_nat, sign=cfg.self_rho_sign)
         terms = dict(g.terms)
-        terms.update(reliability=reliability.mean(), entropy_w=weight.mean(), rho_self=rho_self.detach().mean(),
-                     ce_nat=ce_nat.detach().mean())
+        terms.update(
+            reliability=reliability.mean(),
+            entropy_w=weight.mean(),
+            rho_self=rho_self.detach().mean(),
+            ce_nat=ce_nat.detach().mean(),
+        )
         return LossOutput(total=per_sample.mean(), terms=terms)
 
 

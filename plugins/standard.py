@@ -68,8 +68,9 @@ class Standard(Distiller):
     class Config(MethodConfig):
         """Hyper-parameters of standard training (see the class docstring)."""
 
-        label_smoothing: float = option(0.0, low=0, high=1, high_open=True,
-                                        help="label smoothing of the cross-entropy; 0 = plain CE")
+        label_smoothing: float = option(
+            0.0, low=0, high=1, high_open=True, help="label smoothing of the cross-entropy; 0 = plain CE"
+        )
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         return None

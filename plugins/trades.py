@@ -51,8 +51,15 @@ if TYPE_CHECKING:
 CLEAN_PROBS_KEY = "trades.clean_probs"
 
 
-def trades_loss(logits_nat: Tensor, logits_adv: Tensor, labels: Tensor, *, beta: float, reduction: str,
-                target_logits: Tensor | None = None) -> LossOutput:
+def trades_loss(
+    logits_nat: Tensor,
+    logits_adv: Tensor,
+    labels: Tensor,
+    *,
+    beta: float,
+    reduction: str,
+    target_logits: Tensor | None = None,
+) -> LossOutput:
     """``mean_b CE(z(x_b), y_b) + beta * R(KL(p(x) || p(x')))`` (module docstring), nothing detached.
 
     ``target_logits`` are the logits behind p(x) in the KL (default ``logits_nat``; the reference's second
@@ -108,7 +115,8 @@ class TRADES(Distiller):
         kl_reduction: str = kl_reduction_option("batchmean")
         attack_student_mode: str = student_mode_option("eval")
         recompute_clean_target: bool = option(
-            False, choices=(False, True), help="a second train-mode forward on x for the KL target, as the reference")
+            False, choices=(False, True), help="a second train-mode forward on x for the KL target, as the reference"
+        )
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         return threat_attack(threat, self.config, init="gauss")
@@ -139,8 +147,9 @@ class TRADES(Distiller):
         logits_nat = self.student_logits(ctx, ctx.x)
         logits_adv = self.student_logits(ctx, ctx.x_adv)
         target_logits = self.student_logits(ctx, ctx.x) if cfg.recompute_clean_target else logits_nat
-        return trades_loss(logits_nat, logits_adv, ctx.y, beta=cfg.beta, reduction=cfg.kl_reduction,
-                           target_logits=target_logits)
+        return trades_loss(
+            logits_nat, logits_adv, ctx.y, beta=cfg.beta, reduction=cfg.kl_reduction, target_logits=target_logits
+        )
 
 
 @hookimpl

@@ -111,9 +111,20 @@ class DistillationAttack(Attack):
         x_adv = atk(x, y)
     """
 
-    def __init__(self, model: nn.Module, loss_fn: AttackLoss, *, eps: float, alpha: float, steps: int,
-                 norm: str = "Linf", init: str = "uniform", init_std: float = 1e-3,
-                 student_mode: str = "eval", allow_large_step: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: AttackLoss,
+        *,
+        eps: float,
+        alpha: float,
+        steps: int,
+        norm: str = "Linf",
+        init: str = "uniform",
+        init_std: float = 1e-3,
+        student_mode: str = "eval",
+        allow_large_step: bool = False,
+    ) -> None:
         super().__init__("DistillationAttack", model)
         if norm not in ("Linf", "L2"):
             raise UserError(f"attack norm must be 'Linf' or 'L2', got {norm!r}")

@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustbench-kd",
         description="Distil adversarial robustness from RobustBench model-zoo teachers into students, "
-                    "and evaluate them the way the RobustBench leaderboard does.",
+        "and evaluate them the way the RobustBench leaderboard does.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -30,8 +30,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train a student from teachers (config file + overrides)")
     p.add_argument("config", help="run file (.toml, .yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=0.1 --set threat.eps=8/255 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=0.1 --set threat.eps=8/255 (repeatable)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/checkpoints/last.pt")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
 
@@ -39,59 +45,92 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="file:PATH[?arch=NAME], PATH, or robustbench:<dataset>/<threat>/<Name>")
     p.add_argument("--dataset", default="cifar10", help="digits, cifar10, cifar100, imagenet (default cifar10)")
     p.add_argument("--data-dir", default="./data")
-    p.add_argument("--preprocessing", default=None,
-                   help="imagenet: Res256Crop224, BicubicRes256Crop224, Res224 or Crop288 (default: the zoo "
-                        "entry's for robustbench: models, else Res256Crop224)")
+    p.add_argument(
+        "--preprocessing",
+        default=None,
+        help="imagenet: Res256Crop224, BicubicRes256Crop224, Res224 or Crop288 (default: the zoo "
+        "entry's for robustbench: models, else Res256Crop224)",
+    )
     p.add_argument("--download", action="store_true", help="download the dataset if missing")
     p.add_argument("--no-verify-md5", action="store_true", help="accept CIFAR files without checking MD5")
     p.add_argument("--threat", default="Linf", choices=["Linf", "L2"])
-    p.add_argument("--eps", default=None,
-                   help="radius; default 8/255 (Linf) / 0.5 (L2), 4/255 for imagenet Linf, 0.2 for digits")
+    p.add_argument(
+        "--eps", default=None, help="radius; default 8/255 (Linf) / 0.5 (L2), 4/255 for imagenet Linf, 0.2 for digits"
+    )
     p.add_argument("--attacks", default="clean,pgd,autoattack", help=f"comma list of: {ATTACK_CHOICES}")
-    p.add_argument("--n-examples", type=int, default=None,
-                   help="first N test examples, unshuffled (default: all, the leaderboard protocol)")
+    p.add_argument(
+        "--n-examples",
+        type=int,
+        default=None,
+        help="first N test examples, unshuffled (default: all, the leaderboard protocol)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--name", default=None,
-                   help="model id: writes model_info/, models/, results/ and the submission bundle "
-                        "submission/<ID>/ under --out")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="model id: writes model_info/, models/, results/ and the submission bundle submission/<ID>/ under --out",
+    )
     meta = p.add_argument_group("leaderboard metadata (model_info JSON and submission bundle; with --name)")
     meta.add_argument("--title", default=None, help="paper title (the entry's 'name' field)")
     meta.add_argument("--authors", default=None, help="paper authors, e.g. 'A. Author, B. Author'")
     meta.add_argument("--venue", default=None, help="e.g. 'ICML 2024' or 'arXiv, Jun 2024'")
     meta.add_argument("--link", default=None, help="paper URL")
-    meta.add_argument("--architecture", default=None,
-                      help="architecture name, e.g. WideResNet-34-10 (default: derived from the model)")
-    meta.add_argument("--additional-data", action="store_true",
-                      help="training used data beyond the dataset's training set")
+    meta.add_argument(
+        "--architecture",
+        default=None,
+        help="architecture name, e.g. WideResNet-34-10 (default: derived from the model)",
+    )
+    meta.add_argument(
+        "--additional-data", action="store_true", help="training used data beyond the dataset's training set"
+    )
     meta.add_argument("--reported", default=None, help="robust accuracy claimed in the paper, in percent")
     p.add_argument("--out", default=".", help="output directory (default: current directory)")
     p.add_argument("--model-dir", default="./models", help="RobustBench model directory")
     p.add_argument("--allow-download", action="store_true", help="let robustbench download zoo weights")
-    p.add_argument("--no-sanity", action="store_true",
-                   help="skip the evaluation sanity suite (eps sweep, unbounded eps, determinism, AA flags)")
-    p.add_argument("--teacher", default=None, metavar="SPEC",
-                   help="a model (same spec forms) whose PGD adversarials are transferred to the evaluated "
-                        "model: a sanity check for gradient masking")
+    p.add_argument(
+        "--no-sanity",
+        action="store_true",
+        help="skip the evaluation sanity suite (eps sweep, unbounded eps, determinism, AA flags)",
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        metavar="SPEC",
+        help="a model (same spec forms) whose PGD adversarials are transferred to the evaluated "
+        "model: a sanity check for gradient masking",
+    )
     # Sharded and resumable evaluation: robustbench_kd.evaluation.shards
-    p.add_argument("--shard", default=None, metavar="I/N",
-                   help="evaluate only shard I of N (0-based, contiguous slices) and write "
-                        "<out>/shards/<name>/shard_I_of_N.json; needs --name; merge with merge-shards")
-    p.add_argument("--aa-state", default=None, metavar="PATH",
-                   help="AutoAttack state file: an interrupted run given the same file resumes where it "
-                        "stopped (default with --shard: <out>/shards/<name>/aa_state_I_of_N.json)")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="evaluate only shard I of N (0-based, contiguous slices) and write "
+        "<out>/shards/<name>/shard_I_of_N.json; needs --name; merge with merge-shards",
+    )
+    p.add_argument(
+        "--aa-state",
+        default=None,
+        metavar="PATH",
+        help="AutoAttack state file: an interrupted run given the same file resumes where it "
+        "stopped (default with --shard: <out>/shards/<name>/aa_state_I_of_N.json)",
+    )
 
     p = sub.add_parser("merge-shards", help="merge the shard files of `evaluate --shard` into the results")
     p.add_argument("directory", help="<out>/shards/<name>, holding shard_<i>_of_<n>.json")
     p.add_argument("--out", default=None, help="output directory (default: the shard runs' --out)")
 
-    p = sub.add_parser("report", help="report of a finished run (report.html, report.md, overview.png, figures); "
-                                      "several runs: a comparison report")
+    p = sub.add_parser(
+        "report",
+        help="report of a finished run (report.html, report.md, overview.png, figures); "
+        "several runs: a comparison report",
+    )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run.out_dir of a distill run")
-    p.add_argument("--out", default=None,
-                   help="output directory (default: RUN_DIR/report for one run, ./comparison for several)")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: RUN_DIR/report for one run, ./comparison for several)"
+    )
 
     p = sub.add_parser("quickstart", help="offline demo: robust teacher -> distilled student -> AutoAttack")
     p.add_argument("--out", default="quickstart-out", help="output directory (default quickstart-out)")
@@ -124,15 +163,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"robustbench-kd: error: cannot read or write{where}: {exc.strerror or exc}; files written before "
-              "are intact (atomic writes) - fix the cause and rerun (distill: add --resume)", file=sys.stderr)
+        print(
+            f"robustbench-kd: error: cannot read or write{where}: {exc.strerror or exc}; files written before "
+            "are intact (atomic writes) - fix the cause and rerun (distill: add --resume)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         if args.command == "evaluate":
             # AutoAttack's state file (--aa-state, or a shard's own) has kept every finished batch.
             resumable = args.aa_state is not None or args.shard is not None
-            print("robustbench-kd: interrupted" + ("; run the same command again to resume AutoAttack"
-                                                   if resumable else ""), file=sys.stderr)
+            print(
+                "robustbench-kd: interrupted"
+                + ("; run the same command again to resume AutoAttack" if resumable else ""),
+                file=sys.stderr,
+            )
             return 130
         print("robustbench-kd: interrupted; the last completed epoch is in checkpoints/last.pt", file=sys.stderr)
         return 130
@@ -147,8 +192,10 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     if args.options:
         _print_options(methods.get(args.options))
         return 0
-    rows = [(e.name, e.plugin, host.distribution_of(e.plugin), ",".join(e.value.teacher_roles) or "-",
-             citation_of(e.value)) for e in methods.entries()]
+    rows = [
+        (e.name, e.plugin, host.distribution_of(e.plugin), ",".join(e.value.teacher_roles) or "-", citation_of(e.value))
+        for e in methods.entries()
+    ]
     header = ("method", "plugin", "distribution", "teachers", "paper")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
@@ -206,18 +253,40 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         eps = parse_number(args.eps, what="--eps")
     validate_eps(eps, args.threat, what="--eps")
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    report = evaluate_spec(args.model, dataset=args.dataset, data_dir=args.data_dir, norm=args.threat, eps=eps,
-                           attacks=attacks, n_examples=args.n_examples, batch_size=args.batch_size, seed=args.seed,
-                           pgd_steps=args.pgd_steps, out_dir=Path(args.out), model_id=args.name,
-                           model_dir=args.model_dir, allow_download=args.allow_download, download=args.download,
-                           verify_md5=not args.no_verify_md5, device=args.device, preprocessing=args.preprocessing,
-                           sanity=not args.no_sanity, teacher=args.teacher,
-                           meta=ModelInfoSection(title=args.title, authors=args.authors, venue=args.venue,
-                                                 link=args.link, architecture=args.architecture,
-                                                 additional_data=args.additional_data, reported=args.reported),
-                           command=shlex.join(["robustbench-kd", *args.argv]),
-                           shard=None if args.shard is None else parse_shard(args.shard),
-                           aa_state=None if args.aa_state is None else Path(args.aa_state))
+    report = evaluate_spec(
+        args.model,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        norm=args.threat,
+        eps=eps,
+        attacks=attacks,
+        n_examples=args.n_examples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        pgd_steps=args.pgd_steps,
+        out_dir=Path(args.out),
+        model_id=args.name,
+        model_dir=args.model_dir,
+        allow_download=args.allow_download,
+        download=args.download,
+        verify_md5=not args.no_verify_md5,
+        device=args.device,
+        preprocessing=args.preprocessing,
+        sanity=not args.no_sanity,
+        teacher=args.teacher,
+        meta=ModelInfoSection(
+            title=args.title,
+            authors=args.authors,
+            venue=args.venue,
+            link=args.link,
+            architecture=args.architecture,
+            additional_data=args.additional_data,
+            reported=args.reported,
+        ),
+        command=shlex.join(["robustbench-kd", *args.argv]),
+        shard=None if args.shard is None else parse_shard(args.shard),
+        aa_state=None if args.aa_state is None else Path(args.aa_state),
+    )
     print(format_table([report]))
     _print_outputs([report])
     return 0
@@ -228,8 +297,9 @@ def _cmd_merge_shards(args: argparse.Namespace) -> int:
     from robustbench_kd.evaluation.shards import merge_and_write
     from robustbench_kd.plugin_host import PluginHost
 
-    report = merge_and_write(Path(args.directory), None if args.out is None else Path(args.out),
-                             host=PluginHost.create())
+    report = merge_and_write(
+        Path(args.directory), None if args.out is None else Path(args.out), host=PluginHost.create()
+    )
     print(format_table([report]))
     _print_outputs([report])
     return 0
@@ -247,8 +317,10 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     aa, clean = student.get("autoattack"), student.get("clean")
     if aa is not None and clean is not None:
         verdict = "yes" if 0 < aa < clean else "NO"
-        print(f"\nstudent AutoAttack accuracy {100 * aa:.2f}% is above zero and below its clean accuracy "
-              f"{100 * clean:.2f}%: {verdict}")
+        print(
+            f"\nstudent AutoAttack accuracy {100 * aa:.2f}% is above zero and below its clean accuracy "
+            f"{100 * clean:.2f}%: {verdict}"
+        )
     _print_outputs(reports)
     print(f"quickstart finished in {time.perf_counter() - start:.0f} s; outputs under {Path(args.out).resolve()}")
     return 0
@@ -279,8 +351,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"methods": _cmd_methods, "distill": _cmd_distill, "evaluate": _cmd_evaluate,
-             "merge-shards": _cmd_merge_shards, "report": _cmd_report, "quickstart": _cmd_quickstart}
+_COMMANDS = {
+    "methods": _cmd_methods,
+    "distill": _cmd_distill,
+    "evaluate": _cmd_evaluate,
+    "merge-shards": _cmd_merge_shards,
+    "report": _cmd_report,
+    "quickstart": _cmd_quickstart,
+}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -57,13 +57,13 @@ SELECT_METRICS = ("pgd", "clean")  #: validation metrics eval.select may rank ep
 class RunSection:
     """Run identity and environment."""
 
-    name: str = "rbkd_student"          #: model id used for model_info/<...>/<name>.json and the zoo file
+    name: str = "rbkd_student"  #: model id used for model_info/<...>/<name>.json and the zoo file
     out_dir: str = "runs/rbkd_student"  #: where checkpoints, metrics, model_info and models are written
     seed: int = 0
-    device: str = "auto"                #: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    deterministic: bool = False         #: torch.use_deterministic_algorithms (slower on GPU)
-    progress: bool = True               #: tqdm progress bars
-    sync_bn: bool = False               #: torchrun/DDP: BatchNorm statistics over the global batch (scale.sync_bn)
+    device: str = "auto"  #: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    deterministic: bool = False  #: torch.use_deterministic_algorithms (slower on GPU)
+    progress: bool = True  #: tqdm progress bars
+    sync_bn: bool = False  #: torchrun/DDP: BatchNorm statistics over the global batch (scale.sync_bn)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,12 +72,12 @@ class DataSection:
 
     dataset: str = "digits"
     data_dir: str = "./data"
-    download: bool = False              #: download CIFAR when missing (needs network)
-    verify_md5: bool = True             #: check CIFAR files against torchvision's MD5 sums
+    download: bool = False  #: download CIFAR when missing (needs network)
+    verify_md5: bool = True  #: check CIFAR files against torchvision's MD5 sums
     batch_size: int = 64
     test_batch_size: int = 256
-    augment: bool | None = None         #: random crop + flip; None = on for CIFAR, off for digits
-    n_train: int | None = None          #: use only the first n training examples (debugging)
+    augment: bool | None = None  #: random crop + flip; None = on for CIFAR, off for digits
+    n_train: int | None = None  #: use only the first n training examples (debugging)
     #: held out of the training set for eval.every and best.pt: a fraction in (0, 1) or a count of images;
     #: drawn with a fixed seed (not run.seed) before n_train applies; never augmented
     val_size: int | float = 0
@@ -95,13 +95,17 @@ class DataSection:
                 raise UserError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         self._check_extra()
         if self.preprocessing is not None and self.dataset != "imagenet":
-            raise UserError(f"data.preprocessing applies to dataset imagenet only (RobustBench's ImageNet "
-                            f"preprocessings); remove it for {self.dataset!r}")
+            raise UserError(
+                f"data.preprocessing applies to dataset imagenet only (RobustBench's ImageNet "
+                f"preprocessings); remove it for {self.dataset!r}"
+            )
         v = self.val_size
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if not number or not v >= 0 or (v >= 1 and not float(v).is_integer()):  # `not v >= 0` catches NaN
-            raise UserError(f"data.val_size must be 0 (no validation split), a fraction in (0, 1) or a whole "
-                            f"number of training images, got {v!r}")
+            raise UserError(
+                f"data.val_size must be 0 (no validation split), a fraction in (0, 1) or a whole "
+                f"number of training images, got {v!r}"
+            )
         if v == 0 or v >= 1:
             # Files give 1000 as a float (the field also takes fractions); keep counts as ints.
             object.__setattr__(self, "val_size", int(v))
@@ -109,11 +113,14 @@ class DataSection:
     def _check_extra(self) -> None:
         f = self.extra_fraction
         if not 0 <= f < 1:  # also catches NaN
-            raise UserError(f"data.extra_fraction must be in [0, 1) (the share of each batch from extra_path), "
-                            f"got {f!r}")
+            raise UserError(
+                f"data.extra_fraction must be in [0, 1) (the share of each batch from extra_path), got {f!r}"
+            )
         if (self.extra_path is None) != (f == 0):
-            raise UserError("data.extra_path and data.extra_fraction go together: set both (e.g. extra_fraction "
-                            "= 0.7 with extra_path = \"5m.npz\") or neither")
+            raise UserError(
+                "data.extra_path and data.extra_fraction go together: set both (e.g. extra_fraction "
+                '= 0.7 with extra_path = "5m.npz") or neither'
+            )
         if self.extra_path is not None:
             from robustbench_kd.data.extra import (
                 batch_split,  # the one definition of the split; imports torch, so only here
@@ -121,21 +128,23 @@ class DataSection:
 
             real, extra = batch_split(self.batch_size, f)
             if extra == 0 or real == 0:
-                raise UserError(f"data.extra_fraction = {f} of data.batch_size = {self.batch_size} gives {extra} extra "
-                                f"and {real} real images per batch; both must be at least 1")
+                raise UserError(
+                    f"data.extra_fraction = {f} of data.batch_size = {self.batch_size} gives {extra} extra "
+                    f"and {real} real images per batch; both must be at least 1"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
 class StudentSection:
     arch: str = "small-cnn"
     options: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None        #: start from these weights (a checkpoint path): fine-tuning stages
+    init_from: str | None = None  #: start from these weights (a checkpoint path): fine-tuning stages
 
 
 @dataclass(frozen=True, kw_only=True)
 class ZooSection:
-    model_dir: str = "./models"         #: RobustBench model directory (<model_dir>/<dataset>/<threat>/<name>.pt)
-    allow_download: bool = False        #: let robustbench download missing zoo checkpoints
+    model_dir: str = "./models"  #: RobustBench model directory (<model_dir>/<dataset>/<threat>/<name>.pt)
+    allow_download: bool = False  #: let robustbench download missing zoo checkpoints
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,11 +156,11 @@ class OptimSection:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
-    schedule: str = "multistep"         #: multistep | cosine | onecycle | exponential | constant
+    schedule: str = "multistep"  #: multistep | cosine | onecycle | exponential | constant
     milestones: list[int] = field(default_factory=list)  #: epochs where multistep multiplies lr by gamma
-    gamma: float = 0.1                  #: multistep factor; per-epoch factor for exponential
-    max_lr: float | None = None         #: onecycle peak (default: lr)
-    pct_start: float = 0.3              #: onecycle share of the rising phase
+    gamma: float = 0.1  #: multistep factor; per-epoch factor for exponential
+    max_lr: float | None = None  #: onecycle peak (default: lr)
+    pct_start: float = 0.3  #: onecycle share of the rising phase
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -169,8 +178,8 @@ class OptimSection:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
-    every: int = 0                      #: also keep checkpoints/epoch_NNN.pt every N epochs (0: only last.pt)
-    every_steps: int = 0                #: also rewrite last.pt every N optimiser steps, mid-epoch (0: off)
+    every: int = 0  #: also keep checkpoints/epoch_NNN.pt every N epochs (0: only last.pt)
+    every_steps: int = 0  #: also rewrite last.pt every N optimiser steps, mid-epoch (0: off)
 
     def __post_init__(self) -> None:
         for key in ("every", "every_steps"):
@@ -184,35 +193,46 @@ class EvalSection:
 
     #: clean + PGD check on n_examples validation points every N epochs (needs data.val_size)
     every: int = 0
-    select: str = "pgd"                 #: best.pt = the epoch with the best validation "pgd" (or "clean") accuracy
+    select: str = "pgd"  #: best.pt = the epoch with the best validation "pgd" (or "clean") accuracy
     n_examples: int = 256
     pgd_steps: int = 20
     attacks: list[str] = field(default_factory=lambda: ["clean", "pgd", "autoattack"])  #: final evaluation
     final_n_examples: int | None = None  #: None = the whole test set (the leaderboard protocol)
-    teachers: bool = True               #: also evaluate the teachers at the end (reported beside the student)
+    teachers: bool = True  #: also evaluate the teachers at the end (reported beside the student)
     batch_size: int = 256
     seed: int = 0
-    sanity: bool = True                 #: run the evaluation sanity suite (gradient masking) before writing results
+    sanity: bool = True  #: run the evaluation sanity suite (gradient masking) before writing results
 
     def __post_init__(self) -> None:
         if self.select not in SELECT_METRICS:
-            raise UserError(f"eval.select must be one of {', '.join(SELECT_METRICS)}, got {self.select!r}"
-                            f"{close_matches(self.select, SELECT_METRICS)}")
+            raise UserError(
+                f"eval.select must be one of {', '.join(SELECT_METRICS)}, got {self.select!r}"
+                f"{close_matches(self.select, SELECT_METRICS)}"
+            )
         if self.every < 0:
             raise UserError(f"eval.every must be >= 0 (0: no evaluation during training), got {self.every}")
         from robustbench_kd.evaluation.runner import VALID_ATTACKS  # fail now, not after training
 
         for name in self.attacks:
             if name not in VALID_ATTACKS:
-                raise UserError(f"unknown attack {name!r} in eval.attacks{close_matches(str(name), VALID_ATTACKS)}; "
-                                f"valid attacks: {', '.join(VALID_ATTACKS)}")
+                raise UserError(
+                    f"unknown attack {name!r} in eval.attacks{close_matches(str(name), VALID_ATTACKS)}; "
+                    f"valid attacks: {', '.join(VALID_ATTACKS)}"
+                )
 
 
 SECTIONS: dict[str, type] = {
-    "run": RunSection, "data": DataSection, "threat": ThreatSpec, "student": StudentSection,
-    "zoo": ZooSection, "optim": OptimSection, "checkpoint": CheckpointSection, "eval": EvalSection,
+    "run": RunSection,
+    "data": DataSection,
+    "threat": ThreatSpec,
+    "student": StudentSection,
+    "zoo": ZooSection,
+    "optim": OptimSection,
+    "checkpoint": CheckpointSection,
+    "eval": EvalSection,
     "model_info": ModelInfoSection,
-    "speed": SpeedSection, "ema": EmaSection,  # precision/compile switches, weight averaging
+    "speed": SpeedSection,
+    "ema": EmaSection,  # precision/compile switches, weight averaging
     "diagnostics": DiagnosticsSection,  # per-epoch diagnostics (observer plugin), off by default
     "report": ReportSection,  # end-of-run analyses and report
 }
@@ -329,7 +349,7 @@ def config_from_mapping(raw: Mapping[str, Any]) -> RunConfig:
         kwargs["threat"] = default_threat(kwargs.get("data", DataSection()).dataset)
     method = kwargs.get("method", {"name": "pgd-at"})
     if "name" not in method:
-        raise UserError("[method] needs a name, e.g. name = \"rslad\" (see `robustbench-kd methods`)")
+        raise UserError('[method] needs a name, e.g. name = "rslad" (see `robustbench-kd methods`)')
     _check_teachers(kwargs.get("teachers", {}))
     return RunConfig(**kwargs)
 
@@ -367,7 +387,7 @@ def _check_teachers(teachers: Mapping[str, Any]) -> None:
                 raise UserError(f"{where}.weights must be a list of numbers")
             vectorize = spec.get("vectorize", "auto")
             if vectorize != "auto" and not isinstance(vectorize, bool):
-                raise UserError(f"{where}.vectorize must be \"auto\", true or false, got {vectorize!r}")
+                raise UserError(f'{where}.vectorize must be "auto", true or false, got {vectorize!r}')
             continue
         raise UserError(
             f"{where} must be a spec string, a list of specs, or a table {{specs=[...], weights=[...]}}; got {spec!r}"
@@ -434,8 +454,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                base: Mapping[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, base: Mapping[str, Any] | None = None
+) -> RunConfig:
     """File (or ``base`` mapping) + overrides -> validated RunConfig."""
     raw = dict(base or {})
     if path is not None:

@@ -102,16 +102,32 @@ class OptionRule:
         return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
 
-def option(default: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False, integer: bool = False, choices: Any = None, help: str = "") -> Any:
+def option(
+    default: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    choices: Any = None,
+    help: str = "",
+) -> Any:
     """A method option with its accepted values, for a ``Config`` field: ``beta: float = option(6.0, low=0)``.
 
     ``choices`` may be any iterable of accepted values; the bounds are inclusive unless ``low_open`` /
     ``high_open``. The rule is checked by :class:`MethodConfig` (message ``method.<name> must be <rule>,
     got <value>``) and its ``help`` is listed by ``robustbench-kd methods --options``.
     """
-    rule = OptionRule(low=low, high=high, low_open=low_open, high_open=high_open, integer=integer,
-                      choices=tuple(choices) if choices is not None else None, help=help)
+    rule = OptionRule(
+        low=low,
+        high=high,
+        low_open=low_open,
+        high_open=high_open,
+        integer=integer,
+        choices=tuple(choices) if choices is not None else None,
+        help=help,
+    )
     return field(default=default, metadata={_OPTION: rule})
 
 
@@ -177,9 +193,7 @@ class AttackSpec:
         if self.init not in ATTACK_INITS:
             raise UserError(f"attack init must be one of {', '.join(ATTACK_INITS)}, got {self.init!r}")
         if self.student_mode not in STUDENT_MODES:
-            raise UserError(
-                f"attack student_mode must be one of {', '.join(STUDENT_MODES)}, got {self.student_mode!r}"
-            )
+            raise UserError(f"attack student_mode must be one of {', '.join(STUDENT_MODES)}, got {self.student_mode!r}")
         if self.steps > 0 and self.alpha > self.eps + 1e-12 and not self.large_step:
             raise UserError(
                 f"attack step size alpha={self.alpha:.6g} exceeds eps={self.eps:.6g}; "
@@ -278,11 +292,15 @@ class Distiller(nn.Module, ABC):
         shrink the step by the number of processes). Override to refuse further option combinations.
         """
         if not self.supports_distributed:
-            raise UserError(f"method {self.name!r} does not support multi-process (torchrun/DDP) training: its "
-                            "state depends on every sample of a step; run it in one process")
+            raise UserError(
+                f"method {self.name!r} does not support multi-process (torchrun/DDP) training: its "
+                "state depends on every sample of a step; run it in one process"
+            )
         if getattr(self.config, "kl_reduction", None) == "sum":
-            raise UserError(f"method.kl_reduction = 'sum' cannot be split over {world_size} processes (DDP averages "
-                            "gradients); use 'batchmean' or 'mean_all', or run in one process")
+            raise UserError(
+                f"method.kl_reduction = 'sum' cannot be split over {world_size} processes (DDP averages "
+                "gradients); use 'batchmean' or 'mean_all', or run in one process"
+            )
 
     # -- per-batch protocol ------------------------------------------------------------------
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:

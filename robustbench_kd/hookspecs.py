@@ -82,8 +82,7 @@ def rbkd_register_datasets(registry: Registrar) -> None:
 
 # -- strategy ------------------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def rbkd_make_attack(distiller: Distiller, student: nn.Module, spec: AttackSpec,
-                     loss_fn: AttackLoss) -> Any:
+def rbkd_make_attack(distiller: Distiller, student: nn.Module, spec: AttackSpec, loss_fn: AttackLoss) -> Any:
     """Build the inner maximiser for an attack spec.
 
     Return a callable ``attack(x, y) -> x_adv`` (a ``torchattacks.Attack``) or None to let the next

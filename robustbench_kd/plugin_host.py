@@ -70,8 +70,9 @@ class PluginHost:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, *, autoload: bool | None = None, blocked: Iterable[str] = (),
-               extra: Iterable[Any] = ()) -> PluginHost:
+    def create(
+        cls, *, autoload: bool | None = None, blocked: Iterable[str] = (), extra: Iterable[Any] = ()
+    ) -> PluginHost:
         """Build a fresh host.
 
         Args:
@@ -147,8 +148,7 @@ class PluginHost:
 
     # -- strategy and observers -----------------------------------------------------------------
     def make_attack(self, *, distiller: Any, student: Any, spec: Any, loss_fn: Any) -> Any:
-        attack = self.pm.hook.rbkd_make_attack(distiller=distiller, student=student, spec=spec,
-                                               loss_fn=loss_fn)
+        attack = self.pm.hook.rbkd_make_attack(distiller=distiller, student=student, spec=spec, loss_fn=loss_fn)
         if attack is None:
             raise RuntimeError("no plugin built an attack (is the built-in 'attack' plugin blocked?)")
         return attack
@@ -172,8 +172,7 @@ class PluginHost:
         self.pm.hook.rbkd_model_info(info=info, run=run)
 
 
-def _register(pm: pluggy.PluginManager, plugin: Any, name: str, dist: str,
-              distributions: dict[str, str]) -> None:
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, dist: str, distributions: dict[str, str]) -> None:
     if pm.has_plugin(name):
         raise UserError(
             f"two plugins are named {name!r}: one from {distributions.get(name, '(unknown)')} and one from "

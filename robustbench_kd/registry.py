@@ -12,8 +12,8 @@ from robustbench_kd.errors import UserError, close_matches
 #: up raises a one-line UserError with this advice instead of the generic "unknown name" message.
 RETIRED: dict[str, dict[str, str]] = {
     "method": {
-        "gacd-aft": "GACD's adversarial fine-tuning is [method] name = \"pgd-at\" with [student] init_from = "
-                    "\"<the GACD run's checkpoint>\" (same attack and loss)",
+        "gacd-aft": 'GACD\'s adversarial fine-tuning is [method] name = "pgd-at" with [student] init_from = '
+        '"<the GACD run\'s checkpoint>" (same attack and loss)',
     },
 }
 
@@ -102,8 +102,7 @@ class Registrar:
             cls: Any = name_or_obj  # a Distiller subclass
             cls.check_class()
             doc = (cls.__doc__ or "").strip().splitlines()
-            self._registry._add(cls.name, cls, plugin=self.plugin,
-                                description=description or (doc[0] if doc else ""))
+            self._registry._add(cls.name, cls, plugin=self.plugin, description=description or (doc[0] if doc else ""))
             return
         if value is None:
             raise TypeError("Registrar.add(name, value) needs a value (or a Distiller subclass alone)")

@@ -74,8 +74,9 @@ class ResizeInput(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                                align_corners=False, antialias=x.shape[-1] > self.size)
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > self.size
+            )
         return self.net(x)
 
     def extra_repr(self) -> str:
@@ -106,15 +107,21 @@ class EnsembleTeacher(nn.Module):
             not share one architecture) or ``False`` (always loop).
     """
 
-    def __init__(self, members: Sequence[Teacher], *, weights: Sequence[float] | None = None,
-                 combine: str = "probs", vectorize: bool | str = "auto") -> None:
+    def __init__(
+        self,
+        members: Sequence[Teacher],
+        *,
+        weights: Sequence[float] | None = None,
+        combine: str = "probs",
+        vectorize: bool | str = "auto",
+    ) -> None:
         super().__init__()
         if not members:
             raise UserError("a teacher ensemble needs at least one member")
         if combine not in ("probs", "logits"):
             raise UserError(f"teacher combine must be 'probs' or 'logits', got {combine!r}")
         if vectorize != "auto" and not isinstance(vectorize, bool):
-            raise UserError(f"teacher vectorize must be \"auto\", true or false, got {vectorize!r}")
+            raise UserError(f'teacher vectorize must be "auto", true or false, got {vectorize!r}')
         if weights is None:
             weights = [1.0 / len(members)] * len(members)
         if len(weights) != len(members):
@@ -137,8 +144,10 @@ class EnsembleTeacher(nn.Module):
         else:
             reason = architecture_mismatch(nets)
             if reason is not None and vectorize is True:
-                raise UserError(f"teacher vectorize = true needs members of one architecture, but {reason}; "
-                                "use vectorize = \"auto\" or false")
+                raise UserError(
+                    f"teacher vectorize = true needs members of one architecture, but {reason}; "
+                    'use vectorize = "auto" or false'
+                )
             if reason is not None:
                 log.info("teacher ensemble %s evaluated in a loop: %s", self.spec, reason)
         self.loop_reason = reason  #: why the members cannot be vectorised (None when they can)
@@ -290,9 +299,7 @@ def check_teacher_output(teacher: nn.Module, ctx: TeacherLoadContext, spec: str)
             f"{tuple(x.shape[1:])}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
     if out.ndim != 2 or out.shape[1] != ctx.num_classes:
-        raise UserError(
-            f"teacher {spec} predicts {out.shape[-1]} classes but {ctx.dataset} has {ctx.num_classes}"
-        )
+        raise UserError(f"teacher {spec} predicts {out.shape[-1]} classes but {ctx.dataset} has {ctx.num_classes}")
 
 
 def describe(spec: Any) -> str:

@@ -75,8 +75,10 @@ def architecture_mismatch(members: Sequence[nn.Module]) -> str | None:
             return f"member {i} has {len(modules)} submodules, member 0 has {len(ref_modules)}"
         for (name, typ, rep, attrs), (_, rtyp, rrep, rattrs) in zip(modules, ref_modules, strict=False):
             if typ is not rtyp or rep != rrep:
-                return (f"member {i} submodule {name or '<root>'!r} is {typ.__name__}({rep}), "
-                        f"member 0 has {rtyp.__name__}({rrep})")
+                return (
+                    f"member {i} submodule {name or '<root>'!r} is {typ.__name__}({rep}), "
+                    f"member 0 has {rtyp.__name__}({rrep})"
+                )
             if attrs.keys() != rattrs.keys() or any(not _same_value(attrs[k], rattrs[k]) for k in attrs):
                 return f"member {i} submodule {name or '<root>'!r} has different attributes from member 0"
         tensors = [(n, t.shape, t.dtype, t.device) for n, t in _tensors(member)]
@@ -84,15 +86,22 @@ def architecture_mismatch(members: Sequence[nn.Module]) -> str | None:
             return f"member {i} has {len(tensors)} parameters/buffers, member 0 has {len(ref_tensors)}"
         for got, ref in zip(tensors, ref_tensors, strict=False):
             if got != ref:
-                return (f"member {i} tensor {got[0]!r} is {tuple(got[1])} {got[2]} on {got[3]}, "
-                        f"member 0 has {ref[0]!r} {tuple(ref[1])} {ref[2]} on {ref[3]}")
+                return (
+                    f"member {i} tensor {got[0]!r} is {tuple(got[1])} {got[2]} on {got[3]}, "
+                    f"member 0 has {ref[0]!r} {tuple(ref[1])} {ref[2]} on {ref[3]}"
+                )
     return None
 
 
 def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
-                and torch.equal(a.cpu(), b.cpu()))
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
     return type(a) is type(b) and a == b
 
 

@@ -33,8 +33,6 @@ CARMON2019 = CARMON2019_MODEL_INFO
 MODEL_ID = "Tiny2026Bundle"
 
 
-
-
 def assert_leaderboard_format(info: dict) -> None:
     """Same keys, key order and value types as the leaderboard file; percentages as strings."""
     assert [k for k in info if k != "footnote"] == list(CARMON2019)
@@ -85,16 +83,49 @@ def evaluated(tmp_path_factory):
     data = make_tiny_cifar(tmp / "data", n_train_per_batch=2, n_test=20, seed=3)
     x = fit_and_relabel(data, model)
     torch.save({"state_dict": model.state_dict()}, tmp / "model.pt")
-    argv = ["evaluate", f"file:{tmp / 'model.pt'}?arch=small-cnn&width=0.25", "--dataset", "cifar10",
-            "--data-dir", str(data), "--no-verify-md5", "--n-examples", "20", "--attacks", "clean,autoattack",
-            "--batch-size", "20", "--name", MODEL_ID, "--out", str(tmp / "out"), "--device", "cpu",
-            "--title", "Tiny Models Are Not Robust", "--authors", "Ada Lovelace, Alan Turing",
-            "--venue", "arXiv, Jan 2026", "--link", "https://arxiv.org/abs/0000.00000",
-            "--architecture", "SmallCNN-x0.25", "--additional-data", "--reported", "62.5"]
+    argv = [
+        "evaluate",
+        f"file:{tmp / 'model.pt'}?arch=small-cnn&width=0.25",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(data),
+        "--no-verify-md5",
+        "--n-examples",
+        "20",
+        "--attacks",
+        "clean,autoattack",
+        "--batch-size",
+        "20",
+        "--name",
+        MODEL_ID,
+        "--out",
+        str(tmp / "out"),
+        "--device",
+        "cpu",
+        "--title",
+        "Tiny Models Are Not Robust",
+        "--authors",
+        "Ada Lovelace, Alan Turing",
+        "--venue",
+        "arXiv, Jan 2026",
+        "--link",
+        "https://arxiv.org/abs/0000.00000",
+        "--architecture",
+        "SmallCNN-x0.25",
+        "--additional-data",
+        "--reported",
+        "62.5",
+    ]
     assert main(argv) == 0
     out = tmp / "out"
-    return {"out": out, "bundle": out / "submission" / MODEL_ID, "model": model, "x": x,
-            "results": json.loads((out / "results" / f"{MODEL_ID}.json").read_text())}
+    return {
+        "out": out,
+        "bundle": out / "submission" / MODEL_ID,
+        "model": model,
+        "x": x,
+        "results": json.loads((out / "results" / f"{MODEL_ID}.json").read_text()),
+    }
 
 
 def test_bundle_json_has_the_leaderboard_format_and_copies_the_canonical_file(evaluated):
@@ -107,8 +138,12 @@ def test_bundle_json_has_the_leaderboard_format_and_copies_the_canonical_file(ev
     assert info["clean_acc"] == str(round(results["accuracy"]["clean"] * 100, 2)) == "100.0"
     assert info["autoattack_acc"] == str(round(results["accuracy"]["autoattack"] * 100, 2))
     assert (info["name"], info["authors"], info["venue"], info["link"], info["architecture"]) == (
-        "Tiny Models Are Not Robust", "Ada Lovelace, Alan Turing", "arXiv, Jan 2026",
-        "https://arxiv.org/abs/0000.00000", "SmallCNN-x0.25")
+        "Tiny Models Are Not Robust",
+        "Ada Lovelace, Alan Turing",
+        "arXiv, Jan 2026",
+        "https://arxiv.org/abs/0000.00000",
+        "SmallCNN-x0.25",
+    )
     assert info["additional_data"] is True and info["reported"] == "62.5" and info["number_forward_passes"] == 1
     # The leaderboard defaults are recorded beside it.
     assert results["seed"] == 0 and results["autoattack_version"].startswith("pyautoattack")
@@ -129,12 +164,13 @@ def test_autoattack_log_is_the_runs_log(evaluated):
     robust = 100 * evaluated["results"]["accuracy"]["autoattack"]
     assert f"robust accuracy: {robust:.2f}%" in text
     assert sorted(p.name for p in evaluated["bundle"].iterdir()) == sorted(
-        [f"{MODEL_ID}.json", "autoattack.log", "checkpoint.sha256", "zoo_entry.py", "new_model_issue.md",
-         "README.md"])  # no partial log left behind
+        [f"{MODEL_ID}.json", "autoattack.log", "checkpoint.sha256", "zoo_entry.py", "new_model_issue.md", "README.md"]
+    )  # no partial log left behind
 
 
 def test_zoo_entry_loads_the_checkpoint_through_robustbench(evaluated):
     from robustbench_kd.zoo import compat
+
     compat.import_robustbench()
     from robustbench.utils import load_model
 
@@ -145,8 +181,7 @@ def test_zoo_entry_loads_the_checkpoint_through_robustbench(evaluated):
     name, entry = namespace["ENTRY"]
     assert name == MODEL_ID and entry["gdrive_id"] == "<fill in>"
     with tiny_zoo_entry(name, entry["model"]):
-        loaded = load_model(name, model_dir=str(evaluated["out"] / "models"), dataset="cifar10",
-                            threat_model="Linf")
+        loaded = load_model(name, model_dir=str(evaluated["out"] / "models"), dataset="cifar10", threat_model="Linf")
     with torch.no_grad():
         assert torch.equal(loaded.eval()(evaluated["x"]), evaluated["model"](evaluated["x"]))
 
@@ -156,12 +191,19 @@ def test_new_model_issue_is_filled_in(evaluated):
     info = json.loads((evaluated["bundle"] / f"{MODEL_ID}.json").read_text())
     sha = (evaluated["bundle"] / "checkpoint.sha256").read_text().split()[0]
     assert text.splitlines()[0] == f"Title: [New Model] {MODEL_ID}"
-    for line in ("- **Paper Title**: Tiny Models Are Not Robust", "- **Paper URL**: https://arxiv.org/abs/0000.00000",
-                 "- **Paper authors**: Ada Lovelace, Alan Turing", "- **Architecture**: SmallCNN-x0.25",
-                 "- **Threat Model**: Linf", "- **eps**: 8/255", f"- **Clean accuracy**: {info['clean_acc']}%",
-                 f"- **Robust accuracy**: {info['autoattack_acc']}%", "- **Additional data**: true",
-                 "- [x] I want to add my models to the Model Zoo",
-                 "- [x] I use an architecture that is **not** included among"):
+    for line in (
+        "- **Paper Title**: Tiny Models Are Not Robust",
+        "- **Paper URL**: https://arxiv.org/abs/0000.00000",
+        "- **Paper authors**: Ada Lovelace, Alan Turing",
+        "- **Architecture**: SmallCNN-x0.25",
+        "- **Threat Model**: Linf",
+        "- **eps**: 8/255",
+        f"- **Clean accuracy**: {info['clean_acc']}%",
+        f"- **Robust accuracy**: {info['autoattack_acc']}%",
+        "- **Additional data**: true",
+        "- [x] I want to add my models to the Model Zoo",
+        "- [x] I use an architecture that is **not** included among",
+    ):
         assert line in text
     method = next(line for line in text.splitlines() if line.startswith("- **Evaluation method**"))
     assert "AutoAttack, version standard" in method and "seed 0" in method
@@ -184,10 +226,11 @@ def test_distill_ends_with_a_bundle_whose_zoo_entry_rebuilds_the_student(tmp_pat
     from robustbench_kd.jobs.pipeline import distill
 
     config = tmp_path / "run.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [run]
         name = "Distill2026Bundle"
-        out_dir = "{tmp_path / 'run'}"
+        out_dir = "{tmp_path / "run"}"
         progress = false
         [data]
         n_train = 320
@@ -207,7 +250,8 @@ def test_distill_ends_with_a_bundle_whose_zoo_entry_rebuilds_the_student(tmp_pat
         [model_info]
         title = "Distilled"
         reported = "40%"
-    """))
+    """)
+    )
     distill(load_config(config), host=host)
     bundle = tmp_path / "run" / "submission" / "Distill2026Bundle"
     info = json.loads((bundle / "Distill2026Bundle.json").read_text())
@@ -221,8 +265,14 @@ def test_distill_ends_with_a_bundle_whose_zoo_entry_rebuilds_the_student(tmp_pat
     rebuilt = namespace["ENTRY"][1]["model"]()
     state = torch.load(tmp_path / "run" / "models" / "digits" / "Linf" / "Distill2026Bundle.pt", weights_only=True)
     rebuilt.load_state_dict(state["state_dict"], strict=True)
-    trained = build_network_from_file(tmp_path / "run" / "checkpoints" / "last.pt", {}, students=host.students,
-                                      num_classes=10, in_channels=1, image_size=8)
+    trained = build_network_from_file(
+        tmp_path / "run" / "checkpoints" / "last.pt",
+        {},
+        students=host.students,
+        num_classes=10,
+        in_channels=1,
+        image_size=8,
+    )
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x), trained.eval()(x))
@@ -239,11 +289,19 @@ def _layout(model: torch.nn.Module) -> tuple[type, dict]:
     return type(model), {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("arch,options,native", [
-    ("resnet18", {}, True), ("preact-resnet18", {}, True), ("wrn-34-10", {}, True), ("wrn-28-10", {}, True),
-    ("WRN_28_10", {}, True), ("wrn-28-10", {"normalize": [[0.5, 0.4, 0.3], 0.25]}, False),
-    ("small-cnn", {"width": 2.0}, False), ("mobilenetv2", {"width": 0.5}, False),
-])
+@pytest.mark.parametrize(
+    "arch,options,native",
+    [
+        ("resnet18", {}, True),
+        ("preact-resnet18", {}, True),
+        ("wrn-34-10", {}, True),
+        ("wrn-28-10", {}, True),
+        ("WRN_28_10", {}, True),
+        ("wrn-28-10", {"normalize": [[0.5, 0.4, 0.3], 0.25]}, False),
+        ("small-cnn", {"width": 2.0}, False),
+        ("mobilenetv2", {"width": 0.5}, False),
+    ],
+)
 def test_student_constructor_rebuilds_the_exact_architecture(arch, options, native):
     constructor = student_constructor(arch, num_classes=100, in_channels=3, image_size=32, options=options)
     assert constructor.in_robustbench is native and not constructor.placeholder
@@ -253,13 +311,17 @@ def test_student_constructor_rebuilds_the_exact_architecture(arch, options, nati
     assert _layout(_built_on_meta(constructor)) == _layout(expected)
 
 
-@pytest.mark.parametrize("name", [
-    "Carmon2019Unlabeled",             # lambda: WideResNet(depth=28, widen_factor=10, sub_block1=True)
-    "Hendrycks2019Using",              # a class defined in the zoo file
-    "Gowal2020Uncovering_28_10_extra",  # lambda with module constants (CIFAR10_MEAN, Swish)
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Carmon2019Unlabeled",  # lambda: WideResNet(depth=28, widen_factor=10, sub_block1=True)
+        "Hendrycks2019Using",  # a class defined in the zoo file
+        "Gowal2020Uncovering_28_10_extra",  # lambda with module constants (CIFAR10_MEAN, Swish)
+    ],
+)
 def test_zoo_entry_constructor_rebuilds_zoo_architectures(name):
     from robustbench_kd.zoo import models as zoo
+
     constructor = zoo_entry_constructor("cifar10", "Linf", name)
     assert constructor.in_robustbench and not constructor.placeholder
     with torch.device("meta"):
@@ -272,7 +334,8 @@ def test_constructor_for_spec(tmp_path):
     # Our training checkpoint records the architecture; spec options override it, as the file source does.
     torch.save({"student": {}, "student_arch": {"name": "small-cnn", "options": {"width": 0.5}}}, tmp_path / "a.pt")
     assert student_constructor("small-cnn", options={"width": 0.5}, **shape) == constructor_for_spec(
-        f"file:{tmp_path / 'a.pt'}", **shape)
+        f"file:{tmp_path / 'a.pt'}", **shape
+    )
     assert "width=2" in constructor_for_spec(f"file:{tmp_path / 'a.pt'}?width=2", **shape).expression
     torch.save({"state_dict": {}}, tmp_path / "b.pt")
     assert constructor_for_spec(f"file:{tmp_path / 'b.pt'}", **shape).placeholder
@@ -305,12 +368,22 @@ def test_bundle_concatenates_shard_logs_and_lists_what_is_missing(tmp_path):
     for i, path in enumerate(logs):
         path.write_text(f"robust accuracy: {i}0.00%\n")
     bundle = write_submission_bundle(
-        tmp_path, model_id="Bare2026Entry", threat_model="L2", info_path=info_path, checkpoint_path=checkpoint,
+        tmp_path,
+        model_id="Bare2026Entry",
+        threat_model="L2",
+        info_path=info_path,
+        checkpoint_path=checkpoint,
         results={"n_examples": 10000, "seed": 0, "eps_str": "0.5", "autoattack_version": "pyautoattack 0.2.0"},
-        constructor=None, autoattack_log=logs)
+        constructor=None,
+        autoattack_log=logs,
+    )
     log_text = bundle.autoattack_log.read_text()
-    assert (log_text.index("shard0.log") < log_text.index("00.00%") < log_text.index("shard1.log")
-            < log_text.index("10.00%"))
+    assert (
+        log_text.index("shard0.log")
+        < log_text.index("00.00%")
+        < log_text.index("shard1.log")
+        < log_text.index("10.00%")
+    )
     assert not any(path.exists() for path in logs)
     assert bundle.sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert "name, authors, venue, link, architecture" in bundle.missing[0]
@@ -319,18 +392,36 @@ def test_bundle_concatenates_shard_logs_and_lists_what_is_missing(tmp_path):
     assert "leaderboard requires" not in issue  # 10000 points: the full test set
     assert "'model': None" in bundle.zoo_entry.read_text() and "`l2` OrderedDict" in bundle.zoo_entry.read_text()
     with pytest.raises(UserError, match="does not exist"):
-        write_submission_bundle(tmp_path, model_id="Bare2026Entry", threat_model="L2", info_path=info_path,
-                                checkpoint_path=tmp_path / "missing.pt", results={"n_examples": 1}, constructor=None,
-                                autoattack_log=None)
+        write_submission_bundle(
+            tmp_path,
+            model_id="Bare2026Entry",
+            threat_model="L2",
+            info_path=info_path,
+            checkpoint_path=tmp_path / "missing.pt",
+            results={"n_examples": 1},
+            constructor=None,
+            autoattack_log=None,
+        )
 
 
 def test_no_standard_autoattack_means_no_bundle(tmp_path):
     from robustbench_kd.evaluation.final_report import evaluate_and_write
 
     x, y = torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
-    report = evaluate_and_write(tiny_model(), x, y, label="t", model_id="NoAA2026Run", dataset="cifar10",
-                                norm="Linf", eps=8 / 255, attacks=["clean"], out_dir=tmp_path, progress=False,
-                                sanity=False)
+    report = evaluate_and_write(
+        tiny_model(),
+        x,
+        y,
+        label="t",
+        model_id="NoAA2026Run",
+        dataset="cifar10",
+        norm="Linf",
+        eps=8 / 255,
+        attacks=["clean"],
+        out_dir=tmp_path,
+        progress=False,
+        sanity=False,
+    )
     assert report.bundle_path is None and report.checkpoint_path.is_file()
     assert not (tmp_path / "submission").exists()
 

@@ -25,10 +25,13 @@ def fixture_config(tmp_path, out_dir):
     teacher = tmp_path / "teacher.pt"
     if not teacher.exists():
         shutil.copy(FIXTURE / "teacher.pt", teacher)
-    raw = tiny_digits_raw(out_dir, merge={"ema": {"decay": 0.9}, "run": {"device": "cpu"}},
-                          method={"name": "rslad", "divergence": "ikl"},
-                          teachers={"robust": f"file:{teacher}?arch=small-cnn&width=1.0"},
-                          optim={"epochs": 2, "lr": 0.05})
+    raw = tiny_digits_raw(
+        out_dir,
+        merge={"ema": {"decay": 0.9}, "run": {"device": "cpu"}},
+        method={"name": "rslad", "divergence": "ikl"},
+        teachers={"robust": f"file:{teacher}?arch=small-cnn&width=1.0"},
+        optim={"epochs": 2, "lr": 0.05},
+    )
     return config_from_mapping(raw)
 
 

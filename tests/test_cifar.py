@@ -90,6 +90,7 @@ def test_patch_cifar_integrity_serves_robustbench_data_and_restores(tmp_path: Pa
     import torchvision.datasets.cifar as tv_cifar
 
     from robustbench_kd.zoo import compat
+
     compat.import_robustbench()
     from robustbench.data import load_cifar10
 
@@ -105,6 +106,7 @@ def test_patch_cifar_integrity_serves_robustbench_data_and_restores(tmp_path: Pa
 
 def test_tiny_zoo_entry_restores_the_zoo() -> None:
     from robustbench_kd.zoo import models as zoo
+
     before = zoo.zoo_names("cifar10", "Linf")
     with tiny_zoo_entry("Standard", lambda: torch.nn.Identity()) as entry:
         assert entry["gdrive_id"] == "offline-test"

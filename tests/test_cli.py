@@ -42,12 +42,15 @@ def test_methods_options(capsys):
     assert "method.adv_weight" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["distill", "missing.toml"], "config file missing.toml does not exist"),
-    (["methods", "--options", "rslda"], "unknown method 'rslda' (did you mean: rslad"),
-    (["evaluate", "file:nope.pt", "--dataset", "digits"], "checkpoint nope.pt does not exist"),
-    (["evaluate", "file:nope.pt", "--eps", "8"], "write it as a fraction of 255"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["distill", "missing.toml"], "config file missing.toml does not exist"),
+        (["methods", "--options", "rslda"], "unknown method 'rslda' (did you mean: rslad"),
+        (["evaluate", "file:nope.pt", "--dataset", "digits"], "checkpoint nope.pt does not exist"),
+        (["evaluate", "file:nope.pt", "--eps", "8"], "write it as a fraction of 255"),
+    ],
+)
 def test_user_errors_are_one_line_without_traceback(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -56,10 +59,11 @@ def test_user_errors_are_one_line_without_traceback(capsys, argv, message):
 
 def test_distill_end_to_end_on_digits(tmp_path, capsys):
     config = tmp_path / "run.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [run]
         name = "CliTest_SmallCNN"
-        out_dir = "{tmp_path / 'run'}"
+        out_dir = "{tmp_path / "run"}"
         progress = false
         [data]
         n_train = 200
@@ -74,7 +78,8 @@ def test_distill_end_to_end_on_digits(tmp_path, capsys):
         attacks = ["clean", "fgsm", "pgd", "cw", "autoattack-quick"]
         final_n_examples = 32
         pgd_steps = 3
-    """))
+    """)
+    )
     assert main(["distill", str(config), "--set", "optim.lr=0.02"]) == 0
     out = capsys.readouterr().out
     assert "PGD-3 (step 0.05)" in out and "CW-3" in out and "FGSM" in out

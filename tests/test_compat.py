@@ -83,17 +83,20 @@ def test_bare_pyautoattack_alias_is_replaced(restore_autoattack_modules: object)
     assert "attacks_to_run" in compat.AutoAttack.__init__.__code__.co_varnames
 
 
-def test_real_fra31_package_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                          restore_autoattack_modules: object) -> None:
+def test_real_fra31_package_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_autoattack_modules: object
+) -> None:
     package = tmp_path / "autoattack"
     package.mkdir()
-    (package / "__init__.py").write_text(textwrap.dedent("""
+    (package / "__init__.py").write_text(
+        textwrap.dedent("""
         class AutoAttack:
             def __init__(self, model, norm='Linf', eps=.3, seed=None, verbose=True,
                          attacks_to_run=[], version='standard', is_tf_model=False,
                          device='cuda', log_path=None):
                 self.model = model
-    """))
+    """)
+    )
     for key in [k for k in sys.modules if k == "autoattack" or k.startswith("autoattack.")]:
         del sys.modules[key]
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -106,8 +109,9 @@ def test_real_fra31_package_is_left_alone(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_adapter_has_fra31_api_and_falls_back_from_cuda() -> None:
     model = _model()
-    adversary = compat.AutoAttack(model, norm="Linf", eps=8 / 255, version="custom",
-                                  attacks_to_run=["apgd-ce"], device="cuda", verbose=False)
+    adversary = compat.AutoAttack(
+        model, norm="Linf", eps=8 / 255, version="custom", attacks_to_run=["apgd-ce"], device="cuda", verbose=False
+    )
     if not torch.cuda.is_available():
         assert torch.device(adversary.device) == torch.device("cpu")
     assert adversary.attacks_to_run == ["apgd-ce"]
@@ -124,19 +128,20 @@ def test_adapter_runs_and_returns_like_fra31(tmp_path: Path) -> None:
     x = torch.rand(6, 3, 32, 32)
     y = model(x).argmax(1)  # all correctly classified, so the attack really has work to do
     eps = 8 / 255
-    adversary = compat.AutoAttack(model, eps=eps, version="custom", attacks_to_run=["apgd-ce"],
-                                  device="cpu", seed=0)
+    adversary = compat.AutoAttack(model, eps=eps, version="custom", attacks_to_run=["apgd-ce"], device="cpu", seed=0)
     adversary.apgd.n_restarts, adversary.apgd.n_iter = 1, 5
     x_adv = adversary.run_standard_evaluation(x, y, bs=6)
     assert isinstance(x_adv, torch.Tensor) and x_adv.shape == x.shape
     assert (x_adv - x).abs().max() <= eps + 1e-6
     x_adv2, y_adv = adversary.run_standard_evaluation(
-        x, y, bs=6, return_labels=True, state_path=str(tmp_path / "state.json"))
+        x, y, bs=6, return_labels=True, state_path=str(tmp_path / "state.json")
+    )
     assert y_adv.shape == y.shape and (tmp_path / "state.json").exists()
     assert 0.0 <= adversary.clean_accuracy(x_adv2, y, bs=6) <= 1.0
 
-    adversary = compat.AutoAttack(model, eps=eps, version="custom",
-                                  attacks_to_run=["apgd-ce", "apgd-dlr"], device="cpu", seed=0)
+    adversary = compat.AutoAttack(
+        model, eps=eps, version="custom", attacks_to_run=["apgd-ce", "apgd-dlr"], device="cpu", seed=0
+    )
     adversary.apgd.n_restarts, adversary.apgd.n_iter = 1, 3
     per_attack = adversary.run_standard_evaluation_individual(x, y, bs=6)
     assert set(per_attack) == {"apgd-ce", "apgd-dlr"}
@@ -147,14 +152,16 @@ def test_adapter_runs_and_returns_like_fra31(tmp_path: Path) -> None:
 
 
 def test_adapter_log_path_writes_progress_without_flooding_handlers(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model = _model()
     x = torch.rand(4, 3, 32, 32)
     y = model(x).argmax(1)
     log_file = tmp_path / "aa.log"
     caplog.set_level(logging.WARNING)
-    adversary = compat.AutoAttack(model, eps=8 / 255, version="custom", attacks_to_run=["apgd-ce"],
-                                  device="cpu", seed=0, log_path=str(log_file))
+    adversary = compat.AutoAttack(
+        model, eps=8 / 255, version="custom", attacks_to_run=["apgd-ce"], device="cpu", seed=0, log_path=str(log_file)
+    )
     adversary.apgd.n_restarts, adversary.apgd.n_iter = 1, 3
     adversary.run_standard_evaluation(x, y, bs=4)
     assert "robust accuracy" in log_file.read_text()
@@ -178,17 +185,25 @@ def test_adapter_rejects_bad_arguments(kwargs: dict, match: str) -> None:
         compat.AutoAttack(_model(), device="cpu", **kwargs)
 
 
-def test_benchmark_runs_offline_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           no_network: None) -> None:
+def test_benchmark_runs_offline_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None) -> None:
     compat.import_robustbench()
     from robustbench.eval import benchmark
 
     data_dir = make_tiny_cifar(tmp_path / "data", n_train_per_batch=2, n_test=24)
     monkeypatch.chdir(tmp_path)
     with patch_cifar_integrity():
-        clean, robust = benchmark(_model(), n_examples=20, dataset="cifar10", threat_model="Linf",
-                                  to_disk=True, model_name="RbkdTinyCNN", data_dir=str(data_dir),
-                                  device=torch.device("cpu"), batch_size=20, eps=8 / 255)
+        clean, robust = benchmark(
+            _model(),
+            n_examples=20,
+            dataset="cifar10",
+            threat_model="Linf",
+            to_disk=True,
+            model_name="RbkdTinyCNN",
+            data_dir=str(data_dir),
+            device=torch.device("cpu"),
+            batch_size=20,
+            eps=8 / 255,
+        )
     assert 0.0 <= robust <= clean <= 1.0
     info = json.loads((tmp_path / "model_info" / "cifar10" / "Linf" / "RbkdTinyCNN.json").read_text())
     assert info["eps"] == pytest.approx(8 / 255)

@@ -37,19 +37,22 @@ def test_overrides_are_toml_literals():
     assert raw == {"optim": {"lr": 0.2, "milestones": [3, 4]}, "run": {"name": "abc"}, "eval": {"teachers": False}}
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["optim.lrr=0.1"], r"unknown key optim.lrr \(did you mean: lr\?\)"),
-    (["optimizer.lr=0.1"], r"unknown section \[optimizer\]"),
-    (["threat.eps=8"], r"write it as a fraction of 255, e.g. '8/255'"),
-    (['threat.eps="2/255"', 'threat.alpha="8/255"'], "step size must not exceed the radius"),
-    (["optim.epochs=1.5"], "optim.epochs must be an integer"),
-    (['optim.schedule="cosin"'], r"did you mean: cosine"),
-    (["threat.norm=\"L3\""], "threat.norm must be one of Linf, L2"),
-    (["data.batch_size=true"], "data.batch_size must be an integer"),
-    (["teachers.robust=3"], "teachers.robust must be a spec string"),
-    (["method.label_mix_alpha=0.5"], r"\[method\] needs a name"),
-    (["optim"], "--set expects key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["optim.lrr=0.1"], r"unknown key optim.lrr \(did you mean: lr\?\)"),
+        (["optimizer.lr=0.1"], r"unknown section \[optimizer\]"),
+        (["threat.eps=8"], r"write it as a fraction of 255, e.g. '8/255'"),
+        (['threat.eps="2/255"', 'threat.alpha="8/255"'], "step size must not exceed the radius"),
+        (["optim.epochs=1.5"], "optim.epochs must be an integer"),
+        (['optim.schedule="cosin"'], r"did you mean: cosine"),
+        (['threat.norm="L3"'], "threat.norm must be one of Linf, L2"),
+        (["data.batch_size=true"], "data.batch_size must be an integer"),
+        (["teachers.robust=3"], "teachers.robust must be a spec string"),
+        (["method.label_mix_alpha=0.5"], r"\[method\] needs a name"),
+        (["optim"], "--set expects key=value"),
+    ],
+)
 def test_bad_config_gives_one_line_errors(overrides, message):
     with pytest.raises(UserError, match=message) as info:
         load_config(None, overrides)

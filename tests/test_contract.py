@@ -24,18 +24,42 @@ def test_method_contract(host, name):
 VARIANTS: list[tuple[str, dict, int]] = [
     ("iad", {}, 60),
     ("iad", {"variant": "II"}, 40),
-    ("iad", {"alpha": 0.5, "weight_teacher_term": True, "detach_self_target": True, "clean_forward_when_unused": False},
-     60),
+    (
+        "iad",
+        {"alpha": 0.5, "weight_teacher_term": True, "detach_self_target": True, "clean_forward_when_unused": False},
+        60,
+    ),
     ("adaad", {"alpha": 0.5, "init": "none"}, 0),
     ("adaad", {"attack_teacher_grad": False, "clean_forward_when_unused": False}, 0),
     ("adaiad", {"alpha": 0.5, "weight_teacher_term": True}, 60),
     ("smaraad", {"alpha": 0.5, "rank_on": "logits", "cam_class": "top", "cam_resize": "student", "init": "uniform"}, 0),
     ("smaraad", {"align_weight": 0.0, "attack_align_weight": 0.0}, 0),
-    ("smaraad-plus", {"alpha": 0.5, "rank_on": "logits", "self_rho_sign": 1.0, "entropy_source": "student_clean",
-                      "cam_class": "top", "detach_self_target": True}, 0),
+    (
+        "smaraad-plus",
+        {
+            "alpha": 0.5,
+            "rank_on": "logits",
+            "self_rho_sign": 1.0,
+            "entropy_source": "student_clean",
+            "cam_class": "top",
+            "detach_self_target": True,
+        },
+        0,
+    ),
     ("smaraad-plus", {"begin_epoch": 1}, 0),
-    ("gacd", {"symmetric": True, "sample_weights": False, "attack_budget": "threat", "attack_features": "logits",
-              "nce_k": 3, "ot_tol": 0.0, "ot_iters": 20}, 0),
+    (
+        "gacd",
+        {
+            "symmetric": True,
+            "sample_weights": False,
+            "attack_budget": "threat",
+            "attack_features": "logits",
+            "nce_k": 3,
+            "ot_tol": 0.0,
+            "ot_iters": 20,
+        },
+        0,
+    ),
     ("gacd", {"positive": "clean"}, 0),
     ("standard", {"label_smoothing": 0.1}, 0),
     ("pgd-at", {"fast": True}, 0),
@@ -50,17 +74,29 @@ VARIANTS: list[tuple[str, dict, int]] = [
     ("rslad", {"divergence": "ikl"}, 0),
     ("rslad", {"divergence": "ikl", "ikl_class_prior": False, "label_mix_alpha": 0.5}, 0),
     ("akd", {"alpha": 0.0}, 0),
-    ("mtard", {"teacher_log_eps": 0.0, "kl_reduction": "batchmean", "adaptive_weights": False,
-               "attack_student_mode": "train"}, 0),
+    (
+        "mtard",
+        {
+            "teacher_log_eps": 0.0,
+            "kl_reduction": "batchmean",
+            "adaptive_weights": False,
+            "attack_student_mode": "train",
+        },
+        0,
+    ),
     ("ikl-at", {}, 1),
-    ("ikl-at", {"class_prior": False, "attack_mse_weight": 1.0, "attack_budget": "intended", "learner_mse_grad": False},
-     0),
+    (
+        "ikl-at",
+        {"class_prior": False, "attack_mse_weight": 1.0, "attack_budget": "intended", "learner_mse_grad": False},
+        0,
+    ),
     ("ikl-at", {"attack_budget": "threat", "eps_schedule": "constant"}, 0),
 ]
 
 
-@pytest.mark.parametrize(("name", "options", "epoch"), VARIANTS,
-                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(VARIANTS)])
+@pytest.mark.parametrize(
+    ("name", "options", "epoch"), VARIANTS, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(VARIANTS)]
+)
 def test_method_contract_variant(host, name, options, epoch):
     cls = host.methods.get(name)
     check_distiller(cls, host=host, config=cls.config_from_mapping(options), epoch=epoch)

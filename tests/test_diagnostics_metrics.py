@@ -19,10 +19,14 @@ def test_entropy_by_hand():
 
 
 def test_reliability_bins_and_ece_by_hand():
-    probs = torch.tensor([[0.40, 0.35, 0.25],   # conf .4 -> bin (0, .5], pred 0, y 1: wrong
-                          [0.90, 0.05, 0.05],   # conf .9 -> bin (.5, 1], right
-                          [0.10, 0.80, 0.10],   # conf .8, pred 1, y 0: wrong
-                          [0.20, 0.70, 0.10]])  # conf .7, right
+    probs = torch.tensor(
+        [
+            [0.40, 0.35, 0.25],  # conf .4 -> bin (0, .5], pred 0, y 1: wrong
+            [0.90, 0.05, 0.05],  # conf .9 -> bin (.5, 1], right
+            [0.10, 0.80, 0.10],  # conf .8, pred 1, y 0: wrong
+            [0.20, 0.70, 0.10],
+        ]
+    )  # conf .7, right
     y = torch.tensor([1, 0, 0, 1])
     table = M.reliability_bins(probs, y, 2)
     assert table["lower"] == [0.0, 0.5] and table["upper"] == [0.5, 1.0]
@@ -82,13 +86,15 @@ def test_trajectory_file_appends_columns_and_replaces_a_repeated_epoch(tmp_path)
     path = tmp_path / "diagnostics" / "trajectories.npz"
     index, y = np.array([4, 7]), np.array([0, 1])
     for epoch, values in ((1, [0.1, 0.2]), (2, [0.3, 0.4]), (2, [0.5, 0.6])):  # epoch 2 again: a resume
-        arrays = trajectories.append(path, epoch=epoch, split="val", index=index, y=y,
-                                     columns={"student_clean_p": np.array(values)})
+        arrays = trajectories.append(
+            path, epoch=epoch, split="val", index=index, y=y, columns={"student_clean_p": np.array(values)}
+        )
         trajectories.write(path, arrays)
     saved = trajectories.load(path)
     assert saved["epochs"].tolist() == [1, 2] and str(saved["split"]) == "val"
     assert saved["student_clean_p"] == pytest.approx(np.array([[0.1, 0.5], [0.2, 0.6]]))
     # another subset: the file starts afresh rather than mixing samples
-    arrays = trajectories.append(path, epoch=3, split="val", index=np.array([1, 2]), y=y,
-                                 columns={"student_clean_p": np.array([0.9, 0.8])})
+    arrays = trajectories.append(
+        path, epoch=3, split="val", index=np.array([1, 2]), y=y, columns={"student_clean_p": np.array([0.9, 0.8])}
+    )
     assert arrays["epochs"].tolist() == [3] and arrays["student_clean_p"].shape == (2, 1)

@@ -58,10 +58,15 @@ def test_diagnostics_on_cost_extra_forwards(tmp_path):
     """The counter does see them: 2 epochs x (clean + 2 PGD steps + adversarial) passes over 40 points."""
     counter = CountForwards()
     host = PluginHost.create(autoload=False, extra=[counter])
-    plain = train(tiny_digits_config(tmp_path / "off"),
-                  host=PluginHost.create(autoload=False, extra=[off := CountForwards()]))
-    run = train(tiny_digits_config(tmp_path / "on", diagnostics={"enabled": ["entropy"], "n_examples": 40,
-                                                                 "pgd_steps": 2, "batch_size": 40}), host=host)
+    plain = train(
+        tiny_digits_config(tmp_path / "off"), host=PluginHost.create(autoload=False, extra=[off := CountForwards()])
+    )
+    run = train(
+        tiny_digits_config(
+            tmp_path / "on", diagnostics={"enabled": ["entropy"], "n_examples": 40, "pgd_steps": 2, "batch_size": 40}
+        ),
+        host=host,
+    )
     # per recorded epoch: PGD = 2 gradient forwards, then one clean and one adversarial forward; the training
     # subset adds none (no validation split: it is the eval split)
     assert counter.calls - off.calls == 2 * (2 + 1 + 1)
@@ -72,11 +77,14 @@ def test_diagnostics_on_cost_extra_forwards(tmp_path):
 
 def test_diagnostics_on_write_keys_tables_and_trajectories(tmp_path, teacher_file):
     cfg = tiny_digits_config(
-        tmp_path / "r", method={"name": "kd"}, teachers={"robust": teacher_file},
+        tmp_path / "r",
+        method={"name": "kd"},
+        teachers={"robust": teacher_file},
         data={"dataset": "digits", "batch_size": 100, "n_train": 200, "val_size": 60},
         eval={"every": 1, "n_examples": 30, "pgd_steps": 2},
         optim={"epochs": 3, "lr": 0.05},
-        diagnostics={"enabled": ALL, "n_examples": 50, "pgd_steps": 2, "bins": 5, "every": 2})
+        diagnostics={"enabled": ALL, "n_examples": 50, "pgd_steps": 2, "bins": 5, "every": 2},
+    )
     run = train(cfg, host=PluginHost.create(autoload=False))
     out = tmp_path / "r"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -113,27 +121,33 @@ def test_diagnostics_on_write_keys_tables_and_trajectories(tmp_path, teacher_fil
         assert traj["student_clean_p"].shape == traj["teacher_robust_adv_p"].shape == (50, 2)
         assert traj["y"].tolist() == y.tolist()
         assert traj["difficulty_clean"] == pytest.approx(traj["student_clean_ce"].mean(axis=1), rel=1e-6)
-        assert traj["student_clean_p"][:, -1] == pytest.approx(
-            M.correct_class_prob(probs, y).numpy(), rel=1e-5)
+        assert traj["student_clean_p"][:, -1] == pytest.approx(M.correct_class_prob(probs, y).numpy(), rel=1e-5)
 
 
 def test_without_validation_split_diagnostics_use_a_training_subset(tmp_path):
-    run = train(tiny_digits_config(tmp_path / "r", diagnostics={"enabled": ["trajectories"], "n_examples": 20,
-                                                           "adversarial": False}),
-                host=PluginHost.create(autoload=False))
+    run = train(
+        tiny_digits_config(
+            tmp_path / "r", diagnostics={"enabled": ["trajectories"], "n_examples": 20, "adversarial": False}
+        ),
+        host=PluginHost.create(autoload=False),
+    )
     row = run.history[-1]
     assert not any(k.startswith("diag_val") for k in row)
     with np.load(tmp_path / "r" / "diagnostics" / "trajectories.npz") as traj:
         assert str(traj["split"]) == "train" and traj["student_clean_p"].shape == (20, 2)
-        assert sorted(traj) == sorted(["epochs", "index", "y", "split", "student_clean_p", "student_clean_ce",
-                                       "difficulty_clean"])
+        assert sorted(traj) == sorted(
+            ["epochs", "index", "y", "split", "student_clean_p", "student_clean_ce", "difficulty_clean"]
+        )
         index = torch.from_numpy(traj["index"])
         assert traj["y"].tolist() == run.data.train_y[index].tolist()
 
 
 def test_resume_keeps_one_trajectory_column_per_epoch(tmp_path):
-    cfg = tiny_digits_config(tmp_path / "r", optim={"epochs": 3, "lr": 0.05},
-                        diagnostics={"enabled": ["trajectories"], "n_examples": 20, "adversarial": False})
+    cfg = tiny_digits_config(
+        tmp_path / "r",
+        optim={"epochs": 3, "lr": 0.05},
+        diagnostics={"enabled": ["trajectories"], "n_examples": 20, "adversarial": False},
+    )
     train(cfg, host=PluginHost.create(autoload=False), stop_after=2)
     train(cfg, host=PluginHost.create(autoload=False), resume=True)
     with np.load(tmp_path / "r" / "diagnostics" / "trajectories.npz") as traj:
@@ -174,19 +188,33 @@ def test_tensorboard_gets_the_same_scalars(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
-    run = train(tiny_digits_config(tmp_path / "r", diagnostics={"enabled": ["entropy"], "n_examples": 20,
-                                                           "adversarial": False, "tensorboard": True}),
-                host=PluginHost.create(autoload=False))
-    assert {(k, step) for _, k, _, step in written} == {("diag_train_student_clean_entropy", 1),
-                                                        ("diag_train_student_clean_entropy", 2)}
+    run = train(
+        tiny_digits_config(
+            tmp_path / "r",
+            diagnostics={"enabled": ["entropy"], "n_examples": 20, "adversarial": False, "tensorboard": True},
+        ),
+        host=PluginHost.create(autoload=False),
+    )
+    assert {(k, step) for _, k, _, step in written} == {
+        ("diag_train_student_clean_entropy", 1),
+        ("diag_train_student_clean_entropy", 2),
+    }
     assert written[-1][2] == run.history[-1]["diag_train_student_clean_entropy"]
     assert written[0][0] == str(tmp_path / "r" / "diagnostics" / "tensorboard")
 
 
 def test_the_ema_student_is_diagnosed_too(tmp_path):
-    cfg = tiny_digits_config(tmp_path / "r", optim={"epochs": 2, "lr": 0.05}, ema={"decay": 0.9},
-                        diagnostics={"enabled": ["entropy", "calibration", "trajectories"], "n_examples": 40,
-                                     "adversarial": False, "bins": 5})
+    cfg = tiny_digits_config(
+        tmp_path / "r",
+        optim={"epochs": 2, "lr": 0.05},
+        ema={"decay": 0.9},
+        diagnostics={
+            "enabled": ["entropy", "calibration", "trajectories"],
+            "n_examples": 40,
+            "adversarial": False,
+            "bins": 5,
+        },
+    )
     run = train(cfg, host=PluginHost.create(autoload=False))
     row = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()][-1]
     # No validation split: the diagnostics run on the seeded training subset.
@@ -205,9 +233,18 @@ def test_tensorboard_event_file_holds_the_metrics_scalars(tmp_path):
     """The real writer (tensorboard is in the test extra): read the event file back, compare with metrics.jsonl."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = train(tiny_digits_config(tmp_path / "r", diagnostics={"enabled": ["entropy", "calibration"], "n_examples": 20,
-                                                           "adversarial": False, "tensorboard": True}),
-                host=PluginHost.create(autoload=False))
+    run = train(
+        tiny_digits_config(
+            tmp_path / "r",
+            diagnostics={
+                "enabled": ["entropy", "calibration"],
+                "n_examples": 20,
+                "adversarial": False,
+                "tensorboard": True,
+            },
+        ),
+        host=PluginHost.create(autoload=False),
+    )
     events = EventAccumulator(str(tmp_path / "r" / "diagnostics" / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])

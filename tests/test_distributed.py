@@ -62,10 +62,25 @@ def torchrun(config: Path, *args: str, nproc: int = 2) -> subprocess.CompletedPr
     plugins = Path(robustbench_kd_plugins.__file__).parent
     if plugins.name == "robustbench_kd_plugins":  # a checkout with an import shim: make the workers see it
         paths.append(str(plugins.parent))
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "-m", "robustbench_kd.cli", "distill", str(config), "--no-eval", *args]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "robustbench_kd.cli",
+        "distill",
+        str(config),
+        "--no-eval",
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
@@ -88,8 +103,10 @@ def single_run(tmp_path_factory):
     """The reference: one process, global batch 50, two epochs; its weights and its checkpoint."""
     out = tmp_path_factory.mktemp("single") / "run"
     run = train(config_from_mapping(raw_config(out)))
-    return SimpleNamespace(weights={k: v.detach().clone() for k, v in run.student.state_dict().items()},
-                           checkpoint=out / "checkpoints" / "last.pt")  # also a teacher for the method-state test
+    return SimpleNamespace(
+        weights={k: v.detach().clone() for k, v in run.student.state_dict().items()},
+        checkpoint=out / "checkpoints" / "last.pt",
+    )  # also a teacher for the method-state test
 
 
 def test_two_processes_match_one_process(tmp_path, single_run):
@@ -114,8 +131,9 @@ def test_two_processes_with_extra_data_match_one_process(tmp_path):
     single = train(config_from_mapping(raw_config(tmp_path / "one", data=data)))
     proc = torchrun(write_config(tmp_path / "run.yaml", raw_config(tmp_path / "two", data=data)))
     check_ok(proc)
-    assert_same_weights(student_weights(tmp_path / "two"),
-                        {k: v.detach() for k, v in single.student.state_dict().items()})
+    assert_same_weights(
+        student_weights(tmp_path / "two"), {k: v.detach() for k, v in single.student.state_dict().items()}
+    )
     rows = [yaml.safe_load(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in single.history], rel=1e-4)
 
@@ -129,12 +147,12 @@ def test_each_process_keeps_its_share_of_the_real_and_of_the_extra_images(monkey
     shares = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
-        (xs, ys, idx), = distributed.shard_batches([(x, y, index)], torch.device("cpu"), extra=4)
+        ((xs, ys, idx),) = distributed.shard_batches([(x, y, index)], torch.device("cpu"), extra=4)
         assert torch.equal(xs.flatten(), ys.float()) and torch.equal(idx, ys + 100)
         shares.append(ys.tolist())
     assert shares == [[0, 1, 2, 3, 8, 9], [4, 5, 6, 7, 10, 11]]
     monkeypatch.setenv("RANK", "0")
-    (_, ys, _), = distributed.shard_batches([(x, y, index)], torch.device("cpu"))  # no extra data: plain halves
+    ((_, ys, _),) = distributed.shard_batches([(x, y, index)], torch.device("cpu"))  # no extra data: plain halves
     assert ys.tolist() == list(range(6))
 
 
@@ -158,8 +176,9 @@ def test_class_prior_is_the_same_as_in_one_process(tmp_path, single_run):
     """Method state: RSLAD's IKL class prior (teacher outputs of every sample of the epoch) is summed over
     the processes, so the DDP run ends the epoch with the prior one process computes."""
     teacher = f"file:{single_run.checkpoint}"
-    raw = dict(method={"name": "rslad", "divergence": "ikl"}, teachers={"robust": teacher},
-               optim={"epochs": 1, "lr": 0.05})
+    raw = dict(
+        method={"name": "rslad", "divergence": "ikl"}, teachers={"robust": teacher}, optim={"epochs": 1, "lr": 0.05}
+    )
     single = train(config_from_mapping(raw_config(tmp_path / "one", **raw)))
     check_ok(torchrun(write_config(tmp_path / "run.yaml", raw_config(tmp_path / "two", **raw))))
     prior = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")["distiller"]["prior.prior"]
@@ -191,10 +210,13 @@ def test_batch_not_divisible_is_refused(tmp_path, two_rank_env):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("method, error", [
-    ({"name": "gacd"}, "method 'gacd' does not support multi-process"),
-    ({"name": "trades", "kl_reduction": "sum"}, "kl_reduction = 'sum' cannot be split over 2 processes"),
-])
+@pytest.mark.parametrize(
+    "method, error",
+    [
+        ({"name": "gacd"}, "method 'gacd' does not support multi-process"),
+        ({"name": "trades", "kl_reduction": "sum"}, "kl_reduction = 'sum' cannot be split over 2 processes"),
+    ],
+)
 def test_unsupported_method_is_refused(tmp_path, two_rank_env, method, error):
     with pytest.raises(UserError, match=error) as info:
         train(config_from_mapping(raw_config(tmp_path / "run", method=method)))
@@ -209,9 +231,9 @@ def test_every_builtin_method_declares_distributed_support(host):
 
 def test_drop_last_keeps_final_batches_that_split_evenly():
     assert not distributed.drop_last(200, 50, 2)
-    assert not distributed.drop_last(210, 50, 2)     # 10 left: 5 per process
-    assert distributed.drop_last(205, 50, 2)         # 5 left: cannot split in two
-    assert distributed.drop_last(202, 50, 2)         # 2 left: one sample per process
+    assert not distributed.drop_last(210, 50, 2)  # 10 left: 5 per process
+    assert distributed.drop_last(205, 50, 2)  # 5 left: cannot split in two
+    assert distributed.drop_last(202, 50, 2)  # 2 left: one sample per process
     assert distributed.drop_last(201, 50, 1) and not distributed.drop_last(202, 50, 1)  # the one-process rule
 
 
@@ -221,5 +243,5 @@ def test_single_process_is_unchanged_without_torchrun(monkeypatch):
     env = distributed.from_environ()
     assert not env.enabled and env.is_main
     batches = [(torch.zeros(4, 1, 8, 8), torch.arange(4), torch.arange(4))]
-    (_x, y, _index), = distributed.shard_batches(batches, torch.device("cpu"))
+    ((_x, y, _index),) = distributed.shard_batches(batches, torch.device("cpu"))
     assert len(y) == 4 and distributed.rank_seed(123) == 123

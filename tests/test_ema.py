@@ -82,10 +82,15 @@ def test_ema_config_validation():
 
 # -- runs ------------------------------------------------------------------------------------------
 def digits_config(out_dir, *, epochs=3, val_size=0, **sections):
-    raw = tiny_digits_raw(out_dir, merge={
-        "run": {"name": NAME}, "data": {"n_train": 300, "val_size": val_size},
-        "optim": {"epochs": epochs, "schedule": "multistep", "milestones": [2]}, "ema": {"decay": 0.9, "warmup": True},
-        })
+    raw = tiny_digits_raw(
+        out_dir,
+        merge={
+            "run": {"name": NAME},
+            "data": {"n_train": 300, "val_size": val_size},
+            "optim": {"epochs": epochs, "schedule": "multistep", "milestones": [2]},
+            "ema": {"decay": 0.9, "warmup": True},
+        },
+    )
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return config_from_mapping(raw)
@@ -117,9 +122,20 @@ def test_no_ema_by_default(tmp_path, host):
 
 def test_distill_reports_validates_and_exports_the_ema_student(tmp_path, host):
     out = tmp_path / "r"
-    cfg = digits_config(out, epochs=2, val_size=0.1,
-                        eval={"every": 1, "n_examples": 32, "pgd_steps": 2, "attacks": ["clean", "autoattack"],
-                              "final_n_examples": 16, "teachers": False, "sanity": False})
+    cfg = digits_config(
+        out,
+        epochs=2,
+        val_size=0.1,
+        eval={
+            "every": 1,
+            "n_examples": 32,
+            "pgd_steps": 2,
+            "attacks": ["clean", "autoattack"],
+            "final_n_examples": 16,
+            "teachers": False,
+            "sanity": False,
+        },
+    )
     reports = distill(cfg, host=host)
     labels = [r.label for r in reports]
     assert labels[-1] == f"student {NAME}_ema (EMA decay 0.9, epoch 2)"

@@ -31,17 +31,13 @@ class TinyCNN(nn.Module):
 
     def __init__(self, softmax: bool = False) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2)
-        )
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2))
         self.head = nn.Linear(8 * 8 * 8, 10)
         self.softmax = softmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.features(x).flatten(1))
         return logits.softmax(dim=1) if self.softmax else logits
-
-
 
 
 def _make(n: int = 24, softmax: bool = False, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -169,9 +165,7 @@ def test_evaluate_model_results_modes_and_rng() -> None:
     assert "per_example" not in summary
 
     # Same seed -> same numbers; batching does not change per-example verdicts for PGD.
-    again = evaluate_model(
-        model, x, y, eps=EPS, attacks=["pgd"], batch_size=8, pgd_steps=5, progress=False
-    )
+    again = evaluate_model(model, x, y, eps=EPS, attacks=["pgd"], batch_size=8, pgd_steps=5, progress=False)
     assert torch.equal(again.per_example["pgd-5"], result.per_example["pgd-5"])
 
 

@@ -26,15 +26,23 @@ def write_extra(path, n=40, shape=(8, 8, 1), num_classes=10, **keys):
 
 
 def digits_config(out_dir, extra_path, **data):
-    return config_from_mapping({
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 5},
-        "data": {"dataset": "digits", "batch_size": 20, "n_train": 60, "extra_path": str(extra_path),
-                 "extra_fraction": 0.25, **data},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 1},
-        "student": {"arch": "small-cnn", "options": {"width": 0.25}},
-        "method": {"name": "pgd-at"},
-        "optim": {"epochs": 2, "lr": 0.05},
-    })
+    return config_from_mapping(
+        {
+            "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 5},
+            "data": {
+                "dataset": "digits",
+                "batch_size": 20,
+                "n_train": 60,
+                "extra_path": str(extra_path),
+                "extra_fraction": 0.25,
+                **data,
+            },
+            "threat": {"eps": 0.2, "alpha": 0.1, "steps": 1},
+            "student": {"arch": "small-cnn", "options": {"width": 0.25}},
+            "method": {"name": "pgd-at"},
+            "optim": {"epochs": 2, "lr": 0.05},
+        }
+    )
 
 
 def test_members_are_memory_mapped_not_loaded(tmp_path):
@@ -119,14 +127,17 @@ def test_compressed_file_is_a_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(("arrays", "match"), [
-    ({"image": np.zeros((4, 6, 6, 1), np.uint8), "label": np.zeros(4, np.int64)}, r"expected \(N, 8, 8, 1\)"),
-    ({"image": np.zeros((4, 8, 8, 1), np.float32), "label": np.zeros(4, np.int64)}, "must be uint8"),
-    ({"image": np.zeros((4, 8, 8), np.uint8), "label": np.zeros(4, np.int64)}, "must be 4-d"),
-    ({"image": np.zeros((4, 8, 8, 1), np.uint8), "label": np.zeros(3, np.int64)}, "4 extra images but 3 labels"),
-    ({"image": np.zeros((4, 8, 8, 1), np.uint8), "label": np.full(4, 10)}, r"in \[0, 10\)"),
-    ({"pictures": np.zeros((4, 8, 8, 1), np.uint8), "label": np.zeros(4, np.int64)}, "no image array"),
-])
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"image": np.zeros((4, 6, 6, 1), np.uint8), "label": np.zeros(4, np.int64)}, r"expected \(N, 8, 8, 1\)"),
+        ({"image": np.zeros((4, 8, 8, 1), np.float32), "label": np.zeros(4, np.int64)}, "must be uint8"),
+        ({"image": np.zeros((4, 8, 8), np.uint8), "label": np.zeros(4, np.int64)}, "must be 4-d"),
+        ({"image": np.zeros((4, 8, 8, 1), np.uint8), "label": np.zeros(3, np.int64)}, "4 extra images but 3 labels"),
+        ({"image": np.zeros((4, 8, 8, 1), np.uint8), "label": np.full(4, 10)}, r"in \[0, 10\)"),
+        ({"pictures": np.zeros((4, 8, 8, 1), np.uint8), "label": np.zeros(4, np.int64)}, "no image array"),
+    ],
+)
 def test_bad_files_are_one_line_errors(tmp_path, arrays, match):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
@@ -143,12 +154,15 @@ def test_not_an_npz_and_missing_file(tmp_path):
         memmap_npz(tmp_path / "missing.npz")
 
 
-@pytest.mark.parametrize(("data", "match"), [
-    ({"extra_fraction": 1.0, "extra_path": "g.npz"}, r"in \[0, 1\)"),
-    ({"extra_fraction": 0.3}, "go together"),
-    ({"extra_path": "g.npz"}, "go together"),
-    ({"extra_fraction": 0.01, "extra_path": "g.npz", "batch_size": 20}, "gives 0 extra"),
-])
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"extra_fraction": 1.0, "extra_path": "g.npz"}, r"in \[0, 1\)"),
+        ({"extra_fraction": 0.3}, "go together"),
+        ({"extra_path": "g.npz"}, "go together"),
+        ({"extra_fraction": 0.01, "extra_path": "g.npz", "batch_size": 20}, "gives 0 extra"),
+    ],
+)
 def test_config_checks(data, match):
     with pytest.raises(UserError, match=match):
         config_from_mapping({"data": data})
@@ -159,12 +173,17 @@ def test_gacd_refuses_extra_data(tmp_path, host):
     write_extra(path)
     teacher_dir = tmp_path / "teacher"
     teacher = train(digits_config(teacher_dir, path), host=host)
-    cfg = config_from_mapping({
-        **{k: v for k, v in digits_config(tmp_path / "gacd", path).to_dict().items()
-           if k not in ("method", "teachers")},
-        "method": {"name": "gacd", "nce_k": 8},
-        "teachers": {"robust": f"file:{teacher.checkpoint_dir / 'last.pt'}"},
-    })
+    cfg = config_from_mapping(
+        {
+            **{
+                k: v
+                for k, v in digits_config(tmp_path / "gacd", path).to_dict().items()
+                if k not in ("method", "teachers")
+            },
+            "method": {"name": "gacd", "nce_k": 8},
+            "teachers": {"robust": f"file:{teacher.checkpoint_dir / 'last.pt'}"},
+        }
+    )
     with pytest.raises(UserError, match=r"'gacd' keeps per-sample state .* remove data.extra_path"):
         train(cfg, host=host)
 
@@ -175,8 +194,11 @@ def test_extra_counts_that_do_not_split_over_the_processes_are_refused_before_jo
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
     # batch 20, extra_fraction 0.25: 15 real + 5 extra, neither splits over 2 processes.
-    with pytest.raises(UserError, match=r"15 real \+ 5 extra images per global batch; under torchrun each count "
-                                        r"must be divisible by the 2 processes") as info:
+    with pytest.raises(
+        UserError,
+        match=r"15 real \+ 5 extra images per global batch; under torchrun each count "
+        r"must be divisible by the 2 processes",
+    ) as info:
         train(digits_config(tmp_path / "run", path), host=host)
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
     assert not torch.distributed.is_initialized()

@@ -26,8 +26,8 @@ from robustbench_kd.testing import softmax
 from robustbench_kd.testing.stubs import wmse
 
 O_T = [[1.0, -0.5, 2.0], [0.3, 0.1, -1.2]]  # target side (teacher / natural), B = 2, C = 3
-O_L = [[0.2, 0.7, 1.1], [-0.4, 0.9, 0.0]]   # learner side (student / adversarial)
-S = [[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]]      # rank-one weight factors: w = s s^T
+O_L = [[0.2, 0.7, 1.1], [-0.4, 0.9, 0.0]]  # learner side (student / adversarial)
+S = [[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]]  # rank-one weight factors: w = s s^T
 
 
 def _outer(s: list[float]) -> list[list[float]]:
@@ -42,8 +42,7 @@ def test_pairwise_differences_layout() -> None:
 def test_wmse_by_hand() -> None:
     expected = [wmse(O_T[b], O_L[b], _outer(S[b])) for b in range(2)]
     fast = wmse_per_sample(torch.tensor(O_T), torch.tensor(O_L), torch.tensor(S))
-    pairwise = wmse_pairwise_per_sample(torch.tensor(O_T), torch.tensor(O_L),
-                                        torch.tensor([_outer(s) for s in S]))
+    pairwise = wmse_pairwise_per_sample(torch.tensor(O_T), torch.tensor(O_L), torch.tensor([_outer(s) for s in S]))
     assert fast.tolist() == pytest.approx(expected, rel=1e-6)
     assert pairwise.tolist() == pytest.approx(expected, rel=1e-6)
     # A non-rank-one weight: only the pairwise form applies.
@@ -78,8 +77,9 @@ def test_sce_by_hand() -> None:
         expected.append(-sum(qi * lp for qi, lp in zip(q, log_p, strict=True)))
     q = torch.softmax(torch.tensor(O_T) / tau, dim=1)
     assert sce_per_sample(torch.tensor(O_L), q, tau).tolist() == pytest.approx(expected, rel=1e-6)
-    terms = ikl_per_sample(torch.tensor(O_L), torch.tensor(O_T), torch.tensor(S), mse_weight=20.0, sce_weight=4.0,
-                           temperature=tau)
+    terms = ikl_per_sample(
+        torch.tensor(O_L), torch.tensor(O_T), torch.tensor(S), mse_weight=20.0, sce_weight=4.0, temperature=tau
+    )
     assert terms.sce.tolist() == pytest.approx(expected, rel=1e-6)
     wmse_values = [wmse(O_T[b], O_L[b], _outer(S[b])) for b in range(2)]  # no temperature in the wMSE
     assert terms.wmse.tolist() == pytest.approx(wmse_values, rel=1e-6)
@@ -121,8 +121,15 @@ def test_dkl_equals_kl_in_gradient(logits) -> None:
     assert torch.allclose(dkl_t, kl_t, rtol=1e-9, atol=1e-12)
     assert torch.allclose(dkl_l, kl_l, rtol=1e-9, atol=1e-12)
     # The same through the general function with those settings spelled out.
-    terms = ikl_per_sample(o_l, o_t, sample_weight_vectors(o_t, 1.0), mse_weight=1.0, sce_weight=1.0,
-                           temperature=1.0, learner_mse_grad=False)
+    terms = ikl_per_sample(
+        o_l,
+        o_t,
+        sample_weight_vectors(o_t, 1.0),
+        mse_weight=1.0,
+        sce_weight=1.0,
+        temperature=1.0,
+        learner_mse_grad=False,
+    )
     ikl_t, ikl_l = _grads(terms.total.sum(), o_t, o_l)
     assert torch.allclose(ikl_t, kl_t, rtol=1e-9, atol=1e-12)
     assert torch.allclose(ikl_l, kl_l, rtol=1e-9, atol=1e-12)
@@ -173,8 +180,10 @@ def test_class_prior_starts_uniform() -> None:
 def test_class_prior_accumulates_row_normalises_and_lags_one_epoch() -> None:
     t = 4.0
     prior = ClassPrior(3, temperature=t)
-    batches = [(torch.tensor([[4.0, 0.0, -2.0], [1.0, 3.0, 0.0]]), torch.tensor([0, 1])),
-               (torch.tensor([[0.0, 8.0, 1.0], [2.0, 2.0, 6.0]]), torch.tensor([0, 0]))]
+    batches = [
+        (torch.tensor([[4.0, 0.0, -2.0], [1.0, 3.0, 0.0]]), torch.tensor([0, 1])),
+        (torch.tensor([[0.0, 8.0, 1.0], [2.0, 2.0, 6.0]]), torch.tensor([0, 0])),
+    ]
     for z, y in batches:
         prior.accumulate(z, y)
     # Nothing changes before the epoch ends: the weights used during an epoch are the previous one's.
@@ -238,8 +247,9 @@ def test_divergence_kl_is_the_tempered_kl_without_state() -> None:
     kl = Divergence("kl", 3)
     assert kl.prior is None
     q = torch.softmax(torch.tensor(O_T) / 2.0, dim=1)
-    got = kl.per_sample(torch.tensor(O_L), q, teacher_logits=torch.tensor(O_T), labels=torch.tensor([0, 2]),
-                        temperature=2.0)
+    got = kl.per_sample(
+        torch.tensor(O_L), q, teacher_logits=torch.tensor(O_T), labels=torch.tensor([0, 2]), temperature=2.0
+    )
     assert torch.equal(got, kl_per_sample(torch.tensor(O_L), q, temperature=2.0))
     assert Divergence("ikl", 3, class_prior=False).prior is None
 
@@ -257,8 +267,9 @@ def test_divergence_ikl_at_temperature_by_hand() -> None:
         expected.append(5.0 * wmse(o_t, o_l, [1 / 3] * 3) + 0.5 * sce)
     assert got.tolist() == pytest.approx(expected, rel=1e-6)
     per_sample = Divergence("ikl", 3, class_prior=False, prior_temperature=4.0)
-    assert torch.equal(per_sample.weight_vectors(labels, torch.tensor(O_T)),
-                       torch.softmax(torch.tensor(O_T) / 4.0, dim=1))
+    assert torch.equal(
+        per_sample.weight_vectors(labels, torch.tensor(O_T)), torch.softmax(torch.tensor(O_T) / 4.0, dim=1)
+    )
 
 
 def test_divergence_prior_accumulates_and_finalizes() -> None:

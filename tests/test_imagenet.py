@@ -73,7 +73,8 @@ def test_preprocessing_is_robustbench_res256crop224(imagenet_dir):
         ours = get_preprocessing("Res256Crop224")(image)
         # robustbench.data.PREPROCESSINGS['Res256Crop224'], spelled out (importing robustbench is slow).
         theirs = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])(
-            image.convert("RGB"))
+            image.convert("RGB")
+        )
     assert ours.dtype == torch.uint8 and ours.shape == (3, 224, 224)
     assert torch.equal(ours, (theirs * 255).round().to(torch.uint8))
     assert ours[2].float().mean() > ours[0].float().mean() + 100  # the class-2 tint survives (RGB order)
@@ -143,20 +144,37 @@ def test_train_and_evaluate_read_the_imagefolder(imagenet_dir, tmp_path, host):
     from robustbench_kd.jobs.pipeline import evaluate_spec
     from robustbench_kd.training.loop import train
 
-    cfg = config_from_mapping({
-        "run": {"out_dir": str(tmp_path / "run"), "progress": False, "seed": 1},
-        "data": {"dataset": "imagenet", "data_dir": str(imagenet_dir), "batch_size": 6, "preprocessing": "Res224"},
-        "threat": {"steps": 1},
-        "student": {"arch": "small-cnn", "options": {"width": 0.125}},
-        "method": {"name": "pgd-at"},
-        "optim": {"epochs": 1, "lr": 0.01},
-    })
+    cfg = config_from_mapping(
+        {
+            "run": {"out_dir": str(tmp_path / "run"), "progress": False, "seed": 1},
+            "data": {"dataset": "imagenet", "data_dir": str(imagenet_dir), "batch_size": 6, "preprocessing": "Res224"},
+            "threat": {"steps": 1},
+            "student": {"arch": "small-cnn", "options": {"width": 0.125}},
+            "method": {"name": "pgd-at"},
+            "optim": {"epochs": 1, "lr": 0.01},
+        }
+    )
     run = train(cfg, host=host)
     assert run.global_step == 2 and np.isfinite(run.history[0]["loss"])
-    report = evaluate_spec(f"file:{run.checkpoint_dir / 'last.pt'}", dataset="imagenet", data_dir=str(imagenet_dir),
-                           norm="Linf", eps=4 / 255, attacks=["clean"], n_examples=None, batch_size=4, seed=0,
-                           pgd_steps=2, out_dir=tmp_path / "eval", model_id=None, model_dir=str(tmp_path / "zoo"),
-                           device="cpu", host=host, progress=False, sanity=False)
+    report = evaluate_spec(
+        f"file:{run.checkpoint_dir / 'last.pt'}",
+        dataset="imagenet",
+        data_dir=str(imagenet_dir),
+        norm="Linf",
+        eps=4 / 255,
+        attacks=["clean"],
+        n_examples=None,
+        batch_size=4,
+        seed=0,
+        pgd_steps=2,
+        out_dir=tmp_path / "eval",
+        model_id=None,
+        model_dir=str(tmp_path / "zoo"),
+        device="cpu",
+        host=host,
+        progress=False,
+        sanity=False,
+    )
     assert report.n_examples == 6 and 0 <= report.accuracy["clean"] <= 1
 
 
@@ -181,13 +199,16 @@ def test_imagenet_zoo_teacher_gets_its_input_size(tmp_path):
     folder = tmp_path / "zoo" / "imagenet" / "Linf"
     folder.mkdir(parents=True)
     # The zoo file holds the bare ResNet-18 weights; load_model adds the normalizer wrapper's "model." prefix.
-    torch.save({"state_dict": {k[len("model."):]: v for k, v in net.state_dict().items() if k.startswith("model.")}},
-               folder / "Salman2020Do_R18.pt")
+    torch.save(
+        {"state_dict": {k[len("model.") :]: v for k, v in net.state_dict().items() if k.startswith("model.")}},
+        folder / "Salman2020Do_R18.pt",
+    )
     spec = TeacherSpec.parse("robustbench:imagenet/Linf/Salman2020Do_R18")
 
     def context(size):
-        return TeacherLoadContext(dataset="imagenet", num_classes=1000, in_channels=3, image_size=size,
-                                  model_dir=tmp_path / "zoo")
+        return TeacherLoadContext(
+            dataset="imagenet", num_classes=1000, in_channels=3, image_size=size, model_dir=tmp_path / "zoo"
+        )
 
     at_224 = load_robustbench_teacher(spec, context(224))
     assert not isinstance(at_224, ResizeInput) and not at_224.training
@@ -223,21 +244,41 @@ def test_zoo_checkpoint_and_bundle_entry_load_through_robustbench(imagenet_dir, 
     from robustbench_kd.zoo.compat import import_robustbench
 
     torch.manual_seed(0)
-    net = build_student("small-cnn", num_classes=3, in_channels=3, image_size=224, width=0.125,
-                        normalize=(0.45, 0.25))  # Normalized: buffers inside the student survive too
+    net = build_student(
+        "small-cnn", num_classes=3, in_channels=3, image_size=224, width=0.125, normalize=(0.45, 0.25)
+    )  # Normalized: buffers inside the student survive too
     data = load_imagefolder_splits("imagenet", imagenet_dir, preprocessing="Res224")
     x = to_float(data.test_x[:])
     _fit_to_wrong_labels(net, x, data.test_y)
     # As a training checkpoint records it: the architecture with its options.
-    torch.save({"student": net.state_dict(),
-                "student_arch": {"name": "small-cnn", "options": {"width": 0.125, "normalize": (0.45, 0.25)}}},
-               tmp_path / "student.pt")
+    torch.save(
+        {
+            "student": net.state_dict(),
+            "student_arch": {"name": "small-cnn", "options": {"width": 0.125, "normalize": (0.45, 0.25)}},
+        },
+        tmp_path / "student.pt",
+    )
     name = "Tiny2026ImageNet"
-    report = evaluate_spec(f"file:{tmp_path / 'student.pt'}",
-                           dataset="imagenet", data_dir=str(imagenet_dir), norm="Linf", eps=4 / 255,
-                           attacks=["clean", "autoattack"], n_examples=None, batch_size=6, seed=0, pgd_steps=2,
-                           out_dir=tmp_path / "eval", model_id=name, model_dir=str(tmp_path / "zoo"), device="cpu",
-                           host=host, progress=False, sanity=False, preprocessing="Res224")
+    report = evaluate_spec(
+        f"file:{tmp_path / 'student.pt'}",
+        dataset="imagenet",
+        data_dir=str(imagenet_dir),
+        norm="Linf",
+        eps=4 / 255,
+        attacks=["clean", "autoattack"],
+        n_examples=None,
+        batch_size=6,
+        seed=0,
+        pgd_steps=2,
+        out_dir=tmp_path / "eval",
+        model_id=name,
+        model_dir=str(tmp_path / "zoo"),
+        device="cpu",
+        host=host,
+        progress=False,
+        sanity=False,
+        preprocessing="Res224",
+    )
     assert report.accuracy["clean"] == 0 and report.bundle_path is not None
     # RobustBench's own ImageNet files hold the bare network; load_model moves it under "model.".
     saved = torch.load(report.checkpoint_path, weights_only=True)["state_dict"]
@@ -252,8 +293,9 @@ def test_zoo_checkpoint_and_bundle_entry_load_through_robustbench(imagenet_dir, 
     from robustbench.utils import load_model
 
     with tiny_zoo_entry(entry_name, entry["model"], dataset="imagenet"):
-        loaded = load_model(entry_name, model_dir=str(tmp_path / "eval" / "models"), dataset="imagenet",
-                            threat_model="Linf")
+        loaded = load_model(
+            entry_name, model_dir=str(tmp_path / "eval" / "models"), dataset="imagenet", threat_model="Linf"
+        )
     # Keys matched exactly: nothing was left at its random initialisation by a lenient load.
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in saved.items())
     with torch.no_grad():
@@ -303,15 +345,32 @@ def test_evaluation_needs_only_val(tmp_path, host):
     torch.manual_seed(0)
     net = build_student("small-cnn", num_classes=3, in_channels=3, image_size=224, width=0.125)
     torch.save({"state_dict": net.state_dict()}, tmp_path / "student.pt")
-    report = evaluate_spec(f"file:{tmp_path / 'student.pt'}?arch=small-cnn&width=0.125", dataset="imagenet",
-                           data_dir=str(root), norm="Linf", eps=4 / 255, attacks=["clean"], n_examples=None,
-                           batch_size=6, seed=0, pgd_steps=2, out_dir=tmp_path / "eval", model_id=None,
-                           model_dir=str(tmp_path / "zoo"), device="cpu", host=host, progress=False, sanity=False)
+    report = evaluate_spec(
+        f"file:{tmp_path / 'student.pt'}?arch=small-cnn&width=0.125",
+        dataset="imagenet",
+        data_dir=str(root),
+        norm="Linf",
+        eps=4 / 255,
+        attacks=["clean"],
+        n_examples=None,
+        batch_size=6,
+        seed=0,
+        pgd_steps=2,
+        out_dir=tmp_path / "eval",
+        model_id=None,
+        model_dir=str(tmp_path / "zoo"),
+        device="cpu",
+        host=host,
+        progress=False,
+        sanity=False,
+    )
     assert report.n_examples == 6
-    cfg = config_from_mapping({
-        "run": {"out_dir": str(tmp_path / "run"), "progress": False},
-        "data": {"dataset": "imagenet", "data_dir": str(root)},
-        "student": {"arch": "small-cnn", "options": {"width": 0.125}},
-    })
+    cfg = config_from_mapping(
+        {
+            "run": {"out_dir": str(tmp_path / "run"), "progress": False},
+            "data": {"dataset": "imagenet", "data_dir": str(root)},
+            "student": {"arch": "small-cnn", "options": {"width": 0.125}},
+        }
+    )
     with pytest.raises(UserError, match=r"^imagenet: .*train is not a directory; training needs data.data_dir/train/"):
         train(cfg, host=host)

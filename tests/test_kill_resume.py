@@ -39,7 +39,7 @@ from robustbench_kd.training.loop import train
 # atomic write of last.pt (1-based, counted per process). partial: after half of a chunk of the temp file;
 # before_replace: the temp file is complete but not yet renamed; after_replace: last.pt is replaced, the
 # next file (metrics.jsonl, another step) not yet written.
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import contextlib, os, signal
 spec = os.environ.get("RBKD_TEST_KILL")
 if spec:
@@ -77,16 +77,22 @@ if spec:
             die()
 
     io._atomic_binary_file = writer
-'''
+"""
 
 TIMING_KEYS = ("seconds", "images_per_s")
 
 
 def run_file(tmp: Path, out: Path, **sections) -> Path:
-    raw = tiny_digits_raw(out, merge={
-        "run": {"seed": 5}, "data": {"batch_size": 50, "n_train": 1000},
-        "optim": {"epochs": 4, "schedule": "multistep", "milestones": [2]}, "checkpoint": {"every_steps": 1},
-        }, **sections)
+    raw = tiny_digits_raw(
+        out,
+        merge={
+            "run": {"seed": 5},
+            "data": {"batch_size": 50, "n_train": 1000},
+            "optim": {"epochs": 4, "schedule": "multistep", "milestones": [2]},
+            "checkpoint": {"every_steps": 1},
+        },
+        **sections,
+    )
     path = tmp / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -103,8 +109,9 @@ def env(tmp_path_factory):
 def distill(config: Path, env: dict, *, resume: bool, kill: str | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "robustbench_kd.cli", "-q", "distill", str(config), "--no-eval"]
     env = dict(env, RBKD_TEST_KILL=kill) if kill else env
-    return subprocess.Popen(args + (["--resume"] if resume else []), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        args + (["--resume"] if resume else []), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def finish(proc: subprocess.Popen) -> int:
@@ -122,10 +129,17 @@ def inode(path: Path) -> int | None:
 
 def comparable(data: dict) -> dict:
     """What must match bitwise: weights, method state, optimiser, position, history without timings."""
-    return {"student": data["student"], "distiller": data["distiller"], "method_state": data["method_state"],
-            "optimizer": data["optimizer"], "scheduler": data["scheduler"], "epoch": data["epoch"],
-            "global_step": data["global_step"], "position": data["position"],
-            "history": [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in data["history"]]}
+    return {
+        "student": data["student"],
+        "distiller": data["distiller"],
+        "method_state": data["method_state"],
+        "optimizer": data["optimizer"],
+        "scheduler": data["scheduler"],
+        "epoch": data["epoch"],
+        "global_step": data["global_step"],
+        "position": data["position"],
+        "history": [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in data["history"]],
+    }
 
 
 def assert_bitwise_equal(a, b, where="checkpoint"):
@@ -180,8 +194,9 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path, env):
     baseline = load_checkpoint(tmp_path / "pgd_base" / "checkpoints" / "last.pt")
     cfg = run_file(tmp_path, tmp_path / "pgd_killed", data=augment)
     last = tmp_path / "pgd_killed" / "checkpoints" / "last.pt"
-    kills = kill_chain(cfg, env, last, ["time", "3:partial", "time", "2:before_replace", "time",
-                                        "21:after_replace"], rng)
+    kills = kill_chain(
+        cfg, env, last, ["time", "3:partial", "time", "2:before_replace", "time", "21:after_replace"], rng
+    )
     assert_bitwise_equal(comparable(baseline), comparable(load_checkpoint(last)))
 
     # rslad with IKL: a class prior accumulated over each epoch (method state) and a teacher; the
@@ -203,6 +218,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_exact(tmp_path, env):
 # -- write failures ----------------------------------------------------------------------------------
 def enospc_after_some_bytes(monkeypatch):
     """Make every torch.save inside an atomic write fail with ENOSPC after writing part of the file."""
+
     def full_disk(obj, handle):
         handle.write(b"PK\x03\x04 partial checkpoint bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -232,9 +248,11 @@ def test_full_disk_is_one_line_from_the_cli_and_names_the_file(tmp_path, monkeyp
         save_checkpoint(path, {"epoch": 2, "student": {"w": torch.zeros(4)}})
     assert info.value.filename == str(path)
     config = tmp_path / "run.yaml"
-    config.write_text(f"run: {{out_dir: {tmp_path / 'run'}, progress: false}}\n"
-                      "data: {dataset: digits, n_train: 64, batch_size: 32}\n"
-                      "method: {name: standard}\noptim: {epochs: 1}\n")
+    config.write_text(
+        f"run: {{out_dir: {tmp_path / 'run'}, progress: false}}\n"
+        "data: {dataset: digits, n_train: 64, batch_size: 32}\n"
+        "method: {name: standard}\noptim: {epochs: 1}\n"
+    )
     assert main(["distill", str(config), "--no-eval"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "last.pt" in err[0], err
@@ -243,16 +261,19 @@ def test_full_disk_is_one_line_from_the_cli_and_names_the_file(tmp_path, monkeyp
 
 def test_step_checkpoint_write_failure_then_resume_is_exact(tmp_path, host, monkeypatch):
     """ENOSPC during the 5th step checkpoint: training stops, last.pt is the 4th; resume ends bitwise equal."""
+
     def cfg(out):
-        return config_from_mapping({
-            "run": {"out_dir": str(out), "progress": False, "deterministic": True, "seed": 3},
-            "data": {"dataset": "digits", "batch_size": 50, "n_train": 200},
-            "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-            "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-            "method": {"name": "pgd-at"},
-            "optim": {"epochs": 2, "lr": 0.05, "schedule": "onecycle", "max_lr": 0.1},
-            "checkpoint": {"every_steps": 1},
-        })
+        return config_from_mapping(
+            {
+                "run": {"out_dir": str(out), "progress": False, "deterministic": True, "seed": 3},
+                "data": {"dataset": "digits", "batch_size": 50, "n_train": 200},
+                "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
+                "student": {"arch": "small-cnn", "options": {"width": 0.5}},
+                "method": {"name": "pgd-at"},
+                "optim": {"epochs": 2, "lr": 0.05, "schedule": "onecycle", "max_lr": 0.1},
+                "checkpoint": {"every_steps": 1},
+            }
+        )
 
     full = train(cfg(tmp_path / "full"), host=host)
     real_save, writes = rbkd_io.torch.save, []
@@ -285,19 +306,23 @@ def test_step_checkpoint_write_failure_then_resume_is_exact(tmp_path, host, monk
 
 def test_mid_epoch_resume_is_exact_with_ema_and_method_state(tmp_path, host, monkeypatch):
     """Stopped inside an epoch (step checkpoint), resumed: weights, EMA and epoch metrics equal."""
+
     def cfg(out):
-        return config_from_mapping({
-            "run": {"out_dir": str(out), "progress": False, "deterministic": True, "seed": 4},
-            "data": {"dataset": "digits", "batch_size": 50, "n_train": 200, "augment": True},
-            "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-            "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-            "method": {"name": "pgd-at"},
-            "optim": {"epochs": 2, "lr": 0.05, "schedule": "multistep", "milestones": [1]},
-            "checkpoint": {"every_steps": 3},
-            "ema": {"decay": 0.9},
-        })
+        return config_from_mapping(
+            {
+                "run": {"out_dir": str(out), "progress": False, "deterministic": True, "seed": 4},
+                "data": {"dataset": "digits", "batch_size": 50, "n_train": 200, "augment": True},
+                "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
+                "student": {"arch": "small-cnn", "options": {"width": 0.5}},
+                "method": {"name": "pgd-at"},
+                "optim": {"epochs": 2, "lr": 0.05, "schedule": "multistep", "milestones": [1]},
+                "checkpoint": {"every_steps": 3},
+                "ema": {"decay": 0.9},
+            }
+        )
 
     full = train(cfg(tmp_path / "full"), host=host)
+
     class Stop(Exception):
         pass
 

@@ -232,6 +232,7 @@ class Wrapped(nn.Module):
 
 def test_save_zoo_checkpoint_round_trips_through_robustbench_load_model(tmp_path, monkeypatch) -> None:
     from robustbench_kd.zoo import compat
+
     compat.import_robustbench()
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel

@@ -26,8 +26,8 @@ class NaNAtStep(Distiller):
 
     @dataclass(frozen=True)
     class Config:
-        at: int = 4          #: global step (0-based) that goes wrong
-        grad: bool = False   #: finite loss value, NaN gradient
+        at: int = 4  #: global step (0-based) that goes wrong
+        grad: bool = False  #: finite loss value, NaN gradient
 
     def attack_spec(self, threat):
         return None  # clean training: fast, and the attack plays no part here
@@ -58,13 +58,15 @@ def nan_host() -> PluginHost:
 
 def config(out_dir, **method):
     # 300 images / batch 100 = 3 steps per epoch; global step 4 (0-based) is epoch 2, step 2.
-    return config_from_mapping({
-        "run": {"out_dir": str(out_dir), "progress": False, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 300},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "method": {"name": "nan-at-step", **method},
-        "optim": {"epochs": 3, "lr": 0.05},
-    })
+    return config_from_mapping(
+        {
+            "run": {"out_dir": str(out_dir), "progress": False, "seed": 3},
+            "data": {"dataset": "digits", "batch_size": 100, "n_train": 300},
+            "student": {"arch": "small-cnn", "options": {"width": 0.5}},
+            "method": {"name": "nan-at-step", **method},
+            "optim": {"epochs": 3, "lr": 0.05},
+        }
+    )
 
 
 def sha(path) -> str:
@@ -72,8 +74,10 @@ def sha(path) -> str:
 
 
 # What went wrong at the bad step first, then what followed from the NaN weights (every later term).
-@pytest.mark.parametrize("grad,names", [(False, "loss, penalty, grad_norm (later also ce)"),
-                                        (True, "grad_norm (later also loss, ce, penalty)")])
+@pytest.mark.parametrize(
+    "grad,names",
+    [(False, "loss, penalty, grad_norm (later also ce)"), (True, "grad_norm (later also loss, ce, penalty)")],
+)
 def test_nan_stops_with_epoch_step_and_terms_and_keeps_last_good(tmp_path, nan_host, grad, names):
     cfg = config(tmp_path / "run", grad=grad)
     train(cfg, host=nan_host, stop_after=1)
@@ -89,8 +93,11 @@ def test_nan_stops_with_epoch_step_and_terms_and_keeps_last_good(tmp_path, nan_h
 
 
 def test_nan_before_any_checkpoint_says_none_was_written(tmp_path, nan_host):
-    with pytest.raises(UserError, match=r"epoch 1, step 1 \(global step 1\): non-finite loss, penalty, "
-                                        r"grad_norm \(later also ce\); no checkpoint was written"):
+    with pytest.raises(
+        UserError,
+        match=r"epoch 1, step 1 \(global step 1\): non-finite loss, penalty, "
+        r"grad_norm \(later also ce\); no checkpoint was written",
+    ):
         train(config(tmp_path / "run", at=0), host=nan_host)
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 

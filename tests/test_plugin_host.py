@@ -15,8 +15,9 @@ from robustbench_kd.plugin_host import BUILTIN_PLUGINS, PluginHost
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "third_party_plugin"
 
 
-def install_fake_distribution(tmp_path: Path, monkeypatch, *, dist: str, version: str, entry_points: str,
-                              modules: dict[str, str] | None = None) -> None:
+def install_fake_distribution(
+    tmp_path: Path, monkeypatch, *, dist: str, version: str, entry_points: str, modules: dict[str, str] | None = None
+) -> None:
     """Make an importable 'installed' distribution: a dist-info with entry_points.txt on sys.path."""
     info = tmp_path / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
@@ -29,8 +30,9 @@ def install_fake_distribution(tmp_path: Path, monkeypatch, *, dist: str, version
 
 def install_example_plugin(tmp_path: Path, monkeypatch) -> None:
     """The real examples/third_party_plugin package, 'installed' through a dist-info."""
-    install_fake_distribution(tmp_path, monkeypatch, dist="rbkd-mart", version="0.1.0",
-                              entry_points="[robustbench_kd]\nmart = rbkd_mart\n")
+    install_fake_distribution(
+        tmp_path, monkeypatch, dist="rbkd-mart", version="0.1.0", entry_points="[robustbench_kd]\nmart = rbkd_mart\n"
+    )
     monkeypatch.syspath_prepend(str(EXAMPLE))
     monkeypatch.delitem(sys.modules, "rbkd_mart", raising=False)
 
@@ -75,9 +77,14 @@ def test_plugins_can_be_blocked_by_env(tmp_path, monkeypatch):
 
 
 def test_duplicate_plugin_names_name_both_distributions(tmp_path, monkeypatch):
-    install_fake_distribution(tmp_path, monkeypatch, dist="evil-rslad", version="9.9",
-                              entry_points="[robustbench_kd]\nrslad = fake_rslad\n",
-                              modules={"fake_rslad": "X = 1\n"})
+    install_fake_distribution(
+        tmp_path,
+        monkeypatch,
+        dist="evil-rslad",
+        version="9.9",
+        entry_points="[robustbench_kd]\nrslad = fake_rslad\n",
+        modules={"fake_rslad": "X = 1\n"},
+    )
     with pytest.raises(UserError) as info:
         PluginHost.create()
     message = str(info.value)
@@ -110,9 +117,14 @@ def test_unknown_hook_fails_check_pending():
 
 
 def test_plugin_that_raises_at_import_is_named(tmp_path, monkeypatch):
-    install_fake_distribution(tmp_path, monkeypatch, dist="broken-plugin", version="0.1",
-                              entry_points="[robustbench_kd]\nbroken = broken_mod\n",
-                              modules={"broken_mod": "raise ImportError('needs torch 9')\n"})
+    install_fake_distribution(
+        tmp_path,
+        monkeypatch,
+        dist="broken-plugin",
+        version="0.1",
+        entry_points="[robustbench_kd]\nbroken = broken_mod\n",
+        modules={"broken_mod": "raise ImportError('needs torch 9')\n"},
+    )
     with pytest.raises(UserError, match=r"plugin 'broken' from broken-plugin 0.1 failed to import"):
         PluginHost.create()
 

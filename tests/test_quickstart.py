@@ -12,8 +12,21 @@ from robustbench_kd.jobs.quickstart import STUDENT_ID, TEACHER_ID, run_quickstar
 # Tiny models and AutoAttack: one torch thread is much faster than several fighting over a busy machine.
 pytestmark = pytest.mark.single_thread
 
-LEADERBOARD_KEYS = ["link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                    "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "unreliable"]
+LEADERBOARD_KEYS = [
+    "link",
+    "name",
+    "authors",
+    "additional_data",
+    "number_forward_passes",
+    "dataset",
+    "venue",
+    "architecture",
+    "eps",
+    "clean_acc",
+    "reported",
+    "autoattack_acc",
+    "unreliable",
+]
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ def _plugin_example() -> dict:
     start = text.index("## Writing a method plugin")
     block = text.index("```python\n", start) + len("```python\n")
     namespace: dict = {}
-    exec(compile(text[block:text.index("```", block)], "README.md", "exec"), namespace)
+    exec(compile(text[block : text.index("```", block)], "README.md", "exec"), namespace)
     return namespace
 
 

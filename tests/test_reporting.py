@@ -60,8 +60,13 @@ def test_pca_of_points_on_a_line():
 def test_cam_by_hand():
     # feature map = ReLU(conv 1x1) with channels (x, -x) -> (x, 0); fc = identity: the class-0 CAM is x itself,
     # relu_minmax scales [[0, 1], [2, 3]] to [[0, 1/3], [2/3, 1]] (input size: no resize).
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1, bias=False), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                              torch.nn.Flatten(), torch.nn.Linear(2, 2, bias=False))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 1, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2, 2, bias=False),
+    )
     with torch.no_grad():
         net[0].weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
         net[4].weight.copy_(torch.eye(2))
@@ -91,8 +96,10 @@ def test_accuracy_vs_eps_by_hand():
 
 def test_metric_series_reads_whatever_numeric_keys_exist(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    rows = [{"epoch": 1, "loss": 2.0, "lr": 0.1, "method": "x", "flag": True},
-            {"epoch": 2, "loss": 1.0, "lr": 0.1, "entropy": {"teacher": 0.5}, "ece": float("nan")}]
+    rows = [
+        {"epoch": 1, "loss": 2.0, "lr": 0.1, "method": "x", "flag": True},
+        {"epoch": 2, "loss": 1.0, "lr": 0.1, "entropy": {"teacher": 0.5}, "ece": float("nan")},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     epochs, series = read_metric_series(path)
     assert epochs == [1.0, 2.0]
@@ -123,23 +130,43 @@ def two_runs(tmp_path_factory):
     runs = []
     teacher_spec = f"file:{root / 'teacher.pt'}?arch=small-cnn&width=2.0"
     # R1 records every diagnostic and embeds with t-SNE; R2 has neither (the defaults).
-    extras = {"R1": {"diagnostics": {"enabled": list(DIAGNOSTICS), "n_examples": 20, "pgd_steps": 2, "bins": 5},
-                     "report": {"embedding": "tsne", "tsne_perplexity": 5}},
-              "R2": {"report": {}}}
+    extras = {
+        "R1": {
+            "diagnostics": {"enabled": list(DIAGNOSTICS), "n_examples": 20, "pgd_steps": 2, "bins": 5},
+            "report": {"embedding": "tsne", "tsne_perplexity": 5},
+        },
+        "R2": {"report": {}},
+    }
     for name, method, teachers in (("R1", "rslad", {"robust": teacher_spec}), ("R2", "pgd-at", {})):
         config = root / f"{name}.yaml"
         extra = extras[name]
-        config.write_text(yaml.safe_dump({
-            **{k: v for k, v in extra.items() if k != "report"},
-            "run": {"name": name, "out_dir": str(root / name), "progress": False},
-            "data": {"dataset": "digits", "n_train": 100, "batch_size": 50},
-            "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-            "teachers": teachers, "method": {"name": method},
-            "optim": {"epochs": 2, "lr": 0.05},
-            "eval": {"attacks": ["clean", "pgd"], "pgd_steps": 2, "final_n_examples": 16, "teachers": False,
-                     "sanity": False},
-            "report": {"n_examples": 24, "n_cam": 2, "pgd_steps": 2, "eps_factors": [0, 0.5, 1], **extra["report"]},
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    **{k: v for k, v in extra.items() if k != "report"},
+                    "run": {"name": name, "out_dir": str(root / name), "progress": False},
+                    "data": {"dataset": "digits", "n_train": 100, "batch_size": 50},
+                    "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
+                    "teachers": teachers,
+                    "method": {"name": method},
+                    "optim": {"epochs": 2, "lr": 0.05},
+                    "eval": {
+                        "attacks": ["clean", "pgd"],
+                        "pgd_steps": 2,
+                        "final_n_examples": 16,
+                        "teachers": False,
+                        "sanity": False,
+                    },
+                    "report": {
+                        "n_examples": 24,
+                        "n_cam": 2,
+                        "pgd_steps": 2,
+                        "eps_factors": [0, 0.5, 1],
+                        **extra["report"],
+                    },
+                }
+            )
+        )
         assert main(["-q", "distill", str(config)]) == 0
         runs.append(root / name)
     return runs
@@ -206,11 +233,16 @@ def test_documents_render_markdown_html_and_overview(tmp_path):
     )
 
     Image.new("RGB", (80, 60), (200, 30, 30)).save(tmp_path / "a.png")
-    blocks = [Heading("Run <1>", 1), Paragraph("a & b"), Table(["eps", "student"], [["0", "97.0"]]),
-              Figure("red", tmp_path / "a.png")]
+    blocks = [
+        Heading("Run <1>", 1),
+        Paragraph("a & b"),
+        Table(["eps", "student"], [["0", "97.0"]]),
+        Figure("red", tmp_path / "a.png"),
+    ]
     paths = write_documents(blocks, tmp_path, "Report: x")
-    assert paths["markdown"].read_text() == ("# Run <1>\n\na & b\n\n| eps | student |\n|---|---|\n| 0 | 97.0 |\n\n"
-                                             "![red](a.png)\n")
+    assert paths["markdown"].read_text() == (
+        "# Run <1>\n\na & b\n\n| eps | student |\n|---|---|\n| 0 | 97.0 |\n\n![red](a.png)\n"
+    )
     page = paths["html"].read_text()
     assert "<h1>Run &lt;1&gt;</h1>" in page and "<p>a &amp; b</p>" in page and "<td>97.0</td>" in page
     assert page.count("data:image/png;base64,") == 1

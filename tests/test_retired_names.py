@@ -32,9 +32,10 @@ def test_retired_names_are_not_registered() -> None:
 
 def _run_file(tmp_path, method: str) -> str:
     config = tmp_path / "run.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         [run]
-        out_dir = "{tmp_path / 'run'}"
+        out_dir = "{tmp_path / "run"}"
         progress = false
         [data]
         n_train = 200
@@ -42,14 +43,21 @@ def _run_file(tmp_path, method: str) -> str:
         {method}
         [optim]
         epochs = 1
-    """))
+    """)
+    )
     return str(config)
 
 
-@pytest.mark.parametrize("argv_of,message", [
-    (lambda tmp: ["methods", "--options", "gacd-aft"], "method 'gacd-aft' was removed: GACD's adversarial fine-tuning"),
-    (lambda tmp: ["distill", _run_file(tmp, 'name = "gacd-aft"')], 'name = "pgd-at" with [student] init_from'),
-])
+@pytest.mark.parametrize(
+    "argv_of,message",
+    [
+        (
+            lambda tmp: ["methods", "--options", "gacd-aft"],
+            "method 'gacd-aft' was removed: GACD's adversarial fine-tuning",
+        ),
+        (lambda tmp: ["distill", _run_file(tmp, 'name = "gacd-aft"')], 'name = "pgd-at" with [student] init_from'),
+    ],
+)
 def test_cli_exit_code_and_one_line(tmp_path, capsys, argv_of, message) -> None:
     assert main(argv_of(tmp_path)) == 2
     err = capsys.readouterr().err

@@ -19,8 +19,13 @@ ZOO_TEACHER = "Ding2020MMA"  # a real zoo architecture (WRN-28-4) small enough f
 def cifar_run(tmp_path, **sections):
     raw = {
         "run": {"out_dir": str(tmp_path / "run"), "progress": False},
-        "data": {"dataset": "cifar10", "data_dir": str(tmp_path / "data"), "verify_md5": False,
-                 "batch_size": 8, "n_train": 8},
+        "data": {
+            "dataset": "cifar10",
+            "data_dir": str(tmp_path / "data"),
+            "verify_md5": False,
+            "batch_size": 8,
+            "n_train": 8,
+        },
         "threat": {"eps": "8/255", "alpha": "4/255", "steps": 1},
         "student": {"arch": "small-cnn", "options": {"width": 0.25}},
         "teachers": {"robust": f"robustbench:cifar10/Linf/{ZOO_TEACHER}"},
@@ -81,12 +86,39 @@ def test_evaluate_command_matches_robustbench_benchmark(tmp_path, monkeypatch, c
     monkeypatch.setattr(rb_eval, "AutoAttack", SeededAutoAttack)
     monkeypatch.chdir(tmp_path)
     with patch_cifar_integrity():
-        clean, robust = robustbench.eval.benchmark(model, n_examples=40, dataset="cifar10", threat_model="Linf",
-                                                   data_dir=str(data), device=torch.device("cpu"),
-                                                   batch_size=40, eps=8 / 255)
-    code = main(["evaluate", f"file:{tmp_path / 'model.pt'}?arch=small-cnn&width=0.5", "--dataset", "cifar10",
-                 "--data-dir", str(data), "--no-verify-md5", "--n-examples", "40", "--attacks", "clean,autoattack",
-                 "--batch-size", "40", "--name", "TinyEval", "--out", str(tmp_path / "out"), "--device", "cpu"])
+        clean, robust = robustbench.eval.benchmark(
+            model,
+            n_examples=40,
+            dataset="cifar10",
+            threat_model="Linf",
+            data_dir=str(data),
+            device=torch.device("cpu"),
+            batch_size=40,
+            eps=8 / 255,
+        )
+    code = main(
+        [
+            "evaluate",
+            f"file:{tmp_path / 'model.pt'}?arch=small-cnn&width=0.5",
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(data),
+            "--no-verify-md5",
+            "--n-examples",
+            "40",
+            "--attacks",
+            "clean,autoattack",
+            "--batch-size",
+            "40",
+            "--name",
+            "TinyEval",
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "out" / "results" / "TinyEval.json").read_text())
     assert results["accuracy"]["clean"] == pytest.approx(clean)

@@ -41,8 +41,15 @@ def small_cnn_state(host: PluginHost) -> dict[str, torch.Tensor]:
 def write_malicious(path: Path, marker: Path, state: dict[str, torch.Tensor], **extra) -> Path:
     """A checkpoint that looks like ours (architecture recorded, real weights) plus the payload."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"student": state, "student_arch": {"name": "small-cnn", "options": {"width": 0.5}},
-                "payload": PlantMarker(marker), **extra}, path)
+    torch.save(
+        {
+            "student": state,
+            "student_arch": {"name": "small-cnn", "options": {"width": 0.5}},
+            "payload": PlantMarker(marker),
+            **extra,
+        },
+        path,
+    )
     return path
 
 
@@ -65,8 +72,9 @@ def test_the_payload_really_runs_code_when_loaded_unsafely(tmp_path, host, marke
 
 def test_file_teacher_refuses_and_runs_nothing(tmp_path, host, marker):
     path = write_malicious(tmp_path / "evil.pt", marker, small_cnn_state(host))
-    with pytest.raises(UserError, match=r"evil.pt was refused: it holds pickled Python objects that could run code") \
-            as info:
+    with pytest.raises(
+        UserError, match=r"evil.pt was refused: it holds pickled Python objects that could run code"
+    ) as info:
         builders.load_teacher(host, f"file:{path}", digits_load_context(host))
     assert "mkdir" in str(info.value) and "\n" not in str(info.value) and "\033" not in str(info.value)
     assert not marker.exists()
@@ -74,8 +82,9 @@ def test_file_teacher_refuses_and_runs_nothing(tmp_path, host, marker):
 
 def test_legacy_format_pickle_is_refused_too(tmp_path, host, marker):
     path = tmp_path / "legacy.pt"
-    torch.save({"student": small_cnn_state(host), "payload": PlantMarker(marker)}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"student": small_cnn_state(host), "payload": PlantMarker(marker)}, path, _use_new_zipfile_serialization=False
+    )
     with pytest.raises(UserError, match="was refused"):
         load_checkpoint(path)
     assert not marker.exists()
@@ -83,8 +92,9 @@ def test_legacy_format_pickle_is_refused_too(tmp_path, host, marker):
 
 def test_student_init_from_refuses_and_runs_nothing(tmp_path, host, marker):
     path = write_malicious(tmp_path / "init.pt", marker, small_cnn_state(host))
-    cfg = digits_config(tmp_path / "run", student={"arch": "small-cnn", "options": {"width": 0.5},
-                                                   "init_from": str(path)})
+    cfg = digits_config(
+        tmp_path / "run", student={"arch": "small-cnn", "options": {"width": 0.5}, "init_from": str(path)}
+    )
     with pytest.raises(UserError, match=r"init.pt was refused"):
         train(cfg, host=host)
     assert not marker.exists()
@@ -95,8 +105,12 @@ def test_resume_refuses_and_runs_nothing(tmp_path, host, marker):
     first = train(cfg, host=host)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     good = load_checkpoint(last)
-    write_malicious(last, marker, first.student.state_dict(),
-                    **{k: v for k, v in good.items() if k not in ("student", "student_arch")})
+    write_malicious(
+        last,
+        marker,
+        first.student.state_dict(),
+        **{k: v for k, v in good.items() if k not in ("student", "student_arch")},
+    )
     with pytest.raises(UserError, match=r"last.pt was refused"):
         train(cfg, host=host, resume=True)
     assert not marker.exists()
@@ -104,8 +118,23 @@ def test_resume_refuses_and_runs_nothing(tmp_path, host, marker):
 
 def test_evaluate_command_refuses_and_runs_nothing(tmp_path, host, marker, capsys):
     path = write_malicious(tmp_path / "model.pt", marker, small_cnn_state(host))
-    assert main(["evaluate", str(path), "--dataset", "digits", "--n-examples", "10", "--attacks", "clean",
-                 "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(path),
+                "--dataset",
+                "digits",
+                "--n-examples",
+                "10",
+                "--attacks",
+                "clean",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "model.pt was refused" in err and "Traceback" not in err and err.count("\n") == 1
     assert not marker.exists()
@@ -148,8 +177,9 @@ def digest(path: Path) -> str:
 
 def test_file_teacher_pin_accepts_the_right_file(tmp_path, host):
     path = tmp_path / "t.pt"
-    torch.save({"student": small_cnn_state(host), "student_arch": {"name": "small-cnn", "options": {"width": 0.5}}},
-               path)
+    torch.save(
+        {"student": small_cnn_state(host), "student_arch": {"name": "small-cnn", "options": {"width": 0.5}}}, path
+    )
     teacher = builders.load_teacher(host, f"file:{path}?sha256={digest(path).upper()}", digits_load_context(host))
     assert teacher(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
@@ -177,15 +207,18 @@ def test_zoo_pin_checked_before_loading(tmp_path):
         path = zoo.expected_checkpoint_paths(tmp_path, "cifar10", "Linf", "RbkdTinyTest")[0]
         path.parent.mkdir(parents=True)
         torch.save({"state_dict": TinyNet().state_dict()}, path)
-        model = zoo.load_zoo_model("RbkdTinyTest", dataset="cifar10", threat_model="Linf", model_dir=tmp_path,
-                                   sha256=(digest(path),))
+        model = zoo.load_zoo_model(
+            "RbkdTinyTest", dataset="cifar10", threat_model="Linf", model_dir=tmp_path, sha256=(digest(path),)
+        )
         assert isinstance(model, TinyNet)
         with pytest.raises(UserError, match=f"has SHA-256 {digest(path)} but {'1' * 64} was pinned"):
-            zoo.load_zoo_model("RbkdTinyTest", dataset="cifar10", threat_model="Linf", model_dir=tmp_path,
-                               sha256=("1" * 64,))
+            zoo.load_zoo_model(
+                "RbkdTinyTest", dataset="cifar10", threat_model="Linf", model_dir=tmp_path, sha256=("1" * 64,)
+            )
         with pytest.raises(UserError, match=r"reads 1 file\(s\) .* but 2 sha256 digest\(s\) were pinned"):
-            zoo.load_zoo_model("RbkdTinyTest", dataset="cifar10", threat_model="Linf", model_dir=tmp_path,
-                               sha256=("1" * 64, "2" * 64))
+            zoo.load_zoo_model(
+                "RbkdTinyTest", dataset="cifar10", threat_model="Linf", model_dir=tmp_path, sha256=("1" * 64, "2" * 64)
+            )
 
 
 def test_zoo_teacher_spec_passes_its_pin(tmp_path, host):
@@ -193,8 +226,9 @@ def test_zoo_teacher_spec_passes_its_pin(tmp_path, host):
         path = zoo.expected_checkpoint_paths(tmp_path, "cifar10", "Linf", "RbkdTinyTest")[0]
         path.parent.mkdir(parents=True)
         torch.save({"state_dict": TinyNet().state_dict()}, path)
-        ctx = TeacherLoadContext(dataset="cifar10", num_classes=10, in_channels=3, image_size=32, model_dir=tmp_path,
-                                 students=host.students)
+        ctx = TeacherLoadContext(
+            dataset="cifar10", num_classes=10, in_channels=3, image_size=32, model_dir=tmp_path, students=host.students
+        )
         with pytest.raises(UserError, match="was pinned"):
             builders.load_teacher(host, f"robustbench:cifar10/Linf/RbkdTinyTest?sha256={'2' * 64}", ctx)
         builders.load_teacher(host, f"robustbench:cifar10/Linf/RbkdTinyTest?sha256={digest(path)}", ctx)

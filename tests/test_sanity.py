@@ -35,8 +35,6 @@ pytestmark = pytest.mark.single_thread
 EPS = 0.2  # digits: separates standard (0% AA) from adversarially trained models
 
 
-
-
 def _digits_run(out_dir, method: str, epochs: int, steps: int):
     cfg = config_from_mapping({
         "run": {"out_dir": str(out_dir), "progress": False, "seed": 0},
@@ -57,9 +55,15 @@ def trained(tmp_path_factory):
     robust = _digits_run(root / "robust", "pgd-at", epochs=6, steps=3)
     standard = _digits_run(root / "standard", "standard", epochs=4, steps=1)
     x, y = to_float(robust.data.test_x[:128]), robust.data.test_y[:128]
-    return {"run": robust, "robust": robust.student.eval(), "standard": standard.student.eval(), "x": x, "y": y,
-            "robust_ckpt": root / "robust" / "checkpoints" / "last.pt",
-            "standard_ckpt": root / "standard" / "checkpoints" / "last.pt"}
+    return {
+        "run": robust,
+        "robust": robust.student.eval(),
+        "standard": standard.student.eval(),
+        "x": x,
+        "y": y,
+        "robust_ckpt": root / "robust" / "checkpoints" / "last.pt",
+        "standard_ckpt": root / "standard" / "checkpoints" / "last.pt",
+    }
 
 
 class Quantised(nn.Module):
@@ -88,8 +92,9 @@ class Saturated(nn.Module):
 
 
 def test_pgd_trained_model_passes_every_check(trained) -> None:
-    report = run_sanity_checks(trained["robust"], trained["x"], trained["y"], norm="Linf", eps=EPS,
-                               teacher=trained["standard"], seed=0)
+    report = run_sanity_checks(
+        trained["robust"], trained["x"], trained["y"], norm="Linf", eps=EPS, teacher=trained["standard"], seed=0
+    )
     assert report.reliable, report.reasons
     assert report.checks == {name: True for name in SANITY_CHECKS}
     assert list(report.sweep) == ["0", "0.05", "0.1", "0.2", "0.4"]
@@ -105,8 +110,9 @@ def test_pgd_trained_model_passes_every_check(trained) -> None:
 def test_gradient_masked_models_are_flagged(trained, wrap, caplog) -> None:
     masked = wrap(trained["robust"]).eval()
     with caplog.at_level(logging.WARNING, logger="robustbench_kd.evaluation.sanity"):
-        report = run_sanity_checks(masked, trained["x"], trained["y"], norm="Linf", eps=EPS,
-                                   teacher=trained["standard"])
+        report = run_sanity_checks(
+            masked, trained["x"], trained["y"], norm="Linf", eps=EPS, teacher=trained["standard"]
+        )
     assert not report.reliable
     # Three independent symptoms: no gradient, no effect of an unbounded radius, and a black-box
     # transfer attack beating the white-box one.
@@ -118,8 +124,15 @@ def test_gradient_masked_models_are_flagged(trained, wrap, caplog) -> None:
 
 def test_masking_is_caught_without_teacher_or_gradient_check(trained) -> None:
     """The unbounded-radius check alone flags masking when neither a teacher nor the gradient check is used."""
-    report = run_sanity_checks(Quantised(trained["robust"]), trained["x"], trained["y"], norm="Linf", eps=EPS,
-                               zero_gradient_max_fraction=1.0, n_examples=64)
+    report = run_sanity_checks(
+        Quantised(trained["robust"]),
+        trained["x"],
+        trained["y"],
+        norm="Linf",
+        eps=EPS,
+        zero_gradient_max_fraction=1.0,
+        n_examples=64,
+    )
     assert not report.reliable and report.checks["gradients"] is True
     assert report.checks["transfer"] is None and report.skipped["transfer"] == "no teacher given"
     assert any("unbounded radius" in r for r in report.reasons)
@@ -147,8 +160,9 @@ class _StuckInTraining(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Dropout(0.5),
-                                  nn.Linear(16, 10))
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 10)
+        )
 
     def train(self, mode: bool = True) -> _StuckInTraining:
         return super().train(True)
@@ -185,14 +199,18 @@ def test_training_mode_randomness_and_probabilities_are_flagged(trained) -> None
 
 
 def test_autoattack_flags_become_reasons(trained) -> None:
-    flags = ["there are 3 points with zero gradient! This might lead to unreliable evaluation",
-             "there are 2 points with zero gradient! This might lead to unreliable evaluation",
-             "Square Attack has decreased the robust accuracy of 2.00%."]
-    report = run_sanity_checks(trained["robust"], trained["x"], trained["y"], norm="Linf", eps=EPS,
-                               autoattack_flags=flags, n_examples=32)
+    flags = [
+        "there are 3 points with zero gradient! This might lead to unreliable evaluation",
+        "there are 2 points with zero gradient! This might lead to unreliable evaluation",
+        "Square Attack has decreased the robust accuracy of 2.00%.",
+    ]
+    report = run_sanity_checks(
+        trained["robust"], trained["x"], trained["y"], norm="Linf", eps=EPS, autoattack_flags=flags, n_examples=32
+    )
     assert not report.reliable and report.checks["autoattack"] is False
-    assert report.reasons[-2].startswith("AutoAttack flagged zero input gradients (gradient masking) (2 times; "
-                                         "first: there are 3")
+    assert report.reasons[-2].startswith(
+        "AutoAttack flagged zero input gradients (gradient masking) (2 times; first: there are 3"
+    )
     assert "Square attack beat the white-box attacks" in report.reasons[-1]
     assert report.to_dict()["autoattack_flags"] == flags
 
@@ -228,9 +246,21 @@ def test_eps_in_pixel_units_is_rejected_by_every_entry_point(trained, tmp_path) 
         lambda: run_autoattack(model, x, y, norm="Linf", eps=8),
         lambda: pgd(model, x, y, eps=8, alpha=2, steps=1, norm="Linf"),
         lambda: fgsm(model, x, y, eps=8, norm="Linf"),
-        lambda: evaluate_spec("file:does-not-exist.pt", dataset="digits", data_dir=str(tmp_path), norm="Linf",
-                              eps=8, attacks=["clean"], n_examples=8, batch_size=8, seed=0, pgd_steps=1,
-                              out_dir=tmp_path, model_id=None, model_dir=str(tmp_path)),
+        lambda: evaluate_spec(
+            "file:does-not-exist.pt",
+            dataset="digits",
+            data_dir=str(tmp_path),
+            norm="Linf",
+            eps=8,
+            attacks=["clean"],
+            n_examples=8,
+            batch_size=8,
+            seed=0,
+            pgd_steps=1,
+            out_dir=tmp_path,
+            model_id=None,
+            model_dir=str(tmp_path),
+        ),
     ):
         with pytest.raises(UserError, match=message) as info:
             call()
@@ -243,20 +273,57 @@ def test_eps_in_pixel_units_is_rejected_by_every_entry_point(trained, tmp_path) 
             raise AssertionError("evaluated with an eps in the wrong unit")
 
     with pytest.raises(UserError, match=r"diameter sqrt\(64\)"):
-        evaluate_and_write(MustNotRun(), x, y, label="m", model_id="M", dataset="digits", norm="L2", eps=128,
-                           attacks=["clean"], out_dir=tmp_path)
+        evaluate_and_write(
+            MustNotRun(),
+            x,
+            y,
+            label="m",
+            model_id="M",
+            dataset="digits",
+            norm="L2",
+            eps=128,
+            attacks=["clean"],
+            out_dir=tmp_path,
+        )
     with pytest.raises(UserError, match=message):
-        evaluate_and_write(MustNotRun(), x, y, label="m", model_id="M", dataset="digits", norm="Linf", eps=8,
-                           attacks=["clean"], out_dir=tmp_path)
+        evaluate_and_write(
+            MustNotRun(),
+            x,
+            y,
+            label="m",
+            model_id="M",
+            dataset="digits",
+            norm="Linf",
+            eps=8,
+            attacks=["clean"],
+            out_dir=tmp_path,
+        )
     assert not (tmp_path / "results").exists()
 
 
 def test_evaluate_cli_rejects_eps_units_in_one_line(trained, tmp_path, capsys) -> None:
     ckpt = f"file:{trained['robust_ckpt']}"
-    for extra, message in ((["--eps", "8"], "write it as a fraction of 255"),
-                           (["--threat", "L2", "--eps", "128"], "diameter sqrt(64)")):
-        code = main(["evaluate", ckpt, "--dataset", "digits", "--attacks", "clean", "--n-examples", "8",
-                     "--device", "cpu", "--out", str(tmp_path), *extra])
+    for extra, message in (
+        (["--eps", "8"], "write it as a fraction of 255"),
+        (["--threat", "L2", "--eps", "128"], "diameter sqrt(64)"),
+    ):
+        code = main(
+            [
+                "evaluate",
+                ckpt,
+                "--dataset",
+                "digits",
+                "--attacks",
+                "clean",
+                "--n-examples",
+                "8",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+                *extra,
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -266,10 +333,26 @@ def test_evaluate_cli_rejects_eps_units_in_one_line(trained, tmp_path, capsys) -
 
 def test_evaluate_and_write_marks_masked_model_unreliable(trained, tmp_path) -> None:
     x, y = trained["x"][:24], trained["y"][:24]
-    common = {"dataset": "digits", "norm": "Linf", "eps": EPS, "attacks": ["clean", "pgd", "autoattack"],
-              "out_dir": tmp_path, "batch_size": 64, "pgd_steps": 5, "progress": False, "save_model": False}
-    masked = evaluate_and_write(Quantised(trained["robust"]).eval(), x, y, label="masked", model_id="Masked2026Q",
-                                teacher=trained["standard"], **common)
+    common = {
+        "dataset": "digits",
+        "norm": "Linf",
+        "eps": EPS,
+        "attacks": ["clean", "pgd", "autoattack"],
+        "out_dir": tmp_path,
+        "batch_size": 64,
+        "pgd_steps": 5,
+        "progress": False,
+        "save_model": False,
+    }
+    masked = evaluate_and_write(
+        Quantised(trained["robust"]).eval(),
+        x,
+        y,
+        label="masked",
+        model_id="Masked2026Q",
+        teacher=trained["standard"],
+        **common,
+    )
     info = json.loads(masked.model_info_path.read_text())
     assert info["unreliable"] is True
     assert info["footnote"].startswith("Evaluation sanity checks failed: ")
@@ -280,8 +363,15 @@ def test_evaluate_and_write_marks_masked_model_unreliable(trained, tmp_path) -> 
     assert results["sanity"]["reliable"] is False and results["sanity"]["transfer_accuracy"] is not None
     assert results["sanity"]["reasons"] == masked.sanity.reasons
 
-    skipped = evaluate_and_write(trained["robust"], x, y, label="plain", model_id="Plain2026", sanity=False,
-                                 **{**common, "attacks": ["clean", "pgd"]})
+    skipped = evaluate_and_write(
+        trained["robust"],
+        x,
+        y,
+        label="plain",
+        model_id="Plain2026",
+        sanity=False,
+        **{**common, "attacks": ["clean", "pgd"]},
+    )
     assert skipped.sanity is None and json.loads(skipped.results_path.read_text())["sanity"] is None
 
 
@@ -293,17 +383,32 @@ def test_evaluate_run_uses_robust_teacher_and_config_switch(trained, tmp_path) -
     results = json.loads((tmp_path / "on" / "results" / f"{run.config.run.name}.json").read_text())
     assert results["sanity"]["transfer_accuracy"] is not None and results["sanity"]["n_examples"] == 48
 
-    off = dataclasses.replace(run, config=dataclasses.replace(
-        run.config, eval=dataclasses.replace(run.config.eval, sanity=False)))
+    off = dataclasses.replace(
+        run, config=dataclasses.replace(run.config, eval=dataclasses.replace(run.config.eval, sanity=False))
+    )
     evaluate_run(off, export_dir=tmp_path / "off")
     assert json.loads((tmp_path / "off" / "results" / f"{run.config.run.name}.json").read_text())["sanity"] is None
 
 
 def test_evaluate_cli_teacher_and_no_sanity(trained, tmp_path, capsys) -> None:
-    base = ["evaluate", f"file:{trained['robust_ckpt']}", "--dataset", "digits", "--attacks", "clean,pgd",
-            "--n-examples", "32", "--pgd-steps", "5", "--device", "cpu"]
-    assert main([*base, "--teacher", str(trained["standard_ckpt"]), "--name", "Robust2026", "--out",
-                 str(tmp_path / "a")]) == 0
+    base = [
+        "evaluate",
+        f"file:{trained['robust_ckpt']}",
+        "--dataset",
+        "digits",
+        "--attacks",
+        "clean,pgd",
+        "--n-examples",
+        "32",
+        "--pgd-steps",
+        "5",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        main([*base, "--teacher", str(trained["standard_ckpt"]), "--name", "Robust2026", "--out", str(tmp_path / "a")])
+        == 0
+    )
     sanity = json.loads((tmp_path / "a" / "results" / "Robust2026.json").read_text())["sanity"]
     assert sanity["reliable"] is True and sanity["transfer_accuracy"] is not None
     assert "UNRELIABLE" not in capsys.readouterr().out

@@ -34,8 +34,6 @@ pytestmark = pytest.mark.single_thread
 EPS = 4 / 255
 
 
-
-
 class PixelBins(nn.Module):
     """Classifies by the first input value alone: class c when it lies in [c/10, (c+1)/10).
 
@@ -58,6 +56,7 @@ class PixelBins(nn.Module):
 
 def _pixel_values(n: int, seed: int) -> torch.Tensor:
     """n first-pixel values k/255, each 0.5..3.5 (breakable at 4/255) or 4.5..12 (robust) from a bin edge."""
+
     def gap(p: int) -> float:
         return min(abs(p - 25.5 * m) for m in range(1, 10))
 
@@ -89,20 +88,38 @@ class PixelPlugin:
 
     @hookimpl
     def rbkd_register_datasets(self, registry):
-        registry.add("pixels", lambda config: DataSplits("pixels", self.x, self.y, self.x, self.y, num_classes=10),
-                     description="test data")
+        registry.add(
+            "pixels",
+            lambda config: DataSplits("pixels", self.x, self.y, self.x, self.y, num_classes=10),
+            description="test data",
+        )
 
     @hookimpl
     def rbkd_register_students(self, registry):
-        registry.add("pixel-bins", lambda num_classes, in_channels, image_size, **options: PixelBins(num_classes),
-                     description="test model")
+        registry.add(
+            "pixel-bins",
+            lambda num_classes, in_channels, image_size, **options: PixelBins(num_classes),
+            description="test model",
+        )
 
 
 def _spec_kwargs(tmp_path: Path, **overrides):
-    kwargs = dict(dataset="pixels", data_dir=str(tmp_path), norm="Linf", eps=EPS,
-                  attacks=["clean", "pgd", "autoattack"], n_examples=None, batch_size=64, seed=0, pgd_steps=10,
-                  model_id="Tiny2026Pixel", model_dir=str(tmp_path / "models"), device="cpu", sanity=False,
-                  progress=False)
+    kwargs = dict(
+        dataset="pixels",
+        data_dir=str(tmp_path),
+        norm="Linf",
+        eps=EPS,
+        attacks=["clean", "pgd", "autoattack"],
+        n_examples=None,
+        batch_size=64,
+        seed=0,
+        pgd_steps=10,
+        model_id="Tiny2026Pixel",
+        model_dir=str(tmp_path / "models"),
+        device="cpu",
+        sanity=False,
+        progress=False,
+    )
     kwargs.update(overrides)
     return kwargs
 
@@ -154,8 +171,9 @@ def test_two_shards_merge_to_the_unsharded_result(tmp_path: Path) -> None:
 
     single = evaluate_spec(spec, out_dir=tmp_path / "single", host=host, **_spec_kwargs(tmp_path))
     sharded = tmp_path / "sharded"
-    reports = [evaluate_spec(spec, out_dir=sharded, host=host, shard=(i, 2), **_spec_kwargs(tmp_path))
-               for i in (1, 0)]  # the order the shards finish in does not matter
+    reports = [
+        evaluate_spec(spec, out_dir=sharded, host=host, shard=(i, 2), **_spec_kwargs(tmp_path)) for i in (1, 0)
+    ]  # the order the shards finish in does not matter
     directory = sharded / "shards" / "Tiny2026Pixel"
     assert [r.results_path for r in reports] == [shard_file(directory, 1, 2), shard_file(directory, 0, 2)]
     assert reports[0].n_examples == reports[1].n_examples == 12
@@ -172,8 +190,17 @@ def test_two_shards_merge_to_the_unsharded_result(tmp_path: Path) -> None:
     assert torch.equal(flags["pgd-10"], expected) and torch.equal(flags["autoattack"], expected)
     # ... and exactly what one unsharded evaluation of the same model gives, point by point.
     model = PixelBins().eval()
-    unsharded = evaluate_model(model, x, y, norm="Linf", eps=EPS, attacks=["clean", "pgd", "autoattack"],
-                               batch_size=64, pgd_steps=10, progress=False)
+    unsharded = evaluate_model(
+        model,
+        x,
+        y,
+        norm="Linf",
+        eps=EPS,
+        attacks=["clean", "pgd", "autoattack"],
+        batch_size=64,
+        pgd_steps=10,
+        progress=False,
+    )
     assert all(torch.equal(unsharded.per_example[k], flags[k]) for k in flags)
     assert merged.result.accuracy == unsharded.accuracy == single.accuracy
 
@@ -182,16 +209,28 @@ def test_two_shards_merge_to_the_unsharded_result(tmp_path: Path) -> None:
     ours = json.loads(report.results_path.read_text())
     theirs = json.loads(single.results_path.read_text())
     assert ours["shards"] == 2
-    for key in ("model", "dataset", "threat_model", "eps", "n_examples", "accuracy", "pgd_alpha", "pgd_steps",
-                "autoattack_version", "seed", "batch_size"):
+    for key in (
+        "model",
+        "dataset",
+        "threat_model",
+        "eps",
+        "n_examples",
+        "accuracy",
+        "pgd_alpha",
+        "pgd_steps",
+        "autoattack_version",
+        "seed",
+        "batch_size",
+    ):
         assert ours[key] == theirs[key], key
     assert set(ours["autoattack_flags"]) == set(theirs["autoattack_flags"])
     info = json.loads(report.model_info_path.read_text())
     single_info = json.loads(single.model_info_path.read_text())
     assert report.model_info_path == sharded / "model_info" / "pixels" / "Linf" / "Tiny2026Pixel.json"
     # The footnote lists AutoAttack's warnings: once each after the merge, as often as logged without it.
-    assert {k: v for k, v in info.items() if k != "footnote"} == \
-        {k: v for k, v in single_info.items() if k != "footnote"}
+    assert {k: v for k, v in info.items() if k != "footnote"} == {
+        k: v for k, v in single_info.items() if k != "footnote"
+    }
 
 
 def test_merge_shards_command_on_tiny_cifar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -208,9 +247,27 @@ def test_merge_shards_command_on_tiny_cifar(tmp_path: Path, capsys: pytest.Captu
     (model_dir / "cifar10" / "Linf").mkdir(parents=True)
     torch.save(PixelBins().state_dict(), model_dir / "cifar10" / "Linf" / "TinyPixelZoo.pt")
 
-    common = ["evaluate", "robustbench:cifar10/Linf/TinyPixelZoo", "--data-dir", str(data), "--no-verify-md5",
-              "--model-dir", str(model_dir), "--eps", "4/255", "--attacks", "clean,pgd,autoattack-quick",
-              "--batch-size", "8", "--pgd-steps", "10", "--device", "cpu", "--name", "Tiny2026Zoo"]
+    common = [
+        "evaluate",
+        "robustbench:cifar10/Linf/TinyPixelZoo",
+        "--data-dir",
+        str(data),
+        "--no-verify-md5",
+        "--model-dir",
+        str(model_dir),
+        "--eps",
+        "4/255",
+        "--attacks",
+        "clean,pgd,autoattack-quick",
+        "--batch-size",
+        "8",
+        "--pgd-steps",
+        "10",
+        "--device",
+        "cpu",
+        "--name",
+        "Tiny2026Zoo",
+    ]
     with tiny_zoo_entry("TinyPixelZoo", PixelBins):
         assert main([*common, "--out", str(tmp_path / "single"), "--no-sanity"]) == 0
         for i in range(3):  # with the sanity suite, which then runs on each shard's points
@@ -234,8 +291,16 @@ def test_merge_shards_command_on_tiny_cifar(tmp_path: Path, capsys: pytest.Captu
 
 def _write_clean_shards(out: Path, count: int = 2, **overrides) -> Path:
     x, y = _pixel_data(10)
-    kwargs = dict(spec="file:pixel.pt", model_id="Tiny2026Pixel", dataset="pixels", norm="Linf", eps=EPS,
-                  attacks=["clean"], out_dir=out, progress=False)
+    kwargs = dict(
+        spec="file:pixel.pt",
+        model_id="Tiny2026Pixel",
+        dataset="pixels",
+        norm="Linf",
+        eps=EPS,
+        attacks=["clean"],
+        out_dir=out,
+        progress=False,
+    )
     kwargs.update(overrides)
     for i in range(count):
         evaluate_shard(PixelBins().eval(), x, y, shard=(i, count), **kwargs)
@@ -250,7 +315,8 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
 
 
 def test_missing_inconsistent_or_overlapping_shards_are_one_line_errors(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     directory = _write_clean_shards(tmp_path / "ok")
     assert merge_shards(directory).result.accuracy["clean"] == 0.7
 
@@ -273,9 +339,20 @@ def test_missing_inconsistent_or_overlapping_shards_are_one_line_errors(
         other = PixelBins()
         other.sharpness.fill_(50.0)
     x, y = _pixel_data(10)
-    evaluate_shard(other.eval(), x, y, shard=(1, 2), spec="file:pixel.pt", model_id="Tiny2026Pixel",
-                   dataset="pixels", norm="Linf", eps=EPS, attacks=["clean"], out_dir=tmp_path / "weights",
-                   progress=False)
+    evaluate_shard(
+        other.eval(),
+        x,
+        y,
+        shard=(1, 2),
+        spec="file:pixel.pt",
+        model_id="Tiny2026Pixel",
+        dataset="pixels",
+        norm="Linf",
+        eps=EPS,
+        attacks=["clean"],
+        out_dir=tmp_path / "weights",
+        progress=False,
+    )
     assert "different settings: model_sha256" in _one_line_error(capsys, ["merge-shards", str(directory)])
 
     directory = _write_clean_shards(tmp_path / "mixed")
@@ -305,8 +382,20 @@ def test_shard_arguments_are_checked_before_anything_runs(capsys: pytest.Capture
     assert "--shard needs --name" in _one_line_error(capsys, ["evaluate", "file:nope.pt", "--shard", "0/2"])
     x, y = _pixel_data(3)
     with pytest.raises(UserError, match="4 shards for 3 examples"):
-        evaluate_shard(PixelBins().eval(), x, y, shard=(0, 4), spec="s", model_id="M", dataset="pixels",
-                       norm="Linf", eps=EPS, attacks=["clean"], out_dir=Path("unused"), progress=False)
+        evaluate_shard(
+            PixelBins().eval(),
+            x,
+            y,
+            shard=(0, 4),
+            spec="s",
+            model_id="M",
+            dataset="pixels",
+            norm="Linf",
+            eps=EPS,
+            attacks=["clean"],
+            out_dir=Path("unused"),
+            progress=False,
+        )
 
 
 # ------------------------------------------------------------------------------ resumable AutoAttack
@@ -417,8 +506,7 @@ def test_state_file_of_another_evaluation_is_refused(tmp_path: Path) -> None:
         run_autoattack(model, x, y, norm="Linf", eps=0.02, version="quick", state_path=state)
 
 
-def test_autoattack_state_block_gives_each_version_its_file(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_autoattack_state_block_gives_each_version_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, x, y = _cnn(8)
     with autoattack_state(tmp_path / "aa.json"):
         result = evaluate_model(model, x, y, eps=0.02, attacks=["clean", "autoattack-quick"], progress=False)
@@ -459,13 +547,15 @@ def test_autoattacks_own_finished_state_file_is_read(tmp_path: Path, monkeypatch
 def test_adapter_and_benchmark_resume_through_a_state_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fra31's API and robustbench's benchmark(aa_state_path=...) work with a state file, resumed too."""
     from robustbench_kd.zoo import compat
+
     robustbench = compat.import_robustbench()
     import robustbench.eval as rb_eval
     from autoattack.state import EvaluationState
 
     model, x, y = _cnn(12)
-    adversary = compat.AutoAttack(model, eps=0.02, version="custom", attacks_to_run=["apgd-ce", "apgd-dlr"],
-                                  device="cpu", seed=0)
+    adversary = compat.AutoAttack(
+        model, eps=0.02, version="custom", attacks_to_run=["apgd-ce", "apgd-dlr"], device="cpu", seed=0
+    )
     adversary.apgd.n_restarts = 1
     _, y_ref = adversary.run_standard_evaluation(x, y, bs=4, return_labels=True)
     _interrupt_after(monkeypatch, 2)
@@ -493,8 +583,15 @@ def test_adapter_and_benchmark_resume_through_a_state_file(tmp_path: Path, monke
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
-    common = dict(n_examples=8, dataset="cifar10", threat_model="Linf", data_dir=str(data),
-                  device=torch.device("cpu"), batch_size=8, eps=1 / 255)
+    common = dict(
+        n_examples=8,
+        dataset="cifar10",
+        threat_model="Linf",
+        data_dir=str(data),
+        device=torch.device("cpu"),
+        batch_size=8,
+        eps=1 / 255,
+    )
     with patch_cifar_integrity():
         plain = robustbench.eval.benchmark(net, **common)
         state = tmp_path / "bench.json"

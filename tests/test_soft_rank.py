@@ -58,8 +58,9 @@ def test_batched_ranks_equal_per_row_computation() -> None:
     assert batched.shape == (5,)
     assert torch.allclose(batched, torch.stack(rows))
     for b in range(5):
-        expected = _spearman_by_hand(_soft_rank_by_hand(scores[b].tolist(), 4.0),
-                                     _soft_rank_by_hand(other[b].tolist(), 4.0))
+        expected = _spearman_by_hand(
+            _soft_rank_by_hand(scores[b].tolist(), 4.0), _soft_rank_by_hand(other[b].tolist(), 4.0)
+        )
         assert batched[b].item() == pytest.approx(expected, rel=1e-10)
 
 

@@ -120,8 +120,13 @@ def digits_teacher(tmp_path_factory):
 
 
 def digits_config(out_dir, teacher, speed, epochs=3, **sections):
-    merge = {"data": {"n_train": 300}, "teachers": {"robust": teacher}, "method": {"name": "rslad"},
-             "optim": {"epochs": epochs, "schedule": "multistep", "milestones": [2]}, "speed": speed}
+    merge = {
+        "data": {"n_train": 300},
+        "teachers": {"robust": teacher},
+        "method": {"name": "rslad"},
+        "optim": {"epochs": epochs, "schedule": "multistep", "milestones": [2]},
+        "speed": speed,
+    }
     return config_from_mapping(tiny_digits_raw(out_dir, merge=merge, **sections))
 
 
@@ -148,8 +153,9 @@ def test_train_with_each_switch_runs_and_resumes_exactly(tmp_path, host, digits_
         assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     saved = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
     assert not any("_orig_mod" in k for k in saved["student"])  # plain state dict, compiled or not
-    assert set(saved["student"]) == set(build_student("small-cnn", num_classes=10, in_channels=1, image_size=8,
-                                                      width=0.5).state_dict())
+    assert set(saved["student"]) == set(
+        build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=0.5).state_dict()
+    )
     if speed.get("amp") == "fp16":
         assert saved["scaler"]["scale"] > 0
         assert resumed.speed.scaler.state_dict() == full.speed.scaler.state_dict()
@@ -160,9 +166,13 @@ def test_train_with_each_switch_runs_and_resumes_exactly(tmp_path, host, digits_
 def test_compiled_run_exports_and_evaluates_the_plain_student(tmp_path, host, digits_teacher):
     from robustbench_kd.jobs.pipeline import distill
 
-    cfg = digits_config(tmp_path / "r", digits_teacher, {"compile": "student", "compile_backend": "eager"},
-                        epochs=1, eval={"attacks": ["clean"], "final_n_examples": 16, "teachers": False,
-                                        "sanity": False})
+    cfg = digits_config(
+        tmp_path / "r",
+        digits_teacher,
+        {"compile": "student", "compile_backend": "eager"},
+        epochs=1,
+        eval={"attacks": ["clean"], "final_n_examples": 16, "teachers": False, "sanity": False},
+    )
     reports = distill(cfg, host=host)
     zoo = torch.load(reports[0].checkpoint_path, weights_only=True)["state_dict"]
     assert zoo and not any("_orig_mod" in k for k in zoo)
@@ -191,6 +201,7 @@ def test_attack_fp32_runs_the_inner_maximisation_in_fp32(tmp_path, host, digits_
             run._in_attack = False
 
     run.distiller.attack_loss = spy_attack_loss
+
     def spy_loss(ctx):
         seen["outer_autocast"].add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         return loss(ctx)
@@ -204,8 +215,9 @@ def test_attack_fp32_runs_the_inner_maximisation_in_fp32(tmp_path, host, digits_
 
 def test_amp_does_not_change_a_run_with_everything_off(tmp_path, host, digits_teacher):
     """The defaults are off, and an explicit all-off [speed] equals no [speed] bitwise."""
-    assert SpeedSection() == SpeedSection(amp="off", attack_fp32=True, channels_last=False, compile="off",
-                                          compile_backend="inductor")
+    assert SpeedSection() == SpeedSection(
+        amp="off", attack_fp32=True, channels_last=False, compile="off", compile_backend="inductor"
+    )
     a = train(digits_config(tmp_path / "a", digits_teacher, {}, epochs=1), host=host)
     b = train(digits_config(tmp_path / "b", digits_teacher, {"amp": "off", "compile": "off"}, epochs=1), host=host)
     assert all(torch.equal(v, b.student.state_dict()[k]) for k, v in a.student.state_dict().items())

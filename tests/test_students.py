@@ -40,8 +40,14 @@ def _build(name: str, in_channels: int, image_size: int, meta: bool, **options: 
 
 
 def test_registry_lists_every_builtin() -> None:
-    assert set(BUILTIN_STUDENTS) == {"small-cnn", "resnet18", "preact-resnet18", "wrn-34-10", "wrn-28-10",
-                                     "mobilenetv2"}
+    assert set(BUILTIN_STUDENTS) == {
+        "small-cnn",
+        "resnet18",
+        "preact-resnet18",
+        "wrn-34-10",
+        "wrn-28-10",
+        "mobilenetv2",
+    }
     for key, spec in BUILTIN_STUDENTS.items():
         assert isinstance(spec, StudentSpec) and spec.name == key and spec.description
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -80,8 +86,11 @@ def test_normalize_happens_inside_forward() -> None:
 
 @pytest.mark.parametrize(
     ("normalize", "message"),
-    [((0.5,), "(mean, std) pair"), (((0.5, 0.5), 0.2), "2 values but the data has 3 channels"),
-     ((0.5, 0.0), "positive")],
+    [
+        ((0.5,), "(mean, std) pair"),
+        (((0.5, 0.5), 0.2), "2 values but the data has 3 channels"),
+        ((0.5, 0.0), "positive"),
+    ],
 )
 def test_normalize_validation(normalize: object, message: str) -> None:
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -90,6 +99,7 @@ def test_normalize_validation(normalize: object, message: str) -> None:
 
 def test_robustbench_classes_are_used() -> None:
     from robustbench_kd.zoo import compat
+
     compat.import_robustbench()
     from robustbench.model_zoo.architectures.resnet import PreActResNet, ResNet
     from robustbench.model_zoo.architectures.wide_resnet import WideResNet
@@ -146,8 +156,9 @@ def test_name_is_case_and_underscore_tolerant() -> None:
 
 
 def test_unknown_option_names_valid_options() -> None:
-    with pytest.raises(UserError,
-                       match=r"unknown option 'widht'.*did you mean: width.*valid options: normalize, width"):
+    with pytest.raises(
+        UserError, match=r"unknown option 'widht'.*did you mean: width.*valid options: normalize, width"
+    ):
         build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, widht=2.0)
     with pytest.raises(UserError, match=r"valid options: normalize$"):
         build_student("resnet18", num_classes=10, in_channels=3, image_size=32, width=2.0)

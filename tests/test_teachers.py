@@ -54,8 +54,13 @@ def test_teacher_outputs_are_memoised_per_batch():
     calls = []
     net = TinyNet(4)
     net.register_forward_hook(lambda *a: calls.append(1))
-    ctx = BatchContext(x=torch.rand(3, 1, 8, 8), y=torch.zeros(3, dtype=torch.long), student=TinyNet(4),
-                       teachers=TeacherSet({"robust": Teacher(net)}), threat=ThreatSpec(eps=0.1, alpha=0.1))
+    ctx = BatchContext(
+        x=torch.rand(3, 1, 8, 8),
+        y=torch.zeros(3, dtype=torch.long),
+        student=TinyNet(4),
+        teachers=TeacherSet({"robust": Teacher(net)}),
+        threat=ThreatSpec(eps=0.1, alpha=0.1),
+    )
     first = ctx.teacher_logits("robust")
     assert ctx.teacher_logits("robust") is first and not first.requires_grad
     ctx.x_adv = ctx.x + 0.01
@@ -68,8 +73,13 @@ def test_teacher_outputs_are_memoised_per_batch():
 
 
 def test_teacher_probabilities_are_memoised_per_temperature_and_follow_x_adv():
-    ctx = BatchContext(x=torch.rand(3, 1, 8, 8), y=torch.zeros(3, dtype=torch.long), student=TinyNet(4),
-                       teachers=TeacherSet({"robust": Teacher(TinyNet(4))}), threat=ThreatSpec(eps=0.1, alpha=0.1))
+    ctx = BatchContext(
+        x=torch.rand(3, 1, 8, 8),
+        y=torch.zeros(3, dtype=torch.long),
+        student=TinyNet(4),
+        teachers=TeacherSet({"robust": Teacher(TinyNet(4))}),
+        threat=ThreatSpec(eps=0.1, alpha=0.1),
+    )
     p1, p4 = ctx.teacher_probs("robust"), ctx.teacher_probs("robust", temperature=4.0)
     assert ctx.teacher_probs("robust") is p1 and ctx.teacher_probs("robust", temperature=4) is p4
     logits = ctx.teacher_logits("robust")
@@ -87,11 +97,18 @@ def test_missing_role_is_a_clear_error():
         TeacherSet({"robust": Teacher(TinyNet(4))})["natural"]
 
 
-@pytest.mark.parametrize("text,scheme,ref,options", [
-    ("robustbench:cifar10/Linf/Carmon2019Unlabeled", "robustbench", "cifar10/Linf/Carmon2019Unlabeled", {}),
-    ("file:runs/a/checkpoints/epoch_020.pt?arch=resnet18&width=2", "file", "runs/a/checkpoints/epoch_020.pt",
-     {"arch": "resnet18", "width": "2"}),
-])
+@pytest.mark.parametrize(
+    "text,scheme,ref,options",
+    [
+        ("robustbench:cifar10/Linf/Carmon2019Unlabeled", "robustbench", "cifar10/Linf/Carmon2019Unlabeled", {}),
+        (
+            "file:runs/a/checkpoints/epoch_020.pt?arch=resnet18&width=2",
+            "file",
+            "runs/a/checkpoints/epoch_020.pt",
+            {"arch": "resnet18", "width": "2"},
+        ),
+    ],
+)
 def test_spec_parsing(text, scheme, ref, options):
     spec = TeacherSpec.parse(text)
     assert (spec.scheme, spec.ref, spec.options) == (scheme, ref, options)

@@ -56,7 +56,11 @@ def test_outputs_written(tmp_path, host):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and all("ce_adv" in r for r in rows)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "epoch_001.pt", "epoch_002.pt", "epoch_003.pt", "last.pt"]
+        "epoch_001.pt",
+        "epoch_002.pt",
+        "epoch_003.pt",
+        "last.pt",
+    ]
     data = load_checkpoint(out / "checkpoints" / "epoch_002.pt")
     assert data["epoch"] == 2 and data["student_arch"]["name"] == "small-cnn"
     assert run.epoch == 3
@@ -66,9 +70,12 @@ def test_intermediate_checkpoint_is_a_teacher(tmp_path, host):
     """AKD's early-stopped teachers: file:RUN/checkpoints/epoch_NNN.pt loads as a frozen teacher."""
     train(digits_config(tmp_path / "teacher", checkpoint={"every": 1}), host=host)
     spec = f"file:{tmp_path / 'teacher' / 'checkpoints' / 'epoch_001.pt'}"
-    cfg = digits_config(tmp_path / "student", method={"name": "akd", "alpha": 0.5},
-                        teachers={"robust": {"specs": [spec, spec], "weights": [0.3, 0.7]}},
-                        optim={"epochs": 1, "lr": 0.05})
+    cfg = digits_config(
+        tmp_path / "student",
+        method={"name": "akd", "alpha": 0.5},
+        teachers={"robust": {"specs": [spec, spec], "weights": [0.3, 0.7]}},
+        optim={"epochs": 1, "lr": 0.05},
+    )
     run = train(cfg, host=host)
     teacher = run.teachers["robust"]
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -79,10 +86,15 @@ def test_intermediate_checkpoint_is_a_teacher(tmp_path, host):
 
 def test_quick_eval_every_epoch_is_logged(tmp_path, host):
     """The per-epoch check runs on the validation split (data.val_size) and names the best epoch."""
-    run = train(digits_config(tmp_path / "r", data={"dataset": "digits", "batch_size": 100, "n_train": 300,
-                                                    "val_size": 64},
-                              eval={"every": 1, "n_examples": 32, "pgd_steps": 2},
-                              optim={"epochs": 1, "lr": 0.05}), host=host)
+    run = train(
+        digits_config(
+            tmp_path / "r",
+            data={"dataset": "digits", "batch_size": 100, "n_train": 300, "val_size": 64},
+            eval={"every": 1, "n_examples": 32, "pgd_steps": 2},
+            optim={"epochs": 1, "lr": 0.05},
+        ),
+        host=host,
+    )
     row = run.history[-1]
     assert 0 <= row["val_clean_acc"] <= 1 and 0 <= row["val_pgd2_acc"] <= row["val_clean_acc"]
     assert row["best_epoch"] == 1 and (tmp_path / "r" / "checkpoints" / "best.pt").is_file()
@@ -94,10 +106,13 @@ def test_quick_eval_without_a_validation_split_is_an_error(tmp_path, host):
         train(digits_config(tmp_path / "r", eval={"every": 1}), host=host)
 
 
-@pytest.mark.parametrize("method,teachers,error", [
-    ("rslad", {}, "needs teacher role"),
-    ("pgd-at", {"robust": "file:x.pt"}, "does not use teacher role"),
-])
+@pytest.mark.parametrize(
+    "method,teachers,error",
+    [
+        ("rslad", {}, "needs teacher role"),
+        ("pgd-at", {"robust": "file:x.pt"}, "does not use teacher role"),
+    ],
+)
 def test_teacher_roles_are_checked(tmp_path, host, method, teachers, error):
     with pytest.raises(UserError, match=error):
         train(digits_config(tmp_path / "r", method={"name": method}, teachers=teachers), host=host)
@@ -108,8 +123,9 @@ def test_teacher_with_wrong_class_count_is_rejected(tmp_path, host):
 
     net = build_student("small-cnn", num_classes=3, in_channels=1, image_size=8)
     torch.save({"state_dict": net.state_dict()}, tmp_path / "t.pt")
-    cfg = digits_config(tmp_path / "r", method={"name": "rslad"},
-                        teachers={"robust": f"file:{tmp_path / 't.pt'}?arch=small-cnn"})
+    cfg = digits_config(
+        tmp_path / "r", method={"name": "rslad"}, teachers={"robust": f"file:{tmp_path / 't.pt'}?arch=small-cnn"}
+    )
     with pytest.raises(UserError):
         train(cfg, host=host)
 
@@ -121,8 +137,14 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, host):
 
 def test_student_init_from_a_checkpoint(tmp_path, host):
     first = train(digits_config(tmp_path / "a", optim={"epochs": 1, "lr": 0.05}), host=host)
-    cfg = digits_config(tmp_path / "b", student={"arch": "small-cnn", "options": {"width": 0.5},
-                                                 "init_from": str(tmp_path / "a" / "checkpoints" / "last.pt")})
+    cfg = digits_config(
+        tmp_path / "b",
+        student={
+            "arch": "small-cnn",
+            "options": {"width": 0.5},
+            "init_from": str(tmp_path / "a" / "checkpoints" / "last.pt"),
+        },
+    )
     from robustbench_kd.training.setup import setup_run
 
     run = setup_run(cfg, host)
@@ -174,9 +196,17 @@ def test_optimizer_updates_equal_the_per_parameter_sgd_bitwise(tmp_path, host, n
     theirs = build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=0.5)
     theirs.load_state_dict(ours.state_dict())
     o = cfg.optim
-    optimizers = [build_optimizer(cfg, ours, host.methods.get("pgd-at")()),
-                  torch.optim.SGD(theirs.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                  nesterov=nesterov, foreach=False)]
+    optimizers = [
+        build_optimizer(cfg, ours, host.methods.get("pgd-at")()),
+        torch.optim.SGD(
+            theirs.parameters(),
+            lr=o.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            nesterov=nesterov,
+            foreach=False,
+        ),
+    ]
     x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % 10
     for _ in range(3):
         for net, opt in zip((ours, theirs), optimizers, strict=False):

@@ -31,8 +31,9 @@ def test_binary_search_hits_the_perplexity(scale: float, perplexity: float) -> N
     cond = conditional_probabilities(squared_distances(x), perplexity)
     assert torch.allclose(cond.sum(dim=1), torch.ones(80, dtype=torch.float64))
     assert torch.all(cond.diagonal() == 0)
-    torch.testing.assert_close(_entropy(cond).exp(), torch.full((80,), perplexity, dtype=torch.float64),
-                               rtol=1e-3, atol=0)
+    torch.testing.assert_close(
+        _entropy(cond).exp(), torch.full((80,), perplexity, dtype=torch.float64), rtol=1e-3, atol=0
+    )
 
 
 def test_joint_p_of_a_unit_square_matches_the_closed_form() -> None:
@@ -68,8 +69,10 @@ def test_joint_p_of_points_on_a_line_matches_a_hand_computation() -> None:
         others = [j for j in range(n) if j != i]
         for j, p in zip(others, row(math.exp(lo)), strict=True):
             cond[i][j] = p
-    expected = torch.tensor([[(cond[i][j] + cond[j][i]) / (2 * n) if i != j else 0.0 for j in range(n)]
-                             for i in range(n)], dtype=torch.float64)
+    expected = torch.tensor(
+        [[(cond[i][j] + cond[j][i]) / (2 * n) if i != j else 0.0 for j in range(n)] for i in range(n)],
+        dtype=torch.float64,
+    )
     got = joint_probabilities(squared_distances(torch.tensor(xs)[:, None]), perplexity)
     assert not torch.allclose(torch.tensor(cond), torch.tensor(cond).T, atol=1e-3)  # really asymmetric
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-12)
@@ -102,11 +105,14 @@ def test_output_shape_dtype_and_device() -> None:
     assert isinstance(kl, float) and math.isfinite(kl)
 
 
-@pytest.mark.parametrize(("features", "match"), [
-    (torch.randn(3, 5), r"at least 4 points \(N >= 4\), got N=3"),
-    (torch.randn(4, 5, 2), r"2-D \(N, D\) tensor, got 3-D"),
-    (torch.randn(10, 2), r"perplexity must be a finite number >= 1, got 0.5"),
-])
+@pytest.mark.parametrize(
+    ("features", "match"),
+    [
+        (torch.randn(3, 5), r"at least 4 points \(N >= 4\), got N=3"),
+        (torch.randn(4, 5, 2), r"2-D \(N, D\) tensor, got 3-D"),
+        (torch.randn(10, 2), r"perplexity must be a finite number >= 1, got 0.5"),
+    ],
+)
 def test_invalid_inputs_raise(features: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         tsne_embedding(features, perplexity=0.5 if features.shape == (10, 2) else 30.0, iterations=5)

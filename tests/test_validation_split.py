@@ -23,12 +23,24 @@ NAME = "ValSplit_SmallCNN"
 
 
 def digits_config(out_dir, *, val_size=0.1, epochs=2, **sections):
-    raw = tiny_digits_raw(out_dir, merge={
-        "run": {"name": NAME}, "data": {"val_size": val_size}, "optim": {"epochs": epochs},
-        # sanity off: the gradient-masking suite is tested in test_sanity.py and would triple the run time here
-        "eval": {"every": 1, "n_examples": 32, "pgd_steps": 2, "attacks": ["clean"], "final_n_examples": 16,
-                 "teachers": False, "sanity": False},
-        })
+    raw = tiny_digits_raw(
+        out_dir,
+        merge={
+            "run": {"name": NAME},
+            "data": {"val_size": val_size},
+            "optim": {"epochs": epochs},
+            # sanity off: the gradient-masking suite is tested in test_sanity.py and would triple the run time here
+            "eval": {
+                "every": 1,
+                "n_examples": 32,
+                "pgd_steps": 2,
+                "attacks": ["clean"],
+                "final_n_examples": 16,
+                "teachers": False,
+                "sanity": False,
+            },
+        },
+    )
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return config_from_mapping(raw)
@@ -37,8 +49,14 @@ def digits_config(out_dir, *, val_size=0.1, epochs=2, **sections):
 def indexed_splits(n_train=100, n_test=10):
     """Images whose pixel is their own training index, so held-out and kept images can be told apart."""
     ids = torch.arange(n_train)
-    return DataSplits("toy", ids.float().view(-1, 1, 1, 1), ids.clone(), torch.zeros(n_test, 1, 1, 1),
-                      torch.zeros(n_test, dtype=torch.int64), num_classes=n_train)
+    return DataSplits(
+        "toy",
+        ids.float().view(-1, 1, 1, 1),
+        ids.clone(),
+        torch.zeros(n_test, 1, 1, 1),
+        torch.zeros(n_test, dtype=torch.int64),
+        num_classes=n_train,
+    )
 
 
 def rows(out_dir):
@@ -177,8 +195,10 @@ def test_the_guard_catches_a_quick_eval_on_the_test_set(tmp_path, host, monkeypa
     guard_test_set(monkeypatch)
 
     def quick_eval_on_test(run):
-        return {"val_clean_acc": float((run.student(run.data.test_x[:8].float()).argmax(1) == 0).float().mean()),
-                "val_pgd2_acc": 0.0}
+        return {
+            "val_clean_acc": float((run.student(run.data.test_x[:8].float()).argmax(1) == 0).float().mean()),
+            "val_pgd2_acc": 0.0,
+        }
 
     monkeypatch.setattr(selection, "quick_eval", quick_eval_on_test)
     with pytest.raises(AssertionError, match="test set was read before the final evaluation"):

@@ -58,10 +58,12 @@ def _zoo_factory(name: str, dataset: str = "cifar10", threat_model: str = "Linf"
 
 
 def test_importing_our_modules_does_not_import_robustbench() -> None:
-    code = ("import sys, robustbench_kd.zoo.models, robustbench_kd.zoo.compat, robustbench_kd.data.cifar, "
-            "robustbench_kd.testing.fixtures; "
-            "heavy = [m for m in ('robustbench', 'timm', 'torchvision', 'pyautoattack') if m in sys.modules]; "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, robustbench_kd.zoo.models, robustbench_kd.zoo.compat, robustbench_kd.data.cifar, "
+        "robustbench_kd.testing.fixtures; "
+        "heavy = [m for m in ('robustbench', 'timm', 'torchvision', 'pyautoattack') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -91,11 +93,14 @@ def test_zoo_names() -> None:
 
 def test_expected_checkpoint_paths(tmp_path: Path) -> None:
     assert zoo.expected_checkpoint_paths(tmp_path, "cifar10", "Linf", "Ding2020MMA") == [
-        tmp_path / "cifar10" / "Linf" / "Ding2020MMA.pt"]
+        tmp_path / "cifar10" / "Linf" / "Ding2020MMA.pt"
+    ]
     assert zoo.expected_checkpoint_paths(tmp_path, "cifar10", "Linf", "Chen2020Adversarial") == [
-        tmp_path / "cifar10" / "Linf" / f"Chen2020Adversarial.pt_m{i}.pt" for i in range(3)]
+        tmp_path / "cifar10" / "Linf" / f"Chen2020Adversarial.pt_m{i}.pt" for i in range(3)
+    ]
     assert zoo.expected_checkpoint_paths(tmp_path, "cifar10", "corruptions_3d", "Hendrycks2020AugMix_WRN") == [
-        tmp_path / "cifar10" / "corruptions" / "Hendrycks2020AugMix_WRN.pt"]
+        tmp_path / "cifar10" / "corruptions" / "Hendrycks2020AugMix_WRN.pt"
+    ]
 
 
 def test_zoo_teacher_loads_offline_and_matches_saved_weights(tmp_path: Path, no_network: None) -> None:
@@ -116,8 +121,9 @@ def test_zoo_teacher_loads_offline_and_matches_saved_weights(tmp_path: Path, no_
     assert sha256_of(paths[0]) == hashlib.sha256(paths[0].read_bytes()).hexdigest()
 
 
-def test_tiny_entry_and_ensemble_load_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              no_network: None) -> None:
+def test_tiny_entry_and_ensemble_load_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
+) -> None:
     with tiny_zoo_entry("RbkdTinyTest", TinyNet):
         save_random_zoo_checkpoint(tmp_path, "RbkdTinyTest", half=False, seed=1)
         model = zoo.load_zoo_model("RbkdTinyTest", dataset="cifar10", threat_model="Linf", model_dir=tmp_path)
@@ -162,8 +168,9 @@ def test_failed_download_is_a_user_error(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(gdown, "download", offline)
     with pytest.raises(UserError, match=r"downloading the checkpoint for cifar10/Linf/Ding2020MMA failed"):
-        zoo.load_zoo_model("Ding2020MMA", dataset="cifar10", threat_model="Linf", model_dir=tmp_path,
-                           allow_download=True)
+        zoo.load_zoo_model(
+            "Ding2020MMA", dataset="cifar10", threat_model="Linf", model_dir=tmp_path, allow_download=True
+        )
 
 
 def test_unknown_name_lists_close_matches(tmp_path: Path) -> None:
@@ -184,8 +191,7 @@ def test_unknown_name_lists_close_matches(tmp_path: Path) -> None:
         (b"\x80\x02}q\x00.", r"cannot be loaded"),
     ],
 )
-def test_corrupt_checkpoint_is_a_clear_user_error(tmp_path: Path, no_network: None, content: bytes,
-                                                  match: str) -> None:
+def test_corrupt_checkpoint_is_a_clear_user_error(tmp_path: Path, no_network: None, content: bytes, match: str) -> None:
     with tiny_zoo_entry("RbkdTinyTest", TinyNet):
         path = zoo.expected_checkpoint_paths(tmp_path, "cifar10", "Linf", "RbkdTinyTest")[0]
         path.parent.mkdir(parents=True)
@@ -207,8 +213,9 @@ def test_wrong_architecture_and_non_tensor_checkpoints(tmp_path: Path, no_networ
             zoo.load_zoo_model("RbkdTinyTest", dataset="cifar10", threat_model="Linf", model_dir=tmp_path)
 
 
-def test_timm_served_name_offline_names_the_hub_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     no_network: None) -> None:
+def test_timm_served_name_offline_names_the_hub_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     name = "Debenedetti2022Light_XCiT-S12"
     paths = zoo.expected_checkpoint_paths(tmp_path, "cifar10", "Linf", name)

@@ -39,9 +39,23 @@ from robustbench_kd.hookspecs import hookimpl
 if TYPE_CHECKING:
     from robustbench_kd.registry import Registrar
 
-__all__ = ["GACD", "PAPER", "GACDLinear", "cosine_cost", "init_bank", "momentum_update", "nce_log_likelihood",
-           "nce_normaliser", "negative_pool_size", "negative_scores", "ot_per_sample", "rbkd_register_methods",
-           "sample_negatives", "sinkhorn_plan", "weighted_nce_loss"]
+__all__ = [
+    "GACD",
+    "PAPER",
+    "GACDLinear",
+    "cosine_cost",
+    "init_bank",
+    "momentum_update",
+    "nce_log_likelihood",
+    "nce_normaliser",
+    "negative_pool_size",
+    "negative_scores",
+    "ot_per_sample",
+    "rbkd_register_methods",
+    "sample_negatives",
+    "sinkhorn_plan",
+    "weighted_nce_loss",
+]
 
 
 @hookimpl

@@ -99,8 +99,7 @@ def nce_normaliser(pos: Tensor, neg: Tensor, *, temperature: float, n_data: int)
     return torch.exp(torch.logsumexp(scores.flatten(), 0) - math.log(scores.numel()) + math.log(n_data))
 
 
-def nce_log_likelihood(pos: Tensor, neg: Tensor, *, temperature: float, z: Tensor | float,
-                       n_data: int) -> Tensor:
+def nce_log_likelihood(pos: Tensor, neg: Tensor, *, temperature: float, z: Tensor | float, n_data: int) -> Tensor:
     """Per-sample NCE log-likelihood ``log h(pos) + sum_i log(1 - h(neg_i))``, shape ``[B]``.
 
     With P(s) = exp(s / T) / Z, k = neg.shape[1] and N = n_data, CRD's critic is
@@ -127,7 +126,8 @@ def momentum_update(bank: Tensor, index: Tensor, embeddings: Tensor, momentum: f
     bank[index] = F.normalize(rows, dim=1)
 
 
-def weighted_nce_loss(pos: Tensor, neg: Tensor, weights: Tensor, *, temperature: float, z: Tensor | float,
-                      n_data: int) -> Tensor:
+def weighted_nce_loss(
+    pos: Tensor, neg: Tensor, weights: Tensor, *, temperature: float, z: Tensor | float, n_data: int
+) -> Tensor:
     """GACD's contrastive loss ``-(1/B) sum_b w_b ll_b`` with ll_b of :func:`nce_log_likelihood`."""
     return -(weights * nce_log_likelihood(pos, neg, temperature=temperature, z=z, n_data=n_data)).mean()

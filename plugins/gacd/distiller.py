@@ -135,8 +135,9 @@ def no_autocast(device: torch.device) -> Any:
 def single_teacher(teacher: nn.Module) -> nn.Module:
     """The teacher, refusing an ensemble (its "penultimate features" are not defined)."""
     if isinstance(teacher, EnsembleTeacher):
-        raise UserError("gacd distils the penultimate features of ONE network; teachers.robust is an ensemble, "
-                        "give a single spec")
+        raise UserError(
+            "gacd distils the penultimate features of ONE network; teachers.robust is an ensemble, give a single spec"
+        )
     return teacher
 
 
@@ -203,10 +204,14 @@ class GACD(Distiller):
         symmetric: bool = option(False, choices=BOOLS, help="add CRD's student-anchor term (teacher memory bank)")
         sample_weights: bool = option(True, choices=BOOLS, help="weight samples by the teacher's p_T(y|x+)")
         positive: str = option("adv", choices=POSITIVES, help="positive input: adv (x', paper) or clean (x)")
-        attack_budget: str = option("feature-scatter", choices=ATTACK_BUDGETS,
-                                    help="feature-scatter (1 step of eps) or threat (the run's PGD budget)")
-        attack_features: str = option("penultimate", choices=ATTACK_FEATURES,
-                                      help="features the OT attack distorts: penultimate or logits")
+        attack_budget: str = option(
+            "feature-scatter",
+            choices=ATTACK_BUDGETS,
+            help="feature-scatter (1 step of eps) or threat (the run's PGD budget)",
+        )
+        attack_features: str = option(
+            "penultimate", choices=ATTACK_FEATURES, help="features the OT attack distorts: penultimate or logits"
+        )
         attack_student_mode: str = student_mode_option("eval")
         ot_reg: float = option(0.01, low=0, low_open=True, help="Sinkhorn entropic regulariser")
         ot_iters: int = option(100, low=0, low_open=True, integer=True, help="maximum Sinkhorn iterations")
@@ -264,7 +269,8 @@ class GACD(Distiller):
         if self.config.symmetric:
             self.memory_t = torch.cat([self.memory_t, init_bank(rows - old, d).to(device)])
         self.memory_labels = torch.cat(
-            [self.memory_labels, torch.full((rows - old,), -1, dtype=torch.long, device=device)])
+            [self.memory_labels, torch.full((rows - old,), -1, dtype=torch.long, device=device)]
+        )
 
     def on_train_start(self, run: Any) -> None:
         """Size the banks from the training set (unless a resumed checkpoint already did) and set the labels."""
@@ -279,8 +285,10 @@ class GACD(Distiller):
                 self.memory_t = init_bank(n, d, generator=gen).to(device)
             self.memory_labels = labels.clone()
         elif self.bank_size != n:
-            raise UserError(f"gacd: the memory bank has {self.bank_size} rows but the training set has {n} "
-                            "samples; resume with the same data (data.n_train) as the checkpoint")
+            raise UserError(
+                f"gacd: the memory bank has {self.bank_size} rows but the training set has {n} "
+                "samples; resume with the same data (data.n_train) as the checkpoint"
+            )
         else:
             self.memory_labels.copy_(labels)
 
@@ -381,5 +389,3 @@ class GACD(Distiller):
         if t is not None:
             momentum_update(self.memory_t, index, t, self.config.nce_momentum)
         self.memory_labels[index] = y
-
-

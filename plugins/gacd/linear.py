@@ -111,8 +111,9 @@ class GACDLinear(Distiller):
         """Options of the linear probe (see the class docstring)."""
 
         fc_module: str | None = None  # name of the classifier Linear; None = the student's last nn.Linear
-        standardize: bool = option(True, choices=(False, True),
-                                   help="train the probe on standardised features, folded into the classifier")
+        standardize: bool = option(
+            True, choices=(False, True), help="train the probe on standardised features, folded into the classifier"
+        )
 
     def __init__(self, config: Any = None, *, num_classes: int = 10) -> None:
         super().__init__(config, num_classes=num_classes)
@@ -134,14 +135,19 @@ class GACDLinear(Distiller):
     def _classifier(self, student: nn.Module) -> nn.Linear:
         _, fc = final_linear(student, self.config.fc_module)
         if self.config.standardize and fc.bias is None:
-            raise UserError("gacd-linear: the student's classifier has no bias, which the standardised probe "
-                            "needs; set method.standardize = false")
+            raise UserError(
+                "gacd-linear: the student's classifier has no bias, which the standardised probe "
+                "needs; set method.standardize = false"
+            )
         return fc
 
     def _features(self, student: nn.Module, x: Tensor) -> Tensor:
         """Penultimate features with the whole student in eval mode and no graph (modes restored)."""
-        with module_mode(student, "eval"), torch.no_grad(), \
-                FeatureTap(student, penultimate=True, fc_module=self.config.fc_module) as tap:
+        with (
+            module_mode(student, "eval"),
+            torch.no_grad(),
+            FeatureTap(student, penultimate=True, fc_module=self.config.fc_module) as tap,
+        ):
             student(x)
         return tap.penultimate.detach()
 
@@ -164,8 +170,10 @@ class GACDLinear(Distiller):
             fc.requires_grad_(True)
             return
         if self.feature_mean.numel() == 0:  # not restored from a checkpoint
-            chunks = [self._features(run.student, to_float(run.data.train_x[i:i + 512]).to(run.device))
-                      for i in range(0, len(run.data.train_x), 512)]
+            chunks = [
+                self._features(run.student, to_float(run.data.train_x[i : i + 512]).to(run.device))
+                for i in range(0, len(run.data.train_x), 512)
+            ]
             self._set_statistics(torch.cat(chunks), fc)
 
     def loss(self, ctx: BatchContext) -> LossOutput:

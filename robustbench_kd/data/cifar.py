@@ -46,13 +46,15 @@ def _dataset_class(name: str, verify_md5: bool) -> type[CIFAR10]:
 def _canonical_name(name: str) -> str:
     key = str(name).lower().replace("-", "").replace("_", "")
     if key not in CIFAR_DIRS:
-        raise UserError(f"unknown CIFAR dataset {name!r}{close_matches(str(name), CIFAR_DIRS)}; "
-                        f"valid: {', '.join(CIFAR_DIRS)}")
+        raise UserError(
+            f"unknown CIFAR dataset {name!r}{close_matches(str(name), CIFAR_DIRS)}; valid: {', '.join(CIFAR_DIRS)}"
+        )
     return key
 
 
-def load_cifar(name: str, root: str | Path, *, train: bool, download: bool = False,
-               verify_md5: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def load_cifar(
+    name: str, root: str | Path, *, train: bool, download: bool = False, verify_md5: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a CIFAR split as ``(images, labels)``.
 
     ``images`` is uint8 of shape (N, 3, 32, 32) in torchvision's order; ``labels`` is int64 (N,)
@@ -70,29 +72,41 @@ def load_cifar(name: str, root: str | Path, *, train: bool, download: bool = Fal
     cls = _dataset_class(name, verify_md5)
     if not download:
         if not folder.is_dir():
-            raise UserError(f"{name} not found: expected the directory {folder} (torchvision layout); "
-                            "pass download=True on a machine with internet to fetch it")
+            raise UserError(
+                f"{name} not found: expected the directory {folder} (torchvision layout); "
+                "pass download=True on a machine with internet to fetch it"
+            )
         needed = [entry[0] for entry in (*cls.train_list, *cls.test_list)] + [cls.meta["filename"]]
         missing = [f for f in needed if not (folder / f).is_file()]
         if missing:
-            raise UserError(f"{name} in {folder} is incomplete: missing {', '.join(missing)}; "
-                            "delete the directory and fetch it again with download=True")
+            raise UserError(
+                f"{name} in {folder} is incomplete: missing {', '.join(missing)}; "
+                "delete the directory and fetch it again with download=True"
+            )
     try:
         dataset = cls(root=str(root), train=train, download=download)
     except RuntimeError as exc:
         # Every file exists (or download just wrote them), so this is torchvision's MD5 check.
-        hint = ("pass verify_md5=False if this is a deliberate non-official copy, otherwise delete "
-                f"{folder} and fetch it again with download=True")
+        hint = (
+            "pass verify_md5=False if this is a deliberate non-official copy, otherwise delete "
+            f"{folder} and fetch it again with download=True"
+        )
         raise UserError(f"{name} files in {folder} fail torchvision's MD5 check ({exc}); {hint}") from exc
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
-        raise UserError(f"{name} files in {folder} cannot be read as CIFAR pickles "
-                        f"({type(exc).__name__}: {exc}); delete {folder} and fetch it again") from exc
+        raise UserError(
+            f"{name} files in {folder} cannot be read as CIFAR pickles "
+            f"({type(exc).__name__}: {exc}); delete {folder} and fetch it again"
+        ) from exc
     except OSError as exc:  # urllib.error.URLError is an OSError: the download itself failed
-        raise UserError(f"downloading {name} into {root} failed ({exc}); on a machine without internet "
-                        f"copy the extracted {CIFAR_DIRS[name]} directory into {root}") from exc
+        raise UserError(
+            f"downloading {name} into {root} failed ({exc}); on a machine without internet "
+            f"copy the extracted {CIFAR_DIRS[name]} directory into {root}"
+        ) from exc
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
     if images.dtype != torch.uint8 or images.shape[1:] != (3, 32, 32) or len(labels) != len(images):
-        raise UserError(f"{name} in {folder} has unexpected content: images {tuple(images.shape)} "
-                        f"{images.dtype}, {len(labels)} labels; delete it and fetch it again")
+        raise UserError(
+            f"{name} in {folder} has unexpected content: images {tuple(images.shape)} "
+            f"{images.dtype}, {len(labels)} labels; delete it and fetch it again"
+        )
     return images, labels

@@ -111,8 +111,7 @@ def load_cifar_splits(name: str, root: str, *, download: bool, verify_md5: bool)
 
     tx, ty = load_cifar(name, root, train=True, download=download, verify_md5=verify_md5)
     vx, vy = load_cifar(name, root, train=False, download=download, verify_md5=verify_md5)
-    return DataSplits(name, tx, ty, vx, vy, num_classes=100 if name == "cifar100" else 10,
-                      augment_default=True)
+    return DataSplits(name, tx, ty, vx, vy, num_classes=100 if name == "cifar100" else 10, augment_default=True)
 
 
 def validation_count(val_size: float, n_train: int) -> int:
@@ -130,8 +129,10 @@ def validation_count(val_size: float, n_train: int) -> int:
     else:
         raise UserError(f"data.val_size must be 0, a fraction in (0, 1) or a whole number of images, got {val_size!r}")
     if count >= n_train:
-        raise UserError(f"data.val_size = {val_size} holds out {count} of the {n_train} training images; "
-                        "leave at least one for training (use a smaller count or fraction)")
+        raise UserError(
+            f"data.val_size = {val_size} holds out {count} of the {n_train} training images; "
+            "leave at least one for training (use a smaller count or fraction)"
+        )
     return count
 
 
@@ -152,8 +153,13 @@ def split_validation(data: DataSplits, val_size: float, *, seed: int = VAL_SPLIT
         raise UserError(f"dataset {data.name!r} brings its own validation split; leave data.val_size = 0")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:count], order[count:].sort().values
-    return replace(data, train_x=take(data.train_x, train_idx), train_y=data.train_y[train_idx],
-                   val_x=take(data.train_x, val_idx), val_y=data.train_y[val_idx])
+    return replace(
+        data,
+        train_x=take(data.train_x, train_idx),
+        train_y=data.train_y[train_idx],
+        val_x=take(data.train_x, val_idx),
+        val_y=data.train_y[val_idx],
+    )
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -168,15 +174,22 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, *, padding: int = 4)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist()
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).tolist()
     flip = torch.rand(n, generator=generator) < 0.5
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
     flip = flip.to(out.device)
     return torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
 
 
-def iterate_batches(images: Tensor, labels: Tensor, *, batch_size: int, shuffle: bool,
-                    generator: torch.Generator | None = None, augment: bool = False,
-                    device: torch.device | str = "cpu", drop_last: bool = False,
-                    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def iterate_batches(
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    augment: bool = False,
+    device: torch.device | str = "cpu",
+    drop_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield ``(x, y, index)`` batches; x float in [0,1] on ``device``.
 
     Args:
@@ -191,7 +204,7 @@ def iterate_batches(images: Tensor, labels: Tensor, *, batch_size: int, shuffle:
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         x = to_float(images[idx])
         if augment:
             assert generator is not None  # checked above

@@ -32,8 +32,7 @@ from robustbench_kd.data.datasets import random_crop_flip, to_float
 from robustbench_kd.data.npz_mmap import memmap_npz
 from robustbench_kd.errors import UserError
 
-__all__ = ["IMAGE_KEYS", "LABEL_KEYS", "ExtraData", "batch_split", "check_extra_supported", "mix_extra",
-           "open_extra"]
+__all__ = ["IMAGE_KEYS", "LABEL_KEYS", "ExtraData", "batch_split", "check_extra_supported", "mix_extra", "open_extra"]
 
 #: Member names accepted for the images and the labels, first match wins (np.savez(path, x, y) -> arr_0/1).
 IMAGE_KEYS = ("image", "images", "x", "data", "arr_0")
@@ -80,8 +79,10 @@ def _member(arrays: dict[str, np.memmap], keys: tuple[str, ...], what: str, path
     for key in keys:
         if key in arrays:
             return arrays[key]
-    raise UserError(f"{path} has no {what} array: its members are {', '.join(sorted(arrays)) or 'none'}; "
-                    f"name it one of {', '.join(keys)}")
+    raise UserError(
+        f"{path} has no {what} array: its members are {', '.join(sorted(arrays)) or 'none'}; "
+        f"name it one of {', '.join(keys)}"
+    )
 
 
 def open_extra(path: str | Path, *, image_shape: tuple[int, int, int], num_classes: int) -> ExtraData:
@@ -100,8 +101,10 @@ def open_extra(path: str | Path, *, image_shape: tuple[int, int, int], num_class
     labels = _member(arrays, LABEL_KEYS, "label", path)
     c, h, w = image_shape
     if images.dtype != np.uint8:
-        raise UserError(f"{path}: extra images must be uint8 in [0, 255] (as np.savez of the generated-data "
-                        f"files stores them), got {images.dtype}")
+        raise UserError(
+            f"{path}: extra images must be uint8 in [0, 255] (as np.savez of the generated-data "
+            f"files stores them), got {images.dtype}"
+        )
     if images.ndim != 4:
         raise UserError(f"{path}: extra images must be 4-d (N, H, W, C) or (N, C, H, W), got shape {images.shape}")
     if tuple(images.shape[1:]) == (c, h, w):
@@ -109,30 +112,43 @@ def open_extra(path: str | Path, *, image_shape: tuple[int, int, int], num_class
     elif tuple(images.shape[1:]) == (h, w, c):
         channels_last = True
     else:
-        raise UserError(f"{path}: extra images of shape {tuple(images.shape[1:])} do not match the training "
-                        f"images; expected (N, {h}, {w}, {c}) or (N, {c}, {h}, {w})")
+        raise UserError(
+            f"{path}: extra images of shape {tuple(images.shape[1:])} do not match the training "
+            f"images; expected (N, {h}, {w}, {c}) or (N, {c}, {h}, {w})"
+        )
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{path}: extra labels must be a 1-d integer array, got {labels.dtype} of shape {labels.shape}")
     if len(labels) != len(images):
         raise UserError(f"{path}: {len(images)} extra images but {len(labels)} labels")
     for start in range(0, len(labels), _LABEL_CHUNK):
-        chunk = np.asarray(labels[start:start + _LABEL_CHUNK])
+        chunk = np.asarray(labels[start : start + _LABEL_CHUNK])
         low, high = int(chunk.min()), int(chunk.max())
         if low < 0 or high >= num_classes:
-            raise UserError(f"{path}: extra labels must lie in [0, {num_classes}) like the training set's, "
-                            f"found {low if low < 0 else high}")
+            raise UserError(
+                f"{path}: extra labels must lie in [0, {num_classes}) like the training set's, "
+                f"found {low if low < 0 else high}"
+            )
     return ExtraData(path=path, images=images, labels=labels, channels_last=channels_last)
 
 
 def check_extra_supported(distiller: Any, extra: ExtraData | None) -> None:
     """UserError when a method keeping per-sample state over the training set is given extra data."""
     if extra is not None and getattr(distiller, "indexes_training_set", False):
-        raise UserError(f"method {distiller.name!r} keeps per-sample state over the training set (indexed by "
-                        f"dataset index) and cannot train with extra data; remove data.extra_path")
+        raise UserError(
+            f"method {distiller.name!r} keeps per-sample state over the training set (indexed by "
+            f"dataset index) and cannot train with extra data; remove data.extra_path"
+        )
 
 
-def mix_extra(batches: Iterator[tuple[Tensor, Tensor, Tensor]], extra: ExtraData, *, count: int, offset: int,
-              generator: torch.Generator, augment: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def mix_extra(
+    batches: Iterator[tuple[Tensor, Tensor, Tensor]],
+    extra: ExtraData,
+    *,
+    count: int,
+    offset: int,
+    generator: torch.Generator,
+    augment: bool = False,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Append ``count`` extra samples to every ``(x, y, index)`` batch of real data.
 
     The rows are drawn uniformly with replacement from ``generator`` (and augmented from it when
@@ -145,6 +161,8 @@ def mix_extra(batches: Iterator[tuple[Tensor, Tensor, Tensor]], extra: ExtraData
         images = to_float(images)
         if augment:
             images = random_crop_flip(images, generator)
-        yield (torch.cat([x, images.to(x.device, non_blocking=True)]),
-               torch.cat([y, labels.to(y.device, non_blocking=True)]),
-               torch.cat([index, rows + offset]))
+        yield (
+            torch.cat([x, images.to(x.device, non_blocking=True)]),
+            torch.cat([y, labels.to(y.device, non_blocking=True)]),
+            torch.cat([index, rows + offset]),
+        )

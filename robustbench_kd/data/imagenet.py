@@ -41,8 +41,15 @@ from torch import Tensor
 
 from robustbench_kd.errors import UserError, close_matches
 
-__all__ = ["IMG_EXTENSIONS", "PREPROCESSINGS", "LazyImages", "Preprocessing", "get_preprocessing",
-           "load_imagefolder_splits", "timm_preprocessing"]
+__all__ = [
+    "IMG_EXTENSIONS",
+    "PREPROCESSINGS",
+    "LazyImages",
+    "Preprocessing",
+    "get_preprocessing",
+    "load_imagefolder_splits",
+    "timm_preprocessing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +85,18 @@ class Preprocessing:
         return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
-PREPROCESSINGS = {p.name: p for p in (
-    Preprocessing("Res256Crop224", 224, resize=256, crop=224),
-    Preprocessing("BicubicRes256Crop224", 224, resize=256, crop=224, interpolation="bicubic"),
-    Preprocessing("Res224", 224, resize=(224, 224)),
-    Preprocessing("Crop288", 288, crop=288),
-    # Not in robustbench's table: what its get_timm_model_preprocessing builds for the timm-registered
-    # ImageNet entries (Debenedetti2022Light_XCiT-*: input 224, crop_pct 1.0, bicubic).
-    Preprocessing("BicubicRes224Crop224", 224, resize=224, crop=224, interpolation="bicubic"),
-)}
+PREPROCESSINGS = {
+    p.name: p
+    for p in (
+        Preprocessing("Res256Crop224", 224, resize=256, crop=224),
+        Preprocessing("BicubicRes256Crop224", 224, resize=256, crop=224, interpolation="bicubic"),
+        Preprocessing("Res224", 224, resize=(224, 224)),
+        Preprocessing("Crop288", 288, crop=288),
+        # Not in robustbench's table: what its get_timm_model_preprocessing builds for the timm-registered
+        # ImageNet entries (Debenedetti2022Light_XCiT-*: input 224, crop_pct 1.0, bicubic).
+        Preprocessing("BicubicRes224Crop224", 224, resize=224, crop=224, interpolation="bicubic"),
+    )
+}
 
 
 def timm_preprocessing(input_size: int, crop_pct: float, interpolation: str) -> str | None:
@@ -105,8 +115,10 @@ def timm_preprocessing(input_size: int, crop_pct: float, interpolation: str) -> 
 def get_preprocessing(name: str) -> Preprocessing:
     """The :class:`Preprocessing` called ``name`` (RobustBench's spelling), or a one-line UserError."""
     if name not in PREPROCESSINGS:
-        raise UserError(f"unknown ImageNet preprocessing {name!r}{close_matches(name, PREPROCESSINGS)}; "
-                        f"valid: {', '.join(PREPROCESSINGS)}")
+        raise UserError(
+            f"unknown ImageNet preprocessing {name!r}{close_matches(name, PREPROCESSINGS)}; "
+            f"valid: {', '.join(PREPROCESSINGS)}"
+        )
     return PREPROCESSINGS[name]
 
 
@@ -185,8 +197,11 @@ def _scan(split_dir: Path, classes: list[str]) -> tuple[list[str], list[int]]:
     """Every image under ``split_dir/<class>/``, classes in index order, files sorted by name."""
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(entry.name for entry in os.scandir(split_dir / name)
-                       if entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS))
+        files = sorted(
+            entry.name
+            for entry in os.scandir(split_dir / name)
+            if entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS)
+        )
         paths += [str(split_dir / name / f) for f in files]
         labels += [label] * len(files)
     return paths, labels
@@ -209,9 +224,13 @@ def _test_split(val_dir: Path, classes: list[str]) -> tuple[list[str], list[int]
     if ids and all(i.split("/")[0] in index and (val_dir / i).is_file() for i in ids):
         return [str(val_dir / i) for i in ids], [index[i.split("/")[0]] for i in ids]
     paths, labels = _scan(val_dir, classes)
-    log.warning("%s does not hold RobustBench's 5000-image ImageNet evaluation subset (%s); the test split is "
-                "all %d images of it, so accuracies are not comparable with the leaderboard", val_dir,
-                ROBUSTBENCH_TEST_IDS, len(paths))
+    log.warning(
+        "%s does not hold RobustBench's 5000-image ImageNet evaluation subset (%s); the test split is "
+        "all %d images of it, so accuracies are not comparable with the leaderboard",
+        val_dir,
+        ROBUSTBENCH_TEST_IDS,
+        len(paths),
+    )
     return paths, labels
 
 
@@ -230,8 +249,10 @@ def load_imagefolder_splits(name: str, root: str | Path, *, preprocessing: str =
     dirs = {split: root / split for split in ("train", "val")}
     layout = "each with one folder of images per class (e.g. {}/n01440764/*.JPEG)"
     if not dirs["val"].is_dir():
-        raise UserError(f"{name}: {dirs['val']} is not a directory; data.data_dir must hold val/ (and train/ for "
-                        f"training), " + layout.format(dirs["val"]))
+        raise UserError(
+            f"{name}: {dirs['val']} is not a directory; data.data_dir must hold val/ (and train/ for "
+            f"training), " + layout.format(dirs["val"])
+        )
     val_classes = _class_folders(dirs["val"])
     missing_train = None
     if dirs["train"].is_dir():
@@ -240,20 +261,32 @@ def load_imagefolder_splits(name: str, root: str | Path, *, preprocessing: str =
             raise UserError(f"{name}: {dirs['train']} has no class folders")
         if val_classes != classes:
             odd = sorted(set(classes) ^ set(val_classes))
-            raise UserError(f"{name}: train/ has {len(classes)} class folders and val/ {len(val_classes)}; they must "
-                            f"be the same (e.g. {odd[0] if odd else 'the order differs'} is in only one)")
+            raise UserError(
+                f"{name}: train/ has {len(classes)} class folders and val/ {len(val_classes)}; they must "
+                f"be the same (e.g. {odd[0] if odd else 'the order differs'} is in only one)"
+            )
         train_paths, train_labels = _scan(dirs["train"], classes)
     else:
         # Evaluation reads only val/; the classes (and their indices) are its folders.
         classes, train_paths, train_labels = val_classes, [], []
-        missing_train = (f"{name}: {dirs['train']} is not a directory; training needs data.data_dir/train/, "
-                         + layout.format(dirs["train"]) + " (evaluation needs only val/)")
+        missing_train = (
+            f"{name}: {dirs['train']} is not a directory; training needs data.data_dir/train/, "
+            + layout.format(dirs["train"])
+            + " (evaluation needs only val/)"
+        )
         if not classes:
             raise UserError(f"{name}: {dirs['val']} has no class folders")
     test_paths, test_labels = _test_split(dirs["val"], classes)
     # LazyImages stands in for a uint8 image tensor: it indexes, has len, shape, ndim and dtype like one.
     train_x = cast(torch.Tensor, LazyImages(train_paths, prep))
     test_x = cast(torch.Tensor, LazyImages(test_paths, prep))
-    return DataSplits(name, train_x, torch.tensor(train_labels, dtype=torch.int64),
-                      test_x, torch.tensor(test_labels, dtype=torch.int64),
-                      num_classes=len(classes), augment_default=True, missing_train=missing_train)
+    return DataSplits(
+        name,
+        train_x,
+        torch.tensor(train_labels, dtype=torch.int64),
+        test_x,
+        torch.tensor(test_labels, dtype=torch.int64),
+        num_classes=len(classes),
+        augment_default=True,
+        missing_train=missing_train,
+    )

@@ -42,8 +42,10 @@ def memmap_npz(path: str | Path) -> dict[str, np.memmap]:
         raise UserError(f"{path} is not an .npz archive; write it with np.savez(path, image=..., label=...)") from None
     compressed = [info.filename for info in infos if info.compress_type != zipfile.ZIP_STORED]
     if compressed:
-        raise UserError(f"{path} is a compressed .npz (member {compressed[0]} is deflated) and cannot be "
-                        "memory-mapped; re-save it with np.savez(...) instead of np.savez_compressed(...)")
+        raise UserError(
+            f"{path} is a compressed .npz (member {compressed[0]} is deflated) and cannot be "
+            "memory-mapped; re-save it with np.savez(...) instead of np.savez_compressed(...)"
+        )
     with open(path, "rb") as handle:
         return {info.filename[:-4]: _map_member(path, handle, info) for info in infos}
 
@@ -63,16 +65,19 @@ def _map_member(path: Path, handle, info: zipfile.ZipInfo) -> np.memmap:
     elif version == (2, 0):
         shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
     else:
-        raise UserError(f"{path}: member {info.filename} uses .npy format {version}, which cannot be "
-                        "memory-mapped here; re-save it with np.savez")
+        raise UserError(
+            f"{path}: member {info.filename} uses .npy format {version}, which cannot be "
+            "memory-mapped here; re-save it with np.savez"
+        )
     if dtype.hasobject:
-        raise UserError(f"{path}: member {info.filename} holds Python objects (pickled), which cannot be "
-                        "memory-mapped; store plain numeric arrays")
+        raise UserError(
+            f"{path}: member {info.filename} holds Python objects (pickled), which cannot be "
+            "memory-mapped; store plain numeric arrays"
+        )
     offset = handle.tell()
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes == 0:
         raise UserError(f"{path}: member {info.filename} is empty (shape {shape})")
     if offset - start + nbytes > info.file_size:
         raise UserError(f"{path}: member {info.filename} is truncated; write the file again")
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran_order else "C",
-                     offset=offset)
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran_order else "C", offset=offset)

@@ -52,8 +52,7 @@ def check_inputs(x: Tensor, y: Tensor) -> None:
         raise UserError(f"x must be a floating-point tensor in [0,1], got dtype {x.dtype}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise UserError(
-            f"y must be a 1-D label tensor with one label per input ({x.shape[0]}), "
-            f"got shape {tuple(y.shape)}"
+            f"y must be a 1-D label tensor with one label per input ({x.shape[0]}), got shape {tuple(y.shape)}"
         )
     if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
         raise UserError(f"y must hold integer class labels, got dtype {y.dtype}")

@@ -64,7 +64,8 @@ class _StateFiles:
             # The first version run gets the path as given; a second one (e.g. "quick" next to
             # "standard" in one evaluation) gets <stem>-<version><suffix> beside it.
             self.by_version[version] = (
-                self.base if not self.by_version
+                self.base
+                if not self.by_version
                 else self.base.with_name(f"{self.base.stem}-{version}{self.base.suffix}")
             )
         return self.by_version[version]
@@ -119,7 +120,6 @@ class AutoAttackResult:
     mode: str = "standard"
 
 
-
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a stateless model."""
     for parameter in model.parameters():
@@ -142,9 +142,7 @@ def rng_devices(device: torch.device) -> list[int]:
 
 
 @torch.no_grad()
-def predict_correct(
-    model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int, device: torch.device
-) -> Tensor:
+def predict_correct(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int, device: torch.device) -> Tensor:
     """Per-example ``argmax(model(x)) == y`` in batches, as ``robustbench.utils.clean_accuracy``.
 
     Returns a bool tensor on CPU.
@@ -213,9 +211,7 @@ def run_autoattack(
     eps = parse_number(eps, what="eps")
     validate_eps(eps, norm, what="eps")
     if version not in AUTOATTACK_VERSIONS:
-        raise UserError(
-            f"unknown AutoAttack version {version!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}"
-        )
+        raise UserError(f"unknown AutoAttack version {version!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}")
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     check_inputs(x, y)
@@ -234,9 +230,7 @@ def run_autoattack(
     else:
         aa_version, to_run = version, []
 
-    with capture_autoattack_warnings() as messages, torch.random.fork_rng(
-        devices=rng_devices(device)
-    ):
+    with capture_autoattack_warnings() as messages, torch.random.fork_rng(devices=rng_devices(device)):
         adversary = compat.AutoAttack(
             model,
             norm=norm,
@@ -257,17 +251,16 @@ def run_autoattack(
         if state is None:
             x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=batch_size, return_labels=True)
         else:
-            resumed = run_resumable(adversary, x, y, batch_size=batch_size, state_path=state,
-                                    backend=compat.autoattack_version())
+            resumed = run_resumable(
+                adversary, x, y, batch_size=batch_size, state_path=state, backend=compat.autoattack_version()
+            )
 
     if resumed is not None:
         # Every warning of every session (saved in the state file), not just this session's.
         flags = list(resumed.warnings)
         robust = resumed.robust.clone()
         fooled_now = resumed.fooled_now.nonzero().flatten()
-        recheck = predict_correct(
-            model, resumed.x_adv[fooled_now], y[fooled_now], batch_size=batch_size, device=device
-        )
+        recheck = predict_correct(model, resumed.x_adv[fooled_now], y[fooled_now], batch_size=batch_size, device=device)
         disagree = int(recheck.sum())
     else:
         flags = list(messages)

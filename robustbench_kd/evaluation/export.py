@@ -35,8 +35,14 @@ from robustbench_kd.evaluation.model_info import THREAT_MODELS
 from robustbench_kd.storage.atomic import atomic_torch_save
 from robustbench_kd.zoo.names import validate_dataset_name, validate_model_id
 
-__all__ = ["imagenet_zoo_model", "save_zoo_checkpoint", "unwrap_model", "zoo_checkpoint_path", "zoo_key_problems",
-           "zoo_network"]
+__all__ = [
+    "imagenet_zoo_model",
+    "save_zoo_checkpoint",
+    "unwrap_model",
+    "zoo_checkpoint_path",
+    "zoo_key_problems",
+    "zoo_network",
+]
 
 # The substrings robustbench.utils.load_model strips, in the order it strips them.
 _STRIPPED = ("module.", "model.")
@@ -112,9 +118,7 @@ def zoo_key_problems(state_dict: Mapping[str, object], *, dataset: str) -> list[
     return problems
 
 
-def zoo_checkpoint_path(
-    out_dir: str | os.PathLike[str], *, dataset: str, threat_model: str, model_id: str
-) -> Path:
+def zoo_checkpoint_path(out_dir: str | os.PathLike[str], *, dataset: str, threat_model: str, model_id: str) -> Path:
     """``out_dir/models/<dataset>/<threat_model>/<model_id>.pt`` (arguments validated)."""
     validate_dataset_name(dataset)
     if threat_model not in THREAT_MODELS:
@@ -123,8 +127,10 @@ def zoo_checkpoint_path(
     if dataset == "imagenet" and "Standard" in model_id:
         # robustbench.utils.load_model returns such ImageNet entries as their constructor builds them and
         # never reads their checkpoint (a shortcut meant for the torchvision-pretrained Standard_R50).
-        raise UserError(f"ImageNet model id {model_id!r} contains 'Standard', for which robustbench.utils.load_model "
-                        "skips loading the checkpoint; choose another id")
+        raise UserError(
+            f"ImageNet model id {model_id!r} contains 'Standard', for which robustbench.utils.load_model "
+            "skips loading the checkpoint; choose another id"
+        )
     return Path(out_dir) / "models" / dataset / threat_model / f"{model_id}.pt"
 
 

@@ -59,14 +59,34 @@ class ModelReport:
     sanity: Any = None  #: the SanityReport of the evaluation sanity suite, None when it did not run
 
 
-def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, label: str, model_id: str | None,
-                       dataset: str, norm: str, eps: float, attacks: list[str], out_dir: Path,
-                       meta: ModelInfoSection | None = None, architecture: str | None = None,
-                       batch_size: int = 256, seed: int = 0, pgd_steps: int = 20,
-                       device: torch.device | None = None, progress: bool = True, host: Any = None,
-                       run: Any = None, save_model: bool = True, teacher: nn.Module | None = None,
-                       sanity: bool = True, constructor: ZooConstructor | None = None, command: str | None = None,
-                       number_forward_passes: int = 1) -> ModelReport:
+def evaluate_and_write(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    label: str,
+    model_id: str | None,
+    dataset: str,
+    norm: str,
+    eps: float,
+    attacks: list[str],
+    out_dir: Path,
+    meta: ModelInfoSection | None = None,
+    architecture: str | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    pgd_steps: int = 20,
+    device: torch.device | None = None,
+    progress: bool = True,
+    host: Any = None,
+    run: Any = None,
+    save_model: bool = True,
+    teacher: nn.Module | None = None,
+    sanity: bool = True,
+    constructor: ZooConstructor | None = None,
+    command: str | None = None,
+    number_forward_passes: int = 1,
+) -> ModelReport:
     """Evaluate ``model`` on ``(x, y)``; when ``model_id`` is given write the three outputs above.
 
     With ``sanity`` the evaluation sanity suite (:mod:`robustbench_kd.evaluation.sanity`; ``teacher``
@@ -82,13 +102,33 @@ def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, la
     check_eps_units(parse_number(eps, what="eps"), norm, x)
     # Submission bundle: AutoAttack's log goes to a hidden file in the bundle directory while it runs and
     # is moved into place only once the whole evaluation has succeeded.
-    aa_log = (autoattack_log_partial(out_dir, model_id)
-              if model_id is not None and save_model and "autoattack" in attacks else None)
-    result = evaluate_model(model, x, y, norm=norm, eps=eps, attacks=attacks, batch_size=batch_size, seed=seed,
-                            pgd_steps=pgd_steps, device=device, progress=progress, autoattack_log=aa_log)
-    report = ModelReport(label=label, accuracy=dict(result.accuracy), pgd_alpha=result.pgd_alpha,
-                         pgd_steps=result.pgd_steps, n_examples=result.n_examples,
-                         flags=list(result.autoattack_flags))
+    aa_log = (
+        autoattack_log_partial(out_dir, model_id)
+        if model_id is not None and save_model and "autoattack" in attacks
+        else None
+    )
+    result = evaluate_model(
+        model,
+        x,
+        y,
+        norm=norm,
+        eps=eps,
+        attacks=attacks,
+        batch_size=batch_size,
+        seed=seed,
+        pgd_steps=pgd_steps,
+        device=device,
+        progress=progress,
+        autoattack_log=aa_log,
+    )
+    report = ModelReport(
+        label=label,
+        accuracy=dict(result.accuracy),
+        pgd_alpha=result.pgd_alpha,
+        pgd_steps=result.pgd_steps,
+        n_examples=result.n_examples,
+        flags=list(result.autoattack_flags),
+    )
     # --- evaluation sanity suite: before any result is written -------------------------------------------
     if sanity:
         report.sanity = check_evaluation(model, x, y, result, teacher=teacher, device=device, batch_size=batch_size)
@@ -96,29 +136,55 @@ def evaluate_and_write(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, la
     if model_id is None:
         return report
     out_dir = Path(out_dir)
-    results = {"model": model_id, "dataset": dataset, "threat_model": norm, "eps": format_eps(eps),
-               **result.to_dict(), "batch_size": batch_size}
+    results = {
+        "model": model_id,
+        "dataset": dataset,
+        "threat_model": norm,
+        "eps": format_eps(eps),
+        **result.to_dict(),
+        "batch_size": batch_size,
+    }
     results["sanity"] = report.sanity.to_dict() if report.sanity is not None else None  # the sanity suite's verdict
     report.results_path = out_dir / "results" / f"{model_id}.json"
     atomic_write_text(report.results_path, json.dumps(results, indent=2) + "\n")
     if "autoattack" in result.accuracy:
-        report.model_info_path = write_model_info_entry(result, model_id=model_id, dataset=dataset, norm=norm, eps=eps,
-                                                      out_dir=out_dir, meta=meta or ModelInfoSection(),
-                                                      architecture=architecture
-                                                      or getattr(constructor, "architecture", None),
-                                                      host=host, run=run, sanity=report.sanity,
-                                                      number_forward_passes=number_forward_passes)
+        report.model_info_path = write_model_info_entry(
+            result,
+            model_id=model_id,
+            dataset=dataset,
+            norm=norm,
+            eps=eps,
+            out_dir=out_dir,
+            meta=meta or ModelInfoSection(),
+            architecture=architecture or getattr(constructor, "architecture", None),
+            host=host,
+            run=run,
+            sanity=report.sanity,
+            number_forward_passes=number_forward_passes,
+        )
     else:
-        log.warning("no standard AutoAttack in eval.attacks: model_info JSON for %s not written "
-                    "(leaderboard entries need 'autoattack')", model_id)
+        log.warning(
+            "no standard AutoAttack in eval.attacks: model_info JSON for %s not written "
+            "(leaderboard entries need 'autoattack')",
+            model_id,
+        )
     if save_model:
-        report.checkpoint_path = save_zoo_checkpoint(model, out_dir, dataset=dataset, threat_model=norm,
-                                                     model_id=model_id)
+        report.checkpoint_path = save_zoo_checkpoint(
+            model, out_dir, dataset=dataset, threat_model=norm, model_id=model_id
+        )
     if report.model_info_path is not None and report.checkpoint_path is not None:
         report.bundle_path = write_submission_bundle(
-            out_dir, model_id=model_id, threat_model=norm, info_path=report.model_info_path,
-            checkpoint_path=report.checkpoint_path, results=results, constructor=constructor, autoattack_log=aa_log,
-            command=command, batch_size=batch_size).directory
+            out_dir,
+            model_id=model_id,
+            threat_model=norm,
+            info_path=report.model_info_path,
+            checkpoint_path=report.checkpoint_path,
+            results=results,
+            constructor=constructor,
+            autoattack_log=aa_log,
+            command=command,
+            batch_size=batch_size,
+        ).directory
     elif aa_log is not None:
         aa_log.unlink(missing_ok=True)
     return report
@@ -138,8 +204,13 @@ def final_students(run: Any) -> list[tuple[str, str, Any]]:
     """
     name, best = run.config.run.name, getattr(run, "best", None)
     ema = getattr(run, "ema", None)
-    extra = [] if ema is None else [(f"{name}_ema", f"student {name}_ema (EMA decay {run.config.ema.decay:g}, "
-                                                    f"epoch {run.epoch})", ema.module)]
+    extra = (
+        []
+        if ema is None
+        else [
+            (f"{name}_ema", f"student {name}_ema (EMA decay {run.config.ema.decay:g}, epoch {run.epoch})", ema.module)
+        ]
+    )
     if best is None:
         return [(name, f"student {name}", run.student), *extra]
     if best["epoch"] == run.epoch:
@@ -147,16 +218,33 @@ def final_students(run: Any) -> list[tuple[str, str, Any]]:
     path = run.checkpoint_dir / "best.pt"
     saved = load_checkpoint(path, map_location=run.device)
     if saved.get("epoch") != best["epoch"]:
-        raise UserError(f"{path} holds epoch {saved.get('epoch')} but the run recorded epoch {best['epoch']} as best; "
-                        "restore that file or evaluate checkpoints/last.pt with `robustbench-kd evaluate`")
+        raise UserError(
+            f"{path} holds epoch {saved.get('epoch')} but the run recorded epoch {best['epoch']} as best; "
+            "restore that file or evaluate checkpoints/last.pt with `robustbench-kd evaluate`"
+        )
     selected = load_weights(copy.deepcopy(run.student), saved["student"], source=str(path)).eval()
-    return [(name, f"student {name} (best, epoch {best['epoch']})", selected),
-            (f"{name}_last", f"student {name}_last (last, epoch {run.epoch})", run.student), *extra]
+    return [
+        (name, f"student {name} (best, epoch {best['epoch']})", selected),
+        (f"{name}_last", f"student {name}_last (last, epoch {run.epoch})", run.student),
+        *extra,
+    ]
 
 
-def write_model_info_entry(result: Any, *, model_id: str, dataset: str, norm: str, eps: float, out_dir: Path,
-                           meta: ModelInfoSection, architecture: str | None, host: Any, run: Any,
-                           sanity: Any = None, number_forward_passes: int = 1) -> Path:
+def write_model_info_entry(
+    result: Any,
+    *,
+    model_id: str,
+    dataset: str,
+    norm: str,
+    eps: float,
+    out_dir: Path,
+    meta: ModelInfoSection,
+    architecture: str | None,
+    host: Any,
+    run: Any,
+    sanity: Any = None,
+    number_forward_passes: int = 1,
+) -> Path:
     """Write the leaderboard entry of ``result`` (``model_info/<dataset>/<norm>/<model_id>.json``).
 
     AutoAttack's flags and the sanity suite's reasons go into the footnote and mark the entry unreliable;
@@ -176,15 +264,26 @@ def write_model_info_entry(result: Any, *, model_id: str, dataset: str, norm: st
     if sanity is not None and sanity.reasons:
         note = "Evaluation sanity checks failed: " + "; ".join(sanity.reasons)
         footnote = f"{footnote} {note}" if footnote else note
-        log.warning("%s is marked unreliable in its model_info entry (%d sanity reason(s))", model_id,
-                    len(sanity.reasons))
+        log.warning(
+            "%s is marked unreliable in its model_info entry (%d sanity reason(s))", model_id, len(sanity.reasons)
+        )
     unreliable = bool(flags) or (sanity is not None and not sanity.reliable)
     # --- end sanity suite ---
     info = build_model_info(
-        dataset=dataset, threat_model=norm, eps=eps, clean_acc=result.accuracy["clean"],
-        autoattack_acc=result.accuracy["autoattack"], name=meta.title, authors=meta.authors, venue=meta.venue,
-        link=meta.link, architecture=meta.architecture or architecture, additional_data=meta.additional_data,
-        number_forward_passes=number_forward_passes, reported=_reported_fraction(meta.reported), footnote=footnote,
+        dataset=dataset,
+        threat_model=norm,
+        eps=eps,
+        clean_acc=result.accuracy["clean"],
+        autoattack_acc=result.accuracy["autoattack"],
+        name=meta.title,
+        authors=meta.authors,
+        venue=meta.venue,
+        link=meta.link,
+        architecture=meta.architecture or architecture,
+        additional_data=meta.additional_data,
+        number_forward_passes=number_forward_passes,
+        reported=_reported_fraction(meta.reported),
+        footnote=footnote,
         unreliable=unreliable,
     )
     if host is not None:
@@ -206,8 +305,7 @@ def _reported_fraction(reported: str | float | None) -> float | None:
     except ValueError:
         value = float("nan")
     if not 0.0 <= value <= 100.0:  # false for NaN too
-        raise UserError(f"model_info.reported must be a percentage between 0 and 100 such as \"62.5\", "
-                        f"got {reported!r}")
+        raise UserError(f'model_info.reported must be a percentage between 0 and 100 such as "62.5", got {reported!r}')
     return value / 100
 
 
@@ -219,8 +317,10 @@ def format_table(reports: list[ModelReport]) -> str:
             if key not in [c[0] for c in columns]:
                 columns.append((key, _header(key, rep)))
     header = ["model", *[h for _, h in columns]]
-    rows = [[rep.label, *[f"{100 * rep.accuracy[k]:.2f}" if k in rep.accuracy else "-" for k, _ in columns]]
-            for rep in reports]
+    rows = [
+        [rep.label, *[f"{100 * rep.accuracy[k]:.2f}" if k in rep.accuracy else "-" for k, _ in columns]]
+        for rep in reports
+    ]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *[line(r) for r in rows]])

@@ -78,9 +78,7 @@ def _percent(value: object, *, what: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{what} must be a fraction in [0,1], got {value!r}")
     if not (0.0 <= float(value) <= 1.0):
-        raise UserError(
-            f"{what} must be a fraction in [0,1] (e.g. 0.5953 for 59.53%), got {value!r}"
-        )
+        raise UserError(f"{what} must be a fraction in [0,1] (e.g. 0.5953 for 59.53%), got {value!r}")
     return str(round(float(value) * 100, 2))
 
 
@@ -166,9 +164,7 @@ def build_model_info(
         or not isinstance(number_forward_passes, int)
         or number_forward_passes < 1
     ):
-        raise UserError(
-            f"number_forward_passes must be a positive integer, got {number_forward_passes!r}"
-        )
+        raise UserError(f"number_forward_passes must be a positive integer, got {number_forward_passes!r}")
     if authors is not None and not isinstance(authors, str):
         authors = ", ".join(str(a) for a in authors)
     for key, value in (("name", name), ("venue", venue), ("link", link), ("architecture", architecture)):
@@ -261,9 +257,7 @@ def validate_model_info(info: Mapping[str, Any]) -> None:
         raise UserError(f"model info is not JSON-serialisable: {exc}") from None
 
 
-def model_info_path(
-    out_dir: str | os.PathLike[str], *, dataset: str, threat_model: str, model_id: str
-) -> Path:
+def model_info_path(out_dir: str | os.PathLike[str], *, dataset: str, threat_model: str, model_id: str) -> Path:
     """``out_dir/model_info/<dataset>/<threat_model>/<model_id>.json`` (arguments validated)."""
     validate_dataset_name(dataset)
     _check_threat_model(threat_model)

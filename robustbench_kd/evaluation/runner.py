@@ -164,10 +164,7 @@ def evaluate_model(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
     if autoattack_version not in AUTOATTACK_VERSIONS:
-        raise UserError(
-            f"unknown autoattack_version {autoattack_version!r}; "
-            f"valid: {', '.join(AUTOATTACK_VERSIONS)}"
-        )
+        raise UserError(f"unknown autoattack_version {autoattack_version!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}")
     check_inputs(x, y)
     run_device = torch.device(device) if device is not None else model_device(model)
     n = int(x.shape[0])

@@ -241,9 +241,7 @@ def _zero_gradient_fraction(
     return zero / x.shape[0], nonfinite
 
 
-def _forward_checks(
-    model: nn.Module, xb: Tensor, reasons: list[str], checks: dict[str, bool | None]
-) -> Tensor:
+def _forward_checks(model: nn.Module, xb: Tensor, reasons: list[str], checks: dict[str, bool | None]) -> Tensor:
     """Randomness, batch dependence and probability outputs on one batch; returns its outputs."""
     with torch.no_grad():
         model(xb)  # warm-up: cuDNN autotuning may pick its kernel during the first call
@@ -384,8 +382,7 @@ def run_sanity_checks(
         whitebox_accuracy = _fraction(whitebox_accuracy, "whitebox_accuracy")
     if whitebox_correct is not None and tuple(whitebox_correct.shape) != (x.shape[0],):
         raise UserError(
-            f"whitebox_correct must hold one flag per example ({x.shape[0]}), got shape "
-            f"{tuple(whitebox_correct.shape)}"
+            f"whitebox_correct must hold one flag per example ({x.shape[0]}), got shape {tuple(whitebox_correct.shape)}"
         )
 
     run_device = torch.device(device) if device is not None else model_device(model)
@@ -468,7 +465,8 @@ def run_sanity_checks(
                 at_eps = run(seeded_pgd(model, eps_value))
             pgd_acc = float(at_eps.float().mean())
             rises = [
-                (a, b) for (a, _), (b, _) in itertools.pairwise(radii)
+                (a, b)
+                for (a, _), (b, _) in itertools.pairwise(radii)
                 if report.sweep[b] > report.sweep[a] + tol + 1e-12
             ]
             checks["monotone"] = not rises
@@ -549,8 +547,11 @@ def run_sanity_checks(
         for reason in reasons:
             logger.warning("  - %s", reason)
     else:
-        logger.info("evaluation sanity checks passed on %d points (sweep %s)", m,
-                    ", ".join(f"{k}: {_pct(v)}" for k, v in report.sweep.items()))
+        logger.info(
+            "evaluation sanity checks passed on %d points (sweep %s)",
+            m,
+            ", ".join(f"{k}: {_pct(v)}" for k, v in report.sweep.items()),
+        )
     return report
 
 

@@ -88,8 +88,10 @@ def parse_shard(text: str) -> tuple[int, int]:
         index, count = int(match.group(1)), int(match.group(2))
         if count >= 1 and 0 <= index < count:
             return index, count
-    raise UserError(f"--shard must be I/N with 0 <= I < N (shards are numbered from 0), e.g. --shard 0/4 "
-                    f"... --shard 3/4; got {text!r}")
+    raise UserError(
+        f"--shard must be I/N with 0 <= I < N (shards are numbered from 0), e.g. --shard 0/4 "
+        f"... --shard 3/4; got {text!r}"
+    )
 
 
 def shard_bounds(n_examples: int, index: int, count: int) -> tuple[int, int]:
@@ -118,12 +120,30 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, int], spec: str, model_id: str,
-                   dataset: str, norm: str, eps: float | str, attacks: list[str], out_dir: str | Path,
-                   batch_size: int = 256, seed: int = 0, pgd_steps: int = 20,
-                   device: torch.device | None = None, progress: bool = True,
-                   aa_state: str | Path | None = None, meta: Any = None, architecture: str | None = None,
-                   sanity: bool = False, teacher: nn.Module | None = None) -> Any:
+def evaluate_shard(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    shard: tuple[int, int],
+    spec: str,
+    model_id: str,
+    dataset: str,
+    norm: str,
+    eps: float | str,
+    attacks: list[str],
+    out_dir: str | Path,
+    batch_size: int = 256,
+    seed: int = 0,
+    pgd_steps: int = 20,
+    device: torch.device | None = None,
+    progress: bool = True,
+    aa_state: str | Path | None = None,
+    meta: Any = None,
+    architecture: str | None = None,
+    sanity: bool = False,
+    teacher: nn.Module | None = None,
+) -> Any:
     """Evaluate shard ``shard = (i, n)`` of the examples ``(x, y)`` and write its shard file.
 
     ``(x, y)`` is the *whole* selection (every shard process loads the same one); only
@@ -152,13 +172,24 @@ def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, 
 
     began = time.perf_counter()
     with autoattack_state(state):
-        result = evaluate_model(model, x[start:stop], y[start:stop], norm=norm, eps=eps_value, attacks=attacks,
-                                batch_size=batch_size, seed=seed, pgd_steps=pgd_steps, device=device,
-                                progress=progress)
+        result = evaluate_model(
+            model,
+            x[start:stop],
+            y[start:stop],
+            norm=norm,
+            eps=eps_value,
+            attacks=attacks,
+            batch_size=batch_size,
+            seed=seed,
+            pgd_steps=pgd_steps,
+            device=device,
+            progress=progress,
+        )
     sanity_report = None
     if sanity:
-        sanity_report = check_evaluation(model, x[start:stop], y[start:stop], result, teacher=teacher,
-                                         device=device, batch_size=batch_size)
+        sanity_report = check_evaluation(
+            model, x[start:stop], y[start:stop], result, teacher=teacher, device=device, batch_size=batch_size
+        )
     seconds = time.perf_counter() - began
 
     settings = {
@@ -187,23 +218,33 @@ def evaluate_shard(model: nn.Module, x: Tensor, y: Tensor, *, shard: tuple[int, 
         "format_version": SHARD_FORMAT_VERSION,
         "shard": {"index": index, "count": count, "start": start, "stop": stop},
         "settings": settings,
-        "run": {"device": str(device) if device is not None else None, "host": socket.gethostname(),
-                "autoattack_state": str(state) if any(k.startswith("autoattack") for k in result.accuracy)
-                else None,
-                "seconds": round(seconds, 3), "finished": _now()},
+        "run": {
+            "device": str(device) if device is not None else None,
+            "host": socket.gethostname(),
+            "autoattack_state": str(state) if any(k.startswith("autoattack") for k in result.accuracy) else None,
+            "seconds": round(seconds, 3),
+            "finished": _now(),
+        },
         "accuracy": {key: float(value) for key, value in result.accuracy.items()},
         "autoattack_flags": list(result.autoattack_flags),
         "sanity": sanity_report.to_dict() if sanity_report is not None else None,
         "per_example": {key: [int(v) for v in flags.tolist()] for key, flags in result.per_example.items()},
     }
     path = atomic_write_text(shard_file(directory, index, count), json.dumps(record, indent=1) + "\n")
-    report = ModelReport(label=f"{model_id} shard {index}/{count} (examples {start}-{stop - 1})",
-                         accuracy=dict(result.accuracy), pgd_alpha=result.pgd_alpha, pgd_steps=result.pgd_steps,
-                         n_examples=result.n_examples, flags=list(result.autoattack_flags), results_path=path,
-                         sanity=sanity_report)
+    report = ModelReport(
+        label=f"{model_id} shard {index}/{count} (examples {start}-{stop - 1})",
+        accuracy=dict(result.accuracy),
+        pgd_alpha=result.pgd_alpha,
+        pgd_steps=result.pgd_steps,
+        n_examples=result.n_examples,
+        flags=list(result.autoattack_flags),
+        results_path=path,
+        sanity=sanity_report,
+    )
     if index == 0:
-        report.checkpoint_path = save_zoo_checkpoint(model, out_dir, dataset=dataset, threat_model=norm,
-                                                     model_id=model_id)
+        report.checkpoint_path = save_zoo_checkpoint(
+            model, out_dir, dataset=dataset, threat_model=norm, model_id=model_id
+        )
     return report
 
 
@@ -238,8 +279,9 @@ def read_shard(path: str | Path) -> ShardRecord:
     if not isinstance(raw, dict) or raw.get("format") != SHARD_FORMAT:
         raise _bad_shard(path, "is not a robustbench-kd shard file")
     if raw.get("format_version") != SHARD_FORMAT_VERSION:
-        raise _bad_shard(path, f"has format version {raw.get('format_version')!r}; this version reads "
-                               f"{SHARD_FORMAT_VERSION}")
+        raise _bad_shard(
+            path, f"has format version {raw.get('format_version')!r}; this version reads {SHARD_FORMAT_VERSION}"
+        )
     try:
         shard = raw["shard"]
         index, count, start, stop = (int(shard[k]) for k in ("index", "count", "start", "stop"))
@@ -247,16 +289,27 @@ def read_shard(path: str | Path) -> ShardRecord:
         per_example = {}
         for key, values in dict(raw["per_example"]).items():
             if len(values) != stop - start or any(v not in (0, 1) for v in values):
-                raise _bad_shard(path, f"has {len(values)} flags for {key!r} where its range {start}-{stop} "
-                                       f"needs {stop - start} zeros and ones")
+                raise _bad_shard(
+                    path,
+                    f"has {len(values)} flags for {key!r} where its range {start}-{stop} "
+                    f"needs {stop - start} zeros and ones",
+                )
             per_example[str(key)] = torch.tensor(values, dtype=torch.bool)
         if list(per_example) != list(settings["result_keys"]):
             raise _bad_shard(path, f"has flags for {list(per_example)} but results {settings['result_keys']}")
-        return ShardRecord(path=path, index=index, count=count, start=start, stop=stop, settings=settings,
-                           run=dict(raw.get("run", {})),
-                           accuracy={str(k): float(v) for k, v in dict(raw["accuracy"]).items()},
-                           autoattack_flags=[str(f) for f in raw.get("autoattack_flags", [])],
-                           per_example=per_example, sanity=raw.get("sanity"))
+        return ShardRecord(
+            path=path,
+            index=index,
+            count=count,
+            start=start,
+            stop=stop,
+            settings=settings,
+            run=dict(raw.get("run", {})),
+            accuracy={str(k): float(v) for k, v in dict(raw["accuracy"]).items()},
+            autoattack_flags=[str(f) for f in raw.get("autoattack_flags", [])],
+            per_example=per_example,
+            sanity=raw.get("sanity"),
+        )
     except UserError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
@@ -312,27 +365,32 @@ def merge_shards(directory: str | Path) -> MergedShards:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"shard directory {directory} does not exist; it is <out>/shards/<name> of the "
-                        "`robustbench-kd evaluate --name NAME --shard I/N` runs")
+        raise UserError(
+            f"shard directory {directory} does not exist; it is <out>/shards/<name> of the "
+            "`robustbench-kd evaluate --name NAME --shard I/N` runs"
+        )
     found: dict[int, dict[int, Path]] = {}
     for path in sorted(directory.iterdir()):
         match = _SHARD_NAME.fullmatch(path.name)
         if match and path.is_file():
             found.setdefault(int(match.group(2)), {})[int(match.group(1))] = path
     if not found:
-        raise UserError(f"no shard files (shard_<i>_of_<n>.json) in {directory}; run "
-                        "`robustbench-kd evaluate ... --name NAME --shard I/N` first")
+        raise UserError(
+            f"no shard files (shard_<i>_of_<n>.json) in {directory}; run "
+            "`robustbench-kd evaluate ... --name NAME --shard I/N` first"
+        )
     if len(found) > 1:
         counts = ", ".join(str(c) for c in sorted(found))
-        raise UserError(f"{directory} mixes shard files of runs split {counts} ways; keep the files of one "
-                        "split only")
-    (count, files), = found.items()
+        raise UserError(f"{directory} mixes shard files of runs split {counts} ways; keep the files of one split only")
+    ((count, files),) = found.items()
     missing = [i for i in range(count) if i not in files]
     if missing:
         names = ", ".join(shard_file(directory, i, count).name for i in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise UserError(f"{len(missing)} of {count} shards missing in {directory}: {names}{more}; run the same "
-                        f"evaluate command with --shard {missing[0]}/{count}" + (" etc." if len(missing) > 1 else ""))
+        raise UserError(
+            f"{len(missing)} of {count} shards missing in {directory}: {names}{more}; run the same "
+            f"evaluate command with --shard {missing[0]}/{count}" + (" etc." if len(missing) > 1 else "")
+        )
     records = [read_shard(files[i]) for i in range(count)]
     first = records[0]
     for record in records:
@@ -343,20 +401,30 @@ def merge_shards(directory: str | Path) -> MergedShards:
             if mine == theirs:
                 continue
             if key in _INFORMATIONAL:
-                log.warning("shards differ in %s: %s has %s, %s has %s", key, first.path.name, _short(theirs),
-                            record.path.name, _short(mine))
+                log.warning(
+                    "shards differ in %s: %s has %s, %s has %s",
+                    key,
+                    first.path.name,
+                    _short(theirs),
+                    record.path.name,
+                    _short(mine),
+                )
                 continue
-            raise UserError(f"shards were made with different settings: {key} is {_short(theirs)} in "
-                            f"{first.path.name} but {_short(mine)} in {record.path.name}; re-run the "
-                            "shards with the same arguments")
+            raise UserError(
+                f"shards were made with different settings: {key} is {_short(theirs)} in "
+                f"{first.path.name} but {_short(mine)} in {record.path.name}; re-run the "
+                "shards with the same arguments"
+            )
     settings = first.settings
     n = int(settings["n_examples"])
     for record in records:
         expected = shard_bounds(n, record.index, count)
         if (record.start, record.stop) != expected:
-            raise UserError(f"{record.path.name} covers examples {record.start}-{record.stop - 1} but shard "
-                            f"{record.index}/{count} of {n} examples is {expected[0]}-{expected[1] - 1} (shards "
-                            "would overlap or leave a gap); re-run it")
+            raise UserError(
+                f"{record.path.name} covers examples {record.start}-{record.stop - 1} but shard "
+                f"{record.index}/{count} of {n} examples is {expected[0]}-{expected[1] - 1} (shards "
+                "would overlap or leave a gap); re-run it"
+            )
 
     per_example = {key: torch.cat([r.per_example[key] for r in records]) for key in settings["result_keys"]}
     flags: list[str] = []
@@ -382,8 +450,7 @@ def merge_shards(directory: str | Path) -> MergedShards:
         reasons: list[str] = []
         for index, report in enumerate(reports):
             reasons.extend(f"shard {index}/{count}: {reason}" for reason in report.get("reasons", []))
-        sanity = MergedSanity(reliable=all(bool(r.get("reliable")) for r in reports), reasons=reasons,
-                              shards=reports)
+        sanity = MergedSanity(reliable=all(bool(r.get("reliable")) for r in reports), reasons=reasons, shards=reports)
     return MergedShards(result=result, settings=settings, shards=records, sanity=sanity)
 
 
@@ -405,25 +472,50 @@ def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any
     result, settings, model_id = merged.result, merged.settings, merged.model_id
     out_dir = Path(out_dir)
     dataset, norm, eps = str(settings["dataset"]), result.norm, result.eps
-    report = ModelReport(label=f"{model_id} ({len(merged.shards)} shards)", accuracy=dict(result.accuracy),
-                         pgd_alpha=result.pgd_alpha, pgd_steps=result.pgd_steps, n_examples=result.n_examples,
-                         flags=list(result.autoattack_flags), sanity=merged.sanity)
-    results = {"model": model_id, "dataset": dataset, "threat_model": norm, "eps": format_eps(eps),
-               **result.to_dict(), "batch_size": settings["batch_size"],
-               "sanity": merged.sanity.to_dict() if merged.sanity is not None else None,
-               "shards": len(merged.shards)}
-    report.results_path = atomic_write_text(out_dir / "results" / f"{model_id}.json",
-                                            json.dumps(results, indent=2) + "\n")
+    report = ModelReport(
+        label=f"{model_id} ({len(merged.shards)} shards)",
+        accuracy=dict(result.accuracy),
+        pgd_alpha=result.pgd_alpha,
+        pgd_steps=result.pgd_steps,
+        n_examples=result.n_examples,
+        flags=list(result.autoattack_flags),
+        sanity=merged.sanity,
+    )
+    results = {
+        "model": model_id,
+        "dataset": dataset,
+        "threat_model": norm,
+        "eps": format_eps(eps),
+        **result.to_dict(),
+        "batch_size": settings["batch_size"],
+        "sanity": merged.sanity.to_dict() if merged.sanity is not None else None,
+        "shards": len(merged.shards),
+    }
+    report.results_path = atomic_write_text(
+        out_dir / "results" / f"{model_id}.json", json.dumps(results, indent=2) + "\n"
+    )
     if "autoattack" in result.accuracy and "clean" in result.accuracy:
         known = {f.name for f in dataclasses.fields(ModelInfoSection)}
         meta = ModelInfoSection(**{k: v for k, v in (settings.get("model_info") or {}).items() if k in known})
-        report.model_info_path = write_model_info_entry(result, model_id=model_id, dataset=dataset, norm=norm, eps=eps,
-                                                      out_dir=out_dir, meta=meta,
-                                                      architecture=settings.get("architecture"),
-                                                      host=host, run=None, sanity=merged.sanity)
+        report.model_info_path = write_model_info_entry(
+            result,
+            model_id=model_id,
+            dataset=dataset,
+            norm=norm,
+            eps=eps,
+            out_dir=out_dir,
+            meta=meta,
+            architecture=settings.get("architecture"),
+            host=host,
+            run=None,
+            sanity=merged.sanity,
+        )
     else:
-        log.warning("the shards ran no 'clean' + standard 'autoattack': model_info JSON for %s not written "
-                    "(leaderboard entries need both)", model_id)
+        log.warning(
+            "the shards ran no 'clean' + standard 'autoattack': model_info JSON for %s not written "
+            "(leaderboard entries need both)",
+            model_id,
+        )
     return report
 
 

@@ -29,8 +29,14 @@ from robustbench_kd.zoo.models import parse_zoo_ref, zoo_preprocessing
 log = logging.getLogger(__name__)
 
 
-def distill(config: RunConfig, *, host: PluginHost | None = None, resume: bool = False,
-            final_eval: bool = True, export_dir: Path | None = None) -> list[ModelReport]:
+def distill(
+    config: RunConfig,
+    *,
+    host: PluginHost | None = None,
+    resume: bool = False,
+    final_eval: bool = True,
+    export_dir: Path | None = None,
+) -> list[ModelReport]:
     """Train a student, then evaluate it (and its teachers) and write the RobustBench outputs.
 
     The outputs go under ``export_dir`` (default: the run's ``out_dir``).
@@ -60,29 +66,76 @@ def evaluate_run(run: Any, *, export_dir: Path | None = None) -> list[ModelRepor
     cfg = run.config
     n = cfg.eval.final_n_examples
     x, y = to_float(run.data.test_x[:n]), run.data.test_y[:n]
-    common = dict(dataset=run.data.name, norm=cfg.threat.norm, eps=cfg.threat.eps, attacks=list(cfg.eval.attacks),
-                  out_dir=export_dir or run.out_dir, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-                  pgd_steps=cfg.eval.pgd_steps, device=run.device, progress=cfg.run.progress)
+    common = dict(
+        dataset=run.data.name,
+        norm=cfg.threat.norm,
+        eps=cfg.threat.eps,
+        attacks=list(cfg.eval.attacks),
+        out_dir=export_dir or run.out_dir,
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.eval.seed,
+        pgd_steps=cfg.eval.pgd_steps,
+        device=run.device,
+        progress=cfg.run.progress,
+    )
     # Sanity suite: the 'robust' teacher, when there is one, drives its transfer-attack check.
     sanity = {"sanity": cfg.eval.sanity, "teacher": run.teachers.get("robust")}
-    reports = [evaluate_and_write(net, x, y, label=label, model_id=model_id, meta=cfg.model_info,
-                                  constructor=constructor_for_run(run), command=distill_command(run), host=run.host,
-                                  run=run, **sanity, **common)
-               for model_id, label, net in final_students(run)]
+    reports = [
+        evaluate_and_write(
+            net,
+            x,
+            y,
+            label=label,
+            model_id=model_id,
+            meta=cfg.model_info,
+            constructor=constructor_for_run(run),
+            command=distill_command(run),
+            host=run.host,
+            run=run,
+            **sanity,
+            **common,
+        )
+        for model_id, label, net in final_students(run)
+    ]
     if cfg.eval.teachers:
         for role, teacher in run.teachers.items():
-            reports.append(evaluate_and_write(teacher, x, y, label=f"teacher {role} ({teacher.spec})",
-                                              model_id=None, sanity=False, **common))
+            reports.append(
+                evaluate_and_write(
+                    teacher, x, y, label=f"teacher {role} ({teacher.spec})", model_id=None, sanity=False, **common
+                )
+            )
     return reports
 
 
-def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: float, attacks: list[str],
-                  n_examples: int | None, batch_size: int, seed: int, pgd_steps: int, out_dir: Path,
-                  model_id: str | None, model_dir: str, allow_download: bool = False, download: bool = False,
-                  verify_md5: bool = True, device: str = "auto", meta: ModelInfoSection | None = None,
-                  host: PluginHost | None = None, progress: bool = True, sanity: bool = True,
-                  teacher: str | None = None, command: str | None = None, shard: tuple[int, int] | None = None,
-                  aa_state: str | Path | None = None, preprocessing: str | None = None) -> ModelReport:
+def evaluate_spec(
+    spec: str,
+    *,
+    dataset: str,
+    data_dir: str,
+    norm: str,
+    eps: float,
+    attacks: list[str],
+    n_examples: int | None,
+    batch_size: int,
+    seed: int,
+    pgd_steps: int,
+    out_dir: Path,
+    model_id: str | None,
+    model_dir: str,
+    allow_download: bool = False,
+    download: bool = False,
+    verify_md5: bool = True,
+    device: str = "auto",
+    meta: ModelInfoSection | None = None,
+    host: PluginHost | None = None,
+    progress: bool = True,
+    sanity: bool = True,
+    teacher: str | None = None,
+    command: str | None = None,
+    shard: tuple[int, int] | None = None,
+    aa_state: str | Path | None = None,
+    preprocessing: str | None = None,
+) -> ModelReport:
     """Evaluate a model given as a teacher spec (``file:...``, ``robustbench:...``) on a test set.
 
     The test examples are the first ``n_examples`` of the test split, unshuffled, as in
@@ -99,19 +152,31 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
     """
     validate_eps(parse_number(eps, what="eps"), norm, what="eps")
     if shard is not None and model_id is None:
-        raise UserError("--shard needs --name ID: the shards are written to <out>/shards/ID and merged under "
-                        "that model id")
+        raise UserError(
+            "--shard needs --name ID: the shards are written to <out>/shards/ID and merged under that model id"
+        )
     host = host or PluginHost.create()
     if n_examples is not None and n_examples < 1:
         raise UserError(f"--n-examples must be >= 1, got {n_examples}")
     torch_device = builders.resolve_device(device)
     if dataset == "imagenet" and preprocessing is None:
         preprocessing = _zoo_preprocessing(spec)
-    data = host.datasets.get(dataset)(DataSection(dataset=dataset, data_dir=data_dir, download=download,
-                                                  verify_md5=verify_md5, preprocessing=preprocessing))
-    ctx = TeacherLoadContext(dataset=data.name, num_classes=data.num_classes, in_channels=data.in_channels,
-                             image_size=data.image_size, threat_model=norm, model_dir=Path(model_dir),
-                             allow_download=allow_download, device=torch_device, students=host.students)
+    data = host.datasets.get(dataset)(
+        DataSection(
+            dataset=dataset, data_dir=data_dir, download=download, verify_md5=verify_md5, preprocessing=preprocessing
+        )
+    )
+    ctx = TeacherLoadContext(
+        dataset=data.name,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        threat_model=norm,
+        model_dir=Path(model_dir),
+        allow_download=allow_download,
+        device=torch_device,
+        students=host.students,
+    )
     if ":" not in spec or Path(spec).exists():
         spec = f"file:{spec}"
     model = builders.load_teacher(host, spec, ctx).net
@@ -121,23 +186,68 @@ def evaluate_spec(spec: str, *, dataset: str, data_dir: str, norm: str, eps: flo
     x, y = to_float(data.test_x[:n_examples]), data.test_y[:n_examples]
     if shard is not None:  # sharded evaluation: this shard's flags only, merged later by merge-shards
         assert model_id is not None  # a shard without --name was refused above
-        constructor = constructor_for_spec(spec, num_classes=data.num_classes, in_channels=data.in_channels,
-                                           image_size=data.image_size, dataset=data.name)
-        return evaluate_shard(model, x, y, shard=shard, spec=spec, model_id=model_id, dataset=data.name, norm=norm,
-                              eps=eps, attacks=attacks, out_dir=out_dir, batch_size=batch_size, seed=seed,
-                              pgd_steps=pgd_steps, device=torch_device, progress=progress, aa_state=aa_state,
-                              meta=meta, sanity=sanity, teacher=transfer_from,
-                              architecture=getattr(constructor, "architecture", None))
+        constructor = constructor_for_spec(
+            spec,
+            num_classes=data.num_classes,
+            in_channels=data.in_channels,
+            image_size=data.image_size,
+            dataset=data.name,
+        )
+        return evaluate_shard(
+            model,
+            x,
+            y,
+            shard=shard,
+            spec=spec,
+            model_id=model_id,
+            dataset=data.name,
+            norm=norm,
+            eps=eps,
+            attacks=attacks,
+            out_dir=out_dir,
+            batch_size=batch_size,
+            seed=seed,
+            pgd_steps=pgd_steps,
+            device=torch_device,
+            progress=progress,
+            aa_state=aa_state,
+            meta=meta,
+            sanity=sanity,
+            teacher=transfer_from,
+            architecture=getattr(constructor, "architecture", None),
+        )
     with autoattack_state(aa_state) if aa_state is not None else contextlib.nullcontext():
-        return evaluate_and_write(model, x, y, label=model_id or spec, model_id=model_id, dataset=data.name,
-                                  norm=norm, eps=eps, attacks=attacks, out_dir=out_dir, meta=meta,
-                                  batch_size=batch_size, seed=seed, pgd_steps=pgd_steps, device=torch_device,
-                                  progress=progress, host=host, sanity=sanity, teacher=transfer_from,
-                                  command=command,
-                                  constructor=constructor_for_spec(spec, num_classes=data.num_classes,
-                                                                   in_channels=data.in_channels,
-                                                                   image_size=data.image_size, dataset=data.name)
-                                  if model_id else None)
+        return evaluate_and_write(
+            model,
+            x,
+            y,
+            label=model_id or spec,
+            model_id=model_id,
+            dataset=data.name,
+            norm=norm,
+            eps=eps,
+            attacks=attacks,
+            out_dir=out_dir,
+            meta=meta,
+            batch_size=batch_size,
+            seed=seed,
+            pgd_steps=pgd_steps,
+            device=torch_device,
+            progress=progress,
+            host=host,
+            sanity=sanity,
+            teacher=transfer_from,
+            command=command,
+            constructor=constructor_for_spec(
+                spec,
+                num_classes=data.num_classes,
+                in_channels=data.in_channels,
+                image_size=data.image_size,
+                dataset=data.name,
+            )
+            if model_id
+            else None,
+        )
 
 
 def _zoo_preprocessing(spec: str) -> str | None:
@@ -153,8 +263,10 @@ def load_finished_run(run_dir: str | Path) -> Any:
     run_dir = Path(run_dir)
     config_path, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
     if not config_path.is_file() or not last.is_file():
-        raise UserError(f"{run_dir} is not a run directory: it needs config.yaml and checkpoints/last.pt "
-                        "(the run.out_dir of a `distill` run)")
+        raise UserError(
+            f"{run_dir} is not a run directory: it needs config.yaml and checkpoints/last.pt "
+            "(the run.out_dir of a `distill` run)"
+        )
     raw = load_file(config_path)
     raw.setdefault("run", {})["out_dir"] = str(run_dir)
     run = setup_run(config_from_mapping(raw))

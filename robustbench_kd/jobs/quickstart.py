@@ -29,17 +29,29 @@ STUDENT_ID = "Quickstart2026AKD_SmallCNN"
 EVAL_EXAMPLES = 150
 
 
-def quickstart_configs(out_dir: Path, *, epochs: int = 15, seed: int = 0, progress: bool = True
-                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+def quickstart_configs(
+    out_dir: Path, *, epochs: int = 15, seed: int = 0, progress: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The two embedded run configurations (teacher, student) as plain mappings."""
     threat = {"norm": "Linf", "eps": 0.2, "alpha": 0.05, "steps": 10}
     common = {
         "data": {"dataset": "digits", "batch_size": 64},
         "threat": threat,
-        "optim": {"epochs": epochs, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "multistep",
-                  "milestones": [max(1, int(epochs * 0.75))], "gamma": 0.1},
-        "eval": {"attacks": ["clean", "pgd", "autoattack"], "pgd_steps": 20, "teachers": False,
-                 "final_n_examples": EVAL_EXAMPLES},
+        "optim": {
+            "epochs": epochs,
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "schedule": "multistep",
+            "milestones": [max(1, int(epochs * 0.75))],
+            "gamma": 0.1,
+        },
+        "eval": {
+            "attacks": ["clean", "pgd", "autoattack"],
+            "pgd_steps": 20,
+            "teachers": False,
+            "final_n_examples": EVAL_EXAMPLES,
+        },
     }
     teacher = {
         **common,
@@ -54,14 +66,22 @@ def quickstart_configs(out_dir: Path, *, epochs: int = 15, seed: int = 0, progre
         "student": {"arch": "small-cnn", "options": {"width": 1.0}},
         "teachers": {"robust": f"file:{out_dir / 'teacher' / 'checkpoints' / 'last.pt'}"},
         "method": {"name": "akd", "alpha": 0.75},
-        "model_info": {"title": "robustbench-kd quickstart student (AKD from a PGD-AT teacher)",
-                       "architecture": "SmallCNN"},
+        "model_info": {
+            "title": "robustbench-kd quickstart student (AKD from a PGD-AT teacher)",
+            "architecture": "SmallCNN",
+        },
     }
     return teacher, student
 
 
-def run_quickstart(out_dir: str | Path = "quickstart-out", *, epochs: int = 15, seed: int = 0,
-                   progress: bool = True, host: PluginHost | None = None) -> list[ModelReport]:
+def run_quickstart(
+    out_dir: str | Path = "quickstart-out",
+    *,
+    epochs: int = 15,
+    seed: int = 0,
+    progress: bool = True,
+    host: PluginHost | None = None,
+) -> list[ModelReport]:
     """Teacher -> student -> evaluation; returns the reports (teacher first)."""
     from robustbench_kd.jobs.pipeline import distill
 
@@ -71,8 +91,13 @@ def run_quickstart(out_dir: str | Path = "quickstart-out", *, epochs: int = 15, 
     reports: list[ModelReport] = []
     for stage, raw in (("teacher", teacher_raw), ("student", student_raw)):
         config = config_from_mapping(raw)
-        log.info("quickstart: training the %s (%s, %d epochs) into %s", stage, config.method_name,
-                 config.optim.epochs, config.run.out_dir)
+        log.info(
+            "quickstart: training the %s (%s, %d epochs) into %s",
+            stage,
+            config.method_name,
+            config.optim.epochs,
+            config.run.out_dir,
+        )
         # Both runs write their leaderboard files into the shared <out>/model_info and <out>/models.
         stage_reports = distill(config, host=host, export_dir=out_dir)
         for rep in stage_reports:

@@ -28,14 +28,20 @@ if TYPE_CHECKING:
 
 def student_mode_option(default: str = "eval") -> Any:
     """``attack_student_mode``: the student's BN/dropout mode during the inner maximisation."""
-    return option(default, choices=STUDENT_MODES,
-                  help="student BN/dropout mode in the attack: eval (running stats) or train (batch stats)")
+    return option(
+        default,
+        choices=STUDENT_MODES,
+        help="student BN/dropout mode in the attack: eval (running stats) or train (batch stats)",
+    )
 
 
 def init_option(default: str = "uniform") -> Any:
     """``init``: the attack's start, ``uniform`` (x + U(-eps, eps)), ``gauss`` (x + 0.001 N(0, I)) or ``none``."""
-    return option(default, choices=ATTACK_INITS,
-                  help="attack start: uniform (x + U(-eps, eps)), gauss (x + 0.001 N(0, I)) or none")
+    return option(
+        default,
+        choices=ATTACK_INITS,
+        help="attack start: uniform (x + U(-eps, eps)), gauss (x + 0.001 N(0, I)) or none",
+    )
 
 
 def steps_option(default: int | None = None) -> Any:
@@ -43,9 +49,18 @@ def steps_option(default: int | None = None) -> Any:
     return option(default, low=0, integer=True, help="attack steps; None = the threat's steps")
 
 
-def threat_attack(threat: ThreatSpec, config: Any = None, *, init: str | None = None, init_std: float = 1e-3,
-                  student_mode: str | None = None, steps: int | None = None, alpha: float | None = None,
-                  teacher_grad: bool = False, large_step: bool = False) -> AttackSpec:
+def threat_attack(
+    threat: ThreatSpec,
+    config: Any = None,
+    *,
+    init: str | None = None,
+    init_std: float = 1e-3,
+    student_mode: str | None = None,
+    steps: int | None = None,
+    alpha: float | None = None,
+    teacher_grad: bool = False,
+    large_step: bool = False,
+) -> AttackSpec:
     """The AttackSpec of a method that attacks the run's threat model.
 
     eps, alpha, steps and norm come from ``threat``; ``config``'s ``init``, ``attack_student_mode`` and

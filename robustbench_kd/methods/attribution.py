@@ -110,8 +110,9 @@ def logits_and_cam(model: nn.Module, x: Tensor, classes: Tensor | None) -> tuple
     return logits, tap.cam(target)
 
 
-def alignment_loss(cam_teacher: Tensor, cam_student: Tensor, *, size: tuple[int, int],
-                   normalization: str = "relu_minmax") -> Tensor:
+def alignment_loss(
+    cam_teacher: Tensor, cam_student: Tensor, *, size: tuple[int, int], normalization: str = "relu_minmax"
+) -> Tensor:
     """Per-sample Eq. 7: mean over the W x H grid of ``(G(N(CAM_T)) - G(N(CAM_S)))^2``; shape (N,)."""
     if cam_teacher.shape[0] != cam_student.shape[0]:
         raise ValueError(f"CAM batch sizes differ: {cam_teacher.shape[0]} vs {cam_student.shape[0]}")
@@ -159,5 +160,9 @@ class CamAlignment:
 
     def loss(self, cam_teacher: Tensor, cam_student: Tensor, x: Tensor) -> Tensor:
         """Per-sample L_align for raw CAMs of the teacher and the student on input batch ``x``."""
-        return alignment_loss(cam_teacher, cam_student, size=self.target_size(cam_teacher, cam_student, x),
-                              normalization=self.normalization)
+        return alignment_loss(
+            cam_teacher,
+            cam_student,
+            size=self.target_size(cam_teacher, cam_student, x),
+            normalization=self.normalization,
+        )

@@ -128,8 +128,7 @@ def sce_per_sample(learner_logits: Tensor, target_probs: Tensor, temperature: fl
     The target ``q`` is always detached (the reference's ``softmax(...).detach()``): the sCE sends
     gradient into the learner only, ``(softmax(o_l/tau) - q) / tau`` per logit.
     """
-    return soft_cross_entropy_from_log_probs(F.log_softmax(learner_logits / temperature, dim=1),
-                                             target_probs.detach())
+    return soft_cross_entropy_from_log_probs(F.log_softmax(learner_logits / temperature, dim=1), target_probs.detach())
 
 
 def sample_weight_vectors(target_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -155,9 +154,17 @@ class IKLTerms:
     sce: Tensor
 
 
-def ikl_per_sample(learner_logits: Tensor, target_logits: Tensor, weight_vectors: Tensor, *,
-                   mse_weight: float, sce_weight: float, temperature: float = 1.0,
-                   target_probs: Tensor | None = None, learner_mse_grad: bool = True) -> IKLTerms:
+def ikl_per_sample(
+    learner_logits: Tensor,
+    target_logits: Tensor,
+    weight_vectors: Tensor,
+    *,
+    mse_weight: float,
+    sce_weight: float,
+    temperature: float = 1.0,
+    target_probs: Tensor | None = None,
+    learner_mse_grad: bool = True,
+) -> IKLTerms:
     r"""IKL (or DKL) per sample: ``mse_weight * wMSE + sce_weight * sCE``.
 
     .. math::
@@ -189,16 +196,18 @@ def ikl_per_sample(learner_logits: Tensor, target_logits: Tensor, weight_vectors
     return IKLTerms(total=mse_weight * wmse + sce_weight * sce, wmse=wmse, sce=sce)
 
 
-def dkl_per_sample(learner_logits: Tensor, target_logits: Tensor, *, mse_weight: float = 1.0,
-                   sce_weight: float = 1.0) -> Tensor:
+def dkl_per_sample(
+    learner_logits: Tensor, target_logits: Tensor, *, mse_weight: float = 1.0, sce_weight: float = 1.0
+) -> Tensor:
     """DKL (paper Eq. 5) per sample: per-sample weights, learner side stopped in the wMSE.
 
     With ``mse_weight = sce_weight = 1`` its gradients w.r.t. BOTH logits equal those of
     ``KL(softmax(o_t) || softmax(o_l))`` (paper appendix A.1); the value differs (module docstring).
     """
     weights = sample_weight_vectors(target_logits)
-    return ikl_per_sample(learner_logits, target_logits, weights, mse_weight=mse_weight, sce_weight=sce_weight,
-                          learner_mse_grad=False).total
+    return ikl_per_sample(
+        learner_logits, target_logits, weights, mse_weight=mse_weight, sce_weight=sce_weight, learner_mse_grad=False
+    ).total
 
 
 class ClassPrior(nn.Module):
@@ -300,14 +309,17 @@ class DivergenceOptions(MethodConfig):
     does not distil with a teacher this way. ``ikl_prior_temperature`` 4 is the IKL-AT scripts' ``--T 4``.
     """
 
-    divergence: str = option("kl", choices=DIVERGENCES,
-                             help="kl (the method's KL) or ikl (Improved KL: class-weighted wMSE + soft-label CE)")
+    divergence: str = option(
+        "kl", choices=DIVERGENCES, help="kl (the method's KL) or ikl (Improved KL: class-weighted wMSE + soft-label CE)"
+    )
     ikl_mse_weight: float = option(5.0, low=0, help="IKL: weight of the wMSE (paper alpha, IKL code --beta)")
     ikl_sce_weight: float = option(1.0, low=0, help="IKL: weight of the soft-label CE (paper beta, IKL code --alpha)")
-    ikl_prior_temperature: float = option(4.0, low=0, low_open=True,
-                                          help="IKL: temperature of the teacher softmax behind the class prior")
-    ikl_class_prior: bool = option(True, choices=(False, True),
-                                   help="IKL: class-wise weights from the previous epoch; false = per-sample weights")
+    ikl_prior_temperature: float = option(
+        4.0, low=0, low_open=True, help="IKL: temperature of the teacher softmax behind the class prior"
+    )
+    ikl_class_prior: bool = option(
+        True, choices=(False, True), help="IKL: class-wise weights from the previous epoch; false = per-sample weights"
+    )
 
 
 class Divergence:
@@ -341,8 +353,17 @@ class Divergence:
         prior_mix: m of :class:`ClassPrior` (new rows mixed into the old ones).
     """
 
-    def __init__(self, kind: str, num_classes: int, *, mse_weight: float = 5.0, sce_weight: float = 1.0,
-                 prior_temperature: float = 4.0, class_prior: bool = True, prior_mix: float = 1.0) -> None:
+    def __init__(
+        self,
+        kind: str,
+        num_classes: int,
+        *,
+        mse_weight: float = 5.0,
+        sce_weight: float = 1.0,
+        prior_temperature: float = 4.0,
+        class_prior: bool = True,
+        prior_mix: float = 1.0,
+    ) -> None:
         if kind not in DIVERGENCES:
             raise ValueError(f"kind must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
         self.kind = kind
@@ -351,15 +372,21 @@ class Divergence:
         self.prior_temperature = float(prior_temperature)
         self.prior: ClassPrior | None = (
             ClassPrior(num_classes, temperature=prior_temperature, mix=prior_mix)
-            if kind == "ikl" and class_prior else None
+            if kind == "ikl" and class_prior
+            else None
         )
 
     @classmethod
     def from_options(cls, options: DivergenceOptions, num_classes: int) -> Divergence:
         """The component a method's :class:`DivergenceOptions` describe."""
-        return cls(options.divergence, num_classes, mse_weight=options.ikl_mse_weight,
-                   sce_weight=options.ikl_sce_weight, prior_temperature=options.ikl_prior_temperature,
-                   class_prior=options.ikl_class_prior)
+        return cls(
+            options.divergence,
+            num_classes,
+            mse_weight=options.ikl_mse_weight,
+            sce_weight=options.ikl_sce_weight,
+            prior_temperature=options.ikl_prior_temperature,
+            class_prior=options.ikl_class_prior,
+        )
 
     def weight_vectors(self, labels: Tensor, target_logits: Tensor) -> Tensor:
         """s with ``w = s s^T``: the class prior's rows for ``labels``, or per-sample softened target outputs."""
@@ -367,8 +394,15 @@ class Divergence:
             return self.prior.weight_vectors(labels)
         return sample_weight_vectors(target_logits, self.prior_temperature)
 
-    def per_sample(self, student_logits: Tensor, target_probs: Tensor, *, teacher_logits: Tensor, labels: Tensor,
-                   temperature: float = 1.0) -> Tensor:
+    def per_sample(
+        self,
+        student_logits: Tensor,
+        target_probs: Tensor,
+        *,
+        teacher_logits: Tensor,
+        labels: Tensor,
+        temperature: float = 1.0,
+    ) -> Tensor:
         """KL(q || p_S^tau) or IKL(teacher -> student) at temperature tau, shape ``[B]`` (class docstring).
 
         ``target_probs`` q is already softened (and possibly label-mixed); ``teacher_logits`` are the raw
@@ -377,8 +411,14 @@ class Divergence:
         if self.kind == "kl":
             return kl_per_sample(student_logits, target_probs, temperature=temperature)
         weights = self.weight_vectors(labels, teacher_logits)
-        return ikl_per_sample(soften(student_logits, temperature), soften(teacher_logits, temperature), weights,
-                              mse_weight=self.mse_weight, sce_weight=self.sce_weight, target_probs=target_probs).total
+        return ikl_per_sample(
+            soften(student_logits, temperature),
+            soften(teacher_logits, temperature),
+            weights,
+            mse_weight=self.mse_weight,
+            sce_weight=self.sce_weight,
+            target_probs=target_probs,
+        ).total
 
     def accumulate(self, target_logits: Tensor, labels: Tensor) -> None:
         """After a training step: add the batch's target-side outputs to the class prior (if any)."""

@@ -368,8 +368,11 @@ def locate_feature_map(model: nn.Module, example: Tensor, *, fc_module: str | No
     reject an unsupported teacher before training starts; :class:`FeatureTap` otherwise probes on
     its first forward pass by itself.
     """
-    with module_mode(model, "eval"), torch.no_grad(), \
-            FeatureTap(model, penultimate=False, feature_map=True, fc_module=fc_module) as tap:
+    with (
+        module_mode(model, "eval"),
+        torch.no_grad(),
+        FeatureTap(model, penultimate=False, feature_map=True, fc_module=fc_module) as tap,
+    ):
         model(example)
     location = tap.feature_map_location
     assert location is not None

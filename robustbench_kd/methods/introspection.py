@@ -36,8 +36,15 @@ from robustbench_kd.methods.losses import kl_logits_per_sample, reduce_kl
 if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
 
-__all__ = ["IntrospectionTerms", "IntrospectionWarmUp", "clean_pass", "iad1_objective", "introspection_kl",
-           "introspective_terms", "reliability_weights"]
+__all__ = [
+    "IntrospectionTerms",
+    "IntrospectionWarmUp",
+    "clean_pass",
+    "iad1_objective",
+    "introspection_kl",
+    "introspective_terms",
+    "reliability_weights",
+]
 
 
 def reliability_weights(teacher_logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
@@ -73,8 +80,7 @@ class IntrospectionTerms:
     introspection: Tensor | None = None
     weights: Tensor | None = None
 
-    def log_terms(self, terms: dict[str, Tensor], *, logits_nat: Tensor | None = None,
-                  y: Tensor | None = None) -> None:
+    def log_terms(self, terms: dict[str, Tensor], *, logits_nat: Tensor | None = None, y: Tensor | None = None) -> None:
         """Add ``kl_teacher``, after the warm-up ``kl_intro`` and ``w_mean``, and ``ce_nat`` (the clean CE,
         whenever the clean pass ran: ``logits_nat`` given) to ``terms``."""
         terms["kl_teacher"] = self.teacher.detach()
@@ -86,9 +92,18 @@ class IntrospectionTerms:
             terms["ce_nat"] = F.cross_entropy(logits_nat.detach(), y)
 
 
-def introspective_terms(teacher_kl: Tensor, logits_adv: Tensor, logits_nat: Tensor, teacher_logits_adv: Tensor,
-                        y: Tensor, *, beta: float, weight_teacher_term: bool, detach_target: bool,
-                        reduction: str) -> IntrospectionTerms:
+def introspective_terms(
+    teacher_kl: Tensor,
+    logits_adv: Tensor,
+    logits_nat: Tensor,
+    teacher_logits_adv: Tensor,
+    y: Tensor,
+    *,
+    beta: float,
+    weight_teacher_term: bool,
+    detach_target: bool,
+    reduction: str,
+) -> IntrospectionTerms:
     """Reliability-weighted teacher term and introspection term of a batch (see the module docstring).
 
     Args:
@@ -124,14 +139,32 @@ class IntrospectionWarmUp:
         """Whether the current epoch is past the warm-up."""
         return self._epoch >= self.begin
 
-    def introspect(self, ctx: BatchContext, teacher_kl: Tensor, logits_adv: Tensor, logits_nat: Tensor | None, *,
-                   beta: float, weight_teacher_term: bool, detach_target: bool, reduction: str) -> IntrospectionTerms:
+    def introspect(
+        self,
+        ctx: BatchContext,
+        teacher_kl: Tensor,
+        logits_adv: Tensor,
+        logits_nat: Tensor | None,
+        *,
+        beta: float,
+        weight_teacher_term: bool,
+        detach_target: bool,
+        reduction: str,
+    ) -> IntrospectionTerms:
         """The batch's terms: :func:`introspective_terms` after the warm-up (reading the ``robust`` teacher's
         memoised logits on x'), else only the plain reduced teacher KL (the teacher is not run on x' for it)."""
         if self.introspection_active and logits_nat is not None:
-            return introspective_terms(teacher_kl, logits_adv, logits_nat, ctx.teacher_logits("robust", "adv"), ctx.y,
-                                       beta=beta, weight_teacher_term=weight_teacher_term,
-                                       detach_target=detach_target, reduction=reduction)
+            return introspective_terms(
+                teacher_kl,
+                logits_adv,
+                logits_nat,
+                ctx.teacher_logits("robust", "adv"),
+                ctx.y,
+                beta=beta,
+                weight_teacher_term=weight_teacher_term,
+                detach_target=detach_target,
+                reduction=reduction,
+            )
         return IntrospectionTerms(teacher=reduce_kl(teacher_kl, reduction, logits_adv.shape[1]))
 
     def on_epoch_start(self, epoch: int, num_epochs: int) -> None:
@@ -144,8 +177,15 @@ class IntrospectionWarmUp:
         self._epoch = int(state.get("epoch", 0))
 
 
-def iad1_objective(kl_teacher: Tensor, kl_intro: Tensor | None, ce_nat: Tensor | None, *, alpha: float,
-                   ce_weight: float, temperature: float) -> Tensor:
+def iad1_objective(
+    kl_teacher: Tensor,
+    kl_intro: Tensor | None,
+    ce_nat: Tensor | None,
+    *,
+    alpha: float,
+    ce_weight: float,
+    temperature: float,
+) -> Tensor:
     """IAD-I's total: ``a tau^2 teacher + a self + ce_weight CE(z_S(x), y)``.
 
     ``kl_intro`` is None during the warm-up; ``ce_nat`` (the clean CE, batch mean) is added only when

@@ -32,14 +32,21 @@ KL_REDUCTIONS = ("batchmean", "mean_all", "sum")
 
 def kl_reduction_option(default: str) -> Any:
     """``kl_reduction``: how a per-sample KL is reduced (:func:`reduce_kl`), default the method's reference code."""
-    return option(default, choices=KL_REDUCTIONS,
-                  help="KL reduction: batchmean (mean over samples), mean_all (mean over samples and classes) or sum")
+    return option(
+        default,
+        choices=KL_REDUCTIONS,
+        help="KL reduction: batchmean (mean over samples), mean_all (mean over samples and classes) or sum",
+    )
 
 
 def kl_scale_option() -> Any:
     """``kl_scale``: a multiplier of every KL; None resolves through :func:`reference_kl_scale`."""
-    return option(None, low=0, low_open=True,
-                  help="multiplier of every KL; None = 10 for 100 classes with mean_all, else 1 (reference scripts)")
+    return option(
+        None,
+        low=0,
+        low_open=True,
+        help="multiplier of every KL; None = 10 for 100 classes with mean_all, else 1 (reference scripts)",
+    )
 
 
 def reference_kl_scale(kl_scale: float | None, num_classes: int, reduction: str) -> float:

@@ -52,8 +52,17 @@ if TYPE_CHECKING:
     from robustbench_kd.context import BatchContext
     from robustbench_kd.threat import ThreatSpec
 
-__all__ = ["COLLAPSE_AGREEMENT", "PAPER", "RANK_INPUTS", "Guidance", "SlackMatchingConfig", "SlackMatchingDistiller",
-           "guidance_term", "rank_scores", "slack_guidance"]
+__all__ = [
+    "COLLAPSE_AGREEMENT",
+    "PAPER",
+    "RANK_INPUTS",
+    "Guidance",
+    "SlackMatchingConfig",
+    "SlackMatchingDistiller",
+    "guidance_term",
+    "rank_scores",
+    "slack_guidance",
+]
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +112,9 @@ class SlackMatchingConfig(MethodConfig):
     cam_resize: str = option("input", choices=CAM_RESIZE, help="common size of the two CAMs")
     init: str = init_option("gauss")
     attack_student_mode: str = student_mode_option("eval")
-    clean_forward_when_unused: bool = option(True, choices=(False, True),
-                                             help="with alpha = 1 still run S(x) without grad before S(x')")
+    clean_forward_when_unused: bool = option(
+        True, choices=(False, True), help="with alpha = 1 still run S(x) without grad before S(x')"
+    )
 
 
 @dataclass
@@ -142,8 +152,7 @@ class SlackMatchingDistiller(Distiller):
     def __init__(self, config: Any = None, *, num_classes: int = 10) -> None:
         super().__init__(config, num_classes=num_classes)
         cfg = self.config
-        self.alignment = CamAlignment(classes=cfg.cam_class, normalization=cfg.cam_normalization,
-                                      resize=cfg.cam_resize)
+        self.alignment = CamAlignment(classes=cfg.cam_class, normalization=cfg.cam_normalization, resize=cfg.cam_resize)
         self._agreement: list = [0.0, 0]  # this epoch's sum of batch top-1 agreements, number of batches
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -241,10 +250,14 @@ class SlackMatchingDistiller(Distiller):
                 align_nat = self.alignment.loss(cam_t_nat, cam_s_nat, ctx.x)
                 terms["align_nat"] = align_nat.detach().mean()
             nat = guidance_term(rho_nat, align_nat, cfg.align_weight)
-        per_sample = slack_guidance(guidance_term(rho_adv, align_adv, cfg.align_weight), nat, alpha=cfg.alpha,
-                                    c=cfg.c)
-        return Guidance(per_sample=per_sample, logits_adv=logits_adv, logits_nat=logits_nat,
-                        teacher_adv=teacher_adv.detach(), terms=terms)
+        per_sample = slack_guidance(guidance_term(rho_adv, align_adv, cfg.align_weight), nat, alpha=cfg.alpha, c=cfg.c)
+        return Guidance(
+            per_sample=per_sample,
+            logits_adv=logits_adv,
+            logits_nat=logits_nat,
+            teacher_adv=teacher_adv.detach(),
+            terms=terms,
+        )
 
     def slack_loss(self, ctx: BatchContext) -> LossOutput:
         """SmaraAD's loss: the batch mean of Eq. 9."""
@@ -270,6 +283,11 @@ class SlackMatchingDistiller(Distiller):
             log.warning(
                 "%s: in epoch %d the student picked the teacher's top class on x' for only %.1f%% of the "
                 "samples (chance: %.1f%%): slack matching has lost its gradient (soft ranks at gamma = %g "
-                "only move near-tied scores); try method.gamma = 100 or method.rank_on = \"logits\"",
-                self.name, epoch + 1, 100 * total / batches, 100 / self.num_classes, self.config.gamma)
+                'only move near-tied scores); try method.gamma = 100 or method.rank_on = "logits"',
+                self.name,
+                epoch + 1,
+                100 * total / batches,
+                100 / self.num_classes,
+                self.config.gamma,
+            )
         return {}

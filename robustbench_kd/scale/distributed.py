@@ -90,21 +90,27 @@ def process_device(device: torch.device, env: DistEnv) -> torch.device:
     if not env.enabled or device.type != "cuda":
         return device
     if device.index is not None:
-        raise UserError(f"run.device = {str(device)!r} names one GPU, but under torchrun each process uses "
-                        "cuda:LOCAL_RANK; set run.device = \"cuda\" (or \"auto\") and choose GPUs with "
-                        "CUDA_VISIBLE_DEVICES")
+        raise UserError(
+            f"run.device = {str(device)!r} names one GPU, but under torchrun each process uses "
+            'cuda:LOCAL_RANK; set run.device = "cuda" (or "auto") and choose GPUs with '
+            "CUDA_VISIBLE_DEVICES"
+        )
     if env.local_rank >= torch.cuda.device_count():
-        raise UserError(f"LOCAL_RANK {env.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                        "start at most that many processes per node")
+        raise UserError(
+            f"LOCAL_RANK {env.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+            "start at most that many processes per node"
+        )
     return torch.device("cuda", env.local_rank)
 
 
 def check_batch_size(batch_size: int, env: DistEnv) -> None:
     """The global batch must split evenly over the processes."""
     if env.enabled and batch_size % env.world_size:
-        raise UserError(f"data.batch_size = {batch_size} is the global batch and must be divisible by the "
-                        f"{env.world_size} processes (torchrun --nproc_per_node); use e.g. "
-                        f"{max(env.world_size, batch_size - batch_size % env.world_size)}")
+        raise UserError(
+            f"data.batch_size = {batch_size} is the global batch and must be divisible by the "
+            f"{env.world_size} processes (torchrun --nproc_per_node); use e.g. "
+            f"{max(env.world_size, batch_size - batch_size % env.world_size)}"
+        )
 
 
 def init_process_group(env: DistEnv, device: torch.device) -> None:
@@ -144,6 +150,7 @@ def prepare_student(student: nn.Module, device: torch.device, *, sync_bn: bool) 
     if not env.enabled or not sync_bn:
         return student
     from robustbench_kd.scale import sync_bn as sync
+
     return sync.convert(student, device)
 
 
@@ -181,13 +188,16 @@ def drop_last(n: int, batch_size: int, world_size: int) -> bool:
 def check_extra_split(real: int, extra: int, env: DistEnv) -> None:
     """With extra data, the real and the extra images of a global batch must each split evenly over the processes."""
     if env.enabled and (real % env.world_size or extra % env.world_size):
-        raise UserError(f"data.batch_size and data.extra_fraction give {real} real + {extra} extra images per global "
-                        f"batch; under torchrun each count must be divisible by the {env.world_size} processes "
-                        "(torchrun --nproc_per_node): change data.batch_size or data.extra_fraction")
+        raise UserError(
+            f"data.batch_size and data.extra_fraction give {real} real + {extra} extra images per global "
+            f"batch; under torchrun each count must be divisible by the {env.world_size} processes "
+            "(torchrun --nproc_per_node): change data.batch_size or data.extra_fraction"
+        )
 
 
-def shard_batches(batches: Iterable[tuple[Tensor, Tensor, Tensor]], device: torch.device, *, extra: int = 0
-                  ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+def shard_batches(
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]], device: torch.device, *, extra: int = 0
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """This process's share of every global ``(x, y, index)`` batch, moved to ``device``.
 
     A global batch is ``[real | extra]`` with ``extra`` trailing extra-data samples (0 without extra
@@ -202,8 +212,12 @@ def shard_batches(batches: Iterable[tuple[Tensor, Tensor, Tensor]], device: torc
             real = len(y) - extra
             r, e = real // env.world_size, extra // env.world_size
             if extra:
-                keep = torch.cat([torch.arange(env.rank * r, (env.rank + 1) * r),
-                                  torch.arange(real + env.rank * e, real + (env.rank + 1) * e)])
+                keep = torch.cat(
+                    [
+                        torch.arange(env.rank * r, (env.rank + 1) * r),
+                        torch.arange(real + env.rank * e, real + (env.rank + 1) * e),
+                    ]
+                )
                 x, y, index = x[keep], y[keep], index[keep]
             else:
                 part = slice(env.rank * r, (env.rank + 1) * r)
@@ -250,7 +264,7 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
     flat /= dist.get_world_size()
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -260,8 +274,10 @@ def reduce_epoch_sums(sums: dict[str, Any], seen: int) -> tuple[dict[str, Any], 
         return sums, seen
     keys = sorted(sums)
     device = next((v.device for v in sums.values() if isinstance(v, Tensor)), torch.device("cpu"))
-    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device).reshape(())
-                          for k in keys] + [torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    values = torch.stack(
+        [torch.as_tensor(sums[k], dtype=torch.float64, device=device).reshape(()) for k in keys]
+        + [torch.tensor(float(seen), dtype=torch.float64, device=device)]
+    )
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return {k: values[i] for i, k in enumerate(keys)}, int(values[-1].item())
 

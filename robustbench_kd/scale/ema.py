@@ -85,8 +85,10 @@ class StudentEMA:
     # -- checkpoint state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain data for a checkpoint: the averaged weights (CPU) and the update count."""
-        return {"module": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
-                "updates": self.updates}
+        return {
+            "module": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])

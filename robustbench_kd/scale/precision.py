@@ -62,8 +62,7 @@ class SpeedPlan:
         teachers: the run's teachers; converted/compiled in place when asked.
     """
 
-    def __init__(self, section: SpeedSection, device: torch.device, student: nn.Module,
-                 teachers: TeacherSet) -> None:
+    def __init__(self, section: SpeedSection, device: torch.device, student: nn.Module, teachers: TeacherSet) -> None:
         self.section = section
         self.device_type = torch.device(device).type
         self.amp_dtype = _DTYPES.get(section.amp)
@@ -148,8 +147,10 @@ class SpeedPlan:
         if state:
             self.scaler.load_state_dict(state)
         else:
-            log.warning("resuming with speed.amp = \"fp16\" from a checkpoint without GradScaler state: the loss "
-                        "scale starts afresh")
+            log.warning(
+                'resuming with speed.amp = "fp16" from a checkpoint without GradScaler state: the loss '
+                "scale starts afresh"
+            )
 
 
 def _fp32_output(module: nn.Module, args: Any, output: Any) -> Any:
@@ -166,12 +167,16 @@ def check_autocast(device_type: str, dtype: torch.dtype, name: str) -> None:
             a = torch.ones(2, 2, device=device_type)
             out = a @ a
     except Exception as exc:  # autocast raises or warns-and-disables depending on the torch version
-        raise UserError(f"speed.amp = {name!r} is not supported on {device_type} by torch {torch.__version__} "
-                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use \"bf16\" or "
-                        "\"off\"") from None
+        raise UserError(
+            f"speed.amp = {name!r} is not supported on {device_type} by torch {torch.__version__} "
+            f'({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); use "bf16" or '
+            '"off"'
+        ) from None
     if out.dtype != dtype:
-        raise UserError(f"speed.amp = {name!r}: torch {torch.__version__} does not autocast to {dtype} on "
-                        f"{device_type}; use \"bf16\" or \"off\"")
+        raise UserError(
+            f"speed.amp = {name!r}: torch {torch.__version__} does not autocast to {dtype} on "
+            f'{device_type}; use "bf16" or "off"'
+        )
 
 
 def check_backend(backend: str) -> None:
@@ -180,5 +185,4 @@ def check_backend(backend: str) -> None:
 
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         common = sorted({*torch._dynamo.list_backends(), "eager", "aot_eager"})
-        raise UserError(f"speed.compile_backend {backend!r} is not a torch.compile backend; valid: "
-                        f"{', '.join(common)}")
+        raise UserError(f"speed.compile_backend {backend!r} is not a torch.compile backend; valid: {', '.join(common)}")

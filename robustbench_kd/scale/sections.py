@@ -28,21 +28,24 @@ class SpeedSection:
     evaluation use the plain modules.
     """
 
-    amp: str = "off"                    #: "off" | "bf16" | "fp16" (torch.autocast on the run's device)
-    attack_fp32: bool = True            #: run the attack (inner maximisation) in fp32 even with amp on
-    channels_last: bool = False         #: student, teachers and inputs in channels_last memory format
-    compile: str = "off"                #: torch.compile the "student", the "teachers", "both" or "off"
-    compile_backend: str = "inductor"   #: torch.compile backend ("eager"/"aot_eager" need no compiler)
+    amp: str = "off"  #: "off" | "bf16" | "fp16" (torch.autocast on the run's device)
+    attack_fp32: bool = True  #: run the attack (inner maximisation) in fp32 even with amp on
+    channels_last: bool = False  #: student, teachers and inputs in channels_last memory format
+    compile: str = "off"  #: torch.compile the "student", the "teachers", "both" or "off"
+    compile_backend: str = "inductor"  #: torch.compile backend ("eager"/"aot_eager" need no compiler)
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
-            raise UserError(f"speed.amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}"
-                            f"{close_matches(self.amp, AMP_MODES)}")
+            raise UserError(
+                f"speed.amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}{close_matches(self.amp, AMP_MODES)}"
+            )
         if self.compile not in COMPILE_TARGETS:
-            raise UserError(f"speed.compile must be one of {', '.join(COMPILE_TARGETS)}, got {self.compile!r}"
-                            f"{close_matches(self.compile, COMPILE_TARGETS)}")
+            raise UserError(
+                f"speed.compile must be one of {', '.join(COMPILE_TARGETS)}, got {self.compile!r}"
+                f"{close_matches(self.compile, COMPILE_TARGETS)}"
+            )
         if not self.compile_backend:
-            raise UserError("speed.compile_backend must name a torch.compile backend, e.g. \"inductor\"")
+            raise UserError('speed.compile_backend must name a torch.compile backend, e.g. "inductor"')
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,9 +58,9 @@ class EmaSection:
     statistics) are copied from the student, not averaged.
     """
 
-    decay: float = 0.0                  #: 0 = no EMA; typical 0.999 (per update), must be < 1
-    warmup: bool = False                #: d = min(decay, (1 + n) / (10 + n)) at the n-th update
-    every: int = 1                      #: update after every N-th optimiser step
+    decay: float = 0.0  #: 0 = no EMA; typical 0.999 (per update), must be < 1
+    warmup: bool = False  #: d = min(decay, (1 + n) / (10 + n)) at the n-th update
+    every: int = 1  #: update after every N-th optimiser step
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.decay) and 0.0 <= self.decay < 1.0):

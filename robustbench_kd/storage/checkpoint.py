@@ -43,8 +43,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu",
-                    sha256: str | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, *, map_location: str | torch.device = "cpu", sha256: str | None = None
+) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; any failure is a one-line UserError naming the file.
 
     ``sha256`` (hex) is compared with the file's digest before a single byte is unpickled.
@@ -72,18 +73,24 @@ def _unreadable_message(path: Path, exc: BaseException) -> str:
     is the wrong advice for an untrusted file, so only its offending item is quoted.
     """
     if _looks_like_html(path):
-        return (f"checkpoint {path} is an HTML page, not a checkpoint (a failed or redirected download?); "
-                "re-download the file")
+        return (
+            f"checkpoint {path} is an HTML page, not a checkpoint (a failed or redirected download?); "
+            "re-download the file"
+        )
     text = str(exc)
     code = re.search(r"(?:Unsupported global|GLOBAL)[^\n]*", text)
     if "Weights only load failed" in text and code:
-        return (f"checkpoint {path} was refused: it holds pickled Python objects that could run code when "
-                f"loaded ({code.group(0).strip()[:160]}); only tensors, numbers, strings, lists and dicts are "
-                "accepted (torch.load weights_only=True) - re-save it as a plain state dict or use a trusted file")
+        return (
+            f"checkpoint {path} was refused: it holds pickled Python objects that could run code when "
+            f"loaded ({code.group(0).strip()[:160]}); only tensors, numbers, strings, lists and dicts are "
+            "accepted (torch.load weights_only=True) - re-save it as a plain state dict or use a trusted file"
+        )
     detail = re.search(r"Unsupported operand[^\n]*", text)
     first = detail.group(0) if detail else (text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
-    return (f"checkpoint {path} is corrupt or truncated ({first.strip()[:160]}); a checkpoint is a torch.save "
-            "of tensors, numbers, strings, lists and dicts - re-create or re-download it")
+    return (
+        f"checkpoint {path} is corrupt or truncated ({first.strip()[:160]}); a checkpoint is a torch.save "
+        "of tensors, numbers, strings, lists and dicts - re-create or re-download it"
+    )
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -94,8 +101,10 @@ def parse_sha256(text: str, *, where: str) -> tuple[str, ...]:
     digests = tuple(d.strip().lower() for d in str(text).split(","))
     bad = [d for d in digests if not _HEX64.fullmatch(d)]
     if bad:
-        raise UserError(f"{where}: sha256 {bad[0]!r} is not a SHA-256 digest; expected 64 hex characters "
-                        "(e.g. from `sha256sum FILE`), comma-separated for multi-file zoo entries")
+        raise UserError(
+            f"{where}: sha256 {bad[0]!r} is not a SHA-256 digest; expected 64 hex characters "
+            "(e.g. from `sha256sum FILE`), comma-separated for multi-file zoo entries"
+        )
     return digests
 
 
@@ -106,19 +115,22 @@ def verify_sha256(path: str | Path, expected: str) -> None:
     """
     actual = sha256_of(path)
     if actual != expected.strip().lower():
-        raise UserError(f"checkpoint {path} has SHA-256 {actual} but {expected.strip().lower()} was pinned; the file "
-                        "changed or is not the one you meant - re-download it or update the sha256 pin")
+        raise UserError(
+            f"checkpoint {path} has SHA-256 {actual} but {expected.strip().lower()} was pinned; the file "
+            "changed or is not the one you meant - re-download it or update the sha256 pin"
+        )
 
 
-def verify_sha256_all(paths: Sequence[Path], digests: Sequence[str], *, what: str,
-                      skip_missing: bool = False) -> None:
+def verify_sha256_all(paths: Sequence[Path], digests: Sequence[str], *, what: str, skip_missing: bool = False) -> None:
     """Check one pinned digest per file (a multi-file zoo ensemble pins each member in order).
 
     ``skip_missing``: files not on disk yet (about to be downloaded) are checked later by the caller.
     """
     if len(digests) != len(paths):
-        raise UserError(f"{what} reads {len(paths)} file(s) ({' '.join(map(str, paths))}) but {len(digests)} "
-                        "sha256 digest(s) were pinned; give one per file, comma-separated, in that order")
+        raise UserError(
+            f"{what} reads {len(paths)} file(s) ({' '.join(map(str, paths))}) but {len(digests)} "
+            "sha256 digest(s) were pinned; give one per file, comma-separated, in that order"
+        )
     for path, digest in zip(paths, digests, strict=False):
         if not (skip_missing and not Path(path).is_file()):
             verify_sha256(path, digest)
@@ -192,7 +204,7 @@ def state_dict_of(data: dict[str, Any]) -> dict[str, torch.Tensor]:
 def load_weights(net: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> nn.Module:
     """``load_state_dict`` (strict), stripping a DDP ``module.`` prefix, with a readable error."""
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:

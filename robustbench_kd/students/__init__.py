@@ -183,9 +183,7 @@ def _normalization(normalize: Any, in_channels: int) -> tuple[list[float], list[
         if len(floats) == 1:
             floats *= in_channels
         if len(floats) != in_channels:
-            raise UserError(
-                f"normalize {label} has {len(floats)} values but the data has {in_channels} channels"
-            )
+            raise UserError(f"normalize {label} has {len(floats)} values but the data has {in_channels} channels")
         if not all(math.isfinite(v) for v in floats):
             raise UserError(f"normalize {label} must be finite, got {value!r}")
         expanded.append(floats)

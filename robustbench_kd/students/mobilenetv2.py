@@ -38,8 +38,9 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return rounded
 
 
-def _conv_bn(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, groups: int = 1,
-             relu: bool = True) -> nn.Sequential:
+def _conv_bn(
+    in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, groups: int = 1, relu: bool = True
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=False),
         nn.BatchNorm2d(out_ch),

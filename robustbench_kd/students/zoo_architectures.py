@@ -25,6 +25,7 @@ CIFAR_IMAGE_SIZE = 32
 def robustbench_architecture_module(name: str) -> ModuleType:
     """Import ``robustbench.model_zoo.architectures.<name>`` after installing the compatibility shims."""
     from robustbench_kd.zoo import compat
+
     # import_robustbench() runs compat.install() first and silences robustbench's import-time noise.
     compat.import_robustbench()
     return importlib.import_module(f"robustbench.model_zoo.architectures.{name}")

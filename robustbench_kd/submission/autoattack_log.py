@@ -29,8 +29,7 @@ def autoattack_log_partial(out_dir: str | os.PathLike[str], model_id: str) -> Pa
     return path
 
 
-def bundle_log(directory: Path, logs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
-                ) -> Path | None:
+def bundle_log(directory: Path, logs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None) -> Path | None:
     """Move (or concatenate) this run's AutoAttack log(s) to ``directory/autoattack.log``."""
     target = directory / AUTOATTACK_LOG
     if logs is None:

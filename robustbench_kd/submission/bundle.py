@@ -69,6 +69,7 @@ def distill_command(run: Any) -> str:
     """
     return shlex.join(["robustbench-kd", "distill", str(Path(run.out_dir) / "config.yaml")])
 
+
 @dataclass
 class SubmissionBundle:
     """The files of one submission bundle (all under ``directory``)."""
@@ -91,11 +92,19 @@ def _tool_version() -> str | None:
         return None
 
 
-def write_submission_bundle(out_dir: str | os.PathLike[str], *, model_id: str, threat_model: str,
-                            info_path: str | os.PathLike[str], checkpoint_path: str | os.PathLike[str],
-                            results: Mapping[str, Any], constructor: ZooConstructor | None,
-                            autoattack_log: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
-                            command: str | None = None, batch_size: int | None = None) -> SubmissionBundle:
+def write_submission_bundle(
+    out_dir: str | os.PathLike[str],
+    *,
+    model_id: str,
+    threat_model: str,
+    info_path: str | os.PathLike[str],
+    checkpoint_path: str | os.PathLike[str],
+    results: Mapping[str, Any],
+    constructor: ZooConstructor | None,
+    autoattack_log: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+    command: str | None = None,
+    batch_size: int | None = None,
+) -> SubmissionBundle:
     """Write ``<out_dir>/submission/<model_id>/`` (see the module docstring) and return its files.
 
     Args:
@@ -128,49 +137,111 @@ def write_submission_bundle(out_dir: str | os.PathLike[str], *, model_id: str, t
     relative = Path(os.path.relpath(checkpoint_path.resolve(), directory.resolve())).as_posix()
     checksum = atomic_write_text(directory / CHECKSUM_FILE, f"{sha256}  {relative}\n")
     dataset = str(info["dataset"])
-    zoo_entry = atomic_write_text(directory / ZOO_ENTRY_FILE,
-                                  format_zoo_entry(model_id, constructor, dataset=dataset, threat_model=threat_model))
+    zoo_entry = atomic_write_text(
+        directory / ZOO_ENTRY_FILE, format_zoo_entry(model_id, constructor, dataset=dataset, threat_model=threat_model)
+    )
     n_examples = int(results["n_examples"])
-    issue = atomic_write_text(directory / ISSUE_FILE, format_new_model_issue(
-        info, model_id=model_id, threat_model=threat_model, n_examples=n_examples, seed=results.get("seed"),
-        autoattack_version=results.get("autoattack_version"), batch_size=batch_size, sha256=sha256,
-        constructor=constructor, tool_version=_tool_version()))
+    issue = atomic_write_text(
+        directory / ISSUE_FILE,
+        format_new_model_issue(
+            info,
+            model_id=model_id,
+            threat_model=threat_model,
+            n_examples=n_examples,
+            seed=results.get("seed"),
+            autoattack_version=results.get("autoattack_version"),
+            batch_size=batch_size,
+            sha256=sha256,
+            constructor=constructor,
+            tool_version=_tool_version(),
+        ),
+    )
 
     missing = [key for key in ("name", "authors", "venue", "link", "architecture") if info.get(key) in (None, "")]
-    todo = [f"model_info fields still null: {', '.join(missing)} (set them in [model_info] or with the "
+    todo = (
+        [
+            f"model_info fields still null: {', '.join(missing)} (set them in [model_info] or with the "
             "evaluate flags --title/--authors/--venue/--link/--architecture and re-run, or edit "
-            f"{info_copy.name} and the canonical file)"] if missing else []
+            f"{info_copy.name} and the canonical file)"
+        ]
+        if missing
+        else []
+    )
     full = LEADERBOARD_N_EXAMPLES.get(dataset)
     if full is None:
         todo.append(f"RobustBench has no {dataset!r} leaderboard; this bundle shows the format only")
     elif n_examples != full:
         todo.append(f"evaluated on {n_examples} test points; the leaderboard needs all {full}")
     if info.get("unreliable"):
-        todo.append("the entry is marked unreliable (AutoAttack's flags or failed sanity checks): "
-                    + or_fill_in(info.get("footnote")))
+        todo.append(
+            "the entry is marked unreliable (AutoAttack's flags or failed sanity checks): "
+            + or_fill_in(info.get("footnote"))
+        )
     if constructor.placeholder:
         todo.append(f"write the architecture constructor into {ZOO_ENTRY_FILE} ({constructor.note})")
-    todo += [f"upload the checkpoint and put its Google Drive id into {ZOO_ENTRY_FILE}",
-             f"fill in the checkpoint/code URLs and the license choice in {ISSUE_FILE}"]
-    readme = atomic_write_text(directory / README_FILE, _readme(
-        model_id, dataset=dataset, threat_model=threat_model, info_path=info_path, info_copy=info_copy,
-        checkpoint_path=checkpoint_path, log_file=log_file, sha256=sha256, command=command, todo=todo,
-        n_examples=n_examples, results=results))
+    todo += [
+        f"upload the checkpoint and put its Google Drive id into {ZOO_ENTRY_FILE}",
+        f"fill in the checkpoint/code URLs and the license choice in {ISSUE_FILE}",
+    ]
+    readme = atomic_write_text(
+        directory / README_FILE,
+        _readme(
+            model_id,
+            dataset=dataset,
+            threat_model=threat_model,
+            info_path=info_path,
+            info_copy=info_copy,
+            checkpoint_path=checkpoint_path,
+            log_file=log_file,
+            sha256=sha256,
+            command=command,
+            todo=todo,
+            n_examples=n_examples,
+            results=results,
+        ),
+    )
     if missing:
-        log.warning("submission bundle %s: model_info fields %s are null; fill them in before submitting",
-                    model_id, ", ".join(missing))
-    return SubmissionBundle(directory=directory, model_info=info_copy, autoattack_log=log_file, checksum=checksum,
-                            zoo_entry=zoo_entry, issue=issue, readme=readme, sha256=sha256, missing=todo)
+        log.warning(
+            "submission bundle %s: model_info fields %s are null; fill them in before submitting",
+            model_id,
+            ", ".join(missing),
+        )
+    return SubmissionBundle(
+        directory=directory,
+        model_info=info_copy,
+        autoattack_log=log_file,
+        checksum=checksum,
+        zoo_entry=zoo_entry,
+        issue=issue,
+        readme=readme,
+        sha256=sha256,
+        missing=todo,
+    )
 
 
-def _readme(model_id: str, *, dataset: str, threat_model: str, info_path: Path, info_copy: Path,
-            checkpoint_path: Path, log_file: Path | None, sha256: str, command: str | None, todo: list[str],
-            n_examples: int, results: Mapping[str, Any]) -> str:
+def _readme(
+    model_id: str,
+    *,
+    dataset: str,
+    threat_model: str,
+    info_path: Path,
+    info_copy: Path,
+    checkpoint_path: Path,
+    log_file: Path | None,
+    sha256: str,
+    command: str | None,
+    todo: list[str],
+    n_examples: int,
+    results: Mapping[str, Any],
+) -> str:
     produced = f"`{command}`" if command else "(command not recorded)"
     version = _tool_version()
-    log_line = (f"| `{AUTOATTACK_LOG}` | AutoAttack's full log (every attack, robust accuracy after each) of the run "
-                "that produced the robust accuracy |" if log_file is not None
-                else f"| (`{AUTOATTACK_LOG}` missing) | no AutoAttack log was recorded for this evaluation |")
+    log_line = (
+        f"| `{AUTOATTACK_LOG}` | AutoAttack's full log (every attack, robust accuracy after each) of the run "
+        "that produced the robust accuracy |"
+        if log_file is not None
+        else f"| (`{AUTOATTACK_LOG}` missing) | no AutoAttack log was recorded for this evaluation |"
+    )
     lines = [
         f"# Submission bundle for {model_id}",
         "",
@@ -188,7 +259,7 @@ def _readme(model_id: str, *, dataset: str, threat_model: str, info_path: Path, 
         f"`sha256sum -c {CHECKSUM_FILE}` in this directory |",
         f"| `{ZOO_ENTRY_FILE}` | the entry for `robustbench/model_zoo/{dataset}.py` (imports + `ENTRY` tuple for the "
         f"`{ZOO_DICT_NAMES.get(threat_model, threat_model)}` OrderedDict) |",
-        f"| `{ISSUE_FILE}` | RobustBench's \"New Model(s)\" issue, filled in; open it at "
+        f'| `{ISSUE_FILE}` | RobustBench\'s "New Model(s)" issue, filled in; open it at '
         "https://github.com/RobustBench/robustbench/issues/new/choose |",
         f"| `{README_FILE}` | this file |",
         "",

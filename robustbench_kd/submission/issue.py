@@ -11,8 +11,12 @@ from robustbench_kd.submission.zoo_entry import ZooConstructor
 
 __all__ = ["DATASET_NAMES", "STANDARD_ATTACKS", "THREAT_NAMES", "format_new_model_issue", "or_fill_in"]
 
-DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet",
-                 "digits": "digits (scikit-learn 8x8)"}
+DATASET_NAMES = {
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "imagenet": "ImageNet",
+    "digits": "digits (scikit-learn 8x8)",
+}
 THREAT_NAMES = {"Linf": "Linf", "L2": "L2", "corruptions": "Common Corruptions"}
 STANDARD_ATTACKS = "APGD-CE, APGD-T, FAB-T, Square"
 
@@ -22,10 +26,19 @@ def or_fill_in(value: Any) -> str:
     return FILL_IN if value is None or value == "" else str(value)
 
 
-def format_new_model_issue(info: Mapping[str, Any], *, model_id: str, threat_model: str, n_examples: int,
-                           seed: int | None, autoattack_version: str | None, batch_size: int | None,
-                           sha256: str | None, constructor: ZooConstructor | None,
-                           tool_version: str | None = None) -> str:
+def format_new_model_issue(
+    info: Mapping[str, Any],
+    *,
+    model_id: str,
+    threat_model: str,
+    n_examples: int,
+    seed: int | None,
+    autoattack_version: str | None,
+    batch_size: int | None,
+    sha256: str | None,
+    constructor: ZooConstructor | None,
+    tool_version: str | None = None,
+) -> str:
     """RobustBench's "New Model(s)" issue (``.github/ISSUE_TEMPLATE/new-model.md``) filled in for one model.
 
     Fields the run cannot know (paper title, URL, authors when not given, the checkpoint URL, the
@@ -35,16 +48,22 @@ def format_new_model_issue(info: Mapping[str, Any], *, model_id: str, threat_mod
     """
     dataset = str(info["dataset"])
     full = LEADERBOARD_N_EXAMPLES.get(dataset)
-    points = (f"the first {n_examples} {DATASET_NAMES.get(dataset, dataset)} test images "
-              "(unshuffled, as robustbench.eval.benchmark)")
-    method = (f"AutoAttack, version standard ({STANDARD_ATTACKS}), backend {or_fill_in(autoattack_version)}, "
-              f"seed {seed}, batch size {or_fill_in(batch_size)}, on {points}")
+    points = (
+        f"the first {n_examples} {DATASET_NAMES.get(dataset, dataset)} test images "
+        "(unshuffled, as robustbench.eval.benchmark)"
+    )
+    method = (
+        f"AutoAttack, version standard ({STANDARD_ATTACKS}), backend {or_fill_in(autoattack_version)}, "
+        f"seed {seed}, batch size {or_fill_in(batch_size)}, on {points}"
+    )
     if tool_version:
         method += f"; run with robustbench_kd {tool_version}"
     notes = []
     if full is not None and n_examples != full:
-        notes.append(f"evaluated on {n_examples} points, not the {full} the leaderboard requires: "
-                     "re-run on the full test set before submitting")
+        notes.append(
+            f"evaluated on {n_examples} points, not the {full} the leaderboard requires: "
+            "re-run on the full test set before submitting"
+        )
     if info.get("unreliable"):
         notes.append("the entry is marked unreliable: " + or_fill_in(info.get("footnote")))
     robust_key = "autoattack_acc" if "autoattack_acc" in info else "corruptions_acc"

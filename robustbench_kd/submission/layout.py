@@ -12,8 +12,16 @@ from pathlib import Path
 
 from robustbench_kd.zoo.names import validate_model_id
 
-__all__ = ["AUTOATTACK_LOG", "CHECKSUM_FILE", "FILL_IN", "ISSUE_FILE", "LEADERBOARD_N_EXAMPLES", "README_FILE",
-           "ZOO_ENTRY_FILE", "bundle_dir"]
+__all__ = [
+    "AUTOATTACK_LOG",
+    "CHECKSUM_FILE",
+    "FILL_IN",
+    "ISSUE_FILE",
+    "LEADERBOARD_N_EXAMPLES",
+    "README_FILE",
+    "ZOO_ENTRY_FILE",
+    "bundle_dir",
+]
 
 FILL_IN = "<fill in>"
 AUTOATTACK_LOG = "autoattack.log"

@@ -16,11 +16,11 @@ __all__ = ["ModelInfoSection"]
 class ModelInfoSection:
     """Leaderboard metadata (RobustBench model_info fields that cannot be measured)."""
 
-    title: str | None = None            #: the "name" field: the paper title
+    title: str | None = None  #: the "name" field: the paper title
     authors: str | None = None
     venue: str | None = None
     link: str | None = None
-    architecture: str | None = None     #: default: the student arch
+    architecture: str | None = None  #: default: the student arch
     additional_data: bool = False
     reported: str | None = None
     footnote: str | None = None

@@ -34,19 +34,33 @@ __all__ = [
 #: The OrderedDict each threat model's entries live in, in robustbench/model_zoo/<dataset>.py.
 ZOO_DICT_NAMES = {"Linf": "linf", "L2": "l2", "corruptions": "common_corruptions"}
 # Leaderboard-style names of the built-in students.
-_ARCH_NAMES = {"small-cnn": "SmallCNN", "resnet18": "ResNet-18", "preact-resnet18": "PreActResNet-18",
-               "wrn-34-10": "WideResNet-34-10", "wrn-28-10": "WideResNet-28-10", "mobilenetv2": "MobileNetV2"}
+_ARCH_NAMES = {
+    "small-cnn": "SmallCNN",
+    "resnet18": "ResNet-18",
+    "preact-resnet18": "PreActResNet-18",
+    "wrn-34-10": "WideResNet-34-10",
+    "wrn-28-10": "WideResNet-28-10",
+    "mobilenetv2": "MobileNetV2",
+}
 # Built-in students that are RobustBench's own classes, and the native zoo-file constructor of each.
 _RB_ARCH = "robustbench.model_zoo.architectures"
 _NATIVE = {
-    "resnet18": ((f"from {_RB_ARCH}.resnet import BasicBlock, ResNet",),
-                 "ResNet(BasicBlock, [2, 2, 2, 2], num_classes={num_classes})"),
-    "preact-resnet18": ((f"from {_RB_ARCH}.resnet import PreActBlock, PreActResNet",),
-                        "PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes={num_classes})"),
-    "wrn-34-10": ((f"from {_RB_ARCH}.wide_resnet import WideResNet",),
-                  "WideResNet(depth=34, widen_factor=10, num_classes={num_classes})"),
-    "wrn-28-10": ((f"from {_RB_ARCH}.wide_resnet import WideResNet",),
-                  "WideResNet(depth=28, widen_factor=10, num_classes={num_classes})"),
+    "resnet18": (
+        (f"from {_RB_ARCH}.resnet import BasicBlock, ResNet",),
+        "ResNet(BasicBlock, [2, 2, 2, 2], num_classes={num_classes})",
+    ),
+    "preact-resnet18": (
+        (f"from {_RB_ARCH}.resnet import PreActBlock, PreActResNet",),
+        "PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes={num_classes})",
+    ),
+    "wrn-34-10": (
+        (f"from {_RB_ARCH}.wide_resnet import WideResNet",),
+        "WideResNet(depth=34, widen_factor=10, num_classes={num_classes})",
+    ),
+    "wrn-28-10": (
+        (f"from {_RB_ARCH}.wide_resnet import WideResNet",),
+        "WideResNet(depth=28, widen_factor=10, num_classes={num_classes})",
+    ),
 }
 
 
@@ -85,8 +99,15 @@ def _literal(value: Any) -> bool:
         return False
 
 
-def student_constructor(arch: str, *, num_classes: int, in_channels: int, image_size: int,
-                        options: Mapping[str, Any] | None = None, dataset: str | None = None) -> ZooConstructor:
+def student_constructor(
+    arch: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    options: Mapping[str, Any] | None = None,
+    dataset: str | None = None,
+) -> ZooConstructor:
     """The constructor of student ``arch`` built with ``options`` for data of the given shape.
 
     A built-in student that is RobustBench's own class (resnet18, preact-resnet18, wrn-34-10,
@@ -100,8 +121,9 @@ def student_constructor(arch: str, *, num_classes: int, in_channels: int, image_
     identity normaliser (:func:`_imagenet_layout`), the model ``save_zoo_checkpoint``'s ImageNet
     checkpoints load into.
     """
-    constructor = _student_constructor(arch, num_classes=num_classes, in_channels=in_channels,
-                                       image_size=image_size, options=dict(options or {}))
+    constructor = _student_constructor(
+        arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, options=dict(options or {})
+    )
     return _imagenet_layout(constructor) if dataset == "imagenet" else constructor
 
 
@@ -115,18 +137,27 @@ def _imagenet_layout(constructor: ZooConstructor) -> ZooConstructor:
     ignores missing keys. Same source as ``robustbench_kd.evaluation.export.imagenet_zoo_model``.
     """
     if constructor.placeholder:
-        note = (f"{constructor.note}; wrap it as nn.Sequential(OrderedDict([('normalize', nn.Identity()), "
-                "('model', <network>)])) (the checkpoint holds the bare network's weights)")
+        note = (
+            f"{constructor.note}; wrap it as nn.Sequential(OrderedDict([('normalize', nn.Identity()), "
+            "('model', <network>)])) (the checkpoint holds the bare network's weights)"
+        )
         return placeholder_constructor(note, constructor.architecture)
-    imports = tuple(dict.fromkeys(("from collections import OrderedDict", "from torch import nn",
-                                   *constructor.imports)))
+    imports = tuple(
+        dict.fromkeys(("from collections import OrderedDict", "from torch import nn", *constructor.imports))
+    )
     expression = f"nn.Sequential(OrderedDict([('normalize', nn.Identity()), ('model', {constructor.expression})]))"
-    return ZooConstructor(expression=expression, imports=imports, architecture=constructor.architecture,
-                          in_robustbench=constructor.in_robustbench, note=constructor.note)
+    return ZooConstructor(
+        expression=expression,
+        imports=imports,
+        architecture=constructor.architecture,
+        in_robustbench=constructor.in_robustbench,
+        note=constructor.note,
+    )
 
 
-def _student_constructor(arch: str, *, num_classes: int, in_channels: int, image_size: int,
-                         options: dict[str, Any]) -> ZooConstructor:
+def _student_constructor(
+    arch: str, *, num_classes: int, in_channels: int, image_size: int, options: dict[str, Any]
+) -> ZooConstructor:
     from robustbench_kd.students import BUILTIN_STUDENTS
 
     canonical = arch.strip().lower().replace("_", "-") if isinstance(arch, str) else arch
@@ -137,30 +168,50 @@ def _student_constructor(arch: str, *, num_classes: int, in_channels: int, image
         name += " (" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")"
     bad = [k for k, v in options.items() if not (isinstance(k, str) and k.isidentifier() and _literal(v))]
     if bad:
-        return placeholder_constructor(f"student option {bad[0]!r} of {arch!r} cannot be written as Python source; "
-                            "write the constructor by hand", name)
+        return placeholder_constructor(
+            f"student option {bad[0]!r} of {arch!r} cannot be written as Python source; write the constructor by hand",
+            name,
+        )
     if builtin in _NATIVE and options.get("normalize") is None and not (set(options) - {"normalize"}):
         imports, template = _NATIVE[builtin]
-        return ZooConstructor(expression=template.format(num_classes=num_classes), imports=imports,
-                              architecture=name, in_robustbench=True)
-    arguments = ", ".join([f"num_classes={num_classes}", f"in_channels={in_channels}", f"image_size={image_size}",
-                           *(f"{k}={v!r}" for k, v in sorted(options.items()))])
+        return ZooConstructor(
+            expression=template.format(num_classes=num_classes), imports=imports, architecture=name, in_robustbench=True
+        )
+    arguments = ", ".join(
+        [
+            f"num_classes={num_classes}",
+            f"in_channels={in_channels}",
+            f"image_size={image_size}",
+            *(f"{k}={v!r}" for k, v in sorted(options.items())),
+        ]
+    )
     if builtin is not None:
-        return ZooConstructor(expression=f"build_student({builtin!r}, {arguments})",
-                              imports=("from robustbench_kd.students import build_student",), architecture=name)
+        return ZooConstructor(
+            expression=f"build_student({builtin!r}, {arguments})",
+            imports=("from robustbench_kd.students import build_student",),
+            architecture=name,
+        )
     return ZooConstructor(
         expression=f"PluginHost.create().students.get({arch!r})({arguments})",
-        imports=("from robustbench_kd.plugin_host import PluginHost",), architecture=name,
+        imports=("from robustbench_kd.plugin_host import PluginHost",),
+        architecture=name,
         note=f"{arch!r} is a student architecture registered by a robustbench_kd plugin; "
-             "the plugin's distribution must be installed",
+        "the plugin's distribution must be installed",
     )
 
 
 def constructor_for_run(run: Any) -> ZooConstructor:
     """:func:`student_constructor` for the student of a trained run (its config and data shape)."""
     cfg, data = run.config, run.data
-    return student_constructor(cfg.student.arch, num_classes=data.num_classes, in_channels=data.in_channels,
-                               image_size=data.image_size, options=cfg.student.options, dataset=data.name)
+    return student_constructor(
+        cfg.student.arch,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        options=cfg.student.options,
+        dataset=data.name,
+    )
+
 
 def _import_line(name: str, obj: Any, home_module: str) -> str:
     """An import that binds ``name`` to ``obj`` (``home_module``: where ``name`` is a global)."""
@@ -211,12 +262,16 @@ def zoo_entry_constructor(dataset: str, threat_model: str, name: str) -> ZooCons
     home = getattr(factory, "__module__", None) or ""
     if inspect.isclass(factory) or (inspect.isfunction(factory) and factory.__name__ != "<lambda>"):
         if not factory.__qualname__.isidentifier():  # nested or local: not importable by name
-            return placeholder_constructor(f"the architecture of zoo entry {ref} ({factory.__qualname__}) "
-                                           "is not importable")
+            return placeholder_constructor(
+                f"the architecture of zoo entry {ref} ({factory.__qualname__}) is not importable"
+            )
         line = _import_line(factory.__qualname__, factory, home)
-        return ZooConstructor(expression=f"{factory.__qualname__}()", imports=(line,),
-                              in_robustbench=home.startswith("robustbench."),
-                              note=f"same architecture as the zoo entry {ref}")
+        return ZooConstructor(
+            expression=f"{factory.__qualname__}()",
+            imports=(line,),
+            in_robustbench=home.startswith("robustbench."),
+            note=f"same architecture as the zoo entry {ref}",
+        )
     if not inspect.isfunction(factory) or factory.__closure__:
         return placeholder_constructor(f"copy the 'model' constructor of the zoo entry {ref}")
     body = _lambda_body(factory)
@@ -233,13 +288,17 @@ def zoo_entry_constructor(dataset: str, threat_model: str, name: str) -> ZooCons
                 return placeholder_constructor(f"copy the 'model' constructor of the zoo entry {ref}")
             if line not in imports:
                 imports.append(line)
-    return ZooConstructor(expression=ast.unparse(body), imports=tuple(imports),
-                          in_robustbench=home.startswith("robustbench."),
-                          note=f"same architecture as the zoo entry {ref}")
+    return ZooConstructor(
+        expression=ast.unparse(body),
+        imports=tuple(imports),
+        in_robustbench=home.startswith("robustbench."),
+        note=f"same architecture as the zoo entry {ref}",
+    )
 
 
-def constructor_for_spec(spec: str, *, num_classes: int, in_channels: int, image_size: int,
-                         dataset: str | None = None) -> ZooConstructor:
+def constructor_for_spec(
+    spec: str, *, num_classes: int, in_channels: int, image_size: int, dataset: str | None = None
+) -> ZooConstructor:
     """The constructor of the model a ``scheme:ref`` spec loads (what ``robustbench-kd evaluate`` takes).
 
     * ``file:PATH[?arch=NAME&opt=value]``: the architecture the file teacher source rebuilds - ``arch``
@@ -257,17 +316,22 @@ def constructor_for_spec(spec: str, *, num_classes: int, in_channels: int, image
 
         return zoo_entry_constructor(*parse_zoo_ref(parsed.ref))
     if parsed.scheme != "file":
-        return placeholder_constructor(f"the model was loaded through the {parsed.scheme!r} source ({spec}); "
-                            "write its constructor by hand")
+        return placeholder_constructor(
+            f"the model was loaded through the {parsed.scheme!r} source ({spec}); write its constructor by hand"
+        )
     data = _checkpoint_metadata(Path(parsed.ref).expanduser())
     # The same option resolution as the file teacher source, so the entry rebuilds what was evaluated.
     arch, arch_options = file_architecture(data, parsed.options)
     if not arch:
         return placeholder_constructor(f"{spec} records no architecture; write its constructor by hand")
-    return student_constructor(arch, num_classes=int(data.get("num_classes", num_classes)),
-                               in_channels=int(data.get("in_channels", in_channels)),
-                               image_size=int(data.get("image_size", image_size)), options=arch_options,
-                               dataset=dataset)
+    return student_constructor(
+        arch,
+        num_classes=int(data.get("num_classes", num_classes)),
+        in_channels=int(data.get("in_channels", in_channels)),
+        image_size=int(data.get("image_size", image_size)),
+        options=arch_options,
+        dataset=dataset,
+    )
 
 
 def _checkpoint_metadata(path: Path) -> dict[str, Any]:
@@ -295,8 +359,11 @@ def format_zoo_entry(model_id: str, constructor: ZooConstructor, *, dataset: str
     with a placeholder constructor ``'model'`` is None.
     """
     dict_name = ZOO_DICT_NAMES.get(threat_model, threat_model)
-    where = (f"robustbench/model_zoo/{dataset}.py" if dataset in LEADERBOARD_N_EXAMPLES
-             else f"a model-zoo file for {dataset!r} (RobustBench has no {dataset!r} model zoo)")
+    where = (
+        f"robustbench/model_zoo/{dataset}.py"
+        if dataset in LEADERBOARD_N_EXAMPLES
+        else f"a model-zoo file for {dataset!r} (RobustBench has no {dataset!r} model zoo)"
+    )
     lines = [
         f'"""Model-zoo entry for {model_id} ({dataset} / {threat_model}).',
         "",

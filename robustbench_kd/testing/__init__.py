@@ -24,5 +24,18 @@ from robustbench_kd.testing.stubs import (
     wmse,
 )
 
-__all__ = ["Affine", "TinyNet", "assert_loss_trains_student", "attacked_batch", "batch_context", "check_distiller",
-           "contract_batch", "cross_entropy", "kl", "log_softmax", "soft_cross_entropy", "softmax", "wmse"]
+__all__ = [
+    "Affine",
+    "TinyNet",
+    "assert_loss_trains_student",
+    "attacked_batch",
+    "batch_context",
+    "check_distiller",
+    "contract_batch",
+    "cross_entropy",
+    "kl",
+    "log_softmax",
+    "soft_cross_entropy",
+    "softmax",
+    "wmse",
+]

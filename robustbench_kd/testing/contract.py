@@ -53,25 +53,29 @@ class TinyNet(nn.Module):
         return self.fc(h.mean(dim=(2, 3)))
 
 
-def contract_batch(cls: type[Distiller], *, num_classes: int = 4, batch: int = 6, seed: int = 0,
-                   config: Any = None) -> tuple[Distiller, BatchContext]:
+def contract_batch(
+    cls: type[Distiller], *, num_classes: int = 4, batch: int = 6, seed: int = 0, config: Any = None
+) -> tuple[Distiller, BatchContext]:
     """A distiller of ``cls`` and a batch context with tiny student/teachers for every role it knows."""
     torch.manual_seed(seed)
     roles = (*cls.teacher_roles, *cls.optional_teacher_roles)
-    teachers = TeacherSet({role: Teacher(TinyNet(num_classes, seed=seed + 1 + i), spec=f"tiny:{role}")
-                           for i, role in enumerate(roles)})
+    teachers = TeacherSet(
+        {role: Teacher(TinyNet(num_classes, seed=seed + 1 + i), spec=f"tiny:{role}") for i, role in enumerate(roles)}
+    )
     student = TinyNet(num_classes, seed=seed + 100)
     x = torch.rand(batch, 1, 8, 8)
     y = torch.arange(batch) % num_classes
     threat = ThreatSpec(norm="Linf", eps=0.1, alpha=0.025, steps=3)
     distiller = cls(config, num_classes=num_classes)
-    ctx = BatchContext(x=x, y=y, index=torch.arange(batch), student=student, teachers=teachers, threat=threat,
-                       epoch=0, num_epochs=2)
+    ctx = BatchContext(
+        x=x, y=y, index=torch.arange(batch), student=student, teachers=teachers, threat=threat, epoch=0, num_epochs=2
+    )
     return distiller, ctx
 
 
-def check_distiller(cls: type[Distiller], *, config: Any = None, num_classes: int = 4, epoch: int = 0,
-                    host: Any = None) -> LossOutput:
+def check_distiller(
+    cls: type[Distiller], *, config: Any = None, num_classes: int = 4, epoch: int = 0, host: Any = None
+) -> LossOutput:
     """Run one training step of ``cls`` and assert the contract (see the module docstring).
 
     The attack is built through ``host.make_attack`` exactly as the trainer does, so an attack a
@@ -82,8 +86,9 @@ def check_distiller(cls: type[Distiller], *, config: Any = None, num_classes: in
         from robustbench_kd.plugin_host import PluginHost
 
         host = PluginHost.create()
-    assert isinstance(getattr(cls, "name", None), str) and _KEBAB.match(cls.name), \
+    assert isinstance(getattr(cls, "name", None), str) and _KEBAB.match(cls.name), (
         f"{cls.__name__}.name must be kebab-case, got {getattr(cls, 'name', None)!r}"
+    )
     assert getattr(cls, "paper", "") or (cls.__doc__ or "").strip(), f"{cls.__name__} must cite its paper"
     distiller, ctx = contract_batch(cls, num_classes=num_classes, config=config)
     ctx.epoch = epoch
@@ -98,14 +103,16 @@ def check_distiller(cls: type[Distiller], *, config: Any = None, num_classes: in
         student.train(spec.student_mode == "train")  # probe in the mode the attack will use
         per_sample = distiller.attack_loss(ctx, x_probe)
         student.train()
-        assert per_sample.shape == (len(ctx.y),), \
+        assert per_sample.shape == (len(ctx.y),), (
             f"{cls.name}: attack_loss must return one value per sample, got shape {tuple(per_sample.shape)}"
+        )
         assert torch.isfinite(per_sample).all(), f"{cls.name}: attack_loss is not finite"
         (grad,) = torch.autograd.grad(per_sample.sum(), x_probe)
         assert torch.isfinite(grad).all(), f"{cls.name}: attack_loss gradient is not finite"
         student.zero_grad(set_to_none=True)
-        attack = host.make_attack(distiller=distiller, student=student, spec=spec,
-                                  loss_fn=lambda xa: distiller.attack_loss(ctx, xa))
+        attack = host.make_attack(
+            distiller=distiller, student=student, spec=spec, loss_fn=lambda xa: distiller.attack_loss(ctx, xa)
+        )
         ctx.x_adv = attack(ctx.x, ctx.y)
         assert student.training, f"{cls.name}: the attack left the student in eval mode"
         assert (ctx.x_adv - ctx.x).abs().max() <= spec.eps + 1e-6, f"{cls.name}: x' left the eps-ball"
@@ -138,7 +145,8 @@ def check_distiller(cls: type[Distiller], *, config: Any = None, num_classes: in
         weights = copy.deepcopy(student.state_dict())
         torch.optim.SGD(own, lr=0.1).step()
         distiller.after_step(ctx, out)
-        assert any(not torch.equal(v, student.state_dict()[k]) for k, v in weights.items()), \
+        assert any(not torch.equal(v, student.state_dict()[k]) for k, v in weights.items()), (
             f"{cls.name}: the student received no gradient and after_step did not update it either"
+        )
     distiller.on_epoch_end(epoch, ctx.num_epochs)
     return out

@@ -21,8 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["make_tiny_cifar", "patch_cifar_integrity", "save_random_zoo_checkpoint", "tiny_zoo_entry"]
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                   "truck")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def _dump(obj: Any, path: Path) -> None:
@@ -30,8 +29,9 @@ def _dump(obj: Any, path: Path) -> None:
         pickle.dump(obj, handle, protocol=2)
 
 
-def make_tiny_cifar(root: str | Path, *, dataset: str = "cifar10", n_train_per_batch: int = 20,
-                    n_test: int = 50, seed: int = 0) -> Path:
+def make_tiny_cifar(
+    root: str | Path, *, dataset: str = "cifar10", n_train_per_batch: int = 20, n_test: int = 50, seed: int = 0
+) -> Path:
     """Write a small random CIFAR-10 or CIFAR-100 in the official pickle layout; return ``root``.
 
     CIFAR-10: ``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``, so the
@@ -60,30 +60,57 @@ def make_tiny_cifar(root: str | Path, *, dataset: str = "cifar10", n_train_per_b
         folder = root / "cifar-10-batches-py"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(1, 6):
-            _dump({"batch_label": f"training batch {i} of 5",
-                   "labels": rng.integers(0, 10, n_train_per_batch).tolist(),
-                   "data": pixels(n_train_per_batch), "filenames": names(n_train_per_batch, f"b{i}")},
-                  folder / f"data_batch_{i}")
-        _dump({"batch_label": "testing batch 1 of 1", "labels": rng.integers(0, 10, n_test).tolist(),
-               "data": pixels(n_test), "filenames": names(n_test, "test")}, folder / "test_batch")
-        _dump({"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": n_train_per_batch,
-               "num_vis": 3072}, folder / "batches.meta")
+            _dump(
+                {
+                    "batch_label": f"training batch {i} of 5",
+                    "labels": rng.integers(0, 10, n_train_per_batch).tolist(),
+                    "data": pixels(n_train_per_batch),
+                    "filenames": names(n_train_per_batch, f"b{i}"),
+                },
+                folder / f"data_batch_{i}",
+            )
+        _dump(
+            {
+                "batch_label": "testing batch 1 of 1",
+                "labels": rng.integers(0, 10, n_test).tolist(),
+                "data": pixels(n_test),
+                "filenames": names(n_test, "test"),
+            },
+            folder / "test_batch",
+        )
+        _dump(
+            {"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": n_train_per_batch, "num_vis": 3072},
+            folder / "batches.meta",
+        )
         return root
 
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", 5 * n_train_per_batch), ("test", n_test)):
         fine = rng.integers(0, 100, n)
-        _dump({"batch_label": f"{split}ing batch 1 of 1", "fine_labels": fine.tolist(),
-               "coarse_labels": (fine // 5).tolist(), "data": pixels(n), "filenames": names(n, split)},
-              folder / split)
-    _dump({"fine_label_names": [f"fine_{i:02d}" for i in range(100)],
-           "coarse_label_names": [f"coarse_{i:02d}" for i in range(20)]}, folder / "meta")
+        _dump(
+            {
+                "batch_label": f"{split}ing batch 1 of 1",
+                "fine_labels": fine.tolist(),
+                "coarse_labels": (fine // 5).tolist(),
+                "data": pixels(n),
+                "filenames": names(n, split),
+            },
+            folder / split,
+        )
+    _dump(
+        {
+            "fine_label_names": [f"fine_{i:02d}" for i in range(100)],
+            "coarse_label_names": [f"coarse_{i:02d}" for i in range(20)],
+        },
+        folder / "meta",
+    )
     return root
 
 
 def _entry(name: str, dataset: str, threat_model: str) -> tuple[str, str, dict[str, Any]]:
     from robustbench_kd.zoo import models as zoo
+
     return zoo._lookup(name, dataset, threat_model)
 
 
@@ -91,12 +118,21 @@ def _to_disk_dict(state_dict: dict[str, torch.Tensor], half: bool, prefix: str) 
     # load_model strips 'module.' / 'model.' by chopping the first 7 / 6 characters of any key that
     # contains them anywhere; a prefix that contains each substring exactly where it is chopped
     # makes every key come back intact, whatever the architecture's own key names are.
-    return {prefix + key: (value.half() if half and value.is_floating_point() else value)
-            for key, value in state_dict.items()}
+    return {
+        prefix + key: (value.half() if half and value.is_floating_point() else value)
+        for key, value in state_dict.items()
+    }
 
 
-def save_random_zoo_checkpoint(model_dir: str | Path, name: str, *, dataset: str = "cifar10",
-                               threat_model: str = "Linf", half: bool = True, seed: int = 0) -> list[Path]:
+def save_random_zoo_checkpoint(
+    model_dir: str | Path,
+    name: str,
+    *,
+    dataset: str = "cifar10",
+    threat_model: str = "Linf",
+    half: bool = True,
+    seed: int = 0,
+) -> list[Path]:
     """Save a randomly initialised copy of zoo entry ``name`` where ``load_model`` looks for it.
 
     The real architecture is built by the zoo entry's own factory under ``torch.manual_seed(seed)``
@@ -109,6 +145,7 @@ def save_random_zoo_checkpoint(model_dir: str | Path, name: str, *, dataset: str
     import torch
 
     from robustbench_kd.zoo import models as zoo
+
     dataset, folder, entry = _entry(name, dataset, threat_model)
     ref = f"{dataset}/{threat_model}/{name}"
     if dataset == "imagenet":
@@ -118,8 +155,7 @@ def save_random_zoo_checkpoint(model_dir: str | Path, name: str, *, dataset: str
     if entry.get("gdrive_id") is None:
         raise UserError(f"save_random_zoo_checkpoint: {ref} has no checkpoint in RobustBench")
     if name.startswith(("Bai2023Improving", "Bai2024MixedNUTS")):
-        raise UserError(f"save_random_zoo_checkpoint: {ref} has a composite checkpoint format "
-                        "that is not supported")
+        raise UserError(f"save_random_zoo_checkpoint: {ref} has a composite checkpoint format that is not supported")
     paths = zoo.expected_checkpoint_paths(model_dir, dataset, threat_model, name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -160,8 +196,9 @@ def patch_cifar_integrity() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tiny_zoo_entry(name: str, factory: Callable[[], torch.nn.Module], *, dataset: str = "cifar10",
-                   threat_model: str = "Linf") -> Iterator[dict[str, Any]]:
+def tiny_zoo_entry(
+    name: str, factory: Callable[[], torch.nn.Module], *, dataset: str = "cifar10", threat_model: str = "Linf"
+) -> Iterator[dict[str, Any]]:
     """Register ``{'model': factory, 'gdrive_id': 'offline-test'}`` as zoo entry ``name`` in the block.
 
     Lets ``load_zoo_model``/``load_model`` load a KB-sized model from
@@ -171,6 +208,7 @@ def tiny_zoo_entry(name: str, factory: Callable[[], torch.nn.Module], *, dataset
     ``load_model`` mangles; :func:`save_random_zoo_checkpoint` compensates for that. Yields the entry.
     """
     from robustbench_kd.zoo import models as zoo
+
     _, _, entries = zoo._zoo_dict(dataset, threat_model)
     entry: dict[str, Any] = {"model": factory, "gdrive_id": "offline-test"}
     missing = object()

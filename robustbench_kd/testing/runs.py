@@ -32,8 +32,9 @@ _TINY_DIGITS: dict[str, dict[str, Any]] = {
 }
 
 
-def tiny_digits_raw(out_dir: str | Path, *, merge: Mapping[str, Mapping[str, Any]] | None = None,
-                    **sections: Any) -> dict[str, Any]:
+def tiny_digits_raw(
+    out_dir: str | Path, *, merge: Mapping[str, Mapping[str, Any]] | None = None, **sections: Any
+) -> dict[str, Any]:
     """The raw run mapping: the tiny defaults, ``merge``'s keys merged into their sections, then
     ``sections`` replacing whole sections (``method={"name": "kd"}`` drops the default method keys)."""
     raw = copy.deepcopy(_TINY_DIGITS)
@@ -44,8 +45,9 @@ def tiny_digits_raw(out_dir: str | Path, *, merge: Mapping[str, Mapping[str, Any
     return raw
 
 
-def tiny_digits_config(out_dir: str | Path, *, merge: Mapping[str, Mapping[str, Any]] | None = None,
-                       **sections: Any) -> RunConfig:
+def tiny_digits_config(
+    out_dir: str | Path, *, merge: Mapping[str, Mapping[str, Any]] | None = None, **sections: Any
+) -> RunConfig:
     """:func:`tiny_digits_raw` (same arguments) as a validated ``RunConfig``."""
     return config_from_mapping(tiny_digits_raw(out_dir, merge=merge, **sections))
 
@@ -69,5 +71,11 @@ def digits_load_context(host: PluginHost | None = None, *, model_dir: str | Path
     """
     from robustbench_kd.teachers import TeacherLoadContext  # imports torch, so only here
 
-    return TeacherLoadContext(dataset="digits", num_classes=10, in_channels=1, image_size=8,
-                              model_dir=Path(model_dir), students=None if host is None else host.students)
+    return TeacherLoadContext(
+        dataset="digits",
+        num_classes=10,
+        in_channels=1,
+        image_size=8,
+        model_dir=Path(model_dir),
+        students=None if host is None else host.students,
+    )

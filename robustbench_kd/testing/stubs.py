@@ -33,8 +33,14 @@ class Affine(nn.Module):
     attached to the graph).
     """
 
-    def __init__(self, w: float = 3.0, bias: torch.Tensor | Sequence[float] | None = None, *,
-                 num_classes: int = 4, trainable_bias: bool = False) -> None:
+    def __init__(
+        self,
+        w: float = 3.0,
+        bias: torch.Tensor | Sequence[float] | None = None,
+        *,
+        num_classes: int = 4,
+        trainable_bias: bool = False,
+    ) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.tensor(float(w)))
         start = torch.zeros(num_classes) if bias is None else torch.as_tensor(bias, dtype=torch.float32).clone()
@@ -54,14 +60,29 @@ class Affine(nn.Module):
         return out
 
 
-def batch_context(x: torch.Tensor, y: torch.Tensor, *, student: nn.Module, teachers: Mapping[str, nn.Module] = {},
-                  x_adv: torch.Tensor | None = None, threat: ThreatSpec | None = None, epoch: int = 0,
-                  num_epochs: int = 1, index: torch.Tensor | None = None) -> BatchContext:
+def batch_context(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    student: nn.Module,
+    teachers: Mapping[str, nn.Module] = {},
+    x_adv: torch.Tensor | None = None,
+    threat: ThreatSpec | None = None,
+    epoch: int = 0,
+    num_epochs: int = 1,
+    index: torch.Tensor | None = None,
+) -> BatchContext:
     """A :class:`BatchContext` over copies of ``x``/``y`` with each teacher module wrapped as a frozen Teacher."""
-    ctx = BatchContext(x=x.clone(), y=y.clone(), index=index, student=student,
-                       teachers=TeacherSet({role: Teacher(module) for role, module in teachers.items()}),
-                       threat=threat if threat is not None else ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10),
-                       epoch=epoch, num_epochs=num_epochs)
+    ctx = BatchContext(
+        x=x.clone(),
+        y=y.clone(),
+        index=index,
+        student=student,
+        teachers=TeacherSet({role: Teacher(module) for role, module in teachers.items()}),
+        threat=threat if threat is not None else ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=10),
+        epoch=epoch,
+        num_epochs=num_epochs,
+    )
     if x_adv is not None:
         ctx.x_adv = x_adv.clone()
     return ctx
@@ -102,8 +123,11 @@ def soft_cross_entropy(target: Sequence[float], logits: Sequence[float] | torch.
     return -sum(qk * lk for qk, lk in zip(target, log_softmax(logits, tau), strict=True))
 
 
-def wmse(target_logits: Sequence[float] | torch.Tensor, learner_logits: Sequence[float] | torch.Tensor,
-         weights: Sequence[float] | Sequence[Sequence[float]] | torch.Tensor) -> float:
+def wmse(
+    target_logits: Sequence[float] | torch.Tensor,
+    learner_logits: Sequence[float] | torch.Tensor,
+    weights: Sequence[float] | Sequence[Sequence[float]] | torch.Tensor,
+) -> float:
     """IKL's weighted MSE of one row: (1/4) sum_{j,k} w_jk ((t_j - t_k) - (l_j - l_k))^2.
 
     ``weights`` is the C x C matrix w, or a vector s standing for the rank-one w = s s^T.
@@ -120,8 +144,15 @@ def wmse(target_logits: Sequence[float] | torch.Tensor, learner_logits: Sequence
     return 0.25 * sum(w[j][k] * ((t[j] - t[k]) - (lr[j] - lr[k])) ** 2 for j in range(c) for k in range(c))
 
 
-def attacked_batch(distiller: nn.Module, student: nn.Module, teachers: Mapping[str, nn.Module] = {}, *,
-                   threat: ThreatSpec, batch: int = 4, num_classes: int = 10) -> BatchContext:
+def attacked_batch(
+    distiller: nn.Module,
+    student: nn.Module,
+    teachers: Mapping[str, nn.Module] = {},
+    *,
+    threat: ThreatSpec,
+    batch: int = 4,
+    num_classes: int = 10,
+) -> BatchContext:
     """A random batch of 1x8x8 images (for ``TinyNet``) attacked as the trainer would: ``distiller.prepare``,
     then a :class:`~robustbench_kd.attacks.DistillationAttack` with the distiller's own spec and attack loss.
 
@@ -132,13 +163,27 @@ def attacked_batch(distiller: nn.Module, student: nn.Module, teachers: Mapping[s
     from robustbench_kd.attacks import DistillationAttack
 
     method: Any = distiller  # a Distiller
-    ctx = BatchContext(x=torch.rand(batch, 1, 8, 8), y=torch.randint(0, num_classes, (batch,)), student=student,
-                       teachers=TeacherSet(dict(teachers)), threat=threat)
+    ctx = BatchContext(
+        x=torch.rand(batch, 1, 8, 8),
+        y=torch.randint(0, num_classes, (batch,)),
+        student=student,
+        teachers=TeacherSet(dict(teachers)),
+        threat=threat,
+    )
     method.prepare(ctx)
     spec = method.attack_spec(threat)
-    attack = DistillationAttack(student, lambda xa: method.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
-                                steps=spec.steps, norm=spec.norm, init=spec.init, init_std=spec.init_std,
-                                student_mode=spec.student_mode, allow_large_step=spec.large_step)
+    attack = DistillationAttack(
+        student,
+        lambda xa: method.attack_loss(ctx, xa),
+        eps=spec.eps,
+        alpha=spec.alpha,
+        steps=spec.steps,
+        norm=spec.norm,
+        init=spec.init,
+        init_std=spec.init_std,
+        student_mode=spec.student_mode,
+        allow_large_step=spec.large_step,
+    )
     ctx.x_adv = attack(ctx.x, ctx.y)
     return ctx
 

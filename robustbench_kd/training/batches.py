@@ -65,9 +65,11 @@ class EpochBatches:
         self.first_step = 0
         if position is not None:
             if position["batches"] != self.total:
-                raise UserError(f"cannot resume mid-epoch: the step checkpoint was written with "
-                                f"{position['batches']} batches per epoch, the config gives {self.total}; keep "
-                                "data.batch_size and data.n_train")
+                raise UserError(
+                    f"cannot resume mid-epoch: the step checkpoint was written with "
+                    f"{position['batches']} batches per epoch, the config gives {self.total}; keep "
+                    "data.batch_size and data.n_train"
+                )
             self.first_step = int(position["step"])
 
     def __len__(self) -> int:
@@ -76,12 +78,25 @@ class EpochBatches:
     def __iter__(self) -> Iterator[Batch]:
         cfg, data, epoch = self._run.config, self._run.data, self._epoch
         augment = data.augment_default if cfg.data.augment is None else cfg.data.augment
-        batches = iterate_batches(data.train_x, data.train_y, batch_size=self._real, shuffle=True,
-                                  generator=epoch_generator(cfg.run.seed, epoch, stream=1), augment=augment,
-                                  device="cpu", drop_last=self._drop_last)
+        batches = iterate_batches(
+            data.train_x,
+            data.train_y,
+            batch_size=self._real,
+            shuffle=True,
+            generator=epoch_generator(cfg.run.seed, epoch, stream=1),
+            augment=augment,
+            device="cpu",
+            drop_last=self._drop_last,
+        )
         if self._extra:  # data.extra_fraction of every batch from the memory-mapped extra file
-            batches = mix_extra(batches, data.extra, count=self._extra, offset=len(data.train_y),
-                                generator=epoch_generator(cfg.run.seed, epoch, stream=3), augment=augment)
+            batches = mix_extra(
+                batches,
+                data.extra,
+                count=self._extra,
+                offset=len(data.train_y),
+                generator=epoch_generator(cfg.run.seed, epoch, stream=3),
+                augment=augment,
+            )
         batches = _skip(batches, self.first_step)
         # This process's share of each global batch, moved to the device (one process: just the move).
         shares = distributed.shard_batches(batches, self._run.device, extra=self._extra)

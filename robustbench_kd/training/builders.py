@@ -36,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"run.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"run.device is {name!r} but no CUDA device is available; use run.device=\"cpu\"")
+        raise UserError(f'run.device is {name!r} but no CUDA device is available; use run.device="cpu"')
     return device
 
 
@@ -61,16 +61,18 @@ def load_data(host: PluginHost, config: RunConfig) -> DataSplits:
     if config.data.extra_path is not None:
         from robustbench_kd.data.extra import open_extra
 
-        data.extra = open_extra(config.data.extra_path, image_shape=tuple(data.train_x.shape[1:]),
-                                num_classes=data.num_classes)
+        data.extra = open_extra(
+            config.data.extra_path, image_shape=tuple(data.train_x.shape[1:]), num_classes=data.num_classes
+        )
     return data
 
 
 def build_run_student(host: PluginHost, config: RunConfig, data: DataSplits) -> nn.Module:
     """The run's student: ``student.arch`` from the registry, shaped for the data, ``student.init_from`` loaded."""
     factory = host.students.get(config.student.arch)
-    net = factory(num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size,
-                  **config.student.options)
+    net = factory(
+        num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, **config.student.options
+    )
     if config.student.init_from:
         from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights, state_dict_of
 
@@ -91,8 +93,10 @@ def load_teacher(host: PluginHost, text: str, ctx: TeacherLoadContext) -> Teache
     loader = host.teacher_sources.get(spec.scheme)
     if spec.sha256 and not getattr(loader, "verifies_sha256", False):
         # A pin the source would ignore is worse than none: the user believes the file is checked.
-        raise UserError(f"teacher source {spec.scheme!r} does not check sha256 pins; drop ?sha256= from {text!r} "
-                        "or use the file: or robustbench: source")
+        raise UserError(
+            f"teacher source {spec.scheme!r} does not check sha256 pins; drop ?sha256= from {text!r} "
+            "or use the file: or robustbench: source"
+        )
     net = loader(spec, ctx)
     teacher = Teacher(net, spec=text).to(ctx.device)
     check_teacher_output(teacher, ctx, text)
@@ -109,12 +113,17 @@ def load_role(host: PluginHost, role_spec: Any, ctx: TeacherLoadContext) -> nn.M
     members = [load_teacher(host, s, ctx) for s in specs]
     if len(members) == 1 and role_spec.get("weights") is None:
         return members[0]
-    return EnsembleTeacher(members, weights=role_spec.get("weights"), combine=role_spec.get("combine", "probs"),
-                           vectorize=role_spec.get("vectorize", "auto"))
+    return EnsembleTeacher(
+        members,
+        weights=role_spec.get("weights"),
+        combine=role_spec.get("combine", "probs"),
+        vectorize=role_spec.get("vectorize", "auto"),
+    )
 
 
-def load_teachers(host: PluginHost, config: RunConfig, data: DataSplits, distiller: Distiller,
-                  device: torch.device) -> TeacherSet:
+def load_teachers(
+    host: PluginHost, config: RunConfig, data: DataSplits, distiller: Distiller, device: torch.device
+) -> TeacherSet:
     """Load the configured roles, checking them against what the method needs."""
     roles: Mapping[str, Any] = config.teachers
     needed = set(distiller.teacher_roles)
@@ -123,16 +132,23 @@ def load_teachers(host: PluginHost, config: RunConfig, data: DataSplits, distill
     if missing:
         raise UserError(
             f"method {distiller.name!r} needs teacher role(s) {', '.join(sorted(missing))}; add e.g. "
-            f"teachers.{sorted(missing)[0]} = \"robustbench:cifar10/Linf/Carmon2019Unlabeled\""
+            f'teachers.{sorted(missing)[0]} = "robustbench:cifar10/Linf/Carmon2019Unlabeled"'
         )
     extra = set(roles) - allowed
     if extra:
         valid = ", ".join(sorted(allowed)) or "none (it trains without a teacher)"
-        raise UserError(f"method {distiller.name!r} does not use teacher role(s) {', '.join(sorted(extra))}; "
-                        f"its roles: {valid}")
+        raise UserError(
+            f"method {distiller.name!r} does not use teacher role(s) {', '.join(sorted(extra))}; its roles: {valid}"
+        )
     ctx = TeacherLoadContext(
-        dataset=data.name, num_classes=data.num_classes, in_channels=data.in_channels,
-        image_size=data.image_size, threat_model=config.threat.norm, model_dir=Path(config.zoo.model_dir),
-        allow_download=config.zoo.allow_download, device=device, students=host.students,
+        dataset=data.name,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        threat_model=config.threat.norm,
+        model_dir=Path(config.zoo.model_dir),
+        allow_download=config.zoo.allow_download,
+        device=device,
+        students=host.students,
     )
     return TeacherSet({role: load_role(host, spec, ctx) for role, spec in roles.items()})

@@ -67,8 +67,7 @@ def step_position(run: Run, epoch: int, step: int, total: int, sums: MetricSums,
     rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
-    return {"epoch": epoch, "step": step, "batches": total, "seen": seen,
-            **sums.position_entries(), "rng": rng}
+    return {"epoch": epoch, "step": step, "batches": total, "seen": seen, **sums.position_entries(), "rng": rng}
 
 
 def write_step_checkpoint(run: Run, position: dict[str, Any]) -> None:
@@ -111,13 +110,17 @@ def resume_from(run: Run, path: Path) -> None:
     # A different validation split would change the training set mid-run.
     saved_val = saved.get("data", {}).get("val_size", 0)
     if saved_val != run.config.data.val_size:
-        raise UserError(f"cannot resume {path}: it was trained with data.val_size = {saved_val}, the config "
-                        f"has {run.config.data.val_size}; use the same value")
+        raise UserError(
+            f"cannot resume {path}: it was trained with data.val_size = {saved_val}, the config "
+            f"has {run.config.data.val_size}; use the same value"
+        )
     saved_data = saved.get("data", {})
     saved_extra = [saved_data.get("extra_path"), saved_data.get("extra_fraction", 0.0)]  # older runs: none
     if saved_extra != [run.config.data.extra_path, run.config.data.extra_fraction]:
-        raise UserError(f"cannot resume {path}: it was trained with data.extra_path/extra_fraction = {saved_extra}, "
-                        f"the config has {[run.config.data.extra_path, run.config.data.extra_fraction]}; use the same")
+        raise UserError(
+            f"cannot resume {path}: it was trained with data.extra_path/extra_fraction = {saved_extra}, "
+            f"the config has {[run.config.data.extra_path, run.config.data.extra_fraction]}; use the same"
+        )
     best = data.get("best")
     if best is not None and best.get("protocol") != selection_protocol(run):
         raise UserError(
@@ -140,8 +143,13 @@ def resume_from(run: Run, path: Path) -> None:
     run.resume_position = None if position is None else {**position, "method_state": data.get("method_state", {})}
     _resume_speed_and_ema(run, data, path)
     if best is not None and not (run.checkpoint_dir / "best.pt").is_file():
-        log.warning("resuming %s: the record says epoch %d was best but %s is missing; it is rewritten when "
-                    "a later epoch beats that record", path, best["epoch"], run.checkpoint_dir / "best.pt")
+        log.warning(
+            "resuming %s: the record says epoch %d was best but %s is missing; it is rewritten when "
+            "a later epoch beats that record",
+            path,
+            best["epoch"],
+            run.checkpoint_dir / "best.pt",
+        )
     if position is None:
         log.info("resumed from %s after epoch %d", path, run.epoch)
     else:

@@ -53,9 +53,17 @@ class StepEngine:
         guard: the run's NaN/inf record.
     """
 
-    def __init__(self, speed: SpeedPlan, optimizer: torch.optim.Optimizer, *, student: nn.Module,
-                 ddp_student: nn.Module | None, ema: StudentEMA | None, method_parameters: Iterable[nn.Parameter],
-                 guard: FiniteGuard) -> None:
+    def __init__(
+        self,
+        speed: SpeedPlan,
+        optimizer: torch.optim.Optimizer,
+        *,
+        student: nn.Module,
+        ddp_student: nn.Module | None,
+        ema: StudentEMA | None,
+        method_parameters: Iterable[nn.Parameter],
+        guard: FiniteGuard,
+    ) -> None:
         self._speed, self._optimizer, self._plain = speed, optimizer, student
         self._ddp, self._ema, self._guard = ddp_student, ema, guard
         self._method_parameters = list(method_parameters)
@@ -66,10 +74,16 @@ class StepEngine:
     @classmethod
     def for_run(cls, run: Run) -> StepEngine:
         """The engine of ``run``'s current objects (built per epoch: a resume may replace the EMA copy)."""
-        speed = run.speed if run.speed is not None else SpeedPlan(SpeedSection(), run.device, run.student,
-                                                                  run.teachers)
-        return cls(speed, run.optimizer, student=run.student, ddp_student=run.ddp_student, ema=run.ema,
-                   method_parameters=run.distiller.trainable_parameters(), guard=run.guard)
+        speed = run.speed if run.speed is not None else SpeedPlan(SpeedSection(), run.device, run.student, run.teachers)
+        return cls(
+            speed,
+            run.optimizer,
+            student=run.student,
+            ddp_student=run.ddp_student,
+            ema=run.ema,
+            method_parameters=run.distiller.trainable_parameters(),
+            guard=run.guard,
+        )
 
     # -- forward ---------------------------------------------------------------------------------
     def inputs(self, x: Tensor) -> Tensor:

@@ -82,7 +82,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
         # The epoch's last batch needs none: the epoch checkpoint follows at once.
         if every_steps and run.global_step % every_steps == 0 and batch.step + 1 < batches.total and main:
             checkpoints.write_step_checkpoint(
-                run, checkpoints.step_position(run, epoch, batch.step + 1, batches.total, sums, seen))
+                run, checkpoints.step_position(run, epoch, batch.step + 1, batches.total, sums, seen)
+            )
     return _end_epoch(run, epoch, sums, seen, time.perf_counter() - start)
 
 
@@ -99,8 +100,12 @@ def _end_epoch(run: Run, epoch: int, sums: MetricSums, seen: int, elapsed: float
             f"training diverged in epoch {epoch + 1}: non-finite {', '.join(bad)}; lower optim.lr or check "
             f"the method options (last good checkpoint: {run.checkpoint_dir / 'last.pt'})"
         )
-    metrics.update(epoch=epoch + 1, lr=run.optimizer.param_groups[0]["lr"], seconds=round(elapsed, 3),
-                   images_per_s=round(seen / max(elapsed, 1e-9), 1))
+    metrics.update(
+        epoch=epoch + 1,
+        lr=run.optimizer.param_groups[0]["lr"],
+        seconds=round(elapsed, 3),
+        images_per_s=round(seen / max(elapsed, 1e-9), 1),
+    )
     return metrics
 
 
@@ -109,8 +114,7 @@ def _progress(batches: EpochBatches, desc: str, enabled: bool) -> Iterable[Any]:
         return batches
     from tqdm.auto import tqdm
 
-    return tqdm(batches, total=batches.total, initial=batches.first_step, desc=desc, leave=False,
-                dynamic_ncols=True)
+    return tqdm(batches, total=batches.total, initial=batches.first_step, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def write_metrics(run: Run) -> None:
@@ -118,8 +122,9 @@ def write_metrics(run: Run) -> None:
     atomic_write_text(run.out_dir / "metrics.jsonl", lines)
 
 
-def train(config: RunConfig, *, host: PluginHost | None = None, resume: bool = False,
-          stop_after: int | None = None) -> Run:
+def train(
+    config: RunConfig, *, host: PluginHost | None = None, resume: bool = False, stop_after: int | None = None
+) -> Run:
     """Train (or resume) a run and return it; writes checkpoints, metrics and the resolved config.
 
     Args:
@@ -162,8 +167,9 @@ def _start(run: Run, *, resume: bool, main: bool) -> None:
             raise UserError(f"--resume: no checkpoint at {last}; start the run without --resume")
         checkpoints.resume_from(run, last)
     elif last.is_file():
-        raise UserError(f"{run.out_dir} already holds a run ({last}); pass --resume to continue it, "
-                        "or choose another run.out_dir")
+        raise UserError(
+            f"{run.out_dir} already holds a run ({last}); pass --resume to continue it, or choose another run.out_dir"
+        )
     distributed.barrier()  # every rank has looked at last.pt before rank 0 writes anything
     if not main:
         return
@@ -188,15 +194,24 @@ def _finish_epoch(run: Run, epoch: int, metrics: dict[str, Any]) -> None:
         assert best is not None  # update_best has recorded this epoch or kept an earlier one
         metrics["best_epoch"] = best["epoch"]
         if improved:
-            log.info("epoch %d is the best so far (%s=%.4g): writing %s", epoch + 1, best["metric"],
-                     best[best["metric"]], run.checkpoint_dir / "best.pt")
+            log.info(
+                "epoch %d is the best so far (%s=%.4g): writing %s",
+                epoch + 1,
+                best["metric"],
+                best[best["metric"]],
+                run.checkpoint_dir / "best.pt",
+            )
     run.host.epoch_end(run, epoch, metrics)
     run.epoch = epoch + 1
     run.history.append(metrics)
     checkpoints.write_checkpoints(run, improved=improved)
     write_metrics(run)
-    log.info("epoch %d/%d %s", epoch + 1, epochs,
-             " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    log.info(
+        "epoch %d/%d %s",
+        epoch + 1,
+        epochs,
+        " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)),
+    )
 
 
 def _yaml(data: dict[str, Any]) -> str:

@@ -41,8 +41,10 @@ class MetricSums:
     def position_entries(self) -> dict[str, Any]:
         """What a step checkpoint stores: the groups as they are (an exact resume continues them) and,
         for readers, the totals by name."""
-        return {"sums": {k: v.detach().clone() for k, v in self.by_name().items()},
-                "sum_groups": [(list(names), acc.detach().clone()) for names, acc in self._groups.items()]}
+        return {
+            "sums": {k: v.detach().clone() for k, v in self.by_name().items()},
+            "sum_groups": [(list(names), acc.detach().clone()) for names, acc in self._groups.items()],
+        }
 
     @classmethod
     def from_position(cls, position: Mapping[str, Any]) -> MetricSums:

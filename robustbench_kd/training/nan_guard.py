@@ -59,8 +59,9 @@ class FiniteGuard:
         self._rows.append((global_step, names, row))
         return row
 
-    def note_loss(self, total: Tensor, terms: Mapping[str, Tensor], *, epoch: int, step: int,
-                  global_step: int) -> tuple[tuple[str, ...], Tensor]:
+    def note_loss(
+        self, total: Tensor, terms: Mapping[str, Tensor], *, epoch: int, step: int, global_step: int
+    ) -> tuple[tuple[str, ...], Tensor]:
         """Record this step's loss and terms (0-based epoch/step; no host sync).
 
         Returns the names (``"loss"`` first, then the terms) and the recorded values, one scalar each:
@@ -135,23 +136,35 @@ class FiniteGuard:
             # Name what went wrong at the first bad step; what followed from it (NaN weights make every
             # later term NaN) is listed apart, so the cause is not buried.
             at = self._where.get(first)  # (epoch, step)
-            where = (f"epoch {at[0] + 1}, step {at[1] + 1} (global step {first + 1})" if at is not None
-                     else f"global step {first + 1}")
+            where = (
+                f"epoch {at[0] + 1}, step {at[1] + 1} (global step {first + 1})"
+                if at is not None
+                else f"global step {first + 1}"
+            )
         else:
             names, where = flagged, "another process"
         later = [n for n in flagged if n not in names]
         what = ", ".join(names) + (f" (later also {', '.join(later)})" if later else "")
-        kept = (f"the last good checkpoint {last_good} is kept" if last_good is not None and last_good.is_file()
-                else "no checkpoint was written")
-        raise UserError(f"training diverged at {where}: non-finite {what}; {kept}; lower optim.lr "
-                        "or check the method options")
+        kept = (
+            f"the last good checkpoint {last_good} is kept"
+            if last_good is not None and last_good.is_file()
+            else "no checkpoint was written"
+        )
+        raise UserError(
+            f"training diverged at {where}: non-finite {what}; {kept}; lower optim.lr or check the method options"
+        )
 
 
 def check_finite_weights(state: Mapping[str, Tensor], *, epoch: int, last_good: Path | None) -> None:
     """Refuse to checkpoint weights holding NaN/inf (e.g. BN statistics that overflowed), whatever the loss said."""
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
     if bad:
-        kept = (f"the last good checkpoint {last_good} is kept" if last_good is not None and last_good.is_file()
-                else "no checkpoint was written")
-        raise UserError(f"training diverged by epoch {epoch}: student weights {', '.join(bad[:3])} are non-finite; "
-                        f"{kept}; lower optim.lr or check the method options")
+        kept = (
+            f"the last good checkpoint {last_good} is kept"
+            if last_good is not None and last_good.is_file()
+            else "no checkpoint was written"
+        )
+        raise UserError(
+            f"training diverged by epoch {epoch}: student weights {', '.join(bad[:3])} are non-finite; "
+            f"{kept}; lower optim.lr or check the method options"
+        )

@@ -32,10 +32,19 @@ def quick_eval(run: Run) -> dict[str, float]:
     models = [("val", run.student)] + ([("val_ema", run.ema.module)] if run.ema is not None else [])
     metrics: dict[str, float] = {}
     for prefix, model in models:
-        result = evaluate_model(model, to_float(val_x[:n]), val_y[:n], norm=cfg.threat.norm,
-                                eps=cfg.threat.eps, attacks=("clean", "pgd"), batch_size=cfg.eval.batch_size,
-                                seed=cfg.eval.seed, pgd_steps=cfg.eval.pgd_steps, device=run.device,
-                                progress=False)
+        result = evaluate_model(
+            model,
+            to_float(val_x[:n]),
+            val_y[:n],
+            norm=cfg.threat.norm,
+            eps=cfg.threat.eps,
+            attacks=("clean", "pgd"),
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.eval.seed,
+            pgd_steps=cfg.eval.pgd_steps,
+            device=run.device,
+            progress=False,
+        )
         metrics.update({f"{prefix}_{k.replace('-', '')}_acc": v for k, v in result.accuracy.items()})
     return metrics
 
@@ -54,8 +63,13 @@ def selection_protocol(run: Run) -> dict[str, Any]:
     cfg = run.config
     val_y = run.data.val_y
     n_val = len(val_y) if run.data.has_validation and val_y is not None else 0
-    return {"metric": selection_metrics(cfg)[0], "n_examples": min(cfg.eval.n_examples, n_val),
-            "eps": float(cfg.threat.eps), "norm": cfg.threat.norm, "seed": cfg.eval.seed}
+    return {
+        "metric": selection_metrics(cfg)[0],
+        "n_examples": min(cfg.eval.n_examples, n_val),
+        "eps": float(cfg.threat.eps),
+        "norm": cfg.threat.norm,
+        "seed": cfg.eval.seed,
+    }
 
 
 def update_best(run: Run, epoch: int, metrics: dict[str, Any]) -> bool:
@@ -67,6 +81,11 @@ def update_best(run: Run, epoch: int, metrics: dict[str, Any]) -> bool:
     score = (metrics[key], metrics[tie])
     if run.best is not None and score <= (run.best[key], run.best[tie]):
         return False
-    run.best = {"epoch": epoch, "metric": key, key: float(metrics[key]), tie: float(metrics[tie]),
-                "protocol": selection_protocol(run)}
+    run.best = {
+        "epoch": epoch,
+        "metric": key,
+        key: float(metrics[key]),
+        tie: float(metrics[tie]),
+        "protocol": selection_protocol(run),
+    }
     return True

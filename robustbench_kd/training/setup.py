@@ -43,7 +43,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     per_batch_schedule: bool
-    epoch: int = 0            #: epochs completed
+    epoch: int = 0  #: epochs completed
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     #: best validation epoch so far: {"epoch", "metric", <val metrics>, "protocol"}; None before any
@@ -70,8 +70,14 @@ def build_optimizer(config: RunConfig, student: nn.Module, distiller: Distiller)
     o = config.optim
     # foreach: the multi-tensor update on every device (PyTorch picks it on CUDA only). Same arithmetic
     # per tensor, bitwise equal to the per-parameter loop; on CPU it spares that loop's Python overhead.
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                           nesterov=o.nesterov and o.momentum > 0, foreach=True)
+    return torch.optim.SGD(
+        params,
+        lr=o.lr,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        nesterov=o.nesterov and o.momentum > 0,
+        foreach=True,
+    )
 
 
 def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> tuple[Any, bool]:
@@ -85,8 +91,9 @@ def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, steps_p
     if o.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=o.epochs * steps_per_epoch), True
     if o.schedule == "onecycle":
-        return sched.OneCycleLR(optimizer, max_lr=o.max_lr or o.lr, total_steps=o.epochs * steps_per_epoch,
-                                pct_start=o.pct_start), True
+        return sched.OneCycleLR(
+            optimizer, max_lr=o.max_lr or o.lr, total_steps=o.epochs * steps_per_epoch, pct_start=o.pct_start
+        ), True
     return None, False
 
 
@@ -103,8 +110,10 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     distributed.check_batch_size(config.data.batch_size, dist_env)
     if dist_env.enabled and config.checkpoint.every_steps:
         # Each process has its own attack RNG stream and metric sums; rank 0 alone would save them.
-        raise UserError("checkpoint.every_steps is not supported under torchrun yet; use checkpoint.every_steps "
-                        "= 0 (last.pt every epoch)")
+        raise UserError(
+            "checkpoint.every_steps is not supported under torchrun yet; use checkpoint.every_steps "
+            "= 0 (last.pt every epoch)"
+        )
     data = builders.load_data(host, config)
     check_validation(config, data)
     distiller = builders.build_distiller(host, config, data.num_classes).to(device)
@@ -122,10 +131,22 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     # The [speed] switches, then the EMA copy (after channels_last, so it shares the layout).
     speed = SpeedPlan(config.speed, device, student, teachers)
     ema = StudentEMA(student, config.ema) if config.ema.enabled else None
-    return Run(config=config, host=host, out_dir=Path(config.run.out_dir), device=device, data=data,
-               student=student, teachers=teachers, distiller=distiller, optimizer=optimizer,
-               scheduler=scheduler, per_batch_schedule=per_batch, speed=speed, ema=ema,
-               ddp_student=distributed.wrap(student, device, sync_bn=config.run.sync_bn))
+    return Run(
+        config=config,
+        host=host,
+        out_dir=Path(config.run.out_dir),
+        device=device,
+        data=data,
+        student=student,
+        teachers=teachers,
+        distiller=distiller,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        per_batch_schedule=per_batch,
+        speed=speed,
+        ema=ema,
+        ddp_student=distributed.wrap(student, device, sync_bn=config.run.sync_bn),
+    )
 
 
 def check_validation(config: RunConfig, data: DataSplits) -> None:

@@ -32,17 +32,27 @@ from robustbench_kd.training.engine import StepEngine
 from robustbench_kd.training.setup import Run
 
 
-def train_step(run: Run, engine: StepEngine, attacks: EpochAttacks, batch: Batch, *, epoch: int,
-               observe: bool) -> tuple[tuple[str, ...], torch.Tensor]:
+def train_step(
+    run: Run, engine: StepEngine, attacks: EpochAttacks, batch: Batch, *, epoch: int, observe: bool
+) -> tuple[tuple[str, ...], torch.Tensor]:
     """Train on one batch; return the names and on-device values of the loss and its terms.
 
     ``observe``: call the ``rbkd_step_end`` observers (rank 0 only under torchrun).
     """
     cfg, distiller = run.config, run.distiller
     _ensure_training(engine.student)
-    ctx = BatchContext(x=engine.inputs(batch.x), y=batch.y, index=batch.index, student=engine.student,
-                       teachers=run.teachers, threat=cfg.threat, epoch=epoch, num_epochs=cfg.optim.epochs,
-                       step=batch.step, global_step=run.global_step)
+    ctx = BatchContext(
+        x=engine.inputs(batch.x),
+        y=batch.y,
+        index=batch.index,
+        student=engine.student,
+        teachers=run.teachers,
+        threat=cfg.threat,
+        epoch=epoch,
+        num_epochs=cfg.optim.epochs,
+        step=batch.step,
+        global_step=run.global_step,
+    )
     distiller.prepare(ctx)
     spec = distiller.attack_spec(cfg.threat)
     if spec is not None:
@@ -52,8 +62,7 @@ def train_step(run: Run, engine: StepEngine, attacks: EpochAttacks, batch: Batch
     with engine.autocast():
         out = distiller.loss(engine.loss_context(ctx))
     # NaN/inf loss terms and gradient norm are recorded on the device and looked at every few steps.
-    names, values = run.guard.note_loss(out.total, out.terms, epoch=epoch, step=batch.step,
-                                        global_step=run.global_step)
+    names, values = run.guard.note_loss(out.total, out.terms, epoch=epoch, step=batch.step, global_step=run.global_step)
     engine.backward(out.total)
     engine.finish_gradients(global_step=run.global_step)
     engine.optimizer_step()
@@ -85,8 +94,9 @@ class EpochAttacks:
         """``x_adv`` for ``ctx``'s batch: the attack ``spec`` asks for, maximising ``attack_loss(ctx, .)``."""
         attack = self._built.get(spec)
         if attack is None:
-            attack = self._built[spec] = self._host.make_attack(distiller=self._distiller, student=self._student,
-                                                                spec=spec, loss_fn=self._loss)
+            attack = self._built[spec] = self._host.make_attack(
+                distiller=self._distiller, student=self._student, spec=spec, loss_fn=self._loss
+            )
         with self._loss.bound_to(ctx):
             return attack(ctx.x, ctx.y)
 
@@ -112,8 +122,10 @@ class BatchAttackLoss:
 
     def __call__(self, x_adv: torch.Tensor) -> torch.Tensor:
         if self._ctx is None:
-            raise RuntimeError("an attack's loss_fn was called outside the attack call: rbkd_make_attack must "
-                               "only call it from inside attack(x, y)")
+            raise RuntimeError(
+                "an attack's loss_fn was called outside the attack call: rbkd_make_attack must "
+                "only call it from inside attack(x, y)"
+            )
         return self._distiller.attack_loss(self._ctx, x_adv)
 
 

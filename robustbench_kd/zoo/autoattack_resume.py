@@ -193,29 +193,36 @@ class AutoAttackState:
 
     def to_json(self) -> str:
         """The file content (one JSON object; flags and labels as integer lists)."""
-        return json.dumps({
-            "format": STATE_FORMAT,
-            "format_version": STATE_FORMAT_VERSION,
-            "settings": self.settings,
-            "attacks": list(self.attacks),
-            "completed": list(self.completed),
-            "current": self.current,
-            "pending": None if self.pending is None else self.pending.tolist(),
-            "finished": bool(self.finished),
-            "accuracy": {key: float(value) for key, value in self.accuracy.items()},
-            "robust_accuracy": self.robust_accuracy,
-            "warnings": list(self.warnings),
-            "batch_size": self.batch_size,
-            "backend": self.backend,
-            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "robust_flags": [int(v) for v in self.robust.tolist()],
-            "adv_labels": [int(v) for v in self.adv_labels.tolist()],
-        }, separators=(",", ":")) + "\n"
+        return (
+            json.dumps(
+                {
+                    "format": STATE_FORMAT,
+                    "format_version": STATE_FORMAT_VERSION,
+                    "settings": self.settings,
+                    "attacks": list(self.attacks),
+                    "completed": list(self.completed),
+                    "current": self.current,
+                    "pending": None if self.pending is None else self.pending.tolist(),
+                    "finished": bool(self.finished),
+                    "accuracy": {key: float(value) for key, value in self.accuracy.items()},
+                    "robust_accuracy": self.robust_accuracy,
+                    "warnings": list(self.warnings),
+                    "batch_size": self.batch_size,
+                    "backend": self.backend,
+                    "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "robust_flags": [int(v) for v in self.robust.tolist()],
+                    "adv_labels": [int(v) for v in self.adv_labels.tolist()],
+                },
+                separators=(",", ":"),
+            )
+            + "\n"
+        )
 
 
 def _bad_state(path: Path, why: str) -> UserError:
-    return UserError(f"AutoAttack state file {path} {why}; delete it (the run then starts over) "
-                     "or pass another state path")
+    return UserError(
+        f"AutoAttack state file {path} {why}; delete it (the run then starts over) or pass another state path"
+    )
 
 
 def read_autoattack_state(path: str | os.PathLike[str]) -> AutoAttackState:
@@ -236,8 +243,9 @@ def read_autoattack_state(path: str | os.PathLike[str]) -> AutoAttackState:
     try:
         if raw.get("format") == STATE_FORMAT:
             if raw.get("format_version") != STATE_FORMAT_VERSION:
-                raise _bad_state(path, f"has format version {raw.get('format_version')!r}, this "
-                                       f"version reads {STATE_FORMAT_VERSION}")
+                raise _bad_state(
+                    path, f"has format version {raw.get('format_version')!r}, this version reads {STATE_FORMAT_VERSION}"
+                )
             robust = torch.tensor([bool(v) for v in raw["robust_flags"]], dtype=torch.bool)
             pending = raw.get("pending")
             return AutoAttackState(
@@ -319,21 +327,25 @@ def _check_resume(state: AutoAttackState, settings: dict[str, Any], path: Path) 
     """Refuse a state file made for another evaluation (one-line UserError naming the difference)."""
     if state.legacy:
         if set(state.attacks) != set(settings["attacks"]):
-            raise _bad_state(path, f"was made for the attacks {sorted(state.attacks)}, this run has "
-                                   f"{settings['attacks']}")
+            raise _bad_state(
+                path, f"was made for the attacks {sorted(state.attacks)}, this run has {settings['attacks']}"
+            )
         if state.robust.numel() not in (0, settings["n_examples"]):
-            raise _bad_state(path, f"has {state.robust.numel()} robust flags for "
-                                   f"{settings['n_examples']} examples")
-        logger.warning("resuming from AutoAttack's own state file %s: it does not record the model, "
-                       "data or eps it was made for, so only the attack set could be checked", path)
+            raise _bad_state(path, f"has {state.robust.numel()} robust flags for {settings['n_examples']} examples")
+        logger.warning(
+            "resuming from AutoAttack's own state file %s: it does not record the model, "
+            "data or eps it was made for, so only the attack set could be checked",
+            path,
+        )
         # Run in the order of this adversary, which is the order the file was made with.
         state.attacks = list(settings["attacks"])
         return
     for key in sorted(set(settings) | set(state.settings)):
         saved, now = state.settings.get(key), settings.get(key)
         if saved != now:
-            raise _bad_state(path, f"was made for a different evaluation ({key} is {_short(saved)} "
-                                   f"there, {_short(now)} now)")
+            raise _bad_state(
+                path, f"was made for a different evaluation ({key} is {_short(saved)} there, {_short(now)} now)"
+            )
 
 
 @dataclass
@@ -427,20 +439,35 @@ def run_resumable(
             _check_resume(state, settings, path)
             remember(state.warnings)
             if state.batch_size is not None and state.batch_size != batch_size:
-                logger.warning("resuming AutoAttack from %s with batch size %d instead of %d: the "
-                               "remaining points are batched differently, so borderline points may "
-                               "differ from an uninterrupted run", path, batch_size, state.batch_size)
+                logger.warning(
+                    "resuming AutoAttack from %s with batch size %d instead of %d: the "
+                    "remaining points are batched differently, so borderline points may "
+                    "differ from an uninterrupted run",
+                    path,
+                    batch_size,
+                    state.batch_size,
+                )
             if state.robust.numel() == 0:  # a legacy file saved before its clean pass
                 resumed = False
             else:
                 state.settings = settings
-                logger.info("resuming AutoAttack from %s: done %s; %d of %d points still robust",
-                            path, ", ".join(state.completed) or "nothing", int(state.robust.sum()), n)
+                logger.info(
+                    "resuming AutoAttack from %s: done %s; %d of %d points still robust",
+                    path,
+                    ", ".join(state.completed) or "nothing",
+                    int(state.robust.sum()),
+                    n,
+                )
         if not resumed:
             clean = _clean_predictions(adversary, x, batch_size)
             robust = clean == y.cpu()
-            state = AutoAttackState(settings=settings, attacks=attacks, robust=robust,
-                                    adv_labels=clean, accuracy={"clean": float(robust.sum()) / n})
+            state = AutoAttackState(
+                settings=settings,
+                attacks=attacks,
+                robust=robust,
+                adv_labels=clean,
+                accuracy={"clean": float(robust.sum()) / n},
+            )
         state.batch_size, state.backend = batch_size, backend
         atomic_write_text(path, state.to_json())
 
@@ -466,7 +493,7 @@ def run_resumable(
                     found_x, found_y = adversary.run_standard_evaluation(
                         batch_x, batch_y, bs=batch_size, return_labels=True
                     )
-                    fooled = (found_y.cpu() != batch_y.cpu())
+                    fooled = found_y.cpu() != batch_y.cpu()
                     hit = index[fooled]
                     state.robust[hit] = False
                     state.adv_labels[hit] = found_y.cpu()[fooled].long()
@@ -489,5 +516,12 @@ def run_resumable(
     state.finished = True
     atomic_write_text(path, state.to_json())
     y_adv = state.adv_labels.clone().to(y.device)
-    return ResumableRun(x_adv=x_adv, y_adv=y_adv, robust=state.robust.clone(), fooled_now=fooled_now,
-                        warnings=list(warnings_seen), resumed=resumed, state=state)
+    return ResumableRun(
+        x_adv=x_adv,
+        y_adv=y_adv,
+        robust=state.robust.clone(),
+        fooled_now=fooled_now,
+        warnings=list(warnings_seen),
+        resumed=resumed,
+        state=state,
+    )

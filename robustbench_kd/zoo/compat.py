@@ -50,8 +50,7 @@ _SHIM_FLAG = "__robustbench_kd_shim__"
 # Submodules of fra31's package that have a same-named twin in pyautoattack. robustbench itself only
 # imports ``autoattack.state``; the others are aliased for user code written against fra31. The TF
 # helpers (fab_tf, utils_tf*) are left out because importing them needs TensorFlow.
-_SUBMODULES = ("state", "checks", "autopgd_base", "fab_base", "fab_projections", "fab_pt", "square",
-               "other_utils")
+_SUBMODULES = ("state", "checks", "autopgd_base", "fab_base", "fab_projections", "fab_pt", "square", "other_utils")
 
 ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 VERSIONS = ("standard", "plus", "rand", "custom")
@@ -81,8 +80,7 @@ def _require_pkg_resources() -> None:
             import pkg_resources  # noqa: F401
     except ImportError as exc:
         raise UserError(
-            "robustbench 1.1.1 needs pkg_resources, which setuptools>=81 removed; "
-            "run: pip install 'setuptools<81'"
+            "robustbench 1.1.1 needs pkg_resources, which setuptools>=81 removed; run: pip install 'setuptools<81'"
         ) from exc
 
 
@@ -114,19 +112,25 @@ def _find_real_autoattack() -> types.ModuleType | None:
     except ModuleNotFoundError as exc:
         if exc.name != "autoattack":
             # The package exists but one of its own imports is missing: report it, use the shim.
-            logger.warning("an 'autoattack' package is installed but cannot be imported (%s); "
-                           "using pyautoattack instead", exc)
+            logger.warning(
+                "an 'autoattack' package is installed but cannot be imported (%s); using pyautoattack instead", exc
+            )
             _forget_autoattack_modules()
         return None
     except Exception as exc:  # a broken third-party install must not block robustbench
-        logger.warning("an 'autoattack' package is installed but cannot be imported (%s: %s); "
-                       "using pyautoattack instead", type(exc).__name__, exc)
+        logger.warning(
+            "an 'autoattack' package is installed but cannot be imported (%s: %s); using pyautoattack instead",
+            type(exc).__name__,
+            exc,
+        )
         _forget_autoattack_modules()
         return None
     if _is_fra31(module):
         return module
-    logger.info("the installed 'autoattack' module (%s) is not fra31's AutoAttack; "
-                "shadowing it with the pyautoattack adapter", getattr(module, "__file__", "?"))
+    logger.info(
+        "the installed 'autoattack' module (%s) is not fra31's AutoAttack; shadowing it with the pyautoattack adapter",
+        getattr(module, "__file__", "?"),
+    )
     return None
 
 
@@ -140,8 +144,7 @@ def _register_shim() -> types.ModuleType:
         import pyautoattack
     except ImportError as exc:
         raise UserError(
-            "neither fra31's autoattack nor pyautoattack is importable; "
-            "run: pip install 'pyautoattack>=0.2.0,<0.3'"
+            "neither fra31's autoattack nor pyautoattack is importable; run: pip install 'pyautoattack>=0.2.0,<0.3'"
         ) from exc
     _forget_autoattack_modules()
     shim = types.ModuleType(
@@ -204,9 +207,13 @@ def _evaluation_state_class() -> type:
         @classmethod
         def from_disk(cls, path: Path) -> EvaluationState:  # type: ignore[override]
             state = read_autoattack_state(path)
-            return cls(_attacks_to_run=set(state.attacks), path=None, _run_attacks=set(state.completed),
-                       _robust_flags=state.robust.as_subclass(RobustFlags),
-                       _clean_accuracy=state.accuracy.get("clean", float("nan")))
+            return cls(
+                _attacks_to_run=set(state.attacks),
+                path=None,
+                _run_attacks=set(state.completed),
+                _robust_flags=state.robust.as_subclass(RobustFlags),
+                _clean_accuracy=state.accuracy.get("clean", float("nan")),
+            )
 
     EvaluationState.__module__ = "autoattack.state"
     return EvaluationState
@@ -293,8 +300,9 @@ def _cuda_or_model_device(device: Any, model: Any) -> Any:
 class _Relay(logging.Handler):
     """Forward records at or above ``threshold`` to the handlers that saw them before."""
 
-    def __init__(self, source: logging.Logger, handlers: list[logging.Handler], propagate: bool,
-                 threshold: int) -> None:
+    def __init__(
+        self, source: logging.Logger, handlers: list[logging.Handler], propagate: bool, threshold: int
+    ) -> None:
         super().__init__(logging.NOTSET)
         self._source, self._handlers = source, handlers
         self._propagate, self._threshold = propagate, threshold
@@ -345,8 +353,9 @@ def _log_to_file(log_path: str | Path | None) -> Iterator[None]:
 
 def _check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise UserError(f"AutoAttack: unknown {kind} {value!r}{close_matches(str(value), choices)}; "
-                        f"valid: {', '.join(choices)}")
+        raise UserError(
+            f"AutoAttack: unknown {kind} {value!r}{close_matches(str(value), choices)}; valid: {', '.join(choices)}"
+        )
 
 
 @functools.cache
@@ -365,26 +374,44 @@ def _adapter_class() -> type:
 
         attacks_to_run: list[str]  # set by pyautoattack's constructor
 
-        def __init__(self, model: torch.nn.Module, norm: str = "Linf", eps: float = .3,
-                     seed: int | None = None, verbose: bool = True,
-                     attacks_to_run: Sequence[str] = (), version: str = "standard",
-                     is_tf_model: bool = False, device: Any = "cuda",
-                     log_path: str | Path | None = None) -> None:
+        def __init__(
+            self,
+            model: torch.nn.Module,
+            norm: str = "Linf",
+            eps: float = 0.3,
+            seed: int | None = None,
+            verbose: bool = True,
+            attacks_to_run: Sequence[str] = (),
+            version: str = "standard",
+            is_tf_model: bool = False,
+            device: Any = "cuda",
+            log_path: str | Path | None = None,
+        ) -> None:
             if is_tf_model:
-                raise UserError("AutoAttack: is_tf_model=True needs fra31's autoattack "
-                                "(pip install git+https://github.com/fra31/auto-attack); "
-                                "pyautoattack supports PyTorch models only")
+                raise UserError(
+                    "AutoAttack: is_tf_model=True needs fra31's autoattack "
+                    "(pip install git+https://github.com/fra31/auto-attack); "
+                    "pyautoattack supports PyTorch models only"
+                )
             _check_choice("norm", norm, NORMS)
             _check_choice("version", version, VERSIONS)
             attacks = list(attacks_to_run or ())
             for attack in attacks:
                 _check_choice("attack", attack, ATTACK_NAMES)
             if version != "custom" and attacks:
-                raise UserError(f"AutoAttack: attacks_to_run={attacks} is ignored by version={version!r}; "
-                                "pass version='custom' to choose the attacks")
-            super().__init__(model, attacks=attacks if version == "custom" else None,
-                             device=_cuda_or_model_device(device, model), eps=eps, norm=norm, seed=seed,
-                             version=version)
+                raise UserError(
+                    f"AutoAttack: attacks_to_run={attacks} is ignored by version={version!r}; "
+                    "pass version='custom' to choose the attacks"
+                )
+            super().__init__(
+                model,
+                attacks=attacks if version == "custom" else None,
+                device=_cuda_or_model_device(device, model),
+                eps=eps,
+                norm=norm,
+                seed=seed,
+                version=version,
+            )
             self.verbose = verbose
             self.is_tf_model = False
             self.log_path = log_path
@@ -395,9 +422,16 @@ def _adapter_class() -> type:
             self.version = version
             self._set_version(version)
 
-        def run_standard_evaluation(self, x_orig: torch.Tensor, y_orig: torch.Tensor, bs: int = 250,
-                                    return_labels: bool = False, state_path: str | Path | None = None,
-                                    *, batch_size: int | None = None) -> Any:
+        def run_standard_evaluation(
+            self,
+            x_orig: torch.Tensor,
+            y_orig: torch.Tensor,
+            bs: int = 250,
+            return_labels: bool = False,
+            state_path: str | Path | None = None,
+            *,
+            batch_size: int | None = None,
+        ) -> Any:
             """Run the configured attacks; return ``x_adv``, or ``(x_adv, y_adv)`` with return_labels.
 
             ``batch_size`` is accepted as an alias of ``bs`` for pyautoattack-style callers.
@@ -411,15 +445,17 @@ def _adapter_class() -> type:
             """
             size = bs if batch_size is None else batch_size
             if state_path is not None:
-                run = run_resumable(self, x_orig, y_orig, batch_size=size, state_path=state_path,
-                                    backend=autoattack_version())
+                run = run_resumable(
+                    self, x_orig, y_orig, batch_size=size, state_path=state_path, backend=autoattack_version()
+                )
                 return (run.x_adv, run.y_adv) if return_labels else run.x_adv
             with _log_to_file(self.log_path):
                 x_adv, y_adv = super().run_standard_evaluation(x_orig, y_orig, batch_size=size)
             return (x_adv, y_adv) if return_labels else x_adv
 
-        def run_standard_evaluation_individual(self, x_orig: torch.Tensor, y_orig: torch.Tensor,
-                                               bs: int = 250, return_labels: bool = False) -> dict[str, Any]:
+        def run_standard_evaluation_individual(
+            self, x_orig: torch.Tensor, y_orig: torch.Tensor, bs: int = 250, return_labels: bool = False
+        ) -> dict[str, Any]:
             """Run each attack on its own; ``{attack: x_adv}`` (or ``(x_adv, y_adv)`` with return_labels)."""
             attacks, verbose = list(self.attacks_to_run), self.verbose
             self.logger.info("using %s version including %s", self.version, ", ".join(attacks))

@@ -49,8 +49,7 @@ def _canonical(kind: str, value: str, choices: tuple[str, ...]) -> str:
     for choice in choices:
         if str(value).lower() == choice.lower():
             return choice
-    raise UserError(f"unknown {kind} {value!r}{close_matches(str(value), choices)}; "
-                    f"valid: {', '.join(choices)}")
+    raise UserError(f"unknown {kind} {value!r}{close_matches(str(value), choices)}; valid: {', '.join(choices)}")
 
 
 def parse_zoo_ref(ref: str) -> tuple[str, str, str]:
@@ -63,8 +62,7 @@ def parse_zoo_ref(ref: str) -> tuple[str, str, str]:
     if len(parts) != 3 or not all(p.strip() for p in parts):
         raise UserError(f"bad model-zoo reference {ref!r}: expected {_REF_FORM}")
     dataset, threat, name = (p.strip() for p in parts)
-    return (_canonical("dataset", dataset, DATASETS),
-            _canonical("threat model", threat, THREAT_MODELS), name)
+    return (_canonical("dataset", dataset, DATASETS), _canonical("threat model", threat, THREAT_MODELS), name)
 
 
 def _zoo_dict(dataset: str, threat_model: str) -> tuple[str, str, dict[str, Any]]:
@@ -86,8 +84,7 @@ def _zoo_dict(dataset: str, threat_model: str) -> tuple[str, str, dict[str, Any]
         entries = by_threat[ThreatModel(folder)]
     except KeyError:
         available = ", ".join(t.value for t in by_threat)
-        raise UserError(f"RobustBench has no {dataset}/{threat} model zoo; "
-                        f"{dataset} has: {available}") from None
+        raise UserError(f"RobustBench has no {dataset}/{threat} model zoo; {dataset} has: {available}") from None
     return dataset, folder, entries
 
 
@@ -102,7 +99,8 @@ def _lookup(name: str, dataset: str, threat_model: str) -> tuple[str, str, dict[
         raise UserError(
             f"unknown {dataset}/{threat_model} model-zoo name {name!r}{close_matches(name, entries)}; "
             f"{len(entries)} names exist (robustbench_kd.zoo.models.zoo_names({dataset!r}, {threat_model!r}) "
-            "lists them)")
+            "lists them)"
+        )
     return dataset, folder, entries[name]
 
 
@@ -184,8 +182,7 @@ def _hub_paths(name: str, dataset: str, folder: str) -> list[Path] | None:
     return None
 
 
-def expected_checkpoint_paths(model_dir: str | Path, dataset: str, threat_model: str,
-                              name: str) -> list[Path]:
+def expected_checkpoint_paths(model_dir: str | Path, dataset: str, threat_model: str, name: str) -> list[Path]:
     """Files ``robustbench.utils.load_model`` reads for this zoo entry.
 
     ``<model_dir>/<dataset>/<threat>/<name>.pt``; for ensembles (``gdrive_id`` is a list) one
@@ -235,13 +232,22 @@ def _refetch_hint(paths: list[Path]) -> str:
 
 
 def _fetch_hint(name: str, dataset: str, threat_model: str, model_dir: Path) -> str:
-    return (f"download it on a machine with internet via robustbench.utils.load_model({name!r}, "
-            f"model_dir={str(model_dir)!r}, dataset={dataset!r}, threat_model={threat_model!r}) and copy "
-            "it there, or pass allow_download=True")
+    return (
+        f"download it on a machine with internet via robustbench.utils.load_model({name!r}, "
+        f"model_dir={str(model_dir)!r}, dataset={dataset!r}, threat_model={threat_model!r}) and copy "
+        "it there, or pass allow_download=True"
+    )
 
 
-def load_zoo_model(name: str, *, dataset: str, threat_model: str, model_dir: str | Path,
-                   allow_download: bool = False, sha256: tuple[str, ...] | list[str] = ()) -> torch.nn.Module:
+def load_zoo_model(
+    name: str,
+    *,
+    dataset: str,
+    threat_model: str,
+    model_dir: str | Path,
+    allow_download: bool = False,
+    sha256: tuple[str, ...] | list[str] = (),
+) -> torch.nn.Module:
     """Load RobustBench zoo model ``name`` (inputs in [0,1], logits out), in eval mode.
 
     Checks, in order, each failing with a one-line :class:`UserError`: dataset and threat model;
@@ -260,22 +266,28 @@ def load_zoo_model(name: str, *, dataset: str, threat_model: str, model_dir: str
     dataset, folder, entry = _lookup(name, dataset, threat_model)
     model_dir = Path(model_dir)
     if entry.get("gdrive_id") is None and _timm_name(name, dataset, folder) is None:
-        raise UserError(f"{dataset}/{threat_model}/{name} has no downloadable checkpoint in "
-                        "RobustBench 1.1.1; pick another teacher")
+        raise UserError(
+            f"{dataset}/{threat_model}/{name} has no downloadable checkpoint in RobustBench 1.1.1; pick another teacher"
+        )
     paths = expected_checkpoint_paths(model_dir, dataset, threat_model, name)
     hub = _hub_paths(name, dataset, folder) is not None
     missing = [p for p in paths if not p.is_file()]
     if hub and not paths and not allow_download:
-        raise UserError(f"{dataset}/{threat_model}/{name} is fetched from a model hub at load time; "
-                        "pass allow_download=True")
+        raise UserError(
+            f"{dataset}/{threat_model}/{name} is fetched from a model hub at load time; pass allow_download=True"
+        )
     if missing and not allow_download:
         where = " ".join(str(p) for p in missing)
         if hub:
-            raise UserError(f"{dataset}/{threat_model}/{name} needs the hub weights file {where} "
-                            "(torch hub cache; set TORCH_HOME to move it); load it once with "
-                            "allow_download=True on a machine with internet and copy the file there")
-        raise UserError(f"checkpoint for {dataset}/{threat_model}/{name} not found: expected {where}; "
-                        f"{_fetch_hint(name, dataset, threat_model, model_dir)}")
+            raise UserError(
+                f"{dataset}/{threat_model}/{name} needs the hub weights file {where} "
+                "(torch hub cache; set TORCH_HOME to move it); load it once with "
+                "allow_download=True on a machine with internet and copy the file there"
+            )
+        raise UserError(
+            f"checkpoint for {dataset}/{threat_model}/{name} not found: expected {where}; "
+            f"{_fetch_hint(name, dataset, threat_model, model_dir)}"
+        )
     for path in paths:
         if path.is_file() and (problem := _checkpoint_problem(path)) is not None:
             raise UserError(f"checkpoint {path} {problem}; {_refetch_hint([path])}")
@@ -284,12 +296,13 @@ def load_zoo_model(name: str, *, dataset: str, threat_model: str, model_dir: str
     ref = f"{dataset}/{threat_model}/{name}"
     if sha256:
         if not paths:
-            raise UserError(f"{ref} is fetched from a model hub to a location not known in advance; "
-                            "its file cannot be pinned with sha256")
+            raise UserError(
+                f"{ref} is fetched from a model hub to a location not known in advance; "
+                "its file cannot be pinned with sha256"
+            )
         verify_sha256_all(paths, list(sha256), what=ref, skip_missing=True)
     if missing:
-        logger.info("downloading %s for %s/%s/%s", " ".join(map(str, missing)), dataset,
-                    threat_model, name)
+        logger.info("downloading %s for %s/%s/%s", " ".join(map(str, missing)), dataset, threat_model, name)
     with weights_only_loads():
         model = _call_load_model(name, dataset, threat_model, model_dir, paths, downloading=bool(missing))
     if sha256 and missing:  # downloaded just now: loaded weights_only, but refuse a file that is not the pinned one
@@ -297,8 +310,9 @@ def load_zoo_model(name: str, *, dataset: str, threat_model: str, model_dir: str
     return model
 
 
-def _call_load_model(name: str, dataset: str, threat_model: str, model_dir: Path,
-                     paths: list[Path], *, downloading: bool) -> torch.nn.Module:
+def _call_load_model(
+    name: str, dataset: str, threat_model: str, model_dir: Path, paths: list[Path], *, downloading: bool
+) -> torch.nn.Module:
     from urllib.error import URLError
 
     import requests
@@ -317,23 +331,31 @@ def _call_load_model(name: str, dataset: str, threat_model: str, model_dir: Path
     except network_errors as exc:
         if not downloading:
             raise
-        raise UserError(f"downloading the checkpoint for {ref} failed ({type(exc).__name__}); "
-                        f"{_fetch_hint(name, dataset, threat_model, model_dir)}") from exc
+        raise UserError(
+            f"downloading the checkpoint for {ref} failed ({type(exc).__name__}); "
+            f"{_fetch_hint(name, dataset, threat_model, model_dir)}"
+        ) from exc
     except (pickle.UnpicklingError, EOFError) as exc:
         bad = [p for p in paths if p.is_file() and _checkpoint_problem(p)] or paths
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {' '.join(map(str, bad))} for {ref} cannot be unpickled "
-                        f"({detail}); it is corrupt or holds non-tensor objects that "
-                        f"torch.load(weights_only=True) refuses: {_refetch_hint(bad)}") from exc
+        raise UserError(
+            f"checkpoint {' '.join(map(str, bad))} for {ref} cannot be unpickled "
+            f"({detail}); it is corrupt or holds non-tensor objects that "
+            f"torch.load(weights_only=True) refuses: {_refetch_hint(bad)}"
+        ) from exc
     except RuntimeError as exc:
         message = str(exc)
         first = message.strip().splitlines()[0][:200] if message.strip() else type(exc).__name__
         if "state_dict" in message:
-            raise UserError(f"checkpoint {' '.join(map(str, paths))} does not match the {ref} "
-                            f"architecture ({first}); {_refetch_hint(paths)}") from exc
+            raise UserError(
+                f"checkpoint {' '.join(map(str, paths))} does not match the {ref} "
+                f"architecture ({first}); {_refetch_hint(paths)}"
+            ) from exc
         if "NVIDIA driver" in message or "CUDA" in message:
-            raise UserError(f"{ref} builds CUDA tensors in its constructor and cannot be loaded "
-                            f"without a GPU ({first})") from exc
-        raise UserError(f"checkpoint {' '.join(map(str, paths))} for {ref} cannot be loaded "
-                        f"({first}); {_refetch_hint(paths)}") from exc
+            raise UserError(
+                f"{ref} builds CUDA tensors in its constructor and cannot be loaded without a GPU ({first})"
+            ) from exc
+        raise UserError(
+            f"checkpoint {' '.join(map(str, paths))} for {ref} cannot be loaded ({first}); {_refetch_hint(paths)}"
+        ) from exc
     return model.eval()

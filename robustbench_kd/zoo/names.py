@@ -36,7 +36,5 @@ def validate_model_id(model_id: object) -> str:
 def validate_dataset_name(dataset: object) -> str:
     """Return ``dataset`` if it is a usable directory name (letters, digits, ``_``, ``-``), else raise UserError."""
     if not _is_name(dataset):
-        raise UserError(
-            f"dataset must be a name such as 'cifar10' (letters, digits, '_' and '-'), got {dataset!r}"
-        )
+        raise UserError(f"dataset must be a name such as 'cifar10' (letters, digits, '_' and '-'), got {dataset!r}")
     return dataset

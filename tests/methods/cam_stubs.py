@@ -15,15 +15,28 @@ from torch import nn
 from robustbench_kd.config import RunConfig, config_from_mapping
 from robustbench_kd.testing.runs import tiny_digits_raw
 
-__all__ = ["STUDENT", "TEACHER", "CamStub", "check_distill_logs", "check_resume_is_exact", "digits_run", "mse",
-           "normalize", "rho"]
+__all__ = [
+    "STUDENT",
+    "TEACHER",
+    "CamStub",
+    "check_distill_logs",
+    "check_resume_is_exact",
+    "digits_run",
+    "mse",
+    "normalize",
+    "rho",
+]
 
-STUDENT = {"mix": [[1.0, -0.5], [0.3, 0.8], [-0.7, 0.2]],
-           "weight": [[0.5, -1.0, 0.3], [1.2, 0.4, -0.6], [-0.3, 0.9, 1.1], [0.7, 0.2, -0.8]],
-           "bias": [0.1, -0.2, 0.0, 0.3]}
-TEACHER = {"mix": [[0.6, 0.9], [-1.0, 0.4]],
-           "weight": [[1.5, -0.2], [-0.4, 1.1], [0.8, 0.6], [0.2, -0.9]],
-           "bias": [0.0, 0.5, -0.3, 0.2]}
+STUDENT = {
+    "mix": [[1.0, -0.5], [0.3, 0.8], [-0.7, 0.2]],
+    "weight": [[0.5, -1.0, 0.3], [1.2, 0.4, -0.6], [-0.3, 0.9, 1.1], [0.7, 0.2, -0.8]],
+    "bias": [0.1, -0.2, 0.0, 0.3],
+}
+TEACHER = {
+    "mix": [[0.6, 0.9], [-1.0, 0.4]],
+    "weight": [[1.5, -0.2], [-0.4, 1.1], [0.8, 0.6], [0.2, -0.9]],
+    "bias": [0.0, 0.5, -0.3, 0.2],
+}
 
 
 class CamStub(nn.Module):
@@ -83,9 +96,15 @@ def mse(a: list[list[float]], b: list[list[float]]) -> float:
 
 def digits_run(out_dir, teacher: str, name: str, *, seed: int, **options) -> RunConfig:
     """A 2-epoch digits run of method ``name`` (with ``options``) from the ``file:`` teacher spec ``teacher``."""
-    return config_from_mapping(tiny_digits_raw(
-        out_dir, merge={"run": {"seed": seed}}, teachers={"robust": teacher}, method={"name": name, **options},
-        eval={"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False}))
+    return config_from_mapping(
+        tiny_digits_raw(
+            out_dir,
+            merge={"run": {"seed": seed}},
+            teachers={"robust": teacher},
+            method={"name": name, **options},
+            eval={"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False},
+        )
+    )
 
 
 def check_distill_logs(out_dir, host, teacher: str, name: str, *, seed: int, terms: tuple[str, ...]) -> None:

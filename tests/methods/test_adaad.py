@@ -52,9 +52,14 @@ def _mean(values) -> float:
 
 def _ctx(s_w: float = 3.0, t_w: float = 4.0, *, x=X, x_adv=X_ADV, y=Y, t_bias=T_BIAS) -> BatchContext:
     c = x.shape[1]
-    return batch_context(x, y, student=Affine(s_w, num_classes=c, trainable_bias=True),
-                         teachers={"robust": Affine(t_w, t_bias, num_classes=c, trainable_bias=True)}, x_adv=x_adv,
-                         threat=THREAT)
+    return batch_context(
+        x,
+        y,
+        student=Affine(s_w, num_classes=c, trainable_bias=True),
+        teachers={"robust": Affine(t_w, t_bias, num_classes=c, trainable_bias=True)},
+        x_adv=x_adv,
+        threat=THREAT,
+    )
 
 
 # -- attack --------------------------------------------------------------------------------------
@@ -82,7 +87,8 @@ def test_attack_gradient_flows_through_the_teacher_input() -> None:
     x_probe = X_ADV.clone().requires_grad_(True)
     (g_full,) = torch.autograd.grad(AdaAD().attack_loss(ctx, x_probe).sum(), x_probe)
     (g_student,) = torch.autograd.grad(
-        AdaAD(AdaAD.Config(attack_teacher_grad=False)).attack_loss(ctx, x_probe).sum(), x_probe)
+        AdaAD(AdaAD.Config(attack_teacher_grad=False)).attack_loss(ctx, x_probe).sum(), x_probe
+    )
     # The teacher path alone, computed independently with F.kl_div and a detached student.
     teacher = ctx.teachers["robust"]
     with torch.no_grad():
@@ -99,8 +105,9 @@ def test_blind_student_attack_moves_only_because_of_the_teacher() -> None:
     torch.manual_seed(0)
     x = torch.rand(5, 4)
     student = Blind(torch.tensor([0.3, -0.2, 0.1, 0.0]))
-    ctx = batch_context(x, torch.zeros(5, dtype=torch.long), student=student, teachers={"robust": Affine(4.0, T_BIAS)},
-                        threat=THREAT)
+    ctx = batch_context(
+        x, torch.zeros(5, dtype=torch.long), student=student, teachers={"robust": Affine(4.0, T_BIAS)}, threat=THREAT
+    )
     teacher = ctx.teachers["robust"]
     x_probe = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(AdaAD().attack_loss(ctx, x_probe).sum(), x_probe)
@@ -109,8 +116,15 @@ def test_blind_student_attack_moves_only_because_of_the_teacher() -> None:
     for teacher_grad in (True, False):
         distiller = AdaAD(AdaAD.Config(attack_teacher_grad=teacher_grad, init="none"))
         spec = distiller.attack_spec(THREAT)
-        atk = DistillationAttack(student, lambda xa, d=distiller: d.attack_loss(ctx, xa), eps=spec.eps,
-                                 alpha=spec.alpha, steps=3, init=spec.init, student_mode=spec.student_mode)
+        atk = DistillationAttack(
+            student,
+            lambda xa, d=distiller: d.attack_loss(ctx, xa),
+            eps=spec.eps,
+            alpha=spec.alpha,
+            steps=3,
+            init=spec.init,
+            student_mode=spec.student_mode,
+        )
         results[teacher_grad] = atk(x, ctx.y)
     assert torch.equal(results[False], x)  # no teacher path: zero gradient, x' never moves
     moved = (results[True] - x).abs()
@@ -207,8 +221,11 @@ def test_adaiad_options_by_hand() -> None:
     kl_t = [kl(softmax(zt_adv[b]), softmax(zs_adv[b])) for b in range(3)]
     kl_self = [kl(softmax(zs_nat[b]), softmax(zs_adv[b])) for b in range(3)]
     ce = _mean(cross_entropy(zs_nat[b], int(Y[b])) for b in range(3))
-    expected = (a * _mean(w[b] * kl_t[b] for b in range(3)) + a * _mean((1 - w[b]) * kl_self[b] for b in range(3))
-                + (1 - a) * ce)
+    expected = (
+        a * _mean(w[b] * kl_t[b] for b in range(3))
+        + a * _mean((1 - w[b]) * kl_self[b] for b in range(3))
+        + (1 - a) * ce
+    )
     assert distiller.loss(_ctx()).total.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -217,8 +234,16 @@ def test_validation_and_registration() -> None:
     adaad.rbkd_register_methods(registry.bound("adaad"))
     assert registry.get("adaad") is AdaAD and registry.get("adaiad") is AdaIAD
     assert AdaAD.teacher_roles == AdaIAD.teacher_roles == ("robust",)
-    for bad in ({"variant": "iad"}, {"alpha": -0.1}, {"temperature": 0.0}, {"kl_reduction": "mean"},
-                {"init": "normal"}, {"attack_student_mode": "training"}, {"unknown": 1}, {"beta": 0.1}):
+    for bad in (
+        {"variant": "iad"},
+        {"alpha": -0.1},
+        {"temperature": 0.0},
+        {"kl_reduction": "mean"},
+        {"init": "normal"},
+        {"attack_student_mode": "training"},
+        {"unknown": 1},
+        {"beta": 0.1},
+    ):
         with pytest.raises(UserError):
             AdaAD.config_from_mapping(bad)
     for bad in ({"begin": -1}, {"alpha": 1.5}, {"temperature": 0.0}, {"kl_reduction": "mean"}, {"variant": "adaiad"}):
@@ -230,7 +255,7 @@ def test_validation_and_registration() -> None:
 def test_retired_adaiad_variant_names_its_replacement() -> None:
     with pytest.raises(UserError) as info:
         AdaAD.config_from_mapping({"variant": "adaiad", "begin": 60})
-    assert "name = \"adaiad\"" in str(info.value) and "\n" not in str(info.value)
+    assert 'name = "adaiad"' in str(info.value) and "\n" not in str(info.value)
 
 
 # -- through the trainer on digits ---------------------------------------------------------------
@@ -239,8 +264,9 @@ def _teacher_file(tmp_path) -> str:
 
 
 def _digits(out_dir, teacher, method, eval_section=None):
-    return config_from_mapping(tiny_digits_raw(out_dir, teachers={"robust": teacher}, method=method,
-                                               eval=eval_section or {"attacks": []}))
+    return config_from_mapping(
+        tiny_digits_raw(out_dir, teachers={"robust": teacher}, method=method, eval=eval_section or {"attacks": []})
+    )
 
 
 @pytest.fixture
@@ -262,8 +288,12 @@ def test_resume_adaiad_across_the_warm_up_is_exact(tmp_path, ada_host) -> None:
 
 
 def test_distill_adaad_on_digits(tmp_path, ada_host) -> None:
-    cfg = _digits(tmp_path / "run", _teacher_file(tmp_path), {"name": "adaad"},
-                  {"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False})
+    cfg = _digits(
+        tmp_path / "run",
+        _teacher_file(tmp_path),
+        {"name": "adaad"},
+        {"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False},
+    )
     reports = distill(cfg, host=ada_host)
     assert len(reports) == 1 and 0.0 <= reports[0].accuracy["clean"] <= 1.0
     rows = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line]

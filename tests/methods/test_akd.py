@@ -88,8 +88,10 @@ def test_weighted_ensemble_gives_eq5_by_hand() -> None:
     out = AKD(AKD.Config(alpha=alpha)).loss(ctx)
     assert out.total.item() == pytest.approx(_hand(alpha, mixed_teacher), rel=1e-5)
     q = AKD(AKD.Config(alpha=alpha)).target(ctx)
-    expected_q = torch.tensor([[alpha * p + (1 - alpha) * (k == int(Y[b])) for k, p in enumerate(mixed_teacher(b))]
-                               for b in range(3)], dtype=q.dtype)
+    expected_q = torch.tensor(
+        [[alpha * p + (1 - alpha) * (k == int(Y[b])) for k, p in enumerate(mixed_teacher(b))] for b in range(3)],
+        dtype=q.dtype,
+    )
     assert torch.allclose(q, expected_q, atol=1e-6)
     assert torch.allclose(q.sum(dim=1), torch.ones(3), atol=1e-6)
 

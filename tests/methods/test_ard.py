@@ -25,8 +25,9 @@ T_BIAS = torch.tensor([0.5, -1.0, 2.0, 0.0])
 
 def _ctx() -> BatchContext:
     # Teacher scale 40 so that its tau = 30 distribution is far from uniform.
-    return batch_context(X, Y, student=Affine(30.0), teachers={"robust": Affine(40.0, T_BIAS)}, x_adv=X_ADV,
-                         threat=THREAT)
+    return batch_context(
+        X, Y, student=Affine(30.0), teachers={"robust": Affine(40.0, T_BIAS)}, x_adv=X_ADV, threat=THREAT
+    )
 
 
 def _hand(tau: float) -> tuple[float, float]:
@@ -115,16 +116,26 @@ def test_ard_loss_weights_the_reduced_divergence_and_the_clean_ce() -> None:
     logits_nat = 30.0 * X
     per_sample = torch.tensor([0.3, 0.6, 0.9])
     ce = sum(cross_entropy(logits_nat[b], int(Y[b])) for b in range(3)) / 3
-    out = ard_loss(per_sample, Y, logits_nat=logits_nat, alpha=0.5, temperature=2.0, reduction="batchmean",
-                   num_classes=4)
+    out = ard_loss(
+        per_sample, Y, logits_nat=logits_nat, alpha=0.5, temperature=2.0, reduction="batchmean", num_classes=4
+    )
     assert out.terms["kl_adv"].item() == pytest.approx(0.6)
     assert out.total.item() == pytest.approx(0.5 * 4.0 * 0.6 + 0.5 * ce, rel=1e-6)
-    logged = ard_loss(per_sample, Y, logits_nat=logits_nat, alpha=1.0, temperature=2.0, reduction="mean_all",
-                      num_classes=4, name="ikl")
+    logged = ard_loss(
+        per_sample,
+        Y,
+        logits_nat=logits_nat,
+        alpha=1.0,
+        temperature=2.0,
+        reduction="mean_all",
+        num_classes=4,
+        name="ikl",
+    )
     assert logged.total.item() == pytest.approx(4.0 * 0.6 / 4) and set(logged.terms) == {"ikl_adv", "ce_nat"}
     assert logged.terms["ce_nat"].item() == pytest.approx(ce, rel=1e-6)
-    assert set(ard_loss(per_sample, Y, logits_nat=None, alpha=1.0, temperature=2.0, reduction="sum",
-                        num_classes=4).terms) == {"kl_adv"}
+    assert set(
+        ard_loss(per_sample, Y, logits_nat=None, alpha=1.0, temperature=2.0, reduction="sum", num_classes=4).terms
+    ) == {"kl_adv"}
 
 
 # -- IKL in place of the KL (divergence="ikl") -----------------------------------------------------

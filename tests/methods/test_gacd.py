@@ -56,9 +56,19 @@ def test_registration_and_validation() -> None:
     cfg = GACD.Config()
     assert (cfg.embed_dim, cfg.nce_k, cfg.nce_t, cfg.nce_momentum) == (128, 16384, 0.1, 0.5)
     assert not cfg.symmetric and cfg.sample_weights and cfg.positive == "adv"
-    for bad in ({"nce_k": 0}, {"nce_t": 0.0}, {"nce_momentum": 1.0}, {"positive": "both"},
-                {"attack_budget": "pgd"}, {"attack_features": "map"}, {"attack_student_mode": "test"},
-                {"ot_reg": 0.0}, {"ot_iters": 0}, {"ot_tol": -1.0}, {"embed_dim": True}):
+    for bad in (
+        {"nce_k": 0},
+        {"nce_t": 0.0},
+        {"nce_momentum": 1.0},
+        {"positive": "both"},
+        {"attack_budget": "pgd"},
+        {"attack_features": "map"},
+        {"attack_student_mode": "test"},
+        {"ot_reg": 0.0},
+        {"ot_iters": 0},
+        {"ot_tol": -1.0},
+        {"embed_dim": True},
+    ):
         with pytest.raises(UserError):
             GACD.config_from_mapping(bad)
     with pytest.raises(UserError, match=re.escape("method.nce_momentum must be in [0, 1), got 1.0")):
@@ -79,8 +89,13 @@ def test_attack_specs() -> None:
     assert GACDLinear().attack_spec(THREAT) is None
     # Stage 3 (adversarial fine-tuning) is pgd-at: Madry's PGD from a uniform start, student in eval mode.
     aft = PGDAT().attack_spec(THREAT)
-    assert (aft.eps, aft.alpha, aft.steps, aft.init, aft.student_mode) == (THREAT.eps, THREAT.alpha, 10, "uniform",
-                                                                            "eval")
+    assert (aft.eps, aft.alpha, aft.steps, aft.init, aft.student_mode) == (
+        THREAT.eps,
+        THREAT.alpha,
+        10,
+        "uniform",
+        "eval",
+    )
     assert not aft.teacher_grad and not aft.large_step and aft.norm == THREAT.norm
     assert PGDAT(PGDAT.Config(steps=3)).attack_spec(THREAT).steps == 3
 
@@ -180,7 +195,7 @@ def _linear(weight: list[list[float]]) -> nn.Module:
     return nn.Sequential(lin)
 
 
-T_W = [[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]]         # teacher: 2 classes on 3 features
+T_W = [[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]]  # teacher: 2 classes on 3 features
 S_W = [[0.2, -0.1, 0.3], [0.4, 0.0, -0.2]]
 X = torch.tensor([[0.2, 0.7, 0.1], [0.9, 0.3, 0.5]])
 Y = torch.tensor([0, 1])
@@ -193,8 +208,9 @@ HEAD_T = ([[0.5, 0.0, 1.0], [-1.0, 1.0, 0.0]], [0.0, 0.3])
 
 
 def _stub(symmetric: bool = False, sample_weights: bool = True) -> tuple[GACD, BatchContext]:
-    distiller = GACD(GACD.Config(embed_dim=2, positive="clean", symmetric=symmetric,
-                                 sample_weights=sample_weights), num_classes=2)
+    distiller = GACD(
+        GACD.Config(embed_dim=2, positive="clean", symmetric=symmetric, sample_weights=sample_weights), num_classes=2
+    )
     distiller.embed(torch.zeros(1, 3), torch.zeros(1, 3))  # materialise the lazy heads
     with torch.no_grad():
         for head, (w, b) in ((distiller.embed_s, HEAD_S), (distiller.embed_t, HEAD_T)):
@@ -203,8 +219,9 @@ def _stub(symmetric: bool = False, sample_weights: bool = True) -> tuple[GACD, B
     distiller.memory_s = BANK.clone()
     distiller.memory_t = BANK_T.clone() if symmetric else torch.zeros(0, 2)
     distiller.memory_labels = LABELS.clone()
-    ctx = batch_context(X, Y, index=INDEX.clone(), student=_linear(S_W), teachers={"robust": _linear(T_W)},
-                        threat=THREAT)
+    ctx = batch_context(
+        X, Y, index=INDEX.clone(), student=_linear(S_W), teachers={"robust": _linear(T_W)}, threat=THREAT
+    )
     return distiller, ctx
 
 
@@ -240,8 +257,14 @@ def _hand(symmetric: bool, sample_weights: bool, z: tuple[float, float] | None =
             total += w * ll
         return -total / 2
 
-    out = {"nce": nce(scores_t, z_t), "z_t": z_t, "z_s": z_s, "w": [r[2] for r in rows], "s": [r[0] for r in rows],
-           "t": [r[1] for r in rows]}
+    out = {
+        "nce": nce(scores_t, z_t),
+        "z_t": z_t,
+        "z_s": z_s,
+        "w": [r[2] for r in rows],
+        "s": [r[0] for r in rows],
+        "t": [r[1] for r in rows],
+    }
     if symmetric:
         out["nce_sym"] = nce(scores_s, z_s)
     return out
@@ -322,8 +345,14 @@ def test_ensemble_teacher_rejected() -> None:
 class TinyNet(nn.Module):
     def __init__(self, channels: int = 3, classes: int = 10) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -332,8 +361,14 @@ class TinyNet(nn.Module):
 def _batch(seed: int = 0, b: int = 8) -> BatchContext:
     torch.manual_seed(seed)
     threat = ThreatSpec(eps=0.1, alpha=0.025, steps=4)
-    return batch_context(torch.rand(b, 3, 8, 8), torch.arange(b) % 4, index=torch.arange(b),
-                         student=TinyNet().train(), teachers={"robust": TinyNet()}, threat=threat)
+    return batch_context(
+        torch.rand(b, 3, 8, 8),
+        torch.arange(b) % 4,
+        index=torch.arange(b),
+        student=TinyNet().train(),
+        teachers={"robust": TinyNet()},
+        threat=threat,
+    )
 
 
 @pytest.mark.parametrize("features", ["penultimate", "logits"])
@@ -344,8 +379,15 @@ def test_ot_attack_is_finite_and_increases_feature_distortion(features: str) -> 
     student = ctx.student
     bn = student.body[1]
     tracked = int(bn.num_batches_tracked)
-    attack = DistillationAttack(student, lambda xa: distiller.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
-                                steps=spec.steps, init=spec.init, student_mode=spec.student_mode)
+    attack = DistillationAttack(
+        student,
+        lambda xa: distiller.attack_loss(ctx, xa),
+        eps=spec.eps,
+        alpha=spec.alpha,
+        steps=spec.steps,
+        init=spec.init,
+        student_mode=spec.student_mode,
+    )
     torch.manual_seed(1)
     x_adv = attack(ctx.x, ctx.y)
     torch.manual_seed(1)  # the same uniform start the attack drew
@@ -367,8 +409,7 @@ def test_ot_attack_is_finite_and_increases_feature_distortion(features: str) -> 
     cost = cosine_cost(clean, adv)
     plan = sinkhorn_plan(cost, reg=0.01, iters=100, tol=0.1)
     assert at_adv.sum().item() == pytest.approx(float((plan * cost).sum()), rel=1e-5)
-    assert ot_per_sample(clean, adv, reg=0.01, iters=100, tol=0.1).tolist() == pytest.approx(at_adv.tolist(),
-                                                                                          rel=1e-5)
+    assert ot_per_sample(clean, adv, reg=0.01, iters=100, tol=0.1).tolist() == pytest.approx(at_adv.tolist(), rel=1e-5)
 
 
 # -- optimiser, contract -------------------------------------------------------------------------------
@@ -503,8 +544,11 @@ def teacher_spec(tmp_path_factory) -> str:
 
 
 def _digits_config(out_dir, **sections):
-    merge = {"method": {"name": "gacd", "nce_k": 64, "symmetric": True},
-             "optim": {"schedule": "multistep", "milestones": [1]}, "eval": {"attacks": []}}
+    merge = {
+        "method": {"name": "gacd", "nce_k": 64, "symmetric": True},
+        "optim": {"schedule": "multistep", "milestones": [1]},
+        "eval": {"attacks": []},
+    }
     return config_from_mapping(tiny_digits_raw(out_dir, merge=merge, **sections))
 
 
@@ -532,8 +576,10 @@ def test_three_stages_end_to_end_on_digits(tmp_path, gacd_host, teacher_spec) ->
     ev = {"attacks": ["clean"], "final_n_examples": 50, "teachers": False}
     one = {"epochs": 1, "lr": 0.05}
     stage1 = tmp_path / "stage1"
-    distill(_digits_config(stage1, teachers={"robust": teacher_spec}, method={"name": "gacd"}, optim=one,
-                           eval=ev), host=gacd_host)
+    distill(
+        _digits_config(stage1, teachers={"robust": teacher_spec}, method={"name": "gacd"}, optim=one, eval=ev),
+        host=gacd_host,
+    )
     row = json.loads((stage1 / "metrics.jsonl").read_text().splitlines()[0])
     assert {"nce", "w_mean", "pos_sim"} <= set(row) and math.isfinite(row["nce"])
     distilled = load_checkpoint(stage1 / "checkpoints" / "last.pt")
@@ -542,19 +588,22 @@ def test_three_stages_end_to_end_on_digits(tmp_path, gacd_host, teacher_spec) ->
     init = str(stage1 / "checkpoints" / "last.pt")
     student = {"arch": "small-cnn", "options": {"width": 0.5}, "init_from": init}
 
-    reports = distill(_digits_config(tmp_path / "linear", method={"name": "gacd-linear"}, student=student,
-                                     optim=one, eval=ev), host=gacd_host)
+    reports = distill(
+        _digits_config(tmp_path / "linear", method={"name": "gacd-linear"}, student=student, optim=one, eval=ev),
+        host=gacd_host,
+    )
     assert len(reports) == 1
     probe = load_checkpoint(tmp_path / "linear" / "checkpoints" / "last.pt")["student"]
     for key, value in distilled["student"].items():
         if key.startswith("classifier."):
-            assert not torch.equal(value, probe[key]), key      # the probe trained
+            assert not torch.equal(value, probe[key]), key  # the probe trained
         else:
-            assert torch.equal(value, probe[key]), key          # backbone and BN statistics frozen
+            assert torch.equal(value, probe[key]), key  # backbone and BN statistics frozen
 
     # Stage 3, adversarial fine-tuning: pgd-at from the stage-1 weights.
-    distill(_digits_config(tmp_path / "aft", method={"name": "pgd-at"}, student=student, optim=one, eval=ev),
-            host=gacd_host)
+    distill(
+        _digits_config(tmp_path / "aft", method={"name": "pgd-at"}, student=student, optim=one, eval=ev), host=gacd_host
+    )
     tuned = load_checkpoint(tmp_path / "aft" / "checkpoints" / "last.pt")["student"]
     assert not torch.equal(tuned["features.0.weight"], distilled["student"]["features.0.weight"])
     row = json.loads((tmp_path / "aft" / "metrics.jsonl").read_text().splitlines()[0])
@@ -564,8 +613,10 @@ def test_three_stages_end_to_end_on_digits(tmp_path, gacd_host, teacher_spec) ->
 def test_linear_probe_resume_is_exact(tmp_path, gacd_host) -> None:
     torch.manual_seed(5)
     init = tmp_path / "stage1.pt"
-    torch.save({"state_dict": build_student("small-cnn", num_classes=10, in_channels=1, image_size=8,
-                                            width=0.5).state_dict()}, init)
+    torch.save(
+        {"state_dict": build_student("small-cnn", num_classes=10, in_channels=1, image_size=8, width=0.5).state_dict()},
+        init,
+    )
     student = {"arch": "small-cnn", "options": {"width": 0.5}, "init_from": str(init)}
     sections = {"method": {"name": "gacd-linear"}, "student": student}
     full = train(_digits_config(tmp_path / "full", **sections), host=gacd_host)

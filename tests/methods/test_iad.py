@@ -136,8 +136,11 @@ def test_iad1_paper_form_weights_teacher_term_and_ce_temperature_by_hand() -> No
     before, _ = _loss(distiller, 4)
     assert before.total.item() == pytest.approx(a * tau**2 * _mean(kl_t) + (1 - a) * ce, rel=1e-5)
     after, _ = _loss(distiller, 5)
-    expected = (a * tau**2 * _mean(w[b] * kl_t[b] for b in range(3))
-                + a * _mean((1 - w[b]) * kl_self[b] for b in range(3)) + (1 - a) * ce)
+    expected = (
+        a * tau**2 * _mean(w[b] * kl_t[b] for b in range(3))
+        + a * _mean((1 - w[b]) * kl_self[b] for b in range(3))
+        + (1 - a) * ce
+    )
     assert after.total.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -157,8 +160,7 @@ def test_iad2_warm_up_switch_by_hand() -> None:
     after, ctx = _loss(distiller, 40, natural=True)
     teacher = _mean(w[b] * kl_t[b] for b in range(3))  # weighted by w (IAD-II code)
     intro = _mean((1 - w[b]) * kl_self[b] for b in range(3))
-    assert after.total.item() == pytest.approx(0.25 * ce_adv + 0.5 * (teacher + intro) + 0.25 * _mean(kl_n),
-                                               rel=1e-5)
+    assert after.total.item() == pytest.approx(0.25 * ce_adv + 0.5 * (teacher + intro) + 0.25 * _mean(kl_n), rel=1e-5)
     assert after.terms["kl_natural"].item() == pytest.approx(_mean(kl_n), rel=1e-5)
     assert ctx.student.calls == 2
     assert ctx.teachers["robust"].net.calls == 1  # one memoised pass on x' serves target and weight
@@ -173,9 +175,11 @@ def test_iad2_temperature_scales_teacher_and_introspection_terms() -> None:
     kl_self = [kl(softmax(ZS_NAT[b]), softmax(ZS_ADV[b])) for b in range(3)]
     ce_adv = _mean(cross_entropy(ZS_ADV[b], int(Y[b])) for b in range(3))
     out, _ = _loss(distiller, 0, natural=True)
-    expected = (0.25 * ce_adv + 0.5 * tau**2 * (_mean(w[b] * kl_t[b] for b in range(3))
-                                               + _mean((1 - w[b]) * kl_self[b] for b in range(3)))
-                + 0.25 * tau**2 * _mean(kl_n))
+    expected = (
+        0.25 * ce_adv
+        + 0.5 * tau**2 * (_mean(w[b] * kl_t[b] for b in range(3)) + _mean((1 - w[b]) * kl_self[b] for b in range(3)))
+        + 0.25 * tau**2 * _mean(kl_n)
+    )
     assert out.total.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -203,9 +207,17 @@ def test_validation_and_registration() -> None:
     registry = Registry("method")
     iad.rbkd_register_methods(registry.bound("iad"))
     assert registry.get("iad") is IAD
-    for bad in ({"variant": "III"}, {"alpha": 1.5}, {"natural_weight": 0.2},
-                {"variant": "II", "alpha": 0.8, "natural_weight": 0.3}, {"begin": -1}, {"begin": 1.5},
-                {"kl_reduction": "mean"}, {"attack_student_mode": "training"}, {"temperature": 0.0}):
+    for bad in (
+        {"variant": "III"},
+        {"alpha": 1.5},
+        {"natural_weight": 0.2},
+        {"variant": "II", "alpha": 0.8, "natural_weight": 0.3},
+        {"begin": -1},
+        {"begin": 1.5},
+        {"kl_reduction": "mean"},
+        {"attack_student_mode": "training"},
+        {"temperature": 0.0},
+    ):
         with pytest.raises(UserError):
             IAD.config_from_mapping(bad)
     assert IAD.config_from_mapping({"variant": "II", "begin": 10}).begin == 10
@@ -217,8 +229,14 @@ def test_end_to_end_batch_attack_in_train_mode_updates_bn() -> None:
     class TinyNet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+            self.body = nn.Sequential(
+                nn.Conv2d(3, 4, 3, padding=1),
+                nn.BatchNorm2d(4),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(4, 10),
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.body(x)
@@ -228,13 +246,21 @@ def test_end_to_end_batch_attack_in_train_mode_updates_bn() -> None:
     distiller = IAD(IAD.Config(variant="II", begin=0))
     distiller.on_epoch_start(0, 1)
     threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=3)
-    ctx = batch_context(torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,)), student=student, teachers=teachers,
-                        threat=threat)
+    ctx = batch_context(
+        torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,)), student=student, teachers=teachers, threat=threat
+    )
     spec = distiller.attack_spec(threat)
     bn = student.body[1]
     tracked = int(bn.num_batches_tracked)
-    atk = DistillationAttack(student, lambda xa: distiller.attack_loss(ctx, xa), eps=spec.eps, alpha=spec.alpha,
-                             steps=spec.steps, init=spec.init, student_mode=spec.student_mode)
+    atk = DistillationAttack(
+        student,
+        lambda xa: distiller.attack_loss(ctx, xa),
+        eps=spec.eps,
+        alpha=spec.alpha,
+        steps=spec.steps,
+        init=spec.init,
+        student_mode=spec.student_mode,
+    )
     ctx.x_adv = atk(ctx.x, ctx.y)
     assert int(bn.num_batches_tracked) == tracked + 3  # train-mode attack, as ARD
     out = distiller.loss(ctx)
@@ -249,8 +275,9 @@ def _teacher_file(tmp_path, seed: int) -> str:
 
 
 def _digits(out_dir, teachers, method, eval_section=None):
-    return config_from_mapping(tiny_digits_raw(out_dir, teachers=teachers, method=method,
-                                               eval=eval_section or {"attacks": []}))
+    return config_from_mapping(
+        tiny_digits_raw(out_dir, teachers=teachers, method=method, eval=eval_section or {"attacks": []})
+    )
 
 
 @pytest.fixture
@@ -279,8 +306,12 @@ def test_distill_iad2_on_digits_needs_natural_teacher(tmp_path, iad_host) -> Non
         distill(_digits(tmp_path / "missing", {"robust": robust}, method), host=iad_host)
     with pytest.raises(UserError, match="does not use teacher role"):
         distill(_digits(tmp_path / "extra", {"robust": robust, "natural": natural}, {"name": "iad"}), host=iad_host)
-    cfg = _digits(tmp_path / "run", {"robust": robust, "natural": natural}, method,
-                  {"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False})
+    cfg = _digits(
+        tmp_path / "run",
+        {"robust": robust, "natural": natural},
+        method,
+        {"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False},
+    )
     reports = distill(cfg, host=iad_host)
     assert len(reports) == 1 and 0.0 <= reports[0].accuracy["clean"] <= 1.0
     assert (tmp_path / "run" / "metrics.jsonl").is_file()

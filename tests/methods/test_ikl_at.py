@@ -32,8 +32,9 @@ def _sce(o_t: list[float], o_l: list[float]) -> float:
     return soft_cross_entropy(softmax(o_t), o_l)
 
 
-def _ctx(student: nn.Module | None = None, x: torch.Tensor = X, x_adv: torch.Tensor = X_ADV,
-         y: torch.Tensor = Y) -> BatchContext:
+def _ctx(
+    student: nn.Module | None = None, x: torch.Tensor = X, x_adv: torch.Tensor = X_ADV, y: torch.Tensor = Y
+) -> BatchContext:
     return batch_context(x, y, student=student or Affine(3.0, trainable_bias=True), x_adv=x_adv, threat=THREAT)
 
 
@@ -58,10 +59,19 @@ def test_default_curriculum_high_budget_is_five_steps_of_half_eps_every_epoch() 
     assert (_spec(distiller, 199, 200).eps, _spec(distiller, 199, 200).steps) == (THREAT.eps, 5)
 
 
-@pytest.mark.parametrize("epoch1,steps,step_frac", [
-    (1, 2, 1.0), (50, 2, 1.0), (51, 3, 2 / 3), (100, 3, 2 / 3), (101, 4, 0.5), (150, 4, 0.5), (151, 5, 0.5),
-    (200, 5, 0.5),
-])
+@pytest.mark.parametrize(
+    "epoch1,steps,step_frac",
+    [
+        (1, 2, 1.0),
+        (50, 2, 1.0),
+        (51, 3, 2 / 3),
+        (100, 3, 2 / 3),
+        (101, 4, 0.5),
+        (150, 4, 0.5),
+        (151, 5, 0.5),
+        (200, 5, 0.5),
+    ],
+)
 def test_intended_budget_over_200_epochs(epoch1: int, steps: int, step_frac: float) -> None:
     spec = _spec(IKLAT(IKLAT.Config(attack_budget="intended")), epoch1 - 1, 200)
     eps_e = THREAT.eps * epoch1 / 200
@@ -137,8 +147,10 @@ def test_dkl_settings_give_trades_beta_one_in_gradient() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 4)).double()
     x, x_adv = X.double(), X_ADV.double()
-    dkl = IKLAT(IKLAT.Config(class_prior=False, prior_temperature=1.0, learner_mse_grad=False, mse_weight=1.0,
-                             sce_weight=1.0), num_classes=4)
+    dkl = IKLAT(
+        IKLAT.Config(class_prior=False, prior_temperature=1.0, learner_mse_grad=False, mse_weight=1.0, sce_weight=1.0),
+        num_classes=4,
+    )
     grads = []
     for distiller in (dkl, TRADES(TRADES.Config(beta=1.0, kl_reduction="batchmean"))):
         net.zero_grad()
@@ -164,7 +176,7 @@ def test_attack_loss_is_sce_to_the_eval_mode_clean_output() -> None:
 
 
 def test_attack_mse_weight_reference_default_per_dataset() -> None:
-    assert IKLAT(num_classes=10).attack_mse_weight == 0.0   # train_dkl_cifar10.py
+    assert IKLAT(num_classes=10).attack_mse_weight == 0.0  # train_dkl_cifar10.py
     assert IKLAT(num_classes=100).attack_mse_weight == 1.0  # train_dkl_cifar100.py
     assert IKLAT(IKLAT.Config(attack_mse_weight=0.0), num_classes=100).attack_mse_weight == 0.0
 
@@ -193,8 +205,9 @@ def test_prior_from_previous_epoch_natural_outputs_at_temperature() -> None:
     assert torch.equal(distiller.prior.prior, torch.full((4, 4), 0.25))  # lags: nothing before the epoch ends
     metrics = distiller.on_epoch_end(0, 2)
     for b, y in enumerate(Y.tolist()):  # one sample per class: the row is that sample's softmax(z(x) / 4)
-        assert distiller.prior.prior[y].tolist() == pytest.approx(softmax((3.0 * X[b]).double().tolist(), 4.0),
-                                                                  rel=1e-5)
+        assert distiller.prior.prior[y].tolist() == pytest.approx(
+            softmax((3.0 * X[b]).double().tolist(), 4.0), rel=1e-5
+        )
     assert distiller.prior.prior[2].tolist() == pytest.approx([0.25] * 4)  # class 2 unseen
     assert metrics["prior_true_class"] == pytest.approx(float(distiller.prior.prior.diagonal().mean()))
     assert torch.equal(distiller.prior.accumulator, torch.zeros(4, 4))
@@ -213,8 +226,14 @@ def test_registration_and_validation() -> None:
     assert IKLAT.teacher_roles == ()
     with pytest.raises(UserError, match="not implemented yet"):
         IKLAT.Config(awp=True)
-    for bad in ({"attack_budget": "medium"}, {"eps_schedule": "cosine"}, {"prior_mix": 2.0},
-                {"prior_temperature": 0.0}, {"mse_weight": -1.0}, {"attack_student_mode": "training"}):
+    for bad in (
+        {"attack_budget": "medium"},
+        {"eps_schedule": "cosine"},
+        {"prior_mix": 2.0},
+        {"prior_temperature": 0.0},
+        {"mse_weight": -1.0},
+        {"attack_student_mode": "training"},
+    ):
         with pytest.raises(UserError):
             IKLAT.config_from_mapping(bad)
     assert IKLAT.config_from_mapping({"mse_weight": 12.0}).mse_weight == 12.0
@@ -222,15 +241,17 @@ def test_registration_and_validation() -> None:
 
 # -- training runs on digits --------------------------------------------------------------------------
 def _digits(out_dir, **method) -> object:
-    return config_from_mapping({
-        "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
-        "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
-        "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-        "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-        "method": {"name": "ikl-at", **method},
-        "optim": {"epochs": 2, "lr": 0.2},
-        "eval": {"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False},
-    })
+    return config_from_mapping(
+        {
+            "run": {"out_dir": str(out_dir), "progress": False, "deterministic": True, "seed": 3},
+            "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
+            "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
+            "student": {"arch": "small-cnn", "options": {"width": 0.5}},
+            "method": {"name": "ikl-at", **method},
+            "optim": {"epochs": 2, "lr": 0.2},
+            "eval": {"attacks": ["clean", "pgd"], "final_n_examples": 32, "pgd_steps": 2, "teachers": False},
+        }
+    )
 
 
 @pytest.fixture

@@ -36,8 +36,14 @@ NAT_BIAS = torch.tensor([-0.3, 1.5, 0.0, 0.7])
 
 def _ctx(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor = Y, student: nn.Module | None = None) -> BatchContext:
     teachers = {"robust": Affine(4.0, ROB_BIAS), "natural": Affine(2.0, NAT_BIAS)}
-    return batch_context(x, y, student=student if student is not None else Affine(3.0, num_classes=x.shape[1]),
-                         teachers=teachers, x_adv=x_adv, threat=THREAT)
+    return batch_context(
+        x,
+        y,
+        student=student if student is not None else Affine(3.0, num_classes=x.shape[1]),
+        teachers=teachers,
+        x_adv=x_adv,
+        threat=THREAT,
+    )
 
 
 def _ref_kl_mean_all(t_logits: torch.Tensor, s_logits: torch.Tensor, eps: float = 1e-5) -> float:
@@ -50,8 +56,9 @@ def _ref_kl_mean_all(t_logits: torch.Tensor, s_logits: torch.Tensor, eps: float 
     return total / count
 
 
-def _reference_update(state: dict[str, float | None], kl_adv: float, kl_nat: float, lr: float,
-                      bert: float = 1.0) -> None:
+def _reference_update(
+    state: dict[str, float | None], kl_adv: float, kl_nat: float, lr: float, bert: float = 1.0
+) -> None:
     """The reference script's weight update, line by line, on Python floats."""
     if state["init_nat"] is None:
         state["init_nat"] = kl_nat
@@ -59,8 +66,8 @@ def _reference_update(state: dict[str, float | None], kl_adv: float, kl_nat: flo
         state["init_adv"] = kl_adv
     lhat_adv = kl_adv / state["init_adv"]
     lhat_nat = kl_nat / state["init_nat"]
-    inv_rate_adv = lhat_adv ** bert
-    inv_rate_nat = lhat_nat ** bert
+    inv_rate_adv = lhat_adv**bert
+    inv_rate_nat = lhat_nat**bert
     state["nat"] = state["nat"] - lr * (state["nat"] - inv_rate_nat / (inv_rate_adv + inv_rate_nat))
     state["adv"] = 1 - state["nat"]
 
@@ -91,8 +98,8 @@ def test_attack_loss_is_per_sample_ce_on_the_student() -> None:
 def test_first_batch_loss_by_hand_teachers_at_the_right_inputs() -> None:
     ctx = _ctx(X, X_ADV)
     out = MTARD(num_classes=4).loss(ctx)
-    kl_adv = _ref_kl_mean_all(4.0 * X_ADV + ROB_BIAS, 3.0 * X_ADV)   # robust teacher at x'
-    kl_nat = _ref_kl_mean_all(2.0 * X + NAT_BIAS, 3.0 * X)            # natural teacher at x
+    kl_adv = _ref_kl_mean_all(4.0 * X_ADV + ROB_BIAS, 3.0 * X_ADV)  # robust teacher at x'
+    kl_nat = _ref_kl_mean_all(2.0 * X + NAT_BIAS, 3.0 * X)  # natural teacher at x
     assert out.terms["kl_adv"].item() == pytest.approx(kl_adv, rel=1e-5)
     assert out.terms["kl_nat"].item() == pytest.approx(kl_nat, rel=1e-5)
     # first batch: relative losses are 1 and 1, the target is 1/2, the weights stay 0.5/0.5
@@ -108,7 +115,8 @@ def test_first_batch_loss_by_hand_teachers_at_the_right_inputs() -> None:
 def test_exact_kl_option_and_cifar100_scale() -> None:
     exact = MTARD(MTARD.Config(teacher_log_eps=0.0), num_classes=4).loss(_ctx(X, X_ADV))
     assert exact.terms["kl_adv"].item() == pytest.approx(
-        _ref_kl_mean_all(4.0 * X_ADV + ROB_BIAS, 3.0 * X_ADV, eps=0.0), rel=1e-5)
+        _ref_kl_mean_all(4.0 * X_ADV + ROB_BIAS, 3.0 * X_ADV, eps=0.0), rel=1e-5
+    )
     batchmean = MTARD(MTARD.Config(teacher_log_eps=0.0, kl_reduction="batchmean"), num_classes=4).loss(_ctx(X, X_ADV))
     assert batchmean.terms["kl_nat"].item() == pytest.approx(4 * exact.terms["kl_nat"].item(), rel=1e-5)
     assert MTARD(num_classes=100).kl_scale == 10.0
@@ -125,7 +133,7 @@ def test_weight_trajectory_controlled_losses_by_hand() -> None:
     ref = _fresh_reference()
     trajectory = []
     for l_adv, l_nat in losses:
-        la, ln = torch.tensor(l_adv), torch.tensor(l_nat)       # float32, like the reference's losses
+        la, ln = torch.tensor(l_adv), torch.tensor(l_nat)  # float32, like the reference's losses
         distiller.update_weights(la, ln)
         _reference_update(ref, la.item(), ln.item(), 0.025)
         assert distiller.w_nat.item() == ref["nat"] and distiller.w_adv.item() == ref["adv"]  # bitwise
@@ -152,7 +160,7 @@ def test_weight_trajectory_through_loss_updates_before_the_weighted_sum() -> Non
         x = torch.rand(3, 4, generator=gen)
         x_adv = (x + 0.3 * torch.randn(3, 4, generator=gen)).clamp(0, 1)
         with torch.no_grad():
-            student.w.fill_(3.0 - 0.5 * step)     # the student "learns": the losses move
+            student.w.fill_(3.0 - 0.5 * step)  # the student "learns": the losses move
         out = distiller.loss(_ctx(x, x_adv, student=student))
         kl_adv, kl_nat = out.terms["kl_adv"], out.terms["kl_nat"]
         _reference_update(ref, kl_adv.item(), kl_nat.item(), 0.025)
@@ -178,7 +186,8 @@ def test_relative_power_and_fixed_weights() -> None:
         out = fixed.loss(_ctx(X, X_ADV))
     assert (fixed.w_adv.item(), fixed.w_nat.item()) == (0.75, 0.25)
     assert out.total.item() == pytest.approx(
-        0.75 * out.terms["kl_adv"].item() + 0.25 * out.terms["kl_nat"].item(), rel=1e-6)
+        0.75 * out.terms["kl_adv"].item() + 0.25 * out.terms["kl_nat"].item(), rel=1e-6
+    )
 
 
 def test_adaptive_nat_weight_is_the_reference_step() -> None:
@@ -193,9 +202,9 @@ def test_adaptive_nat_weight_is_the_reference_step() -> None:
 
 def test_non_finite_update_keeps_the_weights() -> None:
     distiller = MTARD()
-    distiller.update_weights(torch.tensor(0.0), torch.tensor(0.5))       # 0/0: reference would crash
+    distiller.update_weights(torch.tensor(0.0), torch.tensor(0.5))  # 0/0: reference would crash
     assert distiller.w_nat.item() == 0.5 and distiller.w_adv.item() == 0.5
-    distiller.update_weights(torch.tensor(0.3), torch.tensor(0.5))       # 0.3/0 = inf
+    distiller.update_weights(torch.tensor(0.3), torch.tensor(0.5))  # 0.3/0 = inf
     assert distiller.w_nat.item() == 0.5
     distiller.update_weights(torch.tensor(float("nan")), torch.tensor(0.5))
     assert distiller.w_nat.item() == 0.5
@@ -234,7 +243,7 @@ def test_milestone_sources() -> None:
     distiller = MTARD(override)
     distiller.on_train_start(_fake_run(milestones=[5]))
     assert distiller.milestones == (1, 1)
-    assert distiller.on_epoch_end(0, 2)["weight_lr"] == 0.025 * 0.5 * 0.5   # repeated milestone, as MultiStepLR
+    assert distiller.on_epoch_end(0, 2)["weight_lr"] == 0.025 * 0.5 * 0.5  # repeated milestone, as MultiStepLR
 
 
 def test_state_is_in_the_state_dict_and_restores_bitwise() -> None:
@@ -262,10 +271,19 @@ def test_registration_and_validation() -> None:
     mtard.rbkd_register_methods(registry.bound("mtard"))
     assert registry.get("mtard") is MTARD
     assert MTARD.teacher_roles == ("robust", "natural")
-    for bad in ({"init_nat_weight": 1.5}, {"weight_lr": -0.1}, {"weight_lr_gamma": 0.0},
-                {"weight_lr_milestones": [0]}, {"weight_lr_milestones": "215"}, {"relative_power": 0.0},
-                {"kl_reduction": "mean"}, {"kl_scale": 0.0}, {"teacher_log_eps": -1.0},
-                {"attack_student_mode": "test"}, {"weight_lr_rate": 0.1}):
+    for bad in (
+        {"init_nat_weight": 1.5},
+        {"weight_lr": -0.1},
+        {"weight_lr_gamma": 0.0},
+        {"weight_lr_milestones": [0]},
+        {"weight_lr_milestones": "215"},
+        {"relative_power": 0.0},
+        {"kl_reduction": "mean"},
+        {"kl_scale": 0.0},
+        {"teacher_log_eps": -1.0},
+        {"attack_student_mode": "test"},
+        {"weight_lr_rate": 0.1},
+    ):
         with pytest.raises(UserError):
             MTARD.config_from_mapping(bad)
 
@@ -290,8 +308,12 @@ def teacher_specs(tmp_path_factory) -> dict[str, str]:
 
 
 def _digits_config(out_dir, teachers: dict[str, str], **sections):
-    merge = {"method": {"name": "mtard"}, "teachers": teachers, "optim": {"schedule": "multistep", "milestones": [1]},
-             "eval": {"attacks": []}}
+    merge = {
+        "method": {"name": "mtard"},
+        "teachers": teachers,
+        "optim": {"schedule": "multistep", "milestones": [1]},
+        "eval": {"attacks": []},
+    }
     raw = tiny_digits_raw(out_dir, merge=merge, **sections)
     return config_from_mapping(raw)
 
@@ -301,10 +323,10 @@ def test_resume_restores_weights_and_equals_uninterrupted(tmp_path, mtard_host, 
     cfg = _digits_config(tmp_path / "split", teacher_specs)
     first = train(cfg, host=mtard_host, stop_after=1)
     saved = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["distiller"]
-    for key, value in first.distiller.state_dict().items():     # checkpointed exactly
+    for key, value in first.distiller.state_dict().items():  # checkpointed exactly
         assert torch.equal(saved[key].cpu(), value.cpu()), key
     assert bool(saved["has_init_losses"]) and saved["w_nat"].item() != 0.5
-    assert saved["weight_lr"].item() == 0.025 * 0.1             # decayed at the milestone (epoch 1)
+    assert saved["weight_lr"].item() == 0.025 * 0.1  # decayed at the milestone (epoch 1)
     resumed = train(cfg, host=mtard_host, resume=True)
     for key, value in full.student.state_dict().items():
         assert torch.equal(value, resumed.student.state_dict()[key]), key
@@ -317,8 +339,12 @@ def test_resume_restores_weights_and_equals_uninterrupted(tmp_path, mtard_host, 
 
 
 def test_end_to_end_distill_on_digits(tmp_path, mtard_host, teacher_specs) -> None:
-    cfg = _digits_config(tmp_path / "e2e", teacher_specs, optim={"epochs": 1, "lr": 0.05},
-                         eval={"attacks": ["clean"], "final_n_examples": 50, "teachers": False})
+    cfg = _digits_config(
+        tmp_path / "e2e",
+        teacher_specs,
+        optim={"epochs": 1, "lr": 0.05},
+        eval={"attacks": ["clean"], "final_n_examples": 50, "teachers": False},
+    )
     reports = distill(cfg, host=mtard_host)
     assert len(reports) == 1
     rows = (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines()

@@ -124,7 +124,8 @@ def test_fgsm_rs_takes_a_step_larger_than_eps() -> None:
     loss_fn = lambda xa: (xa * direction).sum(dim=1)  # noqa: E731  gradient sign == direction
     student = Affine(1.0, num_classes=16)
     fast = DistillationAttack(student, loss_fn, eps=eps, alpha=1.25 * eps, steps=1, allow_large_step=True)(
-        x, torch.zeros(64, dtype=torch.long))
+        x, torch.zeros(64, dtype=torch.long)
+    )
     moved = (fast - x) * direction
     assert moved.max() <= eps + 1e-6
     assert moved.min() >= 0.25 * eps - 1e-6  # any start in [-eps, eps] plus 1.25 eps
@@ -139,12 +140,14 @@ def test_end_to_end_batch(config: PGDAT.Config) -> None:
     student = TinyNet(10).train()
     distiller = PGDAT(config)
     threat = ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=2)
-    ctx = BatchContext(x=torch.rand(4, 1, 8, 8), y=torch.randint(0, 10, (4,)), student=student,
-                       teachers=TeacherSet(), threat=threat)
+    ctx = BatchContext(
+        x=torch.rand(4, 1, 8, 8), y=torch.randint(0, 10, (4,)), student=student, teachers=TeacherSet(), threat=threat
+    )
     distiller.prepare(ctx)
     spec = distiller.attack_spec(threat)
-    atk = _plugin_manager().hook.rbkd_make_attack(distiller=distiller, student=student, spec=spec,
-                                                  loss_fn=lambda xa: distiller.attack_loss(ctx, xa))
+    atk = _plugin_manager().hook.rbkd_make_attack(
+        distiller=distiller, student=student, spec=spec, loss_fn=lambda xa: distiller.attack_loss(ctx, xa)
+    )
     ctx.x_adv = atk(ctx.x, ctx.y)
     assert student.training and student.bn.training
     assert (ctx.x_adv - ctx.x).abs().max() <= threat.eps + 1e-6

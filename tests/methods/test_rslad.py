@@ -23,8 +23,14 @@ Y = torch.tensor([1, 3, 0])
 
 def _ctx(x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, t_bias: torch.Tensor) -> BatchContext:
     c = x.shape[1]
-    return batch_context(x, y, student=Affine(3.0, num_classes=c),
-                         teachers={"robust": Affine(4.0, t_bias, num_classes=c)}, x_adv=x_adv, threat=THREAT)
+    return batch_context(
+        x,
+        y,
+        student=Affine(3.0, num_classes=c),
+        teachers={"robust": Affine(4.0, t_bias, num_classes=c)},
+        x_adv=x_adv,
+        threat=THREAT,
+    )
 
 
 def _hand(x, x_adv, y, t_bias, mix: float = 1.0) -> tuple[float, float]:
@@ -89,8 +95,10 @@ def test_adv_weight_option() -> None:
 
 
 def test_attack_loss_uses_unmixed_target_unless_asked() -> None:
-    expected_plain = [kl(softmax((4.0 * X[b] + T_BIAS).double().tolist()),
-                          softmax((3.0 * X_ADV[b]).double().tolist())) for b in range(3)]
+    expected_plain = [
+        kl(softmax((4.0 * X[b] + T_BIAS).double().tolist()), softmax((3.0 * X_ADV[b]).double().tolist()))
+        for b in range(3)
+    ]
     got = RSLAD(RSLAD.Config(label_mix_alpha=0.5)).attack_loss(_ctx(X, X_ADV, Y, T_BIAS), X_ADV)
     assert got.tolist() == pytest.approx(expected_plain, rel=1e-5)
     mixed = RSLAD(RSLAD.Config(label_mix_alpha=0.5, mix_in_attack=True)).attack_loss(_ctx(X, X_ADV, Y, T_BIAS), X_ADV)
@@ -153,8 +161,10 @@ def _hand_ikl(rows: list[list[float]], mse_w: float = 5.0, sce_w: float = 1.0) -
 def test_default_divergence_is_kl_without_prior_state() -> None:
     assert RSLAD.Config().divergence == "kl"
     assert RSLAD(num_classes=4).state_dict() == {}
-    assert set(RSLAD(RSLAD.Config(divergence="ikl"), num_classes=4).state_dict()) == {"prior.prior",
-                                                                                     "prior.accumulator"}
+    assert set(RSLAD(RSLAD.Config(divergence="ikl"), num_classes=4).state_dict()) == {
+        "prior.prior",
+        "prior.accumulator",
+    }
     assert RSLAD(RSLAD.Config(divergence="ikl", ikl_class_prior=False), num_classes=4).state_dict() == {}
 
 
@@ -168,8 +178,9 @@ def test_ikl_first_epoch_by_hand_mean_all() -> None:
 
 
 def test_ikl_prior_from_teacher_clean_outputs_lags_one_epoch() -> None:
-    distiller = RSLAD(RSLAD.Config(divergence="ikl", ikl_mse_weight=2.0, ikl_sce_weight=0.5,
-                                   kl_reduction="batchmean"), num_classes=4)
+    distiller = RSLAD(
+        RSLAD.Config(divergence="ikl", ikl_mse_weight=2.0, ikl_sce_weight=0.5, kl_reduction="batchmean"), num_classes=4
+    )
     ctx = _ctx(X, X_ADV, Y, T_BIAS)
     distiller.after_step(ctx, distiller.loss(ctx))
     assert torch.equal(distiller.prior.prior, torch.full((4, 4), 0.25))
@@ -185,8 +196,10 @@ def test_ikl_prior_from_teacher_clean_outputs_lags_one_epoch() -> None:
 
 def test_ikl_without_wmse_trains_exactly_likekl() -> None:
     grads = []
-    for config in (RSLAD.Config(label_mix_alpha=0.5),
-                   RSLAD.Config(label_mix_alpha=0.5, divergence="ikl", ikl_mse_weight=0.0)):
+    for config in (
+        RSLAD.Config(label_mix_alpha=0.5),
+        RSLAD.Config(label_mix_alpha=0.5, divergence="ikl", ikl_mse_weight=0.0),
+    ):
         ctx = _ctx(X, X_ADV, Y, T_BIAS)
         RSLAD(config, num_classes=4).loss(ctx).total.backward()
         grads.append(ctx.student.w.grad.item())
@@ -219,16 +232,18 @@ def test_ikl_resume_restores_the_prior_exactly(tmp_path, host) -> None:
     torch.save({"state_dict": teacher.state_dict()}, tmp_path / "teacher.pt")
 
     def config(out: str):
-        return config_from_mapping({
-            "run": {"out_dir": str(tmp_path / out), "progress": False, "deterministic": True, "seed": 3},
-            "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
-            "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
-            "student": {"arch": "small-cnn", "options": {"width": 0.5}},
-            "method": {"name": "rslad", "divergence": "ikl"},
-            "teachers": {"robust": f"file:{tmp_path / 'teacher.pt'}?arch=small-cnn&width=1.0"},
-            "optim": {"epochs": 2, "lr": 0.1},
-            "eval": {"attacks": []},
-        })
+        return config_from_mapping(
+            {
+                "run": {"out_dir": str(tmp_path / out), "progress": False, "deterministic": True, "seed": 3},
+                "data": {"dataset": "digits", "batch_size": 100, "n_train": 200},
+                "threat": {"eps": 0.2, "alpha": 0.1, "steps": 2},
+                "student": {"arch": "small-cnn", "options": {"width": 0.5}},
+                "method": {"name": "rslad", "divergence": "ikl"},
+                "teachers": {"robust": f"file:{tmp_path / 'teacher.pt'}?arch=small-cnn&width=1.0"},
+                "optim": {"epochs": 2, "lr": 0.1},
+                "eval": {"attacks": []},
+            }
+        )
 
     full = train(config("full"), host=host)
     train(config("split"), host=host, stop_after=1)

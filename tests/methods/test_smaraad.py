@@ -27,6 +27,7 @@ METHOD, SEED = "smaraad", 5
 
 # -- pure-Python reference formulas -------------------------------------------------------------
 
+
 def _data(seed: int = 0, batch: int = 3, size: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 2, size, size, generator=gen)
@@ -36,12 +37,14 @@ def _data(seed: int = 0, batch: int = 3, size: int = 3) -> tuple[torch.Tensor, t
 
 
 def _ctx(x, x_adv, y) -> BatchContext:
-    return batch_context(x, y, student=CamStub(**STUDENT), teachers={"robust": CamStub(**TEACHER)}, x_adv=x_adv,
-                         threat=THREAT)
+    return batch_context(
+        x, y, student=CamStub(**STUDENT), teachers={"robust": CamStub(**TEACHER)}, x_adv=x_adv, threat=THREAT
+    )
 
 
-def _guidance_by_hand(x, y, gamma: float, rank_on: str, cam_class: str = "label", align: float = 1.0,
-                      normalization: str = "relu_minmax") -> list[tuple[float, float]]:
+def _guidance_by_hand(
+    x, y, gamma: float, rank_on: str, cam_class: str = "label", align: float = 1.0, normalization: str = "relu_minmax"
+) -> list[tuple[float, float]]:
     """Per sample (rho(S, T), L_align) on inputs x, student/teacher stubs, everything by hand."""
     s, t = CamStub(**STUDENT), CamStub(**TEACHER)
     out = []
@@ -53,13 +56,17 @@ def _guidance_by_hand(x, y, gamma: float, rank_on: str, cam_class: str = "label"
             cs = ct = int(y[b])
         else:
             cs, ct = max(range(4), key=lambda c: zs[c]), max(range(4), key=lambda c: zt[c])
-        l_align = mse(normalize(t.hand_cam(x[b], ct), normalization),
-                       normalize(s.hand_cam(x[b], cs), normalization)) if align else 0.0
+        l_align = (
+            mse(normalize(t.hand_cam(x[b], ct), normalization), normalize(s.hand_cam(x[b], cs), normalization))
+            if align
+            else 0.0
+        )
         out.append((r, l_align))
     return out
 
 
 # -- CAM helpers ----------------------------------------------------------------------------------
+
 
 def test_normalize_cam_by_hand() -> None:
     m = torch.tensor([[[-1.0, 0.0], [1.0, 3.0]], [[2.0, 2.0], [2.0, 2.0]]])
@@ -95,8 +102,14 @@ def test_alignment_loss_resize_targets_by_hand() -> None:
     assert got.item() == pytest.approx(mse(t_norm, s_down), rel=1e-5)
     # "student" / "input" (both 4x4 here): the teacher map goes up with weights t = (0, 1/4, 3/4, 1)
     t = [0.0, 0.25, 0.75, 1.0]
-    t_up = [[(1 - tp) * ((1 - tq) * t_norm[0][0] + tq * t_norm[0][1]) + tp * ((1 - tq) * t_norm[1][0]
-             + tq * t_norm[1][1]) for tq in t] for tp in t]
+    t_up = [
+        [
+            (1 - tp) * ((1 - tq) * t_norm[0][0] + tq * t_norm[0][1])
+            + tp * ((1 - tq) * t_norm[1][0] + tq * t_norm[1][1])
+            for tq in t
+        ]
+        for tp in t
+    ]
     for resize in ("student", "input"):
         got = CamAlignment(resize=resize).loss(teacher_cam, student_cam, x)
         assert got.item() == pytest.approx(mse(t_up, s_norm), rel=1e-5)
@@ -130,8 +143,11 @@ def test_cam_of_a_robustbench_wideresnet_matches_a_manual_computation() -> None:
     assert torch.allclose(cam_map.mean((1, 2)) + net.fc.bias[y], logits[torch.arange(2), y], atol=1e-5)
     # own top class
     _, top = logits_and_cam(teacher, x, None)
-    assert torch.allclose(top, torch.stack([(net.fc.weight[logits[n].argmax()].view(-1, 1, 1) * a[n]).sum(0)
-                                            for n in range(2)]), atol=1e-5)
+    assert torch.allclose(
+        top,
+        torch.stack([(net.fc.weight[logits[n].argmax()].view(-1, 1, 1) * a[n]).sum(0) for n in range(2)]),
+        atol=1e-5,
+    )
 
 
 def test_teacher_cam_is_input_differentiable_and_parameters_stay_frozen() -> None:
@@ -164,6 +180,7 @@ def test_ensembles_are_rejected() -> None:
 
 # -- the method -----------------------------------------------------------------------------------
 
+
 def test_attack_spec() -> None:
     spec = SmaraAD().attack_spec(THREAT)
     assert (spec.eps, spec.alpha, spec.steps) == (THREAT.eps, THREAT.alpha, 10)
@@ -178,8 +195,7 @@ def test_attack_loss_by_hand(cam_class: str) -> None:
     got = SmaraAD(SmaraAD.Config(cam_class=cam_class)).attack_loss(ctx, x_adv)
     s, t = CamStub(**STUDENT), CamStub(**TEACHER)
     hand = _guidance_by_hand(x_adv, y, 1000.0, "probs", cam_class)
-    expected = [kl(softmax(t.hand_logits(x_adv[b])), softmax(s.hand_logits(x_adv[b]))) + hand[b][1]
-                for b in range(3)]
+    expected = [kl(softmax(t.hand_logits(x_adv[b])), softmax(s.hand_logits(x_adv[b]))) + hand[b][1] for b in range(3)]
     assert got.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert all(h[1] > 0 for h in hand)  # the CAM term is really there
     no_cam = SmaraAD(SmaraAD.Config(attack_align_weight=0.0)).attack_loss(ctx, x_adv)
@@ -226,13 +242,15 @@ def test_loss_eq9_by_hand(gamma: float, rank_on: str) -> None:
 
 def test_loss_with_clean_terms_and_options_by_hand() -> None:
     x, x_adv, y = _data()
-    cfg = SmaraAD.Config(alpha=0.25, c=3.0, gamma=20.0, cam_class="top", cam_normalization="minmax",
-                         align_weight=0.5)
+    cfg = SmaraAD.Config(alpha=0.25, c=3.0, gamma=20.0, cam_class="top", cam_normalization="minmax", align_weight=0.5)
     out = SmaraAD(cfg).loss(_ctx(x, x_adv, y))
     adv = _guidance_by_hand(x_adv, y, 20.0, "probs", "top", normalization="minmax")
     nat = _guidance_by_hand(x, y, 20.0, "probs", "top", normalization="minmax")
-    expected = 3.0 + sum(0.25 * (-ra + 0.5 * aa) + 0.75 * (-rn + 0.5 * an)
-                         for (ra, aa), (rn, an) in zip(adv, nat, strict=True)) / 3
+    expected = (
+        3.0
+        + sum(0.25 * (-ra + 0.5 * aa) + 0.75 * (-rn + 0.5 * an) for (ra, aa), (rn, an) in zip(adv, nat, strict=True))
+        / 3
+    )
     assert out.total.item() == pytest.approx(expected, rel=1e-5)
     assert out.terms["align_nat"].item() == pytest.approx(sum(a for _, a in nat) / 3, rel=1e-5)
     no_cam = SmaraAD(SmaraAD.Config(align_weight=0.0, gamma=20.0)).loss(_ctx(x, x_adv, y))
@@ -300,14 +318,23 @@ def test_registration_and_validation() -> None:
     smaraad.rbkd_register_methods(registry.bound("smaraad"))
     assert registry.get("smaraad") is SmaraAD
     assert SmaraAD.teacher_roles == ("robust",) and "CVPR 2024" in SmaraAD.paper
-    for bad in ({"alpha": 1.5}, {"gamma": 0.0}, {"rank_on": "ranks"}, {"cam_class": "y"},
-                {"cam_normalization": "l2"}, {"cam_resize": "max"}, {"align_weight": -1.0}, {"init": "zero"}):
+    for bad in (
+        {"alpha": 1.5},
+        {"gamma": 0.0},
+        {"rank_on": "ranks"},
+        {"cam_class": "y"},
+        {"cam_normalization": "l2"},
+        {"cam_resize": "max"},
+        {"align_weight": -1.0},
+        {"init": "zero"},
+    ):
         with pytest.raises(UserError):
             SmaraAD.config_from_mapping(bad)
     assert SmaraAD.config_from_mapping({"cam_class": "top"}).cam_class == "top"
 
 
 # -- end to end on digits -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory) -> str:

@@ -24,6 +24,7 @@ METHOD, SEED = "smaraad-plus", 7
 
 # -- pure-Python reference formulas ----------------------------------------------------------------
 
+
 def _entropy_w(logits: list[float]) -> float:
     p = softmax(logits)
     h = -sum(pi * math.log(pi) for pi in p if pi > 0)
@@ -38,12 +39,21 @@ def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _ctx(x, x_adv, y, epoch: int = 0) -> BatchContext:
-    return batch_context(x, y, student=CamStub(**STUDENT), teachers={"robust": CamStub(**TEACHER)}, x_adv=x_adv,
-                         threat=THREAT, epoch=epoch, num_epochs=3)
+    return batch_context(
+        x,
+        y,
+        student=CamStub(**STUDENT),
+        teachers={"robust": CamStub(**TEACHER)},
+        x_adv=x_adv,
+        threat=THREAT,
+        epoch=epoch,
+        num_epochs=3,
+    )
 
 
-def _eq10_by_hand(x, x_adv, y, *, gamma=1000.0, rank_on="probs", c=2.0, lam=0.1, sign=-1.0,
-                  source="teacher_adv") -> float:
+def _eq10_by_hand(
+    x, x_adv, y, *, gamma=1000.0, rank_on="probs", c=2.0, lam=0.1, sign=-1.0, source="teacher_adv"
+) -> float:
     s, t = CamStub(**STUDENT), CamStub(**TEACHER)
     total = 0.0
     for b in range(x.shape[0]):
@@ -51,11 +61,15 @@ def _eq10_by_hand(x, x_adv, y, *, gamma=1000.0, rank_on="probs", c=2.0, lam=0.1,
         zs_adv, zs_nat = s.hand_logits(x_adv[b]), s.hand_logits(x[b])
         zt_adv, zt_nat = t.hand_logits(x_adv[b]), t.hand_logits(x[b])
         scores = (lambda z: softmax(z)) if rank_on == "probs" else (lambda z: z)
-        guidance = c - rho(scores(zs_adv), scores(zt_adv), gamma) + mse(
-            normalize(t.hand_cam(x_adv[b], yb)), normalize(s.hand_cam(x_adv[b], yb)))
+        guidance = (
+            c
+            - rho(scores(zs_adv), scores(zt_adv), gamma)
+            + mse(normalize(t.hand_cam(x_adv[b], yb)), normalize(s.hand_cam(x_adv[b], yb)))
+        )
         reliability = softmax(zt_adv)[yb] ** lam
-        w = _entropy_w({"teacher_adv": zt_adv, "teacher_clean": zt_nat, "student_adv": zs_adv,
-                        "student_clean": zs_nat}[source])
+        w = _entropy_w(
+            {"teacher_adv": zt_adv, "teacher_clean": zt_nat, "student_adv": zs_adv, "student_clean": zs_nat}[source]
+        )
         ce = -math.log(softmax(zs_nat)[yb])
         self_term = sign * rho(scores(zs_nat), scores(zs_adv), gamma)
         total += reliability * w * guidance + (1 - reliability) * (self_term + ce)
@@ -63,6 +77,7 @@ def _eq10_by_hand(x, x_adv, y, *, gamma=1000.0, rank_on="probs", c=2.0, lam=0.1,
 
 
 # -- tests ----------------------------------------------------------------------------------------
+
 
 def test_entropy_weight_by_hand() -> None:
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [20.0, 0.0, 0.0, 0.0], [2.0, 1.0, 0.0, -1.0]])
@@ -155,8 +170,14 @@ def test_registration_and_validation() -> None:
     smaraad_plus.rbkd_register_methods(registry.bound("smaraad-plus"))
     assert registry.get("smaraad-plus") is SmaraADPlus
     assert SmaraADPlus.teacher_roles == ("robust",) and "CVPR 2024" in SmaraADPlus.paper
-    for bad in ({"lam": 2.0}, {"self_rho_sign": 0.5}, {"entropy_source": "both"}, {"begin_epoch": -1},
-                {"alpha": -0.1}, {"cam_resize": "max"}):
+    for bad in (
+        {"lam": 2.0},
+        {"self_rho_sign": 0.5},
+        {"entropy_source": "both"},
+        {"begin_epoch": -1},
+        {"alpha": -0.1},
+        {"cam_resize": "max"},
+    ):
         with pytest.raises(UserError):
             SmaraADPlus.config_from_mapping(bad)
     with pytest.raises(TypeError):
@@ -165,6 +186,7 @@ def test_registration_and_validation() -> None:
 
 
 # -- end to end on digits -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory) -> str:

@@ -114,8 +114,13 @@ def test_attack_target_uses_eval_bn_whoever_calls_first_and_restores_modes() -> 
     student = TinyNet(10).train()
     student.bn.running_mean.uniform_(-0.5, 0.5)
     student.conv.eval()  # a deliberately frozen submodule must stay as it was
-    ctx = BatchContext(x=torch.rand(4, 1, 8, 8), y=torch.zeros(4, dtype=torch.long), student=student,
-                       teachers=TeacherSet(), threat=ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=2))
+    ctx = BatchContext(
+        x=torch.rand(4, 1, 8, 8),
+        y=torch.zeros(4, dtype=torch.long),
+        student=student,
+        teachers=TeacherSet(),
+        threat=ThreatSpec(eps=8 / 255, alpha=2 / 255, steps=2),
+    )
     TRADES().attack_loss(ctx, ctx.x.clone())  # e.g. a contract probe before the attack, student in train mode
     assert student.training and student.bn.training and not student.conv.training
     student.eval()

@@ -65,7 +65,7 @@ def logits_of(model: nn.Module, x: Tensor, batch_size: int, device: torch.device
     was_training = model.training
     model.eval()
     try:
-        out = [model(x[i:i + batch_size].to(device)).double().cpu() for i in range(0, len(x), batch_size)]
+        out = [model(x[i : i + batch_size].to(device)).double().cpu() for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out)
@@ -82,10 +82,18 @@ def adversarial(run: Any, x: Tensor, y: Tensor) -> Tensor:
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(section.seed)
-            parts = [pgd(student, x[i:i + section.batch_size].to(run.device),
-                         y[i:i + section.batch_size].to(run.device),
-                         eps=float(threat.eps), alpha=float(threat.alpha), steps=section.pgd_steps, norm=threat.norm)
-                     .cpu() for i in range(0, len(x), section.batch_size)]
+            parts = [
+                pgd(
+                    student,
+                    x[i : i + section.batch_size].to(run.device),
+                    y[i : i + section.batch_size].to(run.device),
+                    eps=float(threat.eps),
+                    alpha=float(threat.alpha),
+                    steps=section.pgd_steps,
+                    norm=threat.norm,
+                ).cpu()
+                for i in range(0, len(x), section.batch_size)
+            ]
     finally:
         student.train(was_training)
     return torch.cat(parts)
@@ -143,19 +151,22 @@ def collect(run: Any, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
     return scalars, tables
 
 
-def _trajectories(run: Any, epoch: int, main: Subset, columns: dict[str, np.ndarray], kinds: list[str],
-                  roles: list[str]) -> dict[str, float]:
+def _trajectories(
+    run: Any, epoch: int, main: Subset, columns: dict[str, np.ndarray], kinds: list[str], roles: list[str]
+) -> dict[str, float]:
     path = run.out_dir / trajectories.FILE
-    arrays = trajectories.append(path, epoch=epoch + 1, split=main.name, index=main.index.numpy(),
-                                 y=main.y.numpy(), columns=columns)
+    arrays = trajectories.append(
+        path, epoch=epoch + 1, split=main.name, index=main.index.numpy(), y=main.y.numpy(), columns=columns
+    )
     scalars: dict[str, float] = {}
     for kind in kinds:
         score = M.difficulty(torch.from_numpy(arrays[f"student_{kind}_ce"]))
         arrays[f"difficulty_{kind}"] = score.numpy()
         easy, hard = M.easy_hard_split(score)
         for role in roles:
-            cos = M.trajectory_cosine(torch.from_numpy(arrays[f"student_{kind}_p"]),
-                                      torch.from_numpy(arrays[f"teacher_{role}_{kind}_p"]))
+            cos = M.trajectory_cosine(
+                torch.from_numpy(arrays[f"student_{kind}_p"]), torch.from_numpy(arrays[f"teacher_{role}_{kind}_p"])
+            )
             arrays[f"cosine_{role}_{kind}"] = cos.numpy()
             key = f"diag_{main.name}_traj_cos_{role}_{kind}"
             scalars[f"{key}_mean"] = cos.mean().item()

@@ -24,20 +24,22 @@ class DiagnosticsSection:
     """Which per-epoch diagnostics to compute, on how many points, and where to log them."""
 
     enabled: list[str] = field(default_factory=list)  #: any of DIAGNOSTICS; [] = off (no cost)
-    n_examples: int = 256               #: size of the fixed subset the diagnostics are computed on
-    every: int = 1                      #: compute them every N epochs (the last epoch always)
-    adversarial: bool = True            #: also on PGD inputs (attacking the student) besides clean ones
-    pgd_steps: int = 10                 #: PGD steps for the adversarial inputs (step size threat.alpha)
-    bins: int = 15                      #: equal-width confidence bins of the ECE / reliability diagram
+    n_examples: int = 256  #: size of the fixed subset the diagnostics are computed on
+    every: int = 1  #: compute them every N epochs (the last epoch always)
+    adversarial: bool = True  #: also on PGD inputs (attacking the student) besides clean ones
+    pgd_steps: int = 10  #: PGD steps for the adversarial inputs (step size threat.alpha)
+    bins: int = 15  #: equal-width confidence bins of the ECE / reliability diagram
     batch_size: int = 256
-    seed: int = 0                       #: the training-subset draw and the PGD random start
-    tensorboard: bool = False           #: also write the scalars to OUT/diagnostics/tensorboard (needs tensorboard)
+    seed: int = 0  #: the training-subset draw and the PGD random start
+    tensorboard: bool = False  #: also write the scalars to OUT/diagnostics/tensorboard (needs tensorboard)
 
     def __post_init__(self) -> None:
         for name in self.enabled:
             if name not in DIAGNOSTICS:
-                raise UserError(f"unknown diagnostic {name!r} in diagnostics.enabled"
-                                f"{close_matches(str(name), DIAGNOSTICS)}; valid: {', '.join(DIAGNOSTICS)}")
+                raise UserError(
+                    f"unknown diagnostic {name!r} in diagnostics.enabled"
+                    f"{close_matches(str(name), DIAGNOSTICS)}; valid: {', '.join(DIAGNOSTICS)}"
+                )
         for key in ("n_examples", "every", "bins", "batch_size"):
             if getattr(self, key) < 1:
                 raise UserError(f"diagnostics.{key} must be >= 1, got {getattr(self, key)}")

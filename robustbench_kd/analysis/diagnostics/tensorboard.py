@@ -17,8 +17,10 @@ def check_available() -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
-        raise UserError("diagnostics.tensorboard = true needs the tensorboard package: pip install tensorboard "
-                        "(or set diagnostics.tensorboard = false; the numbers are in metrics.jsonl anyway)") from None
+        raise UserError(
+            "diagnostics.tensorboard = true needs the tensorboard package: pip install tensorboard "
+            "(or set diagnostics.tensorboard = false; the numbers are in metrics.jsonl anyway)"
+        ) from None
 
 
 def write_scalars(out_dir: Path, epoch: int, scalars: dict[str, float]) -> None:

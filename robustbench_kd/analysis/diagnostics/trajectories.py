@@ -38,18 +38,27 @@ def load(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def append(path: Path, *, epoch: int, split: str, index: np.ndarray, y: np.ndarray,
-           columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def append(
+    path: Path, *, epoch: int, split: str, index: np.ndarray, y: np.ndarray, columns: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Add ``epoch``'s column ``columns[name]`` (N,) to every (N, K) trajectory; write and return all arrays."""
     old = load(path)
-    same = (old and str(old["split"]) == split and np.array_equal(old["index"], index)
-            and set(columns) <= {k for k in old if old[k].ndim == 2})
+    same = (
+        old
+        and str(old["split"]) == split
+        and np.array_equal(old["index"], index)
+        and set(columns) <= {k for k in old if old[k].ndim == 2}
+    )
     if old and not same:
         log.warning("%s was recorded on another subset or with other diagnostics; starting it afresh", path)
     keep = old["epochs"] < epoch if same else np.zeros(0, dtype=bool)
     epochs = np.append(old["epochs"][keep] if same else np.zeros(0, dtype=np.int64), epoch).astype(np.int64)
-    out: dict[str, np.ndarray] = {"epochs": epochs, "index": np.asarray(index, dtype=np.int64),
-                                  "y": np.asarray(y, dtype=np.int64), "split": np.array(split)}
+    out: dict[str, np.ndarray] = {
+        "epochs": epochs,
+        "index": np.asarray(index, dtype=np.int64),
+        "y": np.asarray(y, dtype=np.int64),
+        "split": np.array(split),
+    }
     for name, value in columns.items():
         past = old[name][:, keep] if same else np.zeros((len(index), 0), dtype=np.float32)
         out[name] = np.concatenate([past, np.asarray(value, dtype=np.float32)[:, None]], axis=1)

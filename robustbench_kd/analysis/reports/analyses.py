@@ -17,8 +17,14 @@ from robustbench_kd.evaluation.attacks import pgd
 from robustbench_kd.methods.attribution import logits_and_cam, normalize_cam, resize_cam
 from robustbench_kd.methods.features import FeatureTap
 
-__all__ = ["accuracy_vs_eps", "correlation_difference", "logit_correlation", "logits_and_features",
-           "normalized_cams", "pca_embedding"]
+__all__ = [
+    "accuracy_vs_eps",
+    "correlation_difference",
+    "logit_correlation",
+    "logits_and_features",
+    "normalized_cams",
+    "pca_embedding",
+]
 
 
 def logit_correlation(logits: Tensor) -> Tensor:
@@ -42,8 +48,10 @@ def logit_correlation(logits: Tensor) -> Tensor:
 def correlation_difference(teacher_logits: Tensor, student_logits: Tensor) -> tuple[Tensor, float]:
     """``(corr(T) - corr(S), ||corr(T) - corr(S)||_F)`` over the same samples."""
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher and student logits differ in shape: {tuple(teacher_logits.shape)} vs "
-                         f"{tuple(student_logits.shape)}")
+        raise ValueError(
+            f"teacher and student logits differ in shape: {tuple(teacher_logits.shape)} vs "
+            f"{tuple(student_logits.shape)}"
+        )
     diff = logit_correlation(teacher_logits) - logit_correlation(student_logits)
     return diff, float(torch.linalg.matrix_norm(diff, ord="fro"))
 
@@ -76,18 +84,19 @@ def logits_and_features(model: nn.Module, x: Tensor, *, batch_size: int = 256) -
     logits, feats = [], []
     with FeatureTap(model, penultimate=True) as tap:
         for start in range(0, len(x), batch_size):
-            logits.append(model(x[start:start + batch_size].to(device)).float().cpu())
+            logits.append(model(x[start : start + batch_size].to(device)).float().cpu())
             feats.append(tap.penultimate.float().flatten(1).cpu())
     return torch.cat(logits), torch.cat(feats)
 
 
-def adversarial(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps: int,
-                batch_size: int = 256) -> Tensor:
+def adversarial(
+    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps: int, batch_size: int = 256
+) -> Tensor:
     """PGD-``steps`` adversarial examples against ``model`` (step 2.5 eps / steps), on the CPU."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+        xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
         out.append(pgd(model, xb, yb, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm).cpu())
     return torch.cat(out)
 
@@ -95,17 +104,23 @@ def adversarial(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
     device = next(model.parameters()).device
-    correct = sum(int((model(x[s:s + batch_size].to(device)).argmax(1).cpu() == y[s:s + batch_size]).sum())
-                  for s in range(0, len(x), batch_size))
+    correct = sum(
+        int((model(x[s : s + batch_size].to(device)).argmax(1).cpu() == y[s : s + batch_size]).sum())
+        for s in range(0, len(x), batch_size)
+    )
     return correct / len(y)
 
 
-def accuracy_vs_eps(model: nn.Module, x: Tensor, y: Tensor, eps_values: list[float], *, norm: str,
-                    steps: int) -> list[float]:
+def accuracy_vs_eps(
+    model: nn.Module, x: Tensor, y: Tensor, eps_values: list[float], *, norm: str, steps: int
+) -> list[float]:
     """Accuracy of ``model`` under PGD-``steps`` (step 2.5 eps / steps) at each radius; eps 0 is clean."""
-    return [_accuracy(model, x, y) if eps == 0 else
-            _accuracy(model, adversarial(model, x, y, eps=eps, norm=norm, steps=steps), y)
-            for eps in eps_values]
+    return [
+        _accuracy(model, x, y)
+        if eps == 0
+        else _accuracy(model, adversarial(model, x, y, eps=eps, norm=norm, steps=steps), y)
+        for eps in eps_values
+    ]
 
 
 @torch.no_grad()
@@ -120,4 +135,4 @@ def normalized_cams(model: nn.Module, x: Tensor, classes: Tensor) -> Tensor:
 def predict(model: nn.Module, x: Tensor, *, batch_size: int = 256) -> Tensor:
     """Logits (N, C) of ``model`` on ``x``, on the CPU (any model, ensembles included)."""
     device = next(model.parameters()).device
-    return torch.cat([model(x[s:s + batch_size].to(device)).float().cpu() for s in range(0, len(x), batch_size)])
+    return torch.cat([model(x[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(x), batch_size)])

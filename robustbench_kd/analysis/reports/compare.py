@@ -35,8 +35,9 @@ def collect_points(run_dirs: list[Path]) -> list[tuple[str, float, float, str]]:
             raise UserError(f"{run_dir} is not a directory")
         files = sorted((run_dir / "results").glob("*.json"))
         if not files:
-            raise UserError(f"{run_dir} has no results/*.json: run its final evaluation first "
-                            "(distill without --no-eval)")
+            raise UserError(
+                f"{run_dir} has no results/*.json: run its final evaluation first (distill without --no-eval)"
+            )
         for path in files:
             try:
                 accuracy = json.loads(path.read_text())["accuracy"]
@@ -55,8 +56,12 @@ def write_comparison_report(run_dirs: list[Path], out_dir: Path) -> Path:
     points = collect_points([Path(d) for d in run_dirs])
     keys = sorted({p[3] for p in points})
     tradeoff_figure(out_dir / "tradeoff.png", [p[:3] for p in points], robust_name=", ".join(keys))
-    lines = ["# Comparison: clean vs robust accuracy", "", "| model | clean (%) | robust (%) | attack |",
-             "|---|---|---|---|"]
+    lines = [
+        "# Comparison: clean vs robust accuracy",
+        "",
+        "| model | clean (%) | robust (%) | attack |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {label} | {100 * clean:.2f} | {100 * robust:.2f} | {key} |" for label, clean, robust, key in points]
     lines += ["", "![clean vs robust accuracy](tradeoff.png)"]
     return atomic_write_text(out_dir / "comparison.md", "\n".join(lines) + "\n")

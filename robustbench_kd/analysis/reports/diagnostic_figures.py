@@ -31,8 +31,9 @@ def _panel_keys(names: Sequence[str], pattern: str) -> list[str]:
     return [n for n in names if n.endswith(pattern)]
 
 
-def diagnostics_over_epochs_figure(path: Path, epochs: Sequence[float],
-                                   series: Mapping[str, Sequence[float | None]]) -> Path:
+def diagnostics_over_epochs_figure(
+    path: Path, epochs: Sequence[float], series: Mapping[str, Sequence[float | None]]
+) -> Path:
     """One panel per kind of diagnostic, every recorded ``diag_*`` series of that kind against the epoch."""
     panels = [(title, _panel_keys(list(series), pattern)) for title, pattern in OVER_EPOCHS.items()]
     panels = [(title, keys) for title, keys in panels if keys]
@@ -60,8 +61,15 @@ def reliability_figure(path: Path, tables: dict[str, dict[str, list]]) -> Path:
         acc = np.array([np.nan if a is None else a for a in table["accuracy"]], dtype=float)
         conf = np.array([np.nan if c is None else c for c in table["confidence"]], dtype=float)
         filled = count > 0
-        ax.bar(lower[filled], acc[filled], width=(upper - lower)[filled], align="edge", edgecolor="black",
-               linewidth=0.5, label="accuracy")
+        ax.bar(
+            lower[filled],
+            acc[filled],
+            width=(upper - lower)[filled],
+            align="edge",
+            edgecolor="black",
+            linewidth=0.5,
+            label="accuracy",
+        )
         ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
         ax.scatter(conf[filled], acc[filled], s=8, color="red", zorder=3, label="mean confidence")
         gaps = count[filled] / count.sum() * np.abs(acc[filled] - conf[filled]) if count.sum() else None
@@ -109,9 +117,10 @@ def trajectory_figure(path: Path, arrays: dict[str, np.ndarray], *, n_examples: 
     for row, kind in zip(axes, kinds, strict=False):
         score = arrays[f"difficulty_{kind}"]
         order = np.argsort(score, kind="stable")
-        easy, hard = order[: (len(order) + 1) // 2], order[(len(order) + 1) // 2:]
-        teachers = [k.removesuffix(f"_{kind}_p") for k in arrays
-                    if k.startswith("teacher_") and k.endswith(f"_{kind}_p")]
+        easy, hard = order[: (len(order) + 1) // 2], order[(len(order) + 1) // 2 :]
+        teachers = [
+            k.removesuffix(f"_{kind}_p") for k in arrays if k.startswith("teacher_") and k.endswith(f"_{kind}_p")
+        ]
         ax = row[0]
         ema = [("student_ema", ":")] if f"student_ema_{kind}_p" in arrays else []
         for model, style in [("student", "-"), *ema] + [(t, "--") for t in teachers]:

@@ -51,19 +51,24 @@ def write_diagnostics_figures(run_dir: Path, out: Path) -> tuple[dict[str, Path]
     written: dict[str, Path] = {}
     numbers: dict[str, Any] = {}
     epochs, series = read_metric_series(run_dir / "metrics.jsonl")
-    diag = {k: v for k, v in series.items() if k.startswith("diag_") and k != "diag_seconds"
-            and not k.endswith("_worst_class")}
+    diag = {
+        k: v
+        for k, v in series.items()
+        if k.startswith("diag_") and k != "diag_seconds" and not k.endswith("_worst_class")
+    }
     if diag:
         written["diagnostics"] = figures.diagnostics_over_epochs_figure(out / FIGURES["diagnostics"], epochs, diag)
         numbers["last"] = {k: next((v for v in reversed(values) if v is not None), None) for k, values in diag.items()}
     epoch, tables = last_tables(run_dir / "diagnostics" / "tables.jsonl")
-    reliability = {k.removeprefix("diag_").removesuffix("_reliability"): v for k, v in tables.items()
-                   if k.endswith("_reliability")}
+    reliability = {
+        k.removeprefix("diag_").removesuffix("_reliability"): v for k, v in tables.items() if k.endswith("_reliability")
+    }
     if reliability:
         written["reliability"] = figures.reliability_figure(out / FIGURES["reliability"], reliability)
         numbers["tables_epoch"] = epoch
-    class_acc = {k.removeprefix("diag_").removesuffix("_class_acc"): v for k, v in tables.items()
-                 if k.endswith("_class_acc")}
+    class_acc = {
+        k.removeprefix("diag_").removesuffix("_class_acc"): v for k, v in tables.items() if k.endswith("_class_acc")
+    }
     if class_acc:
         written["class_accuracy"] = figures.class_accuracy_figure(out / FIGURES["class_accuracy"], class_acc)
         numbers["class_accuracy"] = class_acc

@@ -75,20 +75,28 @@ def to_html(blocks: list[Block], title: str) -> str:
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
         else:
             data = base64.b64encode(block.path.read_bytes()).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(block.title)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(block.title)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-             "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+            body.append(
+                f'<figure><img alt="{html.escape(block.title)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(block.title)}</figcaption></figure>"
+            )
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+        "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_documents(blocks: list[Block], out: Path, title: str) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``overview.png`` under ``out``; returns their paths."""
     figures = [b for b in blocks if isinstance(b, Figure)]
-    paths = {"markdown": atomic_write_text(out / "report.md", to_markdown(blocks, out)),
-             "html": atomic_write_text(out / "report.html", to_html(blocks, title))}
+    paths = {
+        "markdown": atomic_write_text(out / "report.md", to_markdown(blocks, out)),
+        "html": atomic_write_text(out / "report.html", to_html(blocks, title)),
+    }
     if figures:
         paths["overview"] = overview_image(out / "overview.png", figures, title)
     return paths
@@ -110,8 +118,9 @@ def overview_image(path: Path, figures: list[Figure], title: str) -> Path:
         else:
             rows[-1].append((name, image, alone))
     # Row height: what its widest-scaled member needs at a page width of 16 inches.
-    heights = [max(image.shape[0] / image.shape[1] * (16.0 if alone else 8.0) for _, image, alone in row)
-               for row in rows]
+    heights = [
+        max(image.shape[0] / image.shape[1] * (16.0 if alone else 8.0) for _, image, alone in row) for row in rows
+    ]
     fig, _ = _new_figure(16.0, sum(heights) + 0.4 * len(rows) + 0.6)
     fig.clear()
     fig.suptitle(title, fontsize=14, y=1.0 - 0.2 / fig.get_figheight(), va="top")  # inches, not a share of a tall page

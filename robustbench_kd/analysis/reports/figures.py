@@ -14,8 +14,14 @@ from torch import Tensor
 
 from robustbench_kd.storage.atomic import atomic_write_bytes
 
-__all__ = ["cam_figure", "correlation_figure", "embedding_figure", "eps_curve_figure", "metrics_figure",
-           "tradeoff_figure"]
+__all__ = [
+    "cam_figure",
+    "correlation_figure",
+    "embedding_figure",
+    "eps_curve_figure",
+    "metrics_figure",
+    "tradeoff_figure",
+]
 
 
 def _new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
@@ -91,17 +97,26 @@ def correlation_figure(path: Path, diffs: dict[str, tuple[Tensor, float]]) -> Pa
     return _save(fig, path)
 
 
-def embedding_figure(path: Path, coords: Tensor, labels: Tensor, adversarial: Tensor,
-                     axis_labels: tuple[str, str]) -> Path:
+def embedding_figure(
+    path: Path, coords: Tensor, labels: Tensor, adversarial: Tensor, axis_labels: tuple[str, str]
+) -> Path:
     """Scatter of 2-D coordinates coloured by class; circles natural, crosses adversarial."""
     fig, axes = _new_figure(5.5, 4.5)
     ax = axes[0][0]
     top = int(labels.max()) if len(labels) else 0
     for flag, marker, name in ((False, "o", "natural"), (True, "x", "adversarial")):
         keep = adversarial == flag
-        points = ax.scatter(coords[keep, 0].numpy(), coords[keep, 1].numpy(), c=labels[keep].numpy(),
-                            cmap="tab10" if top < 10 else "viridis", vmin=0, vmax=max(top, 9), marker=marker, s=14,
-                            label=name)
+        points = ax.scatter(
+            coords[keep, 0].numpy(),
+            coords[keep, 1].numpy(),
+            c=labels[keep].numpy(),
+            cmap="tab10" if top < 10 else "viridis",
+            vmin=0,
+            vmax=max(top, 9),
+            marker=marker,
+            s=14,
+            label=name,
+        )
     ax.legend(fontsize=8)
     ax.set_xlabel(axis_labels[0])
     ax.set_ylabel(axis_labels[1])
@@ -109,8 +124,9 @@ def embedding_figure(path: Path, coords: Tensor, labels: Tensor, adversarial: Te
     return _save(fig, path)
 
 
-def eps_curve_figure(path: Path, eps_values: Sequence[float], curves: Mapping[str, Sequence[float]], *,
-                     norm: str) -> Path:
+def eps_curve_figure(
+    path: Path, eps_values: Sequence[float], curves: Mapping[str, Sequence[float]], *, norm: str
+) -> Path:
     """Accuracy (%) against the radius, one line per model."""
     fig, axes = _new_figure(5, 3.6)
     ax = axes[0][0]

@@ -70,23 +70,34 @@ def write_run_report(run: Any, *, section: ReportSection | None = None, out_dir:
             m.train(mode)
 
 
-def _write(run: Any, cfg: ReportSection, out: Path, student_label: str, student: nn.Module,
-           teacher: tuple[str, nn.Module] | None) -> Path:
+def _write(
+    run: Any,
+    cfg: ReportSection,
+    out: Path,
+    student_label: str,
+    student: nn.Module,
+    teacher: tuple[str, nn.Module] | None,
+) -> Path:
     threat = run.config.threat
-    x, y = to_float(run.data.test_x[:cfg.n_examples]), run.data.test_y[:cfg.n_examples]
+    x, y = to_float(run.data.test_x[: cfg.n_examples]), run.data.test_y[: cfg.n_examples]
     x_adv = analyses.adversarial(student, x, y, eps=threat.eps, norm=threat.norm, steps=cfg.pgd_steps)
-    numbers: dict[str, Any] = {"n_examples": len(y), "student": student_label, "norm": threat.norm,
-                               "eps": threat.eps, "pgd_steps": cfg.pgd_steps,
-                               "teacher": None if teacher is None
-                               else f"{teacher[0]} ({getattr(teacher[1], 'spec', '')})"}
+    numbers: dict[str, Any] = {
+        "n_examples": len(y),
+        "student": student_label,
+        "norm": threat.norm,
+        "eps": threat.eps,
+        "pgd_steps": cfg.pgd_steps,
+        "teacher": None if teacher is None else f"{teacher[0]} ({getattr(teacher[1], 'spec', '')})",
+    }
     written: dict[str, Path] = {}
 
     # Accuracy against the radius, teacher and student.
     eps_values = [float(f"{f * threat.eps:.6g}") for f in cfg.eps_factors]
     curves = {"student": analyses.accuracy_vs_eps(student, x, y, eps_values, norm=threat.norm, steps=cfg.pgd_steps)}
     if teacher is not None:
-        curves[f"teacher ({teacher[0]})"] = analyses.accuracy_vs_eps(teacher[1], x, y, eps_values, norm=threat.norm,
-                                                                     steps=cfg.pgd_steps)
+        curves[f"teacher ({teacher[0]})"] = analyses.accuracy_vs_eps(
+            teacher[1], x, y, eps_values, norm=threat.norm, steps=cfg.pgd_steps
+        )
     numbers["accuracy_vs_eps"] = {"eps": eps_values, **curves}
     written["eps_curve"] = figures.eps_curve_figure(out / FIGURES["eps_curve"], eps_values, curves, norm=threat.norm)
 
@@ -103,15 +114,18 @@ def _write(run: Any, cfg: ReportSection, out: Path, student_label: str, student:
         numbers["embedding"] = {"method": "pca", "explained_variance_ratio": ratio.tolist()}
         axis_labels = (f"PC1 ({100 * float(ratio[0]):.1f}%)", f"PC2 ({100 * float(ratio[1]):.1f}%)")
     flags = torch.cat([torch.zeros(len(y), dtype=torch.bool), torch.ones(len(y), dtype=torch.bool)])
-    written["embedding"] = figures.embedding_figure(out / FIGURES["embedding"], coords, torch.cat([y, y]), flags,
-                                                    axis_labels)
+    written["embedding"] = figures.embedding_figure(
+        out / FIGURES["embedding"], coords, torch.cat([y, y]), flags, axis_labels
+    )
 
     # Teacher minus student logit correlations on natural and adversarial examples (GACD, Figs. 3-4).
     cams: dict[str, torch.Tensor] = {}
     k = min(cfg.n_cam, len(y))
     if teacher is not None:
-        diffs = {"natural": analyses.correlation_difference(analyses.predict(teacher[1], x), s_nat),
-                 "adversarial": analyses.correlation_difference(analyses.predict(teacher[1], x_adv), s_adv)}
+        diffs = {
+            "natural": analyses.correlation_difference(analyses.predict(teacher[1], x), s_nat),
+            "adversarial": analyses.correlation_difference(analyses.predict(teacher[1], x_adv), s_adv),
+        }
         numbers["logit_correlation_frobenius"] = {name: fro for name, (_, fro) in diffs.items()}
         written["correlation"] = figures.correlation_figure(out / FIGURES["correlation"], diffs)
         if k and _single_network(teacher[1]):
@@ -136,30 +150,36 @@ def _write(run: Any, cfg: ReportSection, out: Path, student_label: str, student:
     return paths["markdown"]
 
 
-SECTIONS = [("eps_curve", "Accuracy against eps: student and teacher"),
-            ("correlation", "Logit correlations: teacher minus student"),
-            ("embedding", "Student features ({method}): natural and adversarial"),
-            ("cam", "Class activation maps (label class)"),
-            ("metrics", "Training metrics (metrics.jsonl)")]
+SECTIONS = [
+    ("eps_curve", "Accuracy against eps: student and teacher"),
+    ("correlation", "Logit correlations: teacher minus student"),
+    ("embedding", "Student features ({method}): natural and adversarial"),
+    ("cam", "Class activation maps (label class)"),
+    ("metrics", "Training metrics (metrics.jsonl)"),
+]
 
 
-def _blocks(run: Any, numbers: dict[str, Any], written: dict[str, Path],
-            diag_written: dict[str, Path]) -> list[Block]:
+def _blocks(run: Any, numbers: dict[str, Any], written: dict[str, Path], diag_written: dict[str, Path]) -> list[Block]:
     eps = numbers["accuracy_vs_eps"]
     models = [k for k in eps if k != "eps"]
     blocks: list[Block] = [
         Heading(f"Report: {run.config.run.name}", 1),
-        Paragraph(f"Student: {numbers['student']}; teacher: {numbers['teacher'] or 'none'}; method "
-                  f"{run.config.method_name}; {numbers['n_examples']} test examples, PGD-{numbers['pgd_steps']} "
-                  f"{numbers['norm']} (adversarial examples against the student at eps = {numbers['eps']:g})."),
+        Paragraph(
+            f"Student: {numbers['student']}; teacher: {numbers['teacher'] or 'none'}; method "
+            f"{run.config.method_name}; {numbers['n_examples']} test examples, PGD-{numbers['pgd_steps']} "
+            f"{numbers['norm']} (adversarial examples against the student at eps = {numbers['eps']:g})."
+        ),
         Heading("Accuracy (%) against eps"),
-        Table(["eps", *models], [[f"{value:.4g}", *(f"{100 * eps[k][i]:.1f}" for k in models)]
-                                 for i, value in enumerate(eps["eps"])]),
+        Table(
+            ["eps", *models],
+            [[f"{value:.4g}", *(f"{100 * eps[k][i]:.1f}" for k in models)] for i, value in enumerate(eps["eps"])],
+        ),
     ]
     if "logit_correlation_frobenius" in numbers:
         fro = numbers["logit_correlation_frobenius"]
-        blocks.append(Paragraph("Frobenius norm of corr(T) - corr(S): "
-                                + ", ".join(f"{k} {v:.4f}" for k, v in fro.items())))
+        blocks.append(
+            Paragraph("Frobenius norm of corr(T) - corr(S): " + ", ".join(f"{k} {v:.4f}" for k, v in fro.items()))
+        )
     method = numbers["embedding"]["method"].upper().replace("TSNE", "t-SNE")
     for key, title in SECTIONS:
         if key in written:
@@ -170,7 +190,11 @@ def _blocks(run: Any, numbers: dict[str, Any], written: dict[str, Path],
         for key, path in diag_written.items():
             blocks += [Heading(DIAGNOSTIC_TITLES[key], 3), Figure(DIAGNOSTIC_TITLES[key], path)]
     else:
-        blocks.append(Paragraph("No per-epoch diagnostics were recorded ([diagnostics] enabled = [] ); "
-                                "switch them on to get entropy, calibration, agreement, per-class and "
-                                "trajectory figures here."))
+        blocks.append(
+            Paragraph(
+                "No per-epoch diagnostics were recorded ([diagnostics] enabled = [] ); "
+                "switch them on to get entropy, calibration, agreement, per-class and "
+                "trajectory figures here."
+            )
+        )
     return blocks

@@ -15,13 +15,13 @@ class ReportSection:
     test set (nothing here selects a checkpoint).
     """
 
-    enabled: bool = True                #: write the report at the end of distill (also `robustbench-kd report RUN_DIR`)
-    n_examples: int = 128               #: test examples the analyses use (correlations, embedding, eps sweep)
-    n_cam: int = 4                      #: examples whose CAMs are drawn (clean and adversarial)
+    enabled: bool = True  #: write the report at the end of distill (also `robustbench-kd report RUN_DIR`)
+    n_examples: int = 128  #: test examples the analyses use (correlations, embedding, eps sweep)
+    n_cam: int = 4  #: examples whose CAMs are drawn (clean and adversarial)
     eps_factors: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0, 1.5, 2.0])  #: sweep, x threat.eps
-    pgd_steps: int = 10                 #: PGD steps of the adversarial examples and the eps sweep
-    embedding: str = "pca"              #: 2-D embedding of student features: "pca" or "tsne"
-    tsne_perplexity: float = 30.0       #: t-SNE perplexity (clipped to (N - 1) / 3 for N points)
+    pgd_steps: int = 10  #: PGD steps of the adversarial examples and the eps sweep
+    embedding: str = "pca"  #: 2-D embedding of student features: "pca" or "tsne"
+    tsne_perplexity: float = 30.0  #: t-SNE perplexity (clipped to (N - 1) / 3 for N points)
 
     def __post_init__(self) -> None:
         if self.n_examples < 2:

@@ -42,8 +42,7 @@ def squared_distances(x: Tensor) -> Tensor:
     return d.fill_diagonal_(0.0)
 
 
-def conditional_probabilities(sq_dists: Tensor, perplexity: float, *, tol: float = 1e-5,
-                              max_iter: int = 64) -> Tensor:
+def conditional_probabilities(sq_dists: Tensor, perplexity: float, *, tol: float = 1e-5, max_iter: int = 64) -> Tensor:
     """Row i: ``p_{j|i}`` with beta_i bisected until ``|H_i - log(perplexity)| < tol`` (all rows at once).
 
     Distances are shifted by each row's off-diagonal minimum before exponentiating (the shift cancels
@@ -90,8 +89,9 @@ def _student_t(y: Tensor) -> tuple[Tensor, Tensor]:
     return num, num / num.sum()
 
 
-def tsne_embedding(features: Tensor, *, perplexity: float = 30.0, iterations: int = 750,
-                   seed: int = 0) -> tuple[Tensor, float]:
+def tsne_embedding(
+    features: Tensor, *, perplexity: float = 30.0, iterations: int = 750, seed: int = 0
+) -> tuple[Tensor, float]:
     """2-D t-SNE of ``features`` (N, D): float32 (N, 2) CPU coordinates and the final KL(P || Q)."""
     if features.dim() != 2:
         raise ValueError(f"features must be a 2-D (N, D) tensor, got {features.dim()}-D shape {tuple(features.shape)}")
@@ -104,8 +104,9 @@ def tsne_embedding(features: Tensor, *, perplexity: float = 30.0, iterations: in
     if not bool(torch.isfinite(x).all()):
         raise ValueError("features must be finite (no NaN or inf)")
     if perplexity > (n - 1) / 3:
-        logger.warning("t-SNE perplexity %g is more than (N - 1) / 3 for N=%d; clipped to %g",
-                       perplexity, n, (n - 1) / 3)
+        logger.warning(
+            "t-SNE perplexity %g is more than (N - 1) / 3 for N=%d; clipped to %g", perplexity, n, (n - 1) / 3
+        )
         perplexity = (n - 1) / 3
     p = joint_probabilities(squared_distances(x), perplexity)
     generator = torch.Generator().manual_seed(seed)
