@@ -286,14 +286,7 @@ class AdaIAD(IntrospectionWarmUp, AdaptiveAttack):
         logits_adv = self.student_logits(ctx, ctx.x_adv)
         kl_t = kl_per_sample(logits_adv, ctx.teacher_probs("robust", "adv", temperature=tau), temperature=tau)
         parts = self.introspect(
-            ctx,
-            kl_t,
-            logits_adv,
-            logits_nat,
-            beta=cfg.beta,
-            weight_teacher_term=cfg.weight_teacher_term,
-            detach_target=cfg.detach_self_target,
-            reduction=red,
+            ctx, kl_t, logits_adv, logits_nat, weight_teacher_term=cfg.weight_teacher_term, reduction=red
         )
         terms: dict[str, Tensor] = {}
         parts.log_terms(terms, logits_nat=logits_nat, y=ctx.y)

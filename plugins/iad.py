@@ -265,14 +265,7 @@ class IAD(LabelCrossEntropyAttack, IntrospectionWarmUp, Distiller):
             forward_when_unused=self.clean_forward_when_unused,
         )
         parts = self.introspect(
-            ctx,
-            kl_t,
-            logits_adv,
-            logits_nat,
-            beta=cfg.beta,
-            weight_teacher_term=self.weight_teacher_term,
-            detach_target=cfg.detach_self_target,
-            reduction=red,
+            ctx, kl_t, logits_adv, logits_nat, weight_teacher_term=self.weight_teacher_term, reduction=red
         )
         kl_teacher, kl_intro = parts.teacher, parts.introspection
         terms: dict[str, Tensor] = {}

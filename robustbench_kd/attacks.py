@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchattacks.attack import Attack
 
-from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES
+from robustbench_kd.distiller import ATTACK_INITS, STUDENT_MODES, AttackSpec
 from robustbench_kd.errors import UserError
 
 AttackLoss = Callable[[Tensor], Tensor]
@@ -143,6 +143,23 @@ class DistillationAttack(Attack):
         self.supported_mode = ["default"]
 
     # torchattacks calls these around forward(); module_mode in __call__ switches and restores instead.
+
+    @classmethod
+    def from_spec(cls, model: nn.Module, loss_fn: AttackLoss, spec: AttackSpec) -> DistillationAttack:
+        """The attack a method's :class:`~robustbench_kd.distiller.AttackSpec` describes, on ``loss_fn``."""
+        return cls(
+            model,
+            loss_fn,
+            eps=spec.eps,
+            alpha=spec.alpha,
+            steps=spec.steps,
+            norm=spec.norm,
+            init=spec.init,
+            init_std=spec.init_std,
+            student_mode=spec.student_mode,
+            allow_large_step=spec.large_step,
+        )
+
     def _change_model_mode(self, given_training: bool) -> None:
         pass
 

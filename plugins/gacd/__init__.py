@@ -20,42 +20,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from robustbench_kd_plugins.gacd.contrastive import (
-    init_bank,
-    momentum_update,
-    nce_log_likelihood,
-    nce_normaliser,
-    negative_pool_size,
-    negative_scores,
-    sample_negatives,
-    weighted_nce_loss,
-)
-from robustbench_kd_plugins.gacd.distiller import GACD, PAPER
+from robustbench_kd_plugins.gacd.distiller import GACD
 from robustbench_kd_plugins.gacd.linear import GACDLinear
-from robustbench_kd_plugins.gacd.transport import cosine_cost, ot_per_sample, sinkhorn_plan
 
 from robustbench_kd.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from robustbench_kd.registry import Registrar
 
-__all__ = [
-    "GACD",
-    "PAPER",
-    "GACDLinear",
-    "cosine_cost",
-    "init_bank",
-    "momentum_update",
-    "nce_log_likelihood",
-    "nce_normaliser",
-    "negative_pool_size",
-    "negative_scores",
-    "ot_per_sample",
-    "rbkd_register_methods",
-    "sample_negatives",
-    "sinkhorn_plan",
-    "weighted_nce_loss",
-]
+__all__ = ["GACD", "GACDLinear", "rbkd_register_methods"]
 
 
 @hookimpl

@@ -128,9 +128,11 @@ class IntrospectionWarmUp:
 
     Keeps the current epoch (set by ``on_epoch_start``) and saves it as the method state
     ``{"epoch": e}``, so that a run resumed across the switch continues exactly. Put it before
-    ``Distiller`` in the bases and set ``self.begin`` in ``__init__``.
+    ``Distiller`` in the bases and set ``self.begin`` in ``__init__``; the Config declares ``beta`` and
+    ``detach_self_target``.
     """
 
+    config: Any
     begin: int
     _epoch: int = 0
 
@@ -146,13 +148,13 @@ class IntrospectionWarmUp:
         logits_adv: Tensor,
         logits_nat: Tensor | None,
         *,
-        beta: float,
         weight_teacher_term: bool,
-        detach_target: bool,
         reduction: str,
     ) -> IntrospectionTerms:
         """The batch's terms: :func:`introspective_terms` after the warm-up (reading the ``robust`` teacher's
-        memoised logits on x'), else only the plain reduced teacher KL (the teacher is not run on x' for it)."""
+        memoised logits on x'), else only the plain reduced teacher KL (the teacher is not run on x' for it).
+
+        beta and whether p_S(x) is detached come from the Config's ``beta`` and ``detach_self_target``."""
         if self.introspection_active and logits_nat is not None:
             return introspective_terms(
                 teacher_kl,
@@ -160,9 +162,9 @@ class IntrospectionWarmUp:
                 logits_nat,
                 ctx.teacher_logits("robust", "adv"),
                 ctx.y,
-                beta=beta,
+                beta=self.config.beta,
                 weight_teacher_term=weight_teacher_term,
-                detach_target=detach_target,
+                detach_target=self.config.detach_self_target,
                 reduction=reduction,
             )
         return IntrospectionTerms(teacher=reduce_kl(teacher_kl, reduction, logits_adv.shape[1]))

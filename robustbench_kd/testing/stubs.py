@@ -172,18 +172,7 @@ def attacked_batch(
     )
     method.prepare(ctx)
     spec = method.attack_spec(threat)
-    attack = DistillationAttack(
-        student,
-        lambda xa: method.attack_loss(ctx, xa),
-        eps=spec.eps,
-        alpha=spec.alpha,
-        steps=spec.steps,
-        norm=spec.norm,
-        init=spec.init,
-        init_std=spec.init_std,
-        student_mode=spec.student_mode,
-        allow_large_step=spec.large_step,
-    )
+    attack = DistillationAttack.from_spec(student, lambda xa: method.attack_loss(ctx, xa), spec)
     ctx.x_adv = attack(ctx.x, ctx.y)
     return ctx
 

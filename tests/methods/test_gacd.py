@@ -379,15 +379,7 @@ def test_ot_attack_is_finite_and_increases_feature_distortion(features: str) -> 
     student = ctx.student
     bn = student.body[1]
     tracked = int(bn.num_batches_tracked)
-    attack = DistillationAttack(
-        student,
-        lambda xa: distiller.attack_loss(ctx, xa),
-        eps=spec.eps,
-        alpha=spec.alpha,
-        steps=spec.steps,
-        init=spec.init,
-        student_mode=spec.student_mode,
-    )
+    attack = DistillationAttack.from_spec(student, lambda xa: distiller.attack_loss(ctx, xa), spec)
     torch.manual_seed(1)
     x_adv = attack(ctx.x, ctx.y)
     torch.manual_seed(1)  # the same uniform start the attack drew

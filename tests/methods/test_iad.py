@@ -252,15 +252,7 @@ def test_end_to_end_batch_attack_in_train_mode_updates_bn() -> None:
     spec = distiller.attack_spec(threat)
     bn = student.body[1]
     tracked = int(bn.num_batches_tracked)
-    atk = DistillationAttack(
-        student,
-        lambda xa: distiller.attack_loss(ctx, xa),
-        eps=spec.eps,
-        alpha=spec.alpha,
-        steps=spec.steps,
-        init=spec.init,
-        student_mode=spec.student_mode,
-    )
+    atk = DistillationAttack.from_spec(student, lambda xa: distiller.attack_loss(ctx, xa), spec)
     ctx.x_adv = atk(ctx.x, ctx.y)
     assert int(bn.num_batches_tracked) == tracked + 3  # train-mode attack, as ARD
     out = distiller.loss(ctx)
