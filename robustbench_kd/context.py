@@ -1,4 +1,4 @@
-"""Per-batch state shared by the trainer, the attack and the method.
+"""What a method sees: :class:`SetupContext` once before training, :class:`BatchContext` per batch.
 
 Teacher outputs are memoised per batch (computed once, without gradients, in eval mode), because
 several places need them: a method's ``prepare``, every attack step, and the outer loss. Student
@@ -15,6 +15,7 @@ never switched from one network to the other.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,48 @@ from torch import Tensor, nn
 
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.threat import ThreatSpec
+
+
+@dataclass(frozen=True)
+class SetupContext:
+    """The run's real networks and the data's shape, given once to :meth:`Distiller.on_setup`.
+
+    The trainer builds it after the student and the teachers exist and before the optimiser is built or
+    a resume loads the method's state, so a network the method creates there joins the optimiser and is
+    restored by ``--resume`` like any other parameter of the method.
+
+    Attributes:
+        student: the student being trained, on ``device`` (``student.init_from`` loaded; not yet wrapped
+            for DDP or compiled).
+        teachers: the frozen teachers by role, in eval mode.
+        num_classes, in_channels, image_size: the shape of the data (images are
+            ``in_channels x image_size x image_size`` in [0, 1]).
+        device: the training device.
+        seed: ``run.seed``, for anything the method draws at random.
+        student_factory: builds a freshly initialised network of the student's architecture and
+            options (through the student registry); use :meth:`new_student`.
+    """
+
+    student: nn.Module
+    teachers: TeacherSet
+    num_classes: int
+    in_channels: int
+    image_size: int
+    device: torch.device
+    student_factory: Callable[[], nn.Module]
+    seed: int = 0
+
+    def new_student(self) -> nn.Module:
+        """A new network like the student: same architecture and options, fresh weights, on ``device``.
+
+        Its weights come from the global RNG, which the trainer seeds with ``run.seed`` before set-up, so
+        two runs of one configuration start from the same network. It is in train mode.
+        """
+        return self.student_factory().to(self.device).train()
+
+    def example_input(self, batch_size: int = 2) -> Tensor:
+        """A constant batch of the data's shape on ``device`` (to measure feature sizes with a forward pass)."""
+        return torch.full((batch_size, self.in_channels, self.image_size, self.image_size), 0.5, device=self.device)
 
 
 @dataclass

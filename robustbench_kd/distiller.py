@@ -14,6 +14,20 @@ itself is :func:`robustbench_kd.training.step.train_step`)::
 A method's options are the fields of its nested ``Config``; :func:`option` declares an option's accepted
 values and help once, and :class:`MethodConfig` checks them whenever a Config is built.
 
+Once per run, before any batch, the trainer calls in this order::
+
+    distiller = Method(config, num_classes=...)   # options only: no network exists yet
+    distiller.on_setup(setup)                      # SetupContext: the real student, teachers, data shape
+    optimiser = SGD(student params + distiller.trainable_parameters())
+    (--resume) distiller.load_state_dict(...); distiller.load_method_state(...)
+    distiller.on_train_start(run)                  # also after a resume, with the state restored
+    per epoch: on_epoch_start, the batches above, on_epoch_end
+
+A network the method owns (a second classifier, embedding heads whose sizes depend on the student) is
+created in ``on_setup`` as an attribute of the distiller: it then joins the optimiser, moves with
+``.to()``, and is saved and restored with the checkpoint. Created later (in ``loss``), it would train
+without being in the optimiser; :func:`robustbench_kd.testing.check_distiller` refuses that.
+
 The trainer never branches on a method's name: everything method-specific lives in these calls.
 A distiller is an ``nn.Module`` so that extra trainable parts (embedding heads) and buffers (memory
 banks, priors) move with ``.to()``, join the optimiser and are saved in checkpoints.
@@ -34,7 +48,7 @@ from torch import Tensor, nn
 from robustbench_kd.errors import UserError, close_matches
 
 if TYPE_CHECKING:
-    from robustbench_kd.context import BatchContext
+    from robustbench_kd.context import BatchContext, SetupContext
     from robustbench_kd.threat import ThreatSpec
 
 ATTACK_INITS = ("uniform", "gauss", "none")
@@ -323,6 +337,16 @@ class Distiller(nn.Module, ABC):
 
     def after_step(self, ctx: BatchContext, out: LossOutput) -> None:
         """Hook after the optimiser step. Default: nothing."""
+
+    def on_setup(self, setup: SetupContext) -> None:
+        """Hook once per run, with the real networks, before the optimiser is built and before a resume.
+
+        Create here what depends on the student, the teachers or the data's shape, as attributes of the
+        distiller (see the module docstring): ``setup.new_student()`` builds a fresh network like the
+        student, ``setup.example_input()`` a batch to measure feature sizes with. A resume then loads the
+        checkpoint's state into what this hook built, so it must build the same modules every time.
+        Default: nothing.
+        """
 
     def on_train_start(self, run: Any) -> None:
         """Hook once before the first epoch (also after a resume, with the method state restored).
