@@ -3,6 +3,7 @@
 Public API (imported lazily so ``robustbench-kd --help`` starts fast)::
 
     from robustbench_kd import hookimpl, Distiller, MethodConfig, option, AttackSpec, LossOutput, BatchContext
+    from robustbench_kd import SetupContext  # what Distiller.on_setup receives
 
 Methods are plugins: see :mod:`robustbench_kd.hookspecs`.
 """
@@ -23,6 +24,7 @@ _EXPORTS = {
     "MethodConfig": "robustbench_kd.distiller",
     "option": "robustbench_kd.distiller",
     "BatchContext": "robustbench_kd.context",
+    "SetupContext": "robustbench_kd.context",
     "Teacher": "robustbench_kd.teachers",
     "EnsembleTeacher": "robustbench_kd.teachers",
     "TeacherSet": "robustbench_kd.teachers",

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from robustbench_kd.teachers import TeacherSet
 from robustbench_kd.threat import ThreatSpec
 
+_ABSENT = object()
+
 
 @dataclass(frozen=True)
 class SetupContext:
@@ -107,6 +109,16 @@ class BatchContext:
         view = copy.copy(self)
         view.student = student
         return view
+
+    def adopt_attributes(self, view: BatchContext) -> None:
+        """Take over what a method set on ``view`` (a :meth:`with_student` copy), except its ``student``.
+
+        The method's ``loss`` may leave values on its context for ``after_step``; under torchrun it ran
+        on the view, while ``after_step`` gets this context.
+        """
+        for name, value in vars(view).items():
+            if name != "student" and vars(self).get(name, _ABSENT) is not value:
+                setattr(self, name, value)
 
     @property
     def x_adv(self) -> Tensor:

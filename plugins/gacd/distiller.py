@@ -8,8 +8,9 @@ the attack follows Feature Scattering (:mod:`robustbench_kd_plugins.gacd.transpo
 Embeddings (CRD's ``Embed`` heads): f_S, f_T = penultimate features (the input of the final
 ``nn.Linear``, read with :class:`~robustbench_kd.methods.features.FeatureTap`) of student and teacher
 on the positive input x+ (= x', the attack's output); s+ = l2norm(W_S f_S + b_S), t+ = l2norm(W_T f_T +
-b_T), both of dimension d. W_S, W_T are ``nn.LazyLinear`` parameters of the distiller (their input
-sizes are read from the first batch), so they join the optimiser and are checkpointed with it.
+b_T), both of dimension d. W_S, W_T are ``nn.Linear`` heads of the distiller, built in :meth:`GACD.on_setup`
+with the input sizes of the student's and the teacher's final ``nn.Linear``, so they join the optimiser
+and are checkpointed with it.
 
 Loss (Eq. 9-10, teacher anchor)::
 
@@ -102,11 +103,11 @@ from torch import Tensor, nn
 from robustbench_kd.distiller import AttackSpec, Distiller, LossOutput, MethodConfig, option
 from robustbench_kd.errors import UserError
 from robustbench_kd.methods.attack_options import student_mode_option, threat_attack
-from robustbench_kd.methods.features import FeatureTap
+from robustbench_kd.methods.features import FeatureTap, final_linear
 from robustbench_kd.teachers import EnsembleTeacher
 
 if TYPE_CHECKING:
-    from robustbench_kd.context import BatchContext
+    from robustbench_kd.context import BatchContext, SetupContext
     from robustbench_kd.threat import ThreatSpec
 
 PAPER = (
@@ -230,8 +231,9 @@ class GACD(Distiller):
     def __init__(self, config: Any = None, *, num_classes: int = 10) -> None:
         super().__init__(config, num_classes=num_classes)
         d = self.config.embed_dim
-        self.embed_s = nn.LazyLinear(d)
-        self.embed_t = nn.LazyLinear(d)
+        # The heads' input sizes are the networks' feature widths: built in on_setup.
+        self.embed_s: nn.Linear | None = None
+        self.embed_t: nn.Linear | None = None
         self.register_buffer("memory_s", torch.zeros(0, d))
         self.register_buffer("memory_t", torch.zeros(0, d))  # rows only if symmetric
         self.register_buffer("memory_labels", torch.zeros(0, dtype=torch.long))
@@ -271,6 +273,13 @@ class GACD(Distiller):
         self.memory_labels = torch.cat(
             [self.memory_labels, torch.full((rows - old,), -1, dtype=torch.long, device=device)]
         )
+
+    def on_setup(self, setup: SetupContext) -> None:
+        """Build the embedding heads W_S, W_T from the widths of the student's and the teacher's features."""
+        teacher = single_teacher(setup.teachers["robust"])
+        d = self.config.embed_dim
+        self.embed_s = nn.Linear(final_linear(setup.student)[1].in_features, d)
+        self.embed_t = nn.Linear(final_linear(teacher)[1].in_features, d)
 
     def on_train_start(self, run: Any) -> None:
         """Size the banks from the training set (unless a resumed checkpoint already did) and set the labels."""
@@ -323,6 +332,8 @@ class GACD(Distiller):
     # -- loss ----------------------------------------------------------------------------------------
     def embed(self, f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
         """(s, t): the l2-normalised fp32 embeddings of student and teacher features."""
+        if self.embed_s is None or self.embed_t is None:
+            raise RuntimeError("gacd: on_setup() has not built the embedding heads (the trainer calls it first)")
         with no_autocast(f_s.device):
             s = F.normalize(self.embed_s(f_s.float().flatten(1)), dim=1)
             t = F.normalize(self.embed_t(f_t.float().flatten(1)), dim=1)

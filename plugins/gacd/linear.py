@@ -18,7 +18,7 @@ from robustbench_kd.errors import UserError
 from robustbench_kd.methods.features import FeatureTap, final_linear
 
 if TYPE_CHECKING:
-    from robustbench_kd.context import BatchContext
+    from robustbench_kd.context import BatchContext, SetupContext
     from robustbench_kd.threat import ThreatSpec
 
 #: sigma floor of the standardised probe, as a fraction of the median feature standard deviation.
@@ -117,8 +117,8 @@ class GACDLinear(Distiller):
 
     def __init__(self, config: Any = None, *, num_classes: int = 10) -> None:
         super().__init__(config, num_classes=num_classes)
-        if self.config.standardize:
-            self.probe = nn.LazyLinear(num_classes)  # (V, c) in standardised coordinates
+        # (V, c) in standardised coordinates, sized by the student's feature width in on_setup.
+        self.probe: nn.Linear | None = None
         self.register_buffer("feature_mean", torch.zeros(0))
         self.register_buffer("feature_std", torch.zeros(0))
 
@@ -128,6 +128,17 @@ class GACDLinear(Distiller):
             if isinstance(incoming, Tensor) and incoming.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(incoming, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def on_setup(self, setup: SetupContext) -> None:
+        """With ``standardize``, build the probe (V, c) with the width of the student's classifier input."""
+        if self.config.standardize:
+            fc = self._classifier(setup.student)
+            self.probe = nn.Linear(fc.in_features, fc.out_features)
+
+    def _standardised_probe(self) -> nn.Linear:
+        if self.probe is None:
+            raise RuntimeError("gacd-linear: on_setup() has not built the probe (the trainer calls it first)")
+        return self.probe
 
     def attack_spec(self, threat: ThreatSpec) -> AttackSpec | None:
         return None
@@ -158,9 +169,9 @@ class GACDLinear(Distiller):
         live = std[std > 0]  # dead units (constant features) can be the majority after stage 1
         self.feature_mean = features.mean(dim=0)
         self.feature_std = std.clamp_min(STD_FLOOR * live.median()) if live.numel() else torch.ones_like(std)
-        self.probe(self.feature_mean[None])  # materialise the lazy layer
-        self.probe.weight.copy_(fc.weight * self.feature_std)
-        self.probe.bias.copy_(fc.bias + fc.weight @ self.feature_mean)
+        probe = self._standardised_probe()
+        probe.weight.copy_(fc.weight * self.feature_std)
+        probe.bias.copy_(fc.bias + fc.weight @ self.feature_mean)
 
     def on_train_start(self, run: Any) -> None:
         """Freeze the student; with ``standardize``, compute mu and sigma over the training set."""
@@ -182,7 +193,7 @@ class GACDLinear(Distiller):
         if self.config.standardize:
             if self.feature_mean.numel() == 0:
                 self._set_statistics(features, fc)
-            logits = self.probe((features - self.feature_mean) / self.feature_std)
+            logits = self._standardised_probe()((features - self.feature_mean) / self.feature_std)
         else:
             logits = fc(features)
         ce = F.cross_entropy(logits, ctx.y)
@@ -195,6 +206,7 @@ class GACDLinear(Distiller):
         if not self.config.standardize:
             return
         fc = self._classifier(ctx.student)
-        weight = self.probe.weight / self.feature_std
+        probe = self._standardised_probe()
+        weight = probe.weight / self.feature_std
         fc.weight.copy_(weight)
-        fc.bias.copy_(self.probe.bias - weight @ self.feature_mean)
+        fc.bias.copy_(probe.bias - weight @ self.feature_mean)

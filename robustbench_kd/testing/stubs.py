@@ -12,17 +12,20 @@ in plain Python floats, never through the library's own loss functions::
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-from robustbench_kd.context import BatchContext
+from robustbench_kd.context import BatchContext, SetupContext
+from robustbench_kd.distiller import Distiller
 from robustbench_kd.teachers import Teacher, TeacherSet
 from robustbench_kd.threat import ThreatSpec
 
-__all__ = ["Affine", "batch_context", "cross_entropy", "kl", "log_softmax", "softmax"]
+__all__ = ["Affine", "batch_context", "cross_entropy", "kl", "log_softmax", "set_up", "softmax"]
 
 
 class Affine(nn.Module):
@@ -189,3 +192,37 @@ def assert_loss_trains_student(distiller: nn.Module, ctx: BatchContext, frozen: 
     out.total.backward()
     assert all(p.grad is not None for p in ctx.student.parameters())
     assert all(p.grad is None for module in frozen for p in module.parameters())
+
+
+DistillerT = TypeVar("DistillerT", bound=Distiller)
+
+
+def set_up(distiller: DistillerT, ctx: BatchContext) -> DistillerT:
+    """Call ``distiller.on_setup`` as the trainer does, with the context's student, teachers and input shape.
+
+    For testing a method's loss outside the trainer. ``new_student()`` returns a copy of the context's
+    student with its layers re-initialised. Returns the distiller, moved to the batch's device.
+    """
+    shape = tuple(ctx.x.shape[1:])
+    in_channels = shape[0] if len(shape) == 3 else 1
+
+    def fresh_student() -> nn.Module:
+        net = copy.deepcopy(ctx.student)
+        for module in net.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if module is not net and callable(reset):
+                reset()
+        return net
+
+    distiller.on_setup(
+        SetupContext(
+            student=ctx.student,
+            teachers=ctx.teachers,
+            num_classes=distiller.num_classes,
+            in_channels=in_channels,
+            image_size=shape[-1],
+            device=ctx.x.device,
+            student_factory=fresh_student,
+        )
+    )
+    return distiller.to(ctx.x.device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +67,22 @@ def load_data(host: PluginHost, config: RunConfig) -> DataSplits:
     return data
 
 
+def student_factory(host: PluginHost, config: RunConfig, data: DataSplits) -> Callable[[], nn.Module]:
+    """A function building a freshly initialised ``student.arch`` with its options, shaped for the data."""
+    factory = host.students.get(config.student.arch)
+    options = dict(config.student.options)
+
+    def build() -> nn.Module:
+        return factory(
+            num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, **options
+        )
+
+    return build
+
+
 def build_run_student(host: PluginHost, config: RunConfig, data: DataSplits) -> nn.Module:
     """The run's student: ``student.arch`` from the registry, shaped for the data, ``student.init_from`` loaded."""
-    factory = host.students.get(config.student.arch)
-    net = factory(
-        num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, **config.student.options
-    )
+    net = student_factory(host, config, data)()
     if config.student.init_from:
         from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights, state_dict_of
 

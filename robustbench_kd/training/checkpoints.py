@@ -7,10 +7,12 @@ the epoch's metric sums and the global RNG state (:func:`step_position`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from robustbench_kd.errors import UserError
 from robustbench_kd.scale.ema import StudentEMA
@@ -128,12 +130,17 @@ def resume_from(run: Run, path: Path) -> None:
             f"{selection_protocol(run)}; restore the [eval] settings (select, n_examples, pgd_steps, seed) "
             "or start a new run"
         )
-    run.student.load_state_dict(data["student"])
-    run.optimizer.load_state_dict(restore_plain(data["optimizer"]))
+    load_module_state(run.student, data["student"], what=f"the student ({run.config.student.arch})", source=path)
+    restore_method(run, data["distiller"], data.get("method_state", {}), source=path)
+    try:
+        run.optimizer.load_state_dict(restore_plain(data["optimizer"]))
+    except (ValueError, KeyError) as exc:  # another parameter layout: the method's networks changed
+        raise UserError(
+            f"cannot resume {path}: its optimiser state does not fit {method_origin(run)} ({exc}); resume with the "
+            "plugin version that wrote it, or start a new run"
+        ) from exc
     if run.scheduler is not None and data.get("scheduler") is not None:
         run.scheduler.load_state_dict(restore_plain(data["scheduler"]))
-    run.distiller.load_state_dict(data["distiller"])
-    run.distiller.load_method_state(data.get("method_state", {}))
     run.epoch = int(data["epoch"])
     run.global_step = int(data["global_step"])
     run.history = list(data.get("history", []))
@@ -154,6 +161,52 @@ def resume_from(run: Run, path: Path) -> None:
         log.info("resumed from %s after epoch %d", path, run.epoch)
     else:
         log.info("resumed from %s in epoch %d after batch %d", path, run.epoch + 1, position["step"])
+
+
+def method_origin(run: Run) -> str:
+    """``method 'name' (plugin 'p' from dist version)``: where the run's method comes from."""
+    name = run.distiller.name
+    plugin = run.host.methods.entry(name).plugin if name in run.host.methods else "(registered in code)"
+    return f"method {name!r} (plugin {plugin!r} from {run.host.distribution_of(plugin)})"
+
+
+def load_module_state(module: nn.Module, state: Mapping[str, Any], *, what: str, source: object) -> None:
+    """``module.load_state_dict(state)`` strictly, refusing a mismatch in one line that names the keys."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        detail = " ".join(str(exc).split())
+        raise UserError(f"cannot resume {source}: its state does not fit {what}: {detail}") from exc
+    problems = []
+    for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
+        if keys:
+            shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+            problems.append(f"{label} key(s) {shown}")
+    if problems:
+        raise UserError(
+            f"cannot resume {source}: its state does not fit {what}: {'; '.join(problems)}; resume with the "
+            "version that wrote it, or start a new run"
+        )
+
+
+def restore_method(run: Run, state: Mapping[str, Any], method_state: Mapping[str, Any], *, source: object) -> None:
+    """Load a checkpoint's ``distiller`` state and ``method_state`` into the run's method (after ``on_setup``).
+
+    The same code serves ``--resume`` and the plugin contract's round trip. A method that no longer
+    matches its checkpoint (a plugin upgrade, other options) fails in one line naming the method, its
+    distribution and the keys.
+    """
+    origin = method_origin(run)
+    load_module_state(run.distiller, state, what=origin, source=source)
+    try:
+        run.distiller.load_method_state(method_state)
+    except UserError:
+        raise
+    except Exception as exc:  # plugin code: name it, keep the cause for --debug
+        detail = " ".join(str(exc).split())
+        raise UserError(
+            f"cannot resume {source}: {origin} could not restore its method_state ({type(exc).__name__}: {detail})"
+        ) from exc
 
 
 def _resume_speed_and_ema(run: Run, data: dict[str, Any], path: Path) -> None:

@@ -134,9 +134,12 @@ def train(
     """
     run = setup_run(config, host)
     main = distributed.is_main()  # under torchrun only rank 0 writes files and evaluates
-    _start(run, resume=resume, main=main)
+    _resume_or_refuse(run, resume=resume)
     run.distiller.on_train_start(run)
+    # Only a run that has been set up completely (method hooks included) gets a directory.
+    distributed.barrier()  # every rank has looked at last.pt before rank 0 writes anything
     if main:
+        _write_start(run, resume=resume)
         run.host.train_start(run)
     last_epoch = config.optim.epochs if stop_after is None else min(stop_after, config.optim.epochs)
     for epoch in range(run.epoch, last_epoch):
@@ -159,8 +162,8 @@ def train(
     return run
 
 
-def _start(run: Run, *, resume: bool, main: bool) -> None:
-    """Resume from ``last.pt`` (or refuse to overwrite a run), clear a killed run's temp files, write the config."""
+def _resume_or_refuse(run: Run, *, resume: bool) -> None:
+    """Resume from ``last.pt``, or refuse to start over an existing run. Reads only."""
     last = run.checkpoint_dir / "last.pt"
     if resume:
         if not last.is_file():
@@ -170,9 +173,10 @@ def _start(run: Run, *, resume: bool, main: bool) -> None:
         raise UserError(
             f"{run.out_dir} already holds a run ({last}); pass --resume to continue it, or choose another run.out_dir"
         )
-    distributed.barrier()  # every rank has looked at last.pt before rank 0 writes anything
-    if not main:
-        return
+
+
+def _write_start(run: Run, *, resume: bool) -> None:
+    """Rank 0, once the run is set up: create the run directory, clear a killed run's temp files, write the config."""
     run.out_dir.mkdir(parents=True, exist_ok=True)
     # A killed run leaves its half-written temp files; the files they were replacing are intact.
     for directory in (run.out_dir, run.checkpoint_dir):

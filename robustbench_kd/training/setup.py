@@ -1,12 +1,14 @@
 """One training run's objects and how they are built from a config: :class:`Run` and :func:`setup_run`.
 
-:func:`setup_run` builds, in this order, the data, the method, the student, the teachers, the optimiser
-and scheduler, the ``[speed]`` plan and the EMA copy, and checks first what can fail without the other
-processes under torchrun, so a mistake fails every rank alike.
+:func:`setup_run` builds, in this order, the data, the method (options only), the student, the teachers,
+then (:func:`assemble_run`) calls the method's ``on_setup`` with them and builds the optimiser and
+scheduler, the ``[speed]`` plan and the EMA copy. It checks first what can fail without the other
+processes under torchrun, so a mistake fails every rank alike. Nothing is written here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from robustbench_kd.config import RunConfig
+from robustbench_kd.context import SetupContext
 from robustbench_kd.data.datasets import DataSplits, num_batches
 from robustbench_kd.data.extra import batch_split, check_extra_supported
 from robustbench_kd.distiller import Distiller
@@ -65,8 +68,13 @@ class Run:
         return self.out_dir / "checkpoints"
 
 
+def optimised_parameters(student: nn.Module, distiller: Distiller) -> list[nn.Parameter]:
+    """What the optimiser updates: every student parameter, then the method's trainable ones."""
+    return list(student.parameters()) + [p for p in distiller.trainable_parameters() if p.requires_grad]
+
+
 def build_optimizer(config: RunConfig, student: nn.Module, distiller: Distiller) -> torch.optim.Optimizer:
-    params = list(student.parameters()) + [p for p in distiller.trainable_parameters() if p.requires_grad]
+    params = optimised_parameters(student, distiller)
     o = config.optim
     # foreach: the multi-tensor update on every device (PyTorch picks it on CUDA only). Same arithmetic
     # per tensor, bitwise equal to the per-parameter loop; on CPU it spares that loop's Python overhead.
@@ -125,10 +133,50 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     student = builders.build_run_student(host, config, data).to(device)
     student = distributed.prepare_student(student, device, sync_bn=config.run.sync_bn)
     teachers = builders.load_teachers(host, config, data, distiller, device)
+    return assemble_run(
+        config, host, data, distiller, student, teachers, device, builders.student_factory(host, config, data)
+    )
+
+
+def assemble_run(
+    config: RunConfig,
+    host: PluginHost,
+    data: DataSplits,
+    distiller: Distiller,
+    student: nn.Module,
+    teachers: TeacherSet,
+    device: torch.device,
+    student_factory: Callable[[], nn.Module],
+) -> Run:
+    """The set-up every run shares with the plugin contract, from built networks to a :class:`Run`.
+
+    In this order: ``distiller.on_setup`` with the real student and teachers (a network the method
+    creates there is moved to ``device`` with it), the optimiser over the student's and the method's
+    trainable parameters, the scheduler, the ``[speed]`` plan, then the EMA copy (after channels_last, so
+    it shares the layout). A resume loads its state into this run afterwards.
+    """
+    distiller.on_setup(
+        SetupContext(
+            student=student,
+            teachers=teachers,
+            num_classes=data.num_classes,
+            in_channels=data.in_channels,
+            image_size=data.image_size,
+            device=device,
+            student_factory=student_factory,
+            seed=config.run.seed,
+        )
+    )
+    distiller.to(device)
+    if distributed.from_environ().enabled and any(p.requires_grad for p in distiller.trainable_parameters()):
+        # DDP all-reduces the student's gradients only: each process would train its own copy.
+        raise UserError(
+            f"method {distiller.name!r} trains parameters of its own, which multi-process (torchrun/DDP) "
+            "training does not synchronise; run it in one process"
+        )
     optimizer = build_optimizer(config, student, distiller)
     steps = num_batches(len(data.train_y), real_batch_size(config), drop_last_batch(config, data))
     scheduler, per_batch = build_scheduler(config, optimizer, steps)
-    # The [speed] switches, then the EMA copy (after channels_last, so it shares the layout).
     speed = SpeedPlan(config.speed, device, student, teachers)
     ema = StudentEMA(student, config.ema) if config.ema.enabled else None
     return Run(

@@ -59,8 +59,11 @@ def train_step(
         with engine.attack_precision():
             ctx.x_adv = attacks.attack(spec, ctx)
     _ensure_training(engine.student)
+    loss_ctx = engine.loss_context(ctx)
     with engine.autocast():
-        out = distiller.loss(engine.loss_context(ctx))
+        out = distiller.loss(loss_ctx)
+    if loss_ctx is not ctx:  # torchrun: what loss() set on its view is there for after_step too
+        ctx.adopt_attributes(loss_ctx)
     # NaN/inf loss terms and gradient norm are recorded on the device and looked at every few steps.
     names, values = run.guard.note_loss(out.total, out.terms, epoch=epoch, step=batch.step, global_step=run.global_step)
     engine.backward(out.total)

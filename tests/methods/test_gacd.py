@@ -31,7 +31,7 @@ from robustbench_kd.registry import Registry
 from robustbench_kd.storage.checkpoint import load_checkpoint
 from robustbench_kd.students import build_student
 from robustbench_kd.teachers import EnsembleTeacher, Teacher, TeacherSet
-from robustbench_kd.testing import batch_context, check_distiller
+from robustbench_kd.testing import batch_context, check_distiller, set_up
 from robustbench_kd.testing.runs import tiny_digits_raw
 from robustbench_kd.threat import ThreatSpec
 from robustbench_kd.training.loop import train
@@ -211,7 +211,10 @@ def _stub(symmetric: bool = False, sample_weights: bool = True) -> tuple[GACD, B
     distiller = GACD(
         GACD.Config(embed_dim=2, positive="clean", symmetric=symmetric, sample_weights=sample_weights), num_classes=2
     )
-    distiller.embed(torch.zeros(1, 3), torch.zeros(1, 3))  # materialise the lazy heads
+    ctx = batch_context(
+        X, Y, index=INDEX.clone(), student=_linear(S_W), teachers={"robust": _linear(T_W)}, threat=THREAT
+    )
+    set_up(distiller, ctx)  # builds the heads from the networks' feature widths
     with torch.no_grad():
         for head, (w, b) in ((distiller.embed_s, HEAD_S), (distiller.embed_t, HEAD_T)):
             head.weight.copy_(torch.tensor(w))
@@ -219,9 +222,6 @@ def _stub(symmetric: bool = False, sample_weights: bool = True) -> tuple[GACD, B
     distiller.memory_s = BANK.clone()
     distiller.memory_t = BANK_T.clone() if symmetric else torch.zeros(0, 2)
     distiller.memory_labels = LABELS.clone()
-    ctx = batch_context(
-        X, Y, index=INDEX.clone(), student=_linear(S_W), teachers={"robust": _linear(T_W)}, threat=THREAT
-    )
     return distiller, ctx
 
 
@@ -409,7 +409,8 @@ def test_heads_get_gradients_and_are_in_the_optimiser() -> None:
     distiller = GACD(GACD.Config(nce_k=4))
     ctx = _batch()
     cfg = config_from_mapping({"optim": {"lr": 0.1, "epochs": 1}})
-    optimizer = build_optimizer(cfg, ctx.student, distiller)  # before the heads are materialised
+    set_up(distiller, ctx)  # the trainer's order: on_setup, then the optimiser
+    optimizer = build_optimizer(cfg, ctx.student, distiller)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     heads = [distiller.embed_s.weight, distiller.embed_s.bias, distiller.embed_t.weight, distiller.embed_t.bias]
     assert all(id(p) in in_optimizer for p in heads)
@@ -443,7 +444,7 @@ def test_linear_probe_trains_only_the_classifier_with_frozen_bn() -> None:
     student = ctx.student
     bn = student.body[1]
     stats = (bn.running_mean.clone(), int(bn.num_batches_tracked))
-    out = GACDLinear(GACDLinear.Config(standardize=False)).loss(ctx)
+    out = set_up(GACDLinear(GACDLinear.Config(standardize=False)), ctx).loss(ctx)
     out.total.backward()
     assert student.training and bn.training  # modes restored
     assert torch.equal(bn.running_mean, stats[0]) and int(bn.num_batches_tracked) == stats[1]
@@ -461,7 +462,7 @@ def _penultimate(student: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_standardised_probe_starts_as_the_classifier_and_folds_back_exactly() -> None:
     ctx = _batch()
     student, fc = ctx.student, ctx.student.body[-1]
-    probe = GACDLinear()
+    probe = set_up(GACDLinear(), ctx)
     out = probe.loss(ctx)
     assert student.training  # modes restored
     feats = _penultimate(student, ctx.x)
@@ -505,7 +506,7 @@ def test_standardised_probe_learns_offset_features_where_plain_sgd_cannot() -> N
         student = Offset()
         method = GACDLinear(GACDLinear.Config(standardize=standardize), num_classes=4)
         ctx = batch_context(x, y, index=torch.arange(256), student=student, threat=THREAT)
-        method.loss(ctx)  # materialise the probe (standardised) before building the optimiser
+        set_up(method, ctx)  # builds the probe (standardised) before the optimiser
         params = list(method.parameters()) if standardize else list(student.fc.parameters())
         optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
         losses = []
