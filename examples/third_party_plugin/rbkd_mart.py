@@ -1,7 +1,7 @@
 """MART as a third-party robustbench_kd method: one module plus one entry point.
 
 Install with ``pip install ./examples/third_party_plugin``; ``robustbench-kd methods`` then lists
-``mart`` with the distribution ``rbkd-mart``, and ``[method] name = "mart"`` trains it.
+``mart`` with the distribution ``rbkd-examples``, and ``[method] name = "mart"`` trains it.
 """
 
 from __future__ import annotations
