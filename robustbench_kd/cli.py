@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("methods", help="list registered methods with their plugin, distribution and paper")
-    p.add_argument("--options", metavar="METHOD", help="show one method's options and defaults")
+    p.add_argument(
+        "--options", metavar="METHOD", help="show one method's options: type, default and help (set them in [method])"
+    )
 
     p = sub.add_parser("distill", help="train a student from teachers (config file + overrides)")
     p.add_argument("config", help="run file (.toml, .yaml)")
@@ -204,16 +206,14 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _print_options(cls) -> None:
-    import dataclasses
+    from robustbench_kd.distiller import describe_options
+    from robustbench_kd.plugin_host import PluginHost
 
-    print(f"{cls.name}: {cls.__name__} - {cls.paper}")
-    for f in dataclasses.fields(cls.Config):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        else:
-            assert f.default_factory is not dataclasses.MISSING  # every method option has a default
-            default = f.default_factory()
-        print(f"  method.{f.name} = {default!r}")
+    host = PluginHost.create()  # the registry entry names the plugin that registered the class
+    entry = next((e for e in host.methods.entries() if e.value is cls), None)
+    source = f"plugin {entry.plugin}, {host.distribution_of(entry.plugin)}" if entry is not None else ""
+    for line in describe_options(cls, source):
+        print(line)
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:

@@ -73,7 +73,7 @@ def test_registration_and_validation() -> None:
             GACD.config_from_mapping(bad)
     with pytest.raises(UserError, match=re.escape("method.nce_momentum must be in [0, 1), got 1.0")):
         GACD.config_from_mapping({"nce_momentum": 1.0})
-    with pytest.raises(UserError, match=re.escape("method.embed_dim must be a positive integer, got True")):
+    with pytest.raises(UserError, match=re.escape("method.embed_dim must be an integer (default 128), got True")):
         GACD.Config(embed_dim=True)
     with pytest.raises(UserError):
         PGDAT.config_from_mapping({"init": "zeros"})  # stage 3's options
