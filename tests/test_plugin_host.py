@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -26,6 +28,46 @@ def install_fake_distribution(
     for name, source in (modules or {}).items():
         (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+#: A third-party plugin with one method, for the tests that find one distribution in two places.
+TWICE_PLUGIN = """
+    from robustbench_kd import Distiller, hookimpl
+
+
+    class Twice(Distiller):
+        \"\"\"A method whose distribution is found twice on sys.path.\"\"\"
+
+        name = "twice"
+        paper = "Nobody. Found Twice. 2025"
+
+        def attack_spec(self, threat):
+            return None
+
+        def loss(self, ctx):
+            raise NotImplementedError
+
+
+    @hookimpl
+    def rbkd_register_methods(registry):
+        registry.add(Twice)
+"""
+
+
+def write_egg_info(folder: Path, *, dist: str, version: str, entry_points: str) -> Path:
+    """The ``X.egg-info`` a setuptools build (``pip install -e .``) leaves in a plugin's source folder."""
+    info = folder / f"{dist.replace('-', '_')}.egg-info"
+    info.mkdir(parents=True)
+    (info / "PKG-INFO").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+    return info
+
+
+def forget_modules_after_test(monkeypatch, *names: str) -> None:
+    """Unload the named fake plugin modules when the test ends, so no other test sees this test's copy."""
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)  # monkeypatch remembers the name was absent...
+        del sys.modules[name]  # ...and removes whatever the test imports under it
 
 
 def install_example_plugin(tmp_path: Path, monkeypatch) -> None:
@@ -89,6 +131,103 @@ def test_duplicate_plugin_names_name_both_distributions(tmp_path, monkeypatch):
         PluginHost.create()
     message = str(info.value)
     assert "'rslad'" in message and "evil-rslad 9.9" in message and "robustbench_kd" in message
+    # The advice removes the newcomer, says where it lives, and warns that blocking by name drops both.
+    assert str(tmp_path / "evil_rslad-9.9.dist-info") in message and "pip uninstall evil-rslad" in message
+    assert "RBKD_DISABLE_PLUGINS=rslad would skip both" in message and "\n" not in message
+
+
+def test_one_distribution_found_in_two_metadata_folders_is_one_plugin(tmp_path, monkeypatch):
+    """An egg-info in the source folder plus the installed dist-info of the same release: registered once."""
+    forget_modules_after_test(monkeypatch, "rbkd_twice")
+    entry_points = "[robustbench_kd]\ntwice = rbkd_twice\n"
+    install_fake_distribution(
+        tmp_path / "site",
+        monkeypatch,
+        dist="rbkd-twice",
+        version="0.1.0",
+        entry_points=entry_points,
+        modules={"rbkd_twice": TWICE_PLUGIN},
+    )
+    # Spelt with an underscore here: the same distribution under its PEP 503 name.
+    write_egg_info(tmp_path / "src", dist="rbkd_twice", version="0.1.0", entry_points=entry_points)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    host = PluginHost.create()
+    assert host.plugin_names().count("twice") == 1
+    assert "twice" in host.methods and host.methods.entry("twice").plugin == "twice"
+
+
+def test_methods_runs_from_an_installed_plugins_source_folder(tmp_path):
+    """`robustbench-kd methods` in the source folder of a plugin installed with `pip install -e .`.
+
+    The folder holds the plugin module and the egg-info of its build; the installed copy's dist-info is
+    elsewhere on the path. The current directory is on sys.path, so both metadata copies are found.
+    """
+    source, site = tmp_path / "rbkd-twice", tmp_path / "site"
+    entry_points = "[robustbench_kd]\ntwice = rbkd_twice\n"
+    source.mkdir()
+    (source / "rbkd_twice.py").write_text(textwrap.dedent(TWICE_PLUGIN))
+    write_egg_info(source, dist="rbkd-twice", version="0.1.0", entry_points=entry_points)
+    info = site / "rbkd_twice-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: rbkd-twice\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RBKD_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "robustbench_kd.cli", "methods"],
+        cwd=source,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    row = next((line for line in proc.stdout.splitlines() if line.startswith("twice ")), "")
+    assert "rbkd-twice 0.1.0" in row and "Found Twice" in row
+
+
+def test_two_versions_of_one_distribution_name_both_metadata_folders(tmp_path, monkeypatch):
+    """A stale egg-info (0.1.0) next to the installed 0.2.0: one line saying where each copy lives."""
+    forget_modules_after_test(monkeypatch, "rbkd_twice")
+    entry_points = "[robustbench_kd]\ntwice = rbkd_twice\n"
+    install_fake_distribution(
+        tmp_path / "site",
+        monkeypatch,
+        dist="rbkd-twice",
+        version="0.2.0",
+        entry_points=entry_points,
+        modules={"rbkd_twice": TWICE_PLUGIN},
+    )
+    stale = write_egg_info(tmp_path / "src", dist="rbkd-twice", version="0.1.0", entry_points=entry_points)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    with pytest.raises(UserError) as info:
+        PluginHost.create()
+    message = str(info.value)
+    installed = tmp_path / "site" / "rbkd_twice-0.2.0.dist-info"
+    assert message.startswith("plugin 'twice' is provided by two copies of rbkd-twice: ")
+    assert f"0.1.0 ({stale})" in message and f"0.2.0 ({installed})" in message
+    assert "delete the stale one of these metadata folders" in message and "pip uninstall rbkd-twice" in message
+    # Both copies carry the same plugin name: blocking it would leave neither.
+    assert "RBKD_DISABLE_PLUGINS" not in message and "\n" not in message
+
+
+def test_two_entry_points_loading_one_module_are_one_line(tmp_path, monkeypatch):
+    forget_modules_after_test(monkeypatch, "rbkd_twice")
+    install_fake_distribution(
+        tmp_path,
+        monkeypatch,
+        dist="rbkd-twice",
+        version="0.1.0",
+        entry_points="[robustbench_kd]\ntwice = rbkd_twice\nagain = rbkd_twice\n",
+        modules={"rbkd_twice": TWICE_PLUGIN},
+    )
+    with pytest.raises(UserError) as info:
+        PluginHost.create()
+    message = str(info.value)
+    assert "plugins 'twice' from rbkd-twice 0.1.0" in message and "'again' from rbkd-twice 0.1.0" in message
+    assert "load the same object 'rbkd_twice'" in message and "RBKD_DISABLE_PLUGINS=again" in message
+    assert "\n" not in message
 
 
 def test_duplicate_method_keys_name_both_plugins():
@@ -125,8 +264,26 @@ def test_plugin_that_raises_at_import_is_named(tmp_path, monkeypatch):
         entry_points="[robustbench_kd]\nbroken = broken_mod\n",
         modules={"broken_mod": "raise ImportError('needs torch 9')\n"},
     )
-    with pytest.raises(UserError, match=r"plugin 'broken' from broken-plugin 0.1 failed to import"):
+    with pytest.raises(UserError, match=r"plugin 'broken' from broken-plugin 0.1 failed to import") as info:
         PluginHost.create()
+    assert str(info.value).endswith("; run with --debug for the traceback")
+    assert isinstance(info.value.__cause__, ImportError)  # what --debug shows
+
+
+def test_import_failure_with_a_multi_line_message_is_one_line(tmp_path, monkeypatch):
+    forget_modules_after_test(monkeypatch, "broken_lines")
+    install_fake_distribution(
+        tmp_path,
+        monkeypatch,
+        dist="broken-lines",
+        version="0.1",
+        entry_points="[robustbench_kd]\nlines = broken_lines\n",
+        modules={"broken_lines": "raise RuntimeError('first line\\n  second line')\n"},
+    )
+    with pytest.raises(UserError) as info:
+        PluginHost.create()
+    message = str(info.value)
+    assert "failed to import (RuntimeError: first line second line)" in message and "\n" not in message
 
 
 def test_firstresult_attack_override_beats_the_builtin(host):
