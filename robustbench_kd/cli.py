@@ -171,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    except Exception as exc:
+        # A crash inside a third-party plugin: one line naming the plugin, its distribution and the function.
+        # A crash in this project's own code keeps its traceback (a bug report needs it).
+        from robustbench_kd.plugin_host import plugin_failure
+
+        message = plugin_failure(exc)
+        if message is None or args.debug:
+            raise
+        print(f"robustbench-kd: error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if args.command == "evaluate":
             # AutoAttack's state file (--aa-state, or a shard's own) has kept every finished batch.

@@ -41,11 +41,11 @@ class Kinds(Distiller):
         mode: Literal["fast", "slow"] = option("fast", help="a mode")
         limit: float | None = option(None, help="an optional number")
         steps: int | None = option(7, low=0, help="an optional count with a default")
-        weights: list[float] = option(default_factory=list, low=0, help="a list")  # noqa: RUF009 - option() returns a dataclass field
+        weights: list[float] = option(default_factory=list, low=0, help="a list")
         milestones: tuple[int, ...] = option((), help="a tuple")
-        table: dict[str, float] = option(default_factory=dict, help="a table")  # noqa: RUF009 - option() returns a dataclass field
+        table: dict[str, float] = option(default_factory=dict, help="a table")
         extras: Mapping[str, Any] = option(default_factory=dict, help="a table of anything")
-        anything: Any = option(None, help="anything")  # noqa: RUF009 - option() returns a dataclass field
+        anything: Any = option(None, help="anything")
         natural_options: dict[str, float] = None  # type: ignore[assignment]  # a None default: None is accepted
 
     def loss(self, ctx: Any) -> LossOutput:

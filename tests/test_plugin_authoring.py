@@ -341,3 +341,29 @@ def test_adopt_attributes_brings_back_what_loss_set_on_the_ddp_view():
     ctx.adopt_attributes(view)
     assert ctx.cached == "from loss" and ctx.extras == {"k": 1}  # type: ignore[attr-defined]
     assert isinstance(ctx.student, nn.Identity)
+
+
+@pytest.mark.parametrize("where", ["loss", "on_train_start"])
+def test_a_crash_in_plugin_code_is_one_line_naming_plugin_distribution_and_function(
+    tmp_path, broken_plugin, capsys, where
+):
+    out = tmp_path / "run"
+    assert main(["distill", str(run_file(tmp_path, out, {"name": "broken", "fail_in": where}))]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(
+        f"robustbench-kd: error: plugin 'broken' from rbkd-broken 0.1.0 failed in rbkd_broken.Broken.{where} ("
+    )
+    assert err.endswith("; run with --debug for the traceback")
+    assert out.exists() == (where == "loss")  # a run that never finished its set-up leaves nothing behind
+
+
+def test_debug_shows_the_plugin_traceback(tmp_path, broken_plugin):
+    with pytest.raises(ZeroDivisionError):
+        main(
+            [
+                "--debug",
+                "distill",
+                str(run_file(tmp_path, tmp_path / "run", {"name": "broken", "fail_in": "on_train_start"})),
+            ]
+        )

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from robustbench_kd import hookimpl
 from robustbench_kd.errors import UserError
@@ -71,12 +72,19 @@ def forget_modules_after_test(monkeypatch, *names: str) -> None:
 
 
 def install_example_plugin(tmp_path: Path, monkeypatch) -> None:
-    """The real examples/third_party_plugin package, 'installed' through a dist-info."""
+    """The real examples/third_party_plugin package, 'installed' through a dist-info made from its pyproject."""
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    points = project["entry-points"]["robustbench_kd"]
     install_fake_distribution(
-        tmp_path, monkeypatch, dist="rbkd-mart", version="0.1.0", entry_points="[robustbench_kd]\nmart = rbkd_mart\n"
+        tmp_path,
+        monkeypatch,
+        dist=project["name"],
+        version=project["version"],
+        entry_points="[robustbench_kd]\n" + "".join(f"{name} = {module}\n" for name, module in points.items()),
     )
     monkeypatch.syspath_prepend(str(EXAMPLE))
-    monkeypatch.delitem(sys.modules, "rbkd_mart", raising=False)
+    for module in points.values():
+        monkeypatch.delitem(sys.modules, module, raising=False)
 
 
 def test_builtins_come_from_the_explicit_tuple(host):
@@ -95,7 +103,7 @@ def test_third_party_example_is_discovered_through_its_entry_point(tmp_path, mon
     assert "mart" in host.methods
     entry = host.methods.entry("mart")
     assert entry.plugin == "mart"
-    assert host.distribution_of("mart") == "rbkd-mart 0.1.0"
+    assert host.distribution_of("mart") == host.distribution_of("lbgat") == "rbkd-examples 0.1.0"
 
 
 def test_third_party_example_passes_the_contract(tmp_path, monkeypatch):
@@ -324,7 +332,7 @@ def test_third_party_example_shows_in_methods_and_trains(tmp_path, monkeypatch, 
     install_example_plugin(tmp_path / "site", monkeypatch)
     assert main(["methods"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("mart "))
-    assert "rbkd-mart 0.1.0" in row and "ICLR 2020" in row
+    assert "rbkd-examples 0.1.0" in row and "ICLR 2020" in row
     config = tmp_path / "run.toml"
     config.write_text(
         f'[run]\nname = "MartExample"\nout_dir = "{tmp_path / "run"}"\nprogress = false\n'
