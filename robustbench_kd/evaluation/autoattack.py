@@ -1,11 +1,13 @@
-"""AutoAttack, run through the official implementation (fra31's code as packaged by ``pyautoattack``).
+"""AutoAttack, run through the official implementation: fra31's package when installed, else pyautoattack.
 
 Leaderboard numbers must come from this code path, never from ``torchattacks.AutoAttack``, whose
-numbers differ (Harry24k/adversarial-attacks-pytorch#188). The robust flags are recomputed from the
-returned adversarial examples with the model in eval mode, the way ``robustbench.eval.benchmark``
-computes its robust accuracy, and every warning AutoAttack logs about the defence (randomness,
-probability outputs, zero gradients, dynamic forward, Square beating the gradient attacks) is
-collected so that a report can mark the evaluation as possibly unreliable.
+numbers differ from the official code's. The robust flags are recomputed from the returned adversarial
+examples with the model in eval mode, the way ``robustbench.eval.benchmark`` computes its robust
+accuracy, and every warning AutoAttack's checks emit about the defence (randomness, probability
+outputs, zero gradients, dynamic forward, Square beating the gradient attacks) is collected so that a
+report can mark the evaluation as possibly unreliable. The two backends report those warnings
+differently (pyautoattack through :mod:`logging`, fra31's package through its own ``Logger``, which
+prints); both end up as the same flags (:data:`AUTOATTACK_WARNINGS`).
 
 Resumable runs (``state_path``) do not use AutoAttack's own state file, whose resume is broken; they go
 through :func:`robustbench_kd.zoo.autoattack_resume.run_resumable` (the state file format, the
@@ -18,9 +20,11 @@ import contextlib
 import contextvars
 import logging
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +34,7 @@ from robustbench_kd.evaluation.attacks import check_inputs
 from robustbench_kd.threat import NORMS, parse_number, validate_eps
 from robustbench_kd.zoo import compat
 from robustbench_kd.zoo.autoattack_resume import (
+    AA_LOGGER_NAME,
     ResumableRun,
     capture_autoattack_warnings,
     run_resumable,
@@ -37,8 +42,11 @@ from robustbench_kd.zoo.autoattack_resume import (
 
 __all__ = [
     "AUTOATTACK_VERSIONS",
+    "AUTOATTACK_WARNINGS",
     "AutoAttackResult",
     "autoattack_state",
+    "autoattack_warning",
+    "describe_autoattack_flag",
     "run_autoattack",
 ]
 
@@ -50,6 +58,61 @@ QUICK_ATTACKS = ("apgd-ce", "apgd-dlr")
 # Prefix of the flag we add ourselves (not emitted by AutoAttack) when AA's own verdict and the
 # re-evaluation of its adversarial examples disagree.
 MISMATCH_FLAG_PREFIX = "robustbench_kd:"
+
+# Every warning AutoAttack's checks emit, one row per message: (the function in AutoAttack's checks.py,
+# a pattern found in its message, what it says about the defence). fra31's autoattack/checks.py and
+# pyautoattack/checks.py emit the same texts and differ only in how: fra31's calls its own
+# ``Logger.log(f"Warning: {msg}")`` (print, and append to log_path), pyautoattack's
+# ``logging.getLogger("auto-attack").warning(msg)``.
+AUTOATTACK_WARNINGS: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    # Five forward passes of the first batch disagree (prediction, or outputs by > 1e-4 once normalised).
+    ("check_randomized", re.compile(r"it seems to be a randomized defense!"), "a randomised forward pass"),
+    # Outputs in [0, 1] that sum to 1.
+    (
+        "check_range_output",
+        re.compile(r"it seems that the output is a probability distribution"),
+        "probability outputs instead of logits",
+    ),
+    # APGD with a DLR loss (apgd-dlr, apgd-t) found input gradients that are exactly zero at its start.
+    (
+        "check_zero_gradients",
+        re.compile(r"there are \d+ points with zero gradient!"),
+        "zero input gradients (gradient masking)",
+    ),
+    # Square, the black-box attack, got robust accuracy more than 0.2 points below the best other attack.
+    (
+        "check_square_sr",
+        re.compile(r"Square Attack has decreased the robust accuracy"),
+        "the black-box Square attack beat the white-box attacks (gradient masking)",
+    ),
+    # The forward pass calls grad/backward (seen by tracing one forward pass).
+    (
+        "check_dynamic",
+        re.compile(r"it seems to be a dynamic defense!"),
+        "a forward pass that computes gradients (dynamic defence)",
+    ),
+    # fra31's package only, for a TensorFlow model (is_tf_model=True), whose forward it cannot trace.
+    (
+        "check_dynamic",
+        re.compile(r"the check for dynamic defenses is not currently supported"),
+        "a forward pass that could not be checked for gradient computations",
+    ),
+    # Two or three classes: the DLR losses (apgd-dlr, apgd-t) need more.
+    (
+        "check_n_classes",
+        re.compile(r"with only \d+ classes it is not possible to use the (targeted )?DLR loss!"),
+        "too few classes for the DLR losses",
+    ),
+    # apgd-t / fab-t configured with more target classes than the model has classes other than the label.
+    (
+        "check_n_classes",
+        re.compile(r"it seems that more target classes \(\d+\) than possible \(\d+\) are used in"),
+        "more target classes than the model has",
+    ),
+)
+
+# fra31's checks prefix every warning with this when they log it (pyautoattack's do not).
+_LOGGER_WARNING_PREFIX = "Warning:"
 
 
 @dataclass
@@ -104,8 +167,9 @@ class AutoAttackResult:
         accuracy: robust accuracy in [0,1] (mean of ``robust``).
         version: version string of the AutoAttack backend that ran.
         seed: the seed given to AutoAttack (``None``: AutoAttack seeded itself from the clock).
-        flags: every WARNING logged by AutoAttack during the run, in order, plus a
-            ``"robustbench_kd: ..."`` entry if its own verdict disagreed with the re-evaluation.
+        flags: every warning AutoAttack's checks emitted during the run, in order, whichever backend
+            ran (see :data:`AUTOATTACK_WARNINGS`), plus a ``"robustbench_kd: ..."`` entry if its own
+            verdict disagreed with the re-evaluation.
         attacks: the attacks AutoAttack was configured to run, in order (later ones are skipped
             automatically once no robust points remain).
         mode: ``"standard"``, ``"quick"``, ``"plus"`` or ``"rand"``, as requested.
@@ -139,6 +203,75 @@ def rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda" or (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return list(range(torch.cuda.device_count()))
     return []
+
+
+def autoattack_warning(line: str) -> str | None:
+    """The warning in one line of AutoAttack's log, without fra31's ``"Warning: "`` prefix; None otherwise.
+
+    A line is a warning when it matches a row of :data:`AUTOATTACK_WARNINGS`, or when it carries the
+    prefix fra31's checks put on every warning (so a check added in a later AutoAttack release is not
+    mistaken for progress). Progress lines ("apgd-ce - 1/1 - ...", "robust accuracy: ...") give None.
+    """
+    text = str(line).strip()
+    prefixed = text.startswith(_LOGGER_WARNING_PREFIX)
+    if prefixed:
+        text = text[len(_LOGGER_WARNING_PREFIX) :].strip()
+    if prefixed or any(pattern.search(text) for _, pattern, _ in AUTOATTACK_WARNINGS):
+        return text
+    return None
+
+
+def describe_autoattack_flag(flag: str) -> str:
+    """What an AutoAttack flag says about the defence (the last column of :data:`AUTOATTACK_WARNINGS`).
+
+    Our own disagreement flag (``MISMATCH_FLAG_PREFIX``) is described too; a warning no row knows is
+    ``"a possible problem"``.
+    """
+    if flag.startswith(MISMATCH_FLAG_PREFIX):
+        return "its verdict disagreeing with a re-evaluation (non-deterministic forward)"
+    return next((meaning for _, pattern, meaning in AUTOATTACK_WARNINGS if pattern.search(flag)), "a possible problem")
+
+
+def _forwarding_log(log: Callable[[str], Any]) -> Callable[[str], Any]:
+    aa_logger = logging.getLogger(AA_LOGGER_NAME)
+
+    def forward(str_to_log: str) -> Any:
+        # AutoAttack's own output first and unchanged: the line is printed and appended to log_path
+        # (the submission's autoattack.log) exactly as without us.
+        result = log(str_to_log)
+        message = autoattack_warning(str_to_log)
+        if message is not None:
+            aa_logger.warning(message)
+        return result
+
+    return forward
+
+
+def _forward_logger_warnings(adversary: Any) -> None:
+    """Pass the warnings fra31's AutoAttack writes with its own ``Logger`` on to the ``auto-attack`` logger.
+
+    fra31's package (what RobustBench installs) reports its checks through ``other_utils.Logger.log``,
+    which prints and appends to ``log_path`` but never reaches :mod:`logging`, so the capture of the
+    ``auto-attack`` logger (:func:`capture_autoattack_warnings`, and the resumable driver's own, which
+    saves them in the state file) would see none of them. The ``log`` of every such Logger held by
+    ``adversary`` and its attacks is wrapped on the instance, so no other AutoAttack object changes:
+    each line is logged as before, then a warning (:func:`autoattack_warning`) is also logged at WARNING
+    on the ``auto-attack`` logger, where pyautoattack logs the same texts. pyautoattack's objects hold a
+    :class:`logging.Logger`, which is left alone.
+    """
+    seen: set[int] = set()
+    owners = [adversary, *(getattr(adversary, name, None) for name in ("apgd", "apgd_targeted", "fab", "square"))]
+    for owner in owners:
+        target = getattr(owner, "logger", None)
+        if (
+            target is None
+            or isinstance(target, (logging.Logger, logging.LoggerAdapter))
+            or id(target) in seen
+            or not callable(getattr(target, "log", None))
+        ):
+            continue
+        seen.add(id(target))
+        target.log = _forwarding_log(target.log)
 
 
 @torch.no_grad()
@@ -236,13 +369,15 @@ def run_autoattack(
             norm=norm,
             eps=eps,
             seed=seed,
-            # pyautoattack only logs (never prints), and its DEBUG progress is what log_path is for.
+            # Progress is wanted in log_path only (pyautoattack logs it at DEBUG, fra31's package
+            # prints it and appends it there); the checks' warnings are emitted either way.
             verbose=log_path is not None,
             attacks_to_run=to_run,
             version=aa_version,
             device=device,
             log_path=None if log_path is None else str(log_path),
         )
+        _forward_logger_warnings(adversary)
         if version == "quick":
             # version='custom' keeps the constructor's 5 restarts; "quick" means one.
             adversary.apgd.n_restarts = 1
