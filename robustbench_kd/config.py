@@ -15,7 +15,7 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [checkpoint] every, every_steps
     [eval]       every, select, n_examples, pgd_steps, attacks, final_n_examples, teachers, batch_size, seed,
                  sanity
-    [model_info] title, authors, venue, link, architecture, additional_data, reported, footnote
+    [model_info] title, authors, venue, link, architecture, additional_data, reported, footnote, number_forward_passes
                                                       (robustbench_kd.submission.section)
     [speed]      amp, attack_fp32, channels_last, compile, compile_backend   (robustbench_kd.scale.sections)
     [ema]        decay, warmup, every                                       (robustbench_kd.scale.sections)

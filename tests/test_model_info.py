@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from robustbench_kd.config import RunConfig, config_from_mapping
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation import (
     LEADERBOARD_KEYS,
@@ -18,7 +21,15 @@ from robustbench_kd.evaluation import (
     validate_model_info,
     write_model_info,
 )
+from robustbench_kd.evaluation.final_report import write_model_info_entry
+from robustbench_kd.evaluation.model_info import (
+    KEY_ORDER,
+    compose_footnote,
+    format_model_info,
+    resolve_additional_data,
+)
 from robustbench_kd.storage.atomic import atomic_torch_save, atomic_write_text
+from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.testing.fixtures import CARMON2019_MODEL_INFO
 
 CARMON = CARMON2019_MODEL_INFO
@@ -52,7 +63,8 @@ def _type_signature(info: dict) -> dict:
 
 def test_build_reproduces_a_real_leaderboard_entry() -> None:
     info = _carmon()
-    assert info == CARMON
+    # The file has "62.5": one of the few percentages not written with two decimals.
+    assert info == dict(CARMON, reported="62.50")
     assert list(info) == list(CARMON)  # key order too
     assert _type_signature(info) == _type_signature(CARMON)
     assert list(info) == [k for k in LEADERBOARD_KEYS if k in info]
@@ -62,19 +74,26 @@ def test_build_reproduces_a_real_leaderboard_entry() -> None:
 def test_build_variants_l2_corruptions_footnote_extra() -> None:
     l2 = _carmon(threat_model="L2", eps="0.5", footnote="Trained with robustbench_kd.")
     assert l2["eps"] == "0.5"
-    assert list(l2)[-1] == "footnote" and l2["footnote"] == "Trained with robustbench_kd."
+    assert list(l2)[-3:] == ["autoattack_acc", "footnote", "unreliable"]  # footnote before unreliable
+    assert l2["footnote"] == "Trained with robustbench_kd."
 
+    # Corruption entries: corruptions_acc, and no unreliable key unless it is true.
     corr = _carmon(threat_model="corruptions", eps=None, autoattack_acc=0.8)
-    assert corr["eps"] is None and corr["corruptions_acc"] == "80.0"
-    assert "autoattack_acc" not in corr
+    assert corr["eps"] is None and corr["corruptions_acc"] == "80.00"
+    assert "autoattack_acc" not in corr and "unreliable" not in corr
+    assert _carmon(threat_model="corruptions", eps=None, autoattack_acc=0.8, unreliable=True)["unreliable"] is True
 
-    extra = _carmon(extra={"external": 0.5811, "robustbench_kd": {"aa_seed": 0}})
+    extra = _carmon(footnote="x", extra={"robustbench_kd": {"aa_seed": 0}, "external": 0.5811})
     assert extra["external"] == "58.11" and extra["robustbench_kd"] == {"aa_seed": 0}
-    assert list(extra)[-2:] == ["external", "robustbench_kd"]
+    assert list(extra)[-5:] == ["autoattack_acc", "external", "footnote", "unreliable", "robustbench_kd"]
 
-    # update_json's rounding: str(round(acc * 100, 2)).
+    # Two decimals, always: "93.60", not "93.6".
+    assert _carmon(clean_acc=0.936)["clean_acc"] == "93.60"
     assert _carmon(clean_acc=0.123456)["clean_acc"] == "12.35"
-    assert _carmon(clean_acc=1.0)["clean_acc"] == "100.0"
+    assert _carmon(clean_acc=1.0)["clean_acc"] == "100.00"
+    assert _carmon(autoattack_acc=0.0)["autoattack_acc"] == "0.00"
+    # No reported number: "", as RobustBench's files write it.
+    assert _carmon(reported=None)["reported"] == ""
 
 
 @pytest.mark.parametrize(
@@ -91,6 +110,9 @@ def test_build_variants_l2_corruptions_footnote_extra() -> None:
         ({"dataset": "cifar/10"}, "dataset"),
         ({"extra": {"clean_acc": 0.5}}, "shadow"),
         ({"extra": {"autoatack_acc": "50.0"}}, "did you mean"),
+        ({"name": ""}, "name is empty"),
+        ({"authors": "  "}, "authors is empty"),
+        ({"venue": 2024}, "venue must be a string"),
     ],
 )
 def test_build_rejects_bad_arguments(overrides: dict, match: str) -> None:
@@ -109,8 +131,9 @@ def test_build_rejects_bad_arguments(overrides: dict, match: str) -> None:
         ("number_forward_passes", True, "positive integer"),
         ("eps", 0.03137, "string"),
         ("eps", None, "corruptions"),
-        ("name", 3, "string or null"),
+        ("name", 3, "'name' must be a string"),
         ("footnote", ["a"], "footnote"),
+        ("reported", "n/a", "reported"),
     ],
 )
 def test_validate_rejects_wrong_types(key: str, value: object, match: str) -> None:
@@ -132,6 +155,39 @@ def test_validate_rejects_missing_and_misspelt_keys() -> None:
         validate_model_info(dict(CARMON, robustbench_kd={1, 2}))
 
 
+@pytest.mark.parametrize("key", ["link", "name", "authors", "venue", "architecture"])
+def test_validate_refuses_null_paper_metadata_in_one_line(key: str) -> None:
+    # RobustBench's generators print these fields or call str methods on them: null shows "None" or crashes.
+    with pytest.raises(UserError, match=rf"model info '{key}' is null, but ") as raised:
+        validate_model_info(dict(CARMON, **{key: None}))
+    assert "\n" not in str(raised.value)
+    validate_model_info(dict(CARMON, **{key: None}), draft=True)  # a draft may leave them unset
+
+
+@pytest.mark.parametrize("key", ["link", "name", "venue", "architecture"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_validate_refuses_empty_paper_metadata(key: str, value: str) -> None:
+    for draft in (False, True):
+        with pytest.raises(UserError, match=rf"model info '{key}' is empty, but "):
+            validate_model_info(dict(CARMON, **{key: value}), draft=draft)
+
+
+def test_validate_accepts_what_robustbench_files_hold() -> None:
+    # Empty authors (RobustBench's own baselines) and a paper without a reported number.
+    validate_model_info(dict(CARMON, authors=""))
+    for reported in ("", None, "null", "62.5"):
+        validate_model_info(dict(CARMON, reported=reported))
+    validate_model_info({k: v for k, v in CARMON.items() if k != "unreliable"})
+
+
+def test_build_leaves_unknown_metadata_null_as_a_draft() -> None:
+    info = build_model_info(dataset="cifar10", threat_model="L2", eps=0.5, clean_acc=0.9, autoattack_acc=0.5)
+    assert [info[k] for k in ("link", "name", "authors", "venue", "architecture")] == [None] * 5
+    validate_model_info(info, draft=True)
+    with pytest.raises(UserError, match="'link' is null"):
+        validate_model_info(info)
+
+
 # ------------------------------------------------------------------------------------- writing
 
 
@@ -139,10 +195,22 @@ def test_write_model_info_layout_and_content(tmp_path) -> None:
     info = _carmon()
     path = write_model_info(tmp_path, info, dataset="cifar10", threat_model="Linf", model_id="Kd2026Tiny_R18")
     assert path == tmp_path / "model_info" / "cifar10" / "Linf" / "Kd2026Tiny_R18.json"
-    text = path.read_text()
-    assert json.loads(text) == CARMON
+    text = path.read_text(encoding="utf-8")
+    assert json.loads(text) == dict(CARMON, reported="62.50")
     assert text.startswith('{\n  "link": ')  # indent 2, key order kept
+    assert text.endswith('"unreliable": false\n}\n')  # one trailing newline
+    assert text == format_model_info(info)
     assert sorted(os.listdir(path.parent)) == ["Kd2026Tiny_R18.json"]  # no temp files left
+
+
+def test_write_model_info_writes_utf8_as_is_in_dominant_key_order(tmp_path) -> None:
+    info = _carmon(authors="Jérôme Rony, Luiz G. Hafemann", footnote="Uses ε ≈ 7.9/255.")
+    # A hook may add keys in any order; the file has them in the leaderboard's order.
+    shuffled = {"footnote": info["footnote"], **{k: v for k, v in info.items() if k != "footnote"}}
+    path = write_model_info(tmp_path, shuffled, dataset="cifar10", threat_model="Linf", model_id="Utf2026")
+    raw = path.read_bytes()
+    assert "Jérôme Rony".encode() in raw and b"\\u" not in raw
+    assert list(json.loads(raw)) == [k for k in KEY_ORDER if k in info]
 
 
 @pytest.mark.parametrize("model_id", ["", "has space", "../escape", "a/b", "name.json", "ünï"])
@@ -157,6 +225,179 @@ def test_write_model_info_checks_consistency(tmp_path) -> None:
     with pytest.raises(UserError, match="threat_model"):
         write_model_info(tmp_path, _carmon(), dataset="cifar10", threat_model="corruptions", model_id="X")
     assert not list(tmp_path.rglob("*.json"))
+
+
+# ------------------------------------------------------------------ [model_info] options and inheritance
+
+
+def test_model_info_section_options() -> None:
+    section = config_from_mapping({"model_info": {"number_forward_passes": 2}}).model_info
+    assert section.number_forward_passes == 2
+    assert section.additional_data is None  # unset, not false: it may be inherited
+    assert ModelInfoSection().number_forward_passes == 1
+    explicit = config_from_mapping({"model_info": {"additional_data": False}}).model_info
+    assert explicit.additional_data is False
+    # The saved config keeps "unset" unset.
+    assert config_from_mapping(RunConfig().to_dict()).model_info.additional_data is None
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(UserError, match="number_forward_passes") as raised:
+            config_from_mapping({"model_info": {"number_forward_passes": bad}})
+        assert "\n" not in str(raised.value)
+
+
+class _Result:
+    def __init__(self, flags: tuple[str, ...] = ()) -> None:
+        self.autoattack_flags = list(flags)
+        self.accuracy = {"clean": 0.9, "autoattack": 0.5}
+
+
+def _entry(tmp_path, meta: ModelInfoSection, teachers: dict | None = None, **kwargs: object) -> dict:
+    run = SimpleNamespace(config=SimpleNamespace(teachers=teachers or {}))
+    path = write_model_info_entry(
+        _Result(**kwargs.pop("result", {})),  # type: ignore[arg-type]
+        model_id="Kd2026Entry",
+        dataset="cifar10",
+        norm="Linf",
+        eps=8 / 255,
+        out_dir=tmp_path,
+        meta=meta,
+        architecture="ResNet-18",
+        host=None,
+        run=run,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_number_forward_passes_reaches_the_file(tmp_path) -> None:
+    assert _entry(tmp_path, ModelInfoSection())["number_forward_passes"] == 1
+    assert _entry(tmp_path, ModelInfoSection(number_forward_passes=2))["number_forward_passes"] == 2
+    info = _entry(tmp_path, ModelInfoSection(number_forward_passes=2), number_forward_passes=3)
+    assert info["number_forward_passes"] == 3  # a caller's explicit value wins
+
+
+CARMON_SPEC = "robustbench:cifar10/Linf/Carmon2019Unlabeled"
+
+
+def test_additional_data_is_inherited_from_a_zoo_teacher(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="robustbench_kd.evaluation.model_info"):
+        info = _entry(tmp_path, ModelInfoSection(), {"robust": CARMON_SPEC})
+    assert info["additional_data"] is True
+    inherited = [r.getMessage() for r in caplog.records if "inherited" in r.getMessage()]
+    assert len(inherited) == 1 and CARMON_SPEC in inherited[0] and "Kd2026Entry" in inherited[0]
+    # Set explicitly, the run's value wins, either way, without a word.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="robustbench_kd.evaluation.model_info"):
+        assert (
+            _entry(tmp_path, ModelInfoSection(additional_data=False), {"robust": CARMON_SPEC})["additional_data"]
+            is False
+        )
+    assert not caplog.records
+    assert _entry(tmp_path, ModelInfoSection(additional_data=True))["additional_data"] is True
+
+
+@pytest.mark.parametrize(
+    ("teachers", "expected"),
+    [
+        ({}, False),
+        ({"robust": "robustbench:cifar10/Linf/Rice2020Overfitting"}, False),
+        ({"robust": "file:teacher.pt"}, False),
+        ({"robust": ["robustbench:cifar10/Linf/Rice2020Overfitting", CARMON_SPEC]}, True),
+        ({"robust": {"specs": [CARMON_SPEC], "weights": [1.0]}, "natural": "file:n.pt"}, True),
+        ({"robust": "robustbench:cifar10/Linf/Carmon2019Unlabeled?sha256=" + "0" * 64}, True),
+        ({"robust": "robustbench:cifar100/Linf/Gowal2020Uncovering_extra"}, True),
+        ({"robust": "robustbench:imagenet/corruptions_3d/Standard_R50"}, False),
+    ],
+)
+def test_resolve_additional_data(teachers: dict, expected: bool) -> None:
+    assert resolve_additional_data(None, teachers) is expected
+    assert resolve_additional_data(not expected, teachers) is (not expected)
+
+
+def test_resolve_additional_data_warns_about_unknown_zoo_teachers(caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="robustbench_kd.evaluation.model_info"):
+        assert resolve_additional_data(None, {"robust": "robustbench:cifar10/Linf/NotOnTheBoard2030"}) is False
+    assert len(caplog.records) == 1 and "NotOnTheBoard2030" in caplog.records[0].getMessage()
+
+
+# ------------------------------------------------------------------------------------------ footnotes
+
+
+ZERO_GRADIENT = "there are 3 points with zero gradient!"  # AutoAttack's wording
+SQUARE = "Square Attack has decreased the robust accuracy of 0.5%."
+UNRELIABLE = "Potentially unreliable AutoAttack evaluation: "
+
+
+def test_footnote_is_one_short_sentence() -> None:
+    failed = {"reliable": False, "checks": {"gradients": False, "transfer": False, "monotone": True, "x": None}}
+    assert compose_footnote(None, sanity=failed) == (
+        UNRELIABLE + "the sanity checks found zero or non-finite input gradients and a transfer attack beating "
+        "the white-box attacks."
+    )
+    # A merged verdict: each shard's failed checks, AutoAttack's flags in its own terms, each named once.
+    merged = {
+        "reliable": False,
+        "shards": [
+            {"checks": {"autoattack": False}, "autoattack_flags": [ZERO_GRADIENT] * 4},
+            {"checks": {"autoattack": False, "single_step": False}, "autoattack_flags": [ZERO_GRADIENT]},
+        ],
+    }
+    assert compose_footnote(None, sanity=merged) == (
+        UNRELIABLE + "the sanity checks found FGSM beating PGD and zero input gradients."
+    )
+    # Many findings: three are named, the others counted.
+    many = {
+        "reliable": False,
+        "checks": dict.fromkeys(("gradients", "monotone", "unbounded", "single_step", "autoattack"), False),
+        "autoattack_flags": [ZERO_GRADIENT, SQUARE],
+    }
+    note = compose_footnote(None, sanity=many)
+    assert note == (
+        UNRELIABLE + "the sanity checks found zero or non-finite input gradients, PGD accuracy rising with eps, "
+        "accuracy surviving an unbounded attack and 2 other problems."
+    )
+    assert note is not None and len(note) < 200
+    flags = [ZERO_GRADIENT] * 9  # repeated per target class
+    assert compose_footnote(None, autoattack_flags=flags) == (
+        UNRELIABLE + "AutoAttack's own checks found zero input gradients."
+    )
+    # The run's own footnote comes first, as a sentence of its own.
+    assert compose_footnote("Uses 1M synthetic images", autoattack_flags=[*flags, SQUARE]) == (
+        "Uses 1M synthetic images. "
+        + UNRELIABLE
+        + "AutoAttack's own checks found zero input gradients and the black-box Square attack beat the "
+        "white-box attacks."
+    )
+    assert compose_footnote("Own note.", sanity={"reliable": True, "checks": {}}) == "Own note."
+    assert compose_footnote(None) is None
+    assert compose_footnote(None, sanity={"reliable": False, "checks": {"autoattack": False}}) == (
+        UNRELIABLE + "the sanity checks found warnings from AutoAttack's own checks."
+    )
+
+
+def test_every_sanity_check_has_a_finding_for_the_footnote() -> None:
+    from robustbench_kd.evaluation.model_info import _CHECK_FINDINGS
+    from robustbench_kd.evaluation.sanity import SANITY_CHECKS
+
+    assert set(_CHECK_FINDINGS) == set(SANITY_CHECKS)
+
+
+def test_entry_footnote_from_flags_and_sanity(tmp_path) -> None:
+    flags = (ZERO_GRADIENT,) * 5
+    info = _entry(tmp_path, ModelInfoSection(footnote="Distilled."), result={"flags": flags})
+    assert info["unreliable"] is True
+    assert info["footnote"] == "Distilled. " + UNRELIABLE + "AutoAttack's own checks found zero input gradients."
+    verdict = {
+        "reliable": False,
+        "reasons": ["a long reason " * 20],
+        "checks": {"gradients": False, "autoattack": False},
+        "autoattack_flags": list(flags),
+    }
+    sanity = SimpleNamespace(reliable=False, reasons=verdict["reasons"], to_dict=lambda: verdict)
+    info = _entry(tmp_path, ModelInfoSection(), result={"flags": flags}, sanity=sanity)
+    assert info["unreliable"] is True and "a long reason" not in info["footnote"]
+    assert info["footnote"] == (UNRELIABLE + "the sanity checks found zero or non-finite input gradients.")
+    assert "footnote" not in _entry(tmp_path, ModelInfoSection())
 
 
 class _ExplodesWhenPickled:

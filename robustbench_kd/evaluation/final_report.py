@@ -28,7 +28,12 @@ from torch import nn
 
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.export import save_zoo_checkpoint
-from robustbench_kd.evaluation.model_info import build_model_info, write_model_info
+from robustbench_kd.evaluation.model_info import (
+    build_model_info,
+    compose_footnote,
+    resolve_additional_data,
+    write_model_info,
+)
 from robustbench_kd.evaluation.runner import evaluate_model
 from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
 from robustbench_kd.storage.atomic import atomic_write_text
@@ -85,7 +90,7 @@ def evaluate_and_write(
     sanity: bool = True,
     constructor: ZooConstructor | None = None,
     command: str | None = None,
-    number_forward_passes: int = 1,
+    number_forward_passes: int | None = None,
 ) -> ModelReport:
     """Evaluate ``model`` on ``(x, y)``; when ``model_id`` is given write the three outputs above.
 
@@ -96,7 +101,7 @@ def evaluate_and_write(
     Submission bundle: ``constructor`` (how to rebuild the architecture) goes into the bundle's
     model-zoo entry and names the entry's ``architecture`` when neither ``meta.architecture`` nor
     ``architecture`` does; ``command`` (the command line that ran this) goes into its README;
-    ``number_forward_passes`` into the leaderboard entry.
+    ``number_forward_passes`` (default: ``meta.number_forward_passes``) into the leaderboard entry.
     """
     # Sanity suite: an eps in the wrong unit fails here, before any attack runs.
     check_eps_units(parse_number(eps, what="eps"), norm, x)
@@ -243,32 +248,36 @@ def write_model_info_entry(
     host: Any,
     run: Any,
     sanity: Any = None,
-    number_forward_passes: int = 1,
+    number_forward_passes: int | None = None,
 ) -> Path:
     """Write the leaderboard entry of ``result`` (``model_info/<dataset>/<norm>/<model_id>.json``).
 
-    AutoAttack's flags and the sanity suite's reasons go into the footnote and mark the entry unreliable;
-    the plugins' ``model_info`` hook sees the entry before it is written.
+    AutoAttack's flags and the sanity suite's verdict mark the entry unreliable, with one sentence in the
+    footnote saying why (:func:`compose_footnote`); the plugins' ``model_info`` hook sees the entry before
+    it is written. ``number_forward_passes`` overrides ``meta.number_forward_passes``; an unset
+    ``meta.additional_data`` is inherited from the run's ``robustbench:`` teachers
+    (:func:`resolve_additional_data`).
     """
     flags = list(result.autoattack_flags)
-    footnote = meta.footnote
     if flags and sanity is None:
         # AutoAttack's own checks fired (zero gradients, randomness, probability outputs, Square beating
-        # the gradient attacks): the number may be an overestimate, so say so in the entry itself.
-        note = "AutoAttack flagged: " + "; ".join(flags)
-        footnote = f"{footnote} {note}" if footnote else note
+        # the gradient attacks): the number may be an overestimate, so the entry says so.
         log.warning("AutoAttack flagged %s as possibly unreliable: %s", model_id, "; ".join(flags))
     # --- evaluation sanity suite ---------------------------------------------------------------------------
-    # Its reasons include AutoAttack's flags, so they replace the note above instead of repeating it; the
-    # suite has already logged each reason as a warning.
+    # Its reasons include AutoAttack's flags, so its verdict replaces them in the footnote; the suite has
+    # already logged each reason as a warning.
     if sanity is not None and sanity.reasons:
-        note = "Evaluation sanity checks failed: " + "; ".join(sanity.reasons)
-        footnote = f"{footnote} {note}" if footnote else note
         log.warning(
             "%s is marked unreliable in its model_info entry (%d sanity reason(s))", model_id, len(sanity.reasons)
         )
     unreliable = bool(flags) or (sanity is not None and not sanity.reliable)
     # --- end sanity suite ---
+    # The footnote stays one short sentence; the full reasons are in results/<id>.json and the log.
+    footnote = compose_footnote(
+        meta.footnote,
+        autoattack_flags=flags if sanity is None else (),
+        sanity=sanity.to_dict() if sanity is not None and sanity.reasons else None,
+    )
     info = build_model_info(
         dataset=dataset,
         threat_model=norm,
@@ -280,8 +289,10 @@ def write_model_info_entry(
         venue=meta.venue,
         link=meta.link,
         architecture=meta.architecture or architecture,
-        additional_data=meta.additional_data,
-        number_forward_passes=number_forward_passes,
+        additional_data=resolve_additional_data(
+            meta.additional_data, getattr(getattr(run, "config", None), "teachers", None), model_id=model_id
+        ),
+        number_forward_passes=meta.number_forward_passes if number_forward_passes is None else number_forward_passes,
         reported=_reported_fraction(meta.reported),
         footnote=footnote,
         unreliable=unreliable,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from robustbench_kd.errors import UserError
+
 __all__ = ["ModelInfoSection"]
 
 
@@ -21,6 +23,20 @@ class ModelInfoSection:
     venue: str | None = None
     link: str | None = None
     architecture: str | None = None  #: default: the student arch
-    additional_data: bool = False
+    #: training used data beyond the dataset's training set; unset (None): true when the leaderboard entry
+    #: of a robustbench: teacher says so, else false
+    additional_data: bool | None = None
     reported: str | None = None
     footnote: str | None = None
+    #: forward passes per prediction (2 for a pair of networks such as MixedNUTS)
+    number_forward_passes: int = 1
+
+    def __post_init__(self) -> None:
+        passes = self.number_forward_passes
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise UserError(
+                f"model_info.number_forward_passes must be a positive integer (forward passes per prediction), "
+                f"got {passes!r}"
+            )
+        if self.additional_data is not None and not isinstance(self.additional_data, bool):
+            raise UserError(f"model_info.additional_data must be true, false or unset, got {self.additional_data!r}")
