@@ -88,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     meta.add_argument(
         "--additional-data", action="store_true", help="training used data beyond the dataset's training set"
     )
+    meta.add_argument(
+        "--number-forward-passes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="forward passes per prediction, for the leaderboard entry (default 1)",
+    )
     meta.add_argument("--reported", default=None, help="robust accuracy claimed in the paper, in percent")
     p.add_argument("--out", default=".", help="output directory (default: current directory)")
     p.add_argument("--model-dir", default="./models", help="RobustBench model directory")
@@ -123,6 +130,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge-shards", help="merge the shard files of `evaluate --shard` into the results")
     p.add_argument("directory", help="<out>/shards/<name>, holding shard_<i>_of_<n>.json")
     p.add_argument("--out", default=None, help="output directory (default: the shard runs' --out)")
+
+    p = sub.add_parser(
+        "check-submission",
+        help="check a submission bundle as a RobustBench maintainer would; exit 0 only for a ready bundle",
+    )
+    p.add_argument("directory", help="<out>/submission/<ID> (or <ID>.preview)")
+    p.add_argument(
+        "--no-load", action="store_true", help="skip loading the zoo entry in a separate process without robustbench_kd"
+    )
 
     p = sub.add_parser(
         "report",
@@ -290,8 +306,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             venue=args.venue,
             link=args.link,
             architecture=args.architecture,
-            additional_data=args.additional_data,
+            additional_data=True if args.additional_data else None,
             reported=args.reported,
+            number_forward_passes=args.number_forward_passes,
         ),
         command=shlex.join(["robustbench-kd", *args.argv]),
         shard=None if args.shard is None else parse_shard(args.shard),
@@ -313,6 +330,14 @@ def _cmd_merge_shards(args: argparse.Namespace) -> int:
     print(format_table([report]))
     _print_outputs([report])
     return 0
+
+
+def _cmd_check_submission(args: argparse.Namespace) -> int:
+    from robustbench_kd.jobs.check_submission import check_submission
+
+    check = check_submission(Path(args.directory), load_entry=not args.no_load)
+    print("\n".join(check.lines()))
+    return 0 if check.ready else 1
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -341,9 +366,11 @@ def _print_outputs(reports) -> None:
         sanity = getattr(rep, "sanity", None)  # the evaluation sanity suite's verdict
         if sanity is not None and not sanity.reliable:
             print(f"UNRELIABLE evaluation of {rep.label}: " + "; ".join(sanity.reasons))
-        for path in (rep.model_info_path, rep.checkpoint_path, rep.results_path, rep.bundle_path):
+        for path in (rep.model_info_path, rep.checkpoint_path, rep.results_path):
             if path is not None:
                 print(f"wrote {path}")
+        if getattr(rep, "bundle_status", None):
+            print(f"wrote {rep.bundle_status}")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -366,6 +393,7 @@ _COMMANDS = {
     "distill": _cmd_distill,
     "evaluate": _cmd_evaluate,
     "merge-shards": _cmd_merge_shards,
+    "check-submission": _cmd_check_submission,
     "report": _cmd_report,
     "quickstart": _cmd_quickstart,
 }

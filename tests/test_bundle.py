@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import textwrap
 
 import pytest
@@ -17,6 +16,7 @@ from robustbench_kd.submission.bundle import write_submission_bundle
 from robustbench_kd.submission.zoo_entry import (
     ZooConstructor,
     constructor_for_spec,
+    exec_zoo_entry,
     format_zoo_entry,
     student_constructor,
     zoo_entry_constructor,
@@ -24,6 +24,7 @@ from robustbench_kd.submission.zoo_entry import (
 from robustbench_kd.testing.fixtures import (
     CARMON2019_MODEL_INFO,
     make_tiny_cifar,
+    relabel_to_predictions,
     tiny_zoo_entry,
 )
 
@@ -48,40 +49,13 @@ def tiny_model() -> torch.nn.Module:
     return build_student("small-cnn", num_classes=10, in_channels=3, image_size=32, width=0.25).eval()
 
 
-def fit_and_relabel(data_root, model) -> torch.Tensor:
-    """Fit ``model`` briefly to the tiny CIFAR test images, then make its predictions their labels.
-
-    A random CNN predicts one class for every noise image and cannot be moved off it, so AutoAttack
-    would run its whole (slow) budget; a few steps make the predictions vary and easy to flip, and
-    with the predictions as labels clean accuracy is 100%, so AutoAttack has every point to attack.
-    Returns the test images; ``model`` is left in eval mode.
-    """
-    path = data_root / "cifar-10-batches-py" / "test_batch"
-    with open(path, "rb") as handle:
-        batch = pickle.load(handle)
-    x = torch.as_tensor(batch["data"]).reshape(-1, 3, 32, 32).float() / 255
-    targets = torch.arange(len(x)) % 10
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(100):  # fewer steps leave every prediction on one class
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), targets).backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        batch["labels"] = model(x).argmax(1).tolist()
-    with open(path, "wb") as handle:
-        pickle.dump(batch, handle, protocol=2)
-    return x
-
-
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """`robustbench-kd evaluate --name` on a tiny CNN, 20 CIFAR points, standard AutoAttack."""
     tmp = tmp_path_factory.mktemp("bundle")  # one thread: the module is marked single_thread
     model = tiny_model()
     data = make_tiny_cifar(tmp / "data", n_train_per_batch=2, n_test=20, seed=3)
-    x = fit_and_relabel(data, model)
+    x = relabel_to_predictions(data, model)
     torch.save({"state_dict": model.state_dict()}, tmp / "model.pt")
     argv = [
         "evaluate",
@@ -121,7 +95,7 @@ def evaluated(tmp_path_factory):
     out = tmp / "out"
     return {
         "out": out,
-        "bundle": out / "submission" / MODEL_ID,
+        "bundle": out / "submission" / f"{MODEL_ID}.preview",  # 20 of 10,000 points: a preview
         "model": model,
         "x": x,
         "results": json.loads((out / "results" / f"{MODEL_ID}.json").read_text()),
@@ -135,8 +109,8 @@ def test_bundle_json_has_the_leaderboard_format_and_copies_the_canonical_file(ev
     info = json.loads(copy.read_text())
     assert_leaderboard_format(info)
     results = evaluated["results"]
-    assert info["clean_acc"] == str(round(results["accuracy"]["clean"] * 100, 2)) == "100.0"
-    assert info["autoattack_acc"] == str(round(results["accuracy"]["autoattack"] * 100, 2))
+    assert info["clean_acc"] == f"{results['accuracy']['clean'] * 100:.2f}" == "100.00"
+    assert info["autoattack_acc"] == f"{results['accuracy']['autoattack'] * 100:.2f}"
     assert (info["name"], info["authors"], info["venue"], info["link"], info["architecture"]) == (
         "Tiny Models Are Not Robust",
         "Ada Lovelace, Alan Turing",
@@ -144,7 +118,7 @@ def test_bundle_json_has_the_leaderboard_format_and_copies_the_canonical_file(ev
         "https://arxiv.org/abs/0000.00000",
         "SmallCNN-x0.25",
     )
-    assert info["additional_data"] is True and info["reported"] == "62.5" and info["number_forward_passes"] == 1
+    assert info["additional_data"] is True and info["reported"] == "62.50" and info["number_forward_passes"] == 1
     # The leaderboard defaults are recorded beside it.
     assert results["seed"] == 0 and results["autoattack_version"].startswith("pyautoattack")
     assert results["batch_size"] == 20 and results["n_examples"] == 20
@@ -163,9 +137,22 @@ def test_autoattack_log_is_the_runs_log(evaluated):
     assert "standard version" in text and "apgd-ce" in text
     robust = 100 * evaluated["results"]["accuracy"]["autoattack"]
     assert f"robust accuracy: {robust:.2f}%" in text
-    assert sorted(p.name for p in evaluated["bundle"].iterdir()) == sorted(
-        [f"{MODEL_ID}.json", "autoattack.log", "checkpoint.sha256", "zoo_entry.py", "new_model_issue.md", "README.md"]
+    names = sorted(p.name for p in evaluated["bundle"].iterdir())
+    architecture = [name for name in names if name.startswith("rbkd_small_cnn_")]
+    assert len(architecture) == 1  # the student's self-contained architecture file
+    assert names == sorted(
+        [
+            f"{MODEL_ID}.json",
+            "autoattack.log",
+            "checkpoint.sha256",
+            "zoo_entry.py",
+            "new_model_issue.md",
+            "README.md",
+            "bundle.json",
+            *architecture,
+        ]
     )  # no partial log left behind
+    assert not (evaluated["out"] / "submission" / MODEL_ID).exists()  # no empty "ready" directory beside it
 
 
 def test_zoo_entry_loads_the_checkpoint_through_robustbench(evaluated):
@@ -175,10 +162,10 @@ def test_zoo_entry_loads_the_checkpoint_through_robustbench(evaluated):
     from robustbench.utils import load_model
 
     source = (evaluated["bundle"] / "zoo_entry.py").read_text()
-    assert "build_student('small-cnn', num_classes=10, in_channels=3, image_size=32, width=0.25)" in source
-    namespace: dict = {}
-    exec(compile(source, "zoo_entry.py", "exec"), namespace)
-    name, entry = namespace["ENTRY"]
+    assert "robustbench_kd" not in source.split("ENTRY")[0]  # imports RobustBench's architectures only
+    assert "SmallCNN(num_classes=10, in_channels=3, width=0.25)" in source
+    files = {p.name: p.read_text() for p in evaluated["bundle"].glob("rbkd_*.py")}
+    name, entry = exec_zoo_entry(source, files)
     assert name == MODEL_ID and entry["gdrive_id"] == "<fill in>"
     with tiny_zoo_entry(name, entry["model"]):
         loaded = load_model(name, model_dir=str(evaluated["out"] / "models"), dataset="cifar10", threat_model="Linf")
@@ -201,14 +188,16 @@ def test_new_model_issue_is_filled_in(evaluated):
         f"- **Clean accuracy**: {info['clean_acc']}%",
         f"- **Robust accuracy**: {info['autoattack_acc']}%",
         "- **Additional data**: true",
-        "- [x] I want to add my models to the Model Zoo",
-        "- [x] I use an architecture that is **not** included among",
+        "- [ ] I want to add my models to the Model Zoo",  # the submitter's choice, never pre-ticked
+        "- [ ] I use an architecture that is included among",  # SmallCNN is shipped, not in RobustBench
+        "> **Preview: not ready to submit.** This text shows the format; the bundle does not meet:",
+        "> - evaluated on 20 test points; the leaderboard uses all 10,000",
     ):
         assert line in text
     method = next(line for line in text.splitlines() if line.startswith("- **Evaluation method**"))
     assert "AutoAttack, version standard" in method and "seed 0" in method
-    assert evaluated["results"]["autoattack_version"] in method and "first 20 CIFAR-10 test images" in method
-    assert sha in text and "not the 10000 the leaderboard requires" in text
+    assert evaluated["results"]["autoattack_version"] in method and "first 20 CIFAR-10 test points" in method
+    assert sha in text and "`autoattack.log`" in method
 
 
 def test_readme_names_every_file_and_the_command(evaluated):
@@ -216,7 +205,8 @@ def test_readme_names_every_file_and_the_command(evaluated):
     for name in (f"{MODEL_ID}.json", "autoattack.log", "checkpoint.sha256", "zoo_entry.py", "new_model_issue.md"):
         assert f"`{name}`" in text
     assert f"robustbench-kd evaluate 'file:{evaluated['out'].parent / 'model.pt'}?arch=small-cnn&width=0.25'" in text
-    assert f"--name {MODEL_ID}" in text and "the leaderboard needs all 10000" in text
+    assert f"--name {MODEL_ID}" in text and "the leaderboard uses all 10,000" in text
+    assert text.startswith(f"# PREVIEW submission bundle for {MODEL_ID}: not ready to submit")
 
 
 def test_distill_ends_with_a_bundle_whose_zoo_entry_rebuilds_the_student(tmp_path, host):
@@ -253,16 +243,15 @@ def test_distill_ends_with_a_bundle_whose_zoo_entry_rebuilds_the_student(tmp_pat
     """)
     )
     distill(load_config(config), host=host)
-    bundle = tmp_path / "run" / "submission" / "Distill2026Bundle"
+    bundle = tmp_path / "run" / "submission" / "Distill2026Bundle.preview"  # digits: no leaderboard
     info = json.loads((bundle / "Distill2026Bundle.json").read_text())
-    assert info["architecture"] == "SmallCNN (width=0.5)" and info["eps"] == "0.2" and info["reported"] == "40.0"
+    assert info["architecture"] == "SmallCNN (width=0.5)" and info["eps"] == "0.2" and info["reported"] == "40.00"
     assert "robustbench-kd distill" in (bundle / "README.md").read_text()
-    assert "RobustBench has no 'digits' leaderboard" in (bundle / "README.md").read_text()
+    assert "RobustBench has no digits/Linf leaderboard" in (bundle / "README.md").read_text()
     assert (bundle / "autoattack.log").read_text().strip()
 
-    namespace: dict = {}
-    exec(compile((bundle / "zoo_entry.py").read_text(), "zoo_entry.py", "exec"), namespace)
-    rebuilt = namespace["ENTRY"][1]["model"]()
+    files = {p.name: p.read_text() for p in bundle.glob("rbkd_*.py")}
+    rebuilt = exec_zoo_entry((bundle / "zoo_entry.py").read_text(), files)[1]["model"]()
     state = torch.load(tmp_path / "run" / "models" / "digits" / "Linf" / "Distill2026Bundle.pt", weights_only=True)
     rebuilt.load_state_dict(state["state_dict"], strict=True)
     trained = build_network_from_file(
@@ -279,14 +268,16 @@ def test_distill_ends_with_a_bundle_whose_zoo_entry_rebuilds_the_student(tmp_pat
 
 
 def _built_on_meta(constructor: ZooConstructor) -> torch.nn.Module:
-    namespace: dict = {}
-    exec(compile(format_zoo_entry("X", constructor, dataset="cifar10", threat_model="Linf"), "z", "exec"), namespace)
+    _, entry = exec_zoo_entry(
+        format_zoo_entry("X", constructor, dataset="cifar10", threat_model="Linf"), constructor.files
+    )
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        return namespace["ENTRY"][1]["model"]()
+        return entry["model"]()
 
 
-def _layout(model: torch.nn.Module) -> tuple[type, dict]:
-    return type(model), {key: tuple(value.shape) for key, value in model.state_dict().items()}
+def _layout(model: torch.nn.Module) -> tuple[str, dict]:
+    # By name: a shipped architecture file defines its own copy of the class.
+    return type(model).__name__, {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 @pytest.mark.parametrize(
@@ -305,7 +296,8 @@ def _layout(model: torch.nn.Module) -> tuple[type, dict]:
 def test_student_constructor_rebuilds_the_exact_architecture(arch, options, native):
     constructor = student_constructor(arch, num_classes=100, in_channels=3, image_size=32, options=options)
     assert constructor.in_robustbench is native and not constructor.placeholder
-    assert ("robustbench.model_zoo.architectures" in "\n".join(constructor.imports)) is native
+    assert bool(constructor.files) is not native and constructor.standalone
+    assert not any("robustbench_kd" in line for line in constructor.imports)
     with torch.device("meta"):
         expected = build_student(arch, num_classes=100, in_channels=3, image_size=32, **options)
     assert _layout(_built_on_meta(constructor)) == _layout(expected)
@@ -386,10 +378,11 @@ def test_bundle_concatenates_shard_logs_and_lists_what_is_missing(tmp_path):
     )
     assert not any(path.exists() for path in logs)
     assert bundle.sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert "name, authors, venue, link, architecture" in bundle.missing[0]
+    assert not bundle.ready and bundle.directory.name == "Bare2026Entry.preview"
+    assert any("name, authors, venue, link, architecture" in item for item in bundle.unmet)
     issue = bundle.issue.read_text()
     assert "- **Paper Title**: <fill in>" in issue and "- **Threat Model**: L2" in issue and "- **eps**: 0.5" in issue
-    assert "leaderboard requires" not in issue  # 10000 points: the full test set
+    assert "the leaderboard uses all" not in issue  # 10000 points: the full test set
     assert "'model': None" in bundle.zoo_entry.read_text() and "`l2` OrderedDict" in bundle.zoo_entry.read_text()
     with pytest.raises(UserError, match="does not exist"):
         write_submission_bundle(

@@ -285,10 +285,11 @@ def test_zoo_checkpoint_and_bundle_entry_load_through_robustbench(imagenet_dir, 
     assert list(saved) == list(net.state_dict())
 
     source = (report.bundle_path / "zoo_entry.py").read_text()
-    assert "nn.Sequential(OrderedDict([('normalize', nn.Identity()), ('model', build_student('small-cnn'" in source
-    namespace: dict = {}
-    exec(compile(source, "zoo_entry.py", "exec"), namespace)
-    entry_name, entry = namespace["ENTRY"]
+    assert "nn.Sequential(OrderedDict([('normalize', nn.Identity()), ('model', Normalized(SmallCNN(" in source
+    assert "'preprocessing': 'Res224'" in source  # what robustbench.data.get_preprocessing reads
+    from robustbench_kd.submission.zoo_entry import exec_zoo_entry
+
+    entry_name, entry = exec_zoo_entry(source, {p.name: p.read_text() for p in report.bundle_path.glob("rbkd_*.py")})
     import_robustbench()
     from robustbench.utils import load_model
 

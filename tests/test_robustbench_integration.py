@@ -124,5 +124,5 @@ def test_evaluate_command_matches_robustbench_benchmark(tmp_path, monkeypatch, c
     assert results["accuracy"]["clean"] == pytest.approx(clean)
     assert results["accuracy"]["autoattack"] == pytest.approx(robust)
     info = json.loads((tmp_path / "out" / "model_info" / "cifar10" / "Linf" / "TinyEval.json").read_text())
-    assert info["clean_acc"] == str(round(clean * 100, 2)) and info["eps"] == "8/255"
+    assert info["clean_acc"] == f"{clean * 100:.2f}" and info["eps"] == "8/255"
     assert "AutoAttack" in capsys.readouterr().out

@@ -60,7 +60,8 @@ class ModelReport:
     model_info_path: Path | None = None
     checkpoint_path: Path | None = None
     results_path: Path | None = None
-    bundle_path: Path | None = None  #: the submission bundle directory (submission/<name>/)
+    bundle_path: Path | None = None  #: the submission bundle directory (submission/<name>/ or <name>.preview/)
+    bundle_status: str | None = None  #: one line: ready or preview, and why
     sanity: Any = None  #: the SanityReport of the evaluation sanity suite, None when it did not run
 
 
@@ -178,7 +179,7 @@ def evaluate_and_write(
             model, out_dir, dataset=dataset, threat_model=norm, model_id=model_id
         )
     if report.model_info_path is not None and report.checkpoint_path is not None:
-        report.bundle_path = write_submission_bundle(
+        bundle = write_submission_bundle(
             out_dir,
             model_id=model_id,
             threat_model=norm,
@@ -189,7 +190,8 @@ def evaluate_and_write(
             autoattack_log=aa_log,
             command=command,
             batch_size=batch_size,
-        ).directory
+        )
+        report.bundle_path, report.bundle_status = bundle.directory, bundle.status_line()
     elif aa_log is not None:
         aa_log.unlink(missing_ok=True)
     return report

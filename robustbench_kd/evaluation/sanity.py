@@ -43,7 +43,12 @@ from torch import Tensor, nn
 
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.attacks import check_inputs, fgsm, pgd
-from robustbench_kd.evaluation.autoattack import MISMATCH_FLAG_PREFIX, model_device, predict_correct, rng_devices
+from robustbench_kd.evaluation.autoattack import (
+    describe_autoattack_flag,
+    model_device,
+    predict_correct,
+    rng_devices,
+)
 from robustbench_kd.evaluation.runner import EvalResult
 from robustbench_kd.threat import NORMS, format_eps, parse_number, validate_eps
 
@@ -61,16 +66,6 @@ SANITY_CHECKS = (
     "single_step",
     "transfer",
     "autoattack",
-)
-
-# AutoAttack's warnings (pyautoattack/checks.py) by a substring of their message -> what they mean.
-_AA_FLAG_MEANINGS = (
-    ("zero gradient", "zero input gradients (gradient masking)"),
-    ("Square Attack has decreased", "the black-box Square attack beat the white-box attacks (gradient masking)"),
-    ("randomized defense", "a randomised forward pass"),
-    ("probability distribution", "probability outputs instead of logits"),
-    ("dynamic defense", "a forward pass that computes gradients (dynamic defence)"),
-    (MISMATCH_FLAG_PREFIX, "its verdict disagreeing with a re-evaluation (non-deterministic forward)"),
 )
 
 # Relative output change treated as "different" by the randomness check: AutoAttack's own threshold
@@ -293,7 +288,7 @@ def _autoattack_reasons(flags: Sequence[str]) -> list[str]:
     """
     groups: dict[str, list[str]] = {}
     for flag in flags:
-        meaning = next((m for key, m in _AA_FLAG_MEANINGS if key in flag), "a possible problem")
+        meaning = describe_autoattack_flag(flag)  # one table of AutoAttack's warnings, in .autoattack
         groups.setdefault(meaning, []).append(flag)
     reasons = []
     for meaning, messages in groups.items():

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import re
+import shlex
 import socket
 import time
 from dataclasses import dataclass, field
@@ -42,12 +43,14 @@ from torch import Tensor, nn
 from robustbench_kd import __version__
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.autoattack import autoattack_state
-from robustbench_kd.evaluation.export import save_zoo_checkpoint
+from robustbench_kd.evaluation.export import save_zoo_checkpoint, zoo_checkpoint_path
 from robustbench_kd.evaluation.final_report import ModelReport, write_model_info_entry
 from robustbench_kd.evaluation.runner import EvalResult, evaluate_model
 from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
 from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.submission.bundle import write_submission_bundle
 from robustbench_kd.submission.section import ModelInfoSection
+from robustbench_kd.submission.zoo_entry import ZooConstructor
 from robustbench_kd.threat import format_eps, parse_number
 from robustbench_kd.zoo.autoattack_resume import data_fingerprint, model_fingerprint
 from robustbench_kd.zoo.names import validate_model_id
@@ -116,6 +119,11 @@ def default_autoattack_state(directory: str | Path, index: int, count: int) -> P
     return Path(directory) / f"aa_state_{index}_of_{count}.json"
 
 
+def shard_autoattack_log(directory: str | Path, index: int, count: int) -> Path:
+    """AutoAttack's log of shard ``index`` of ``count``, beside its shard file; the merge bundles them in order."""
+    return Path(directory) / f"shard_{index}_of_{count}.autoattack.log"
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -143,6 +151,7 @@ def evaluate_shard(
     architecture: str | None = None,
     sanity: bool = False,
     teacher: nn.Module | None = None,
+    constructor: ZooConstructor | None = None,
 ) -> Any:
     """Evaluate shard ``shard = (i, n)`` of the examples ``(x, y)`` and write its shard file.
 
@@ -155,8 +164,11 @@ def evaluate_shard(
     entry's default architecture name) are stored for the merge, which writes the leaderboard entry.
     ``sanity`` runs the evaluation sanity suite (``teacher``: its transfer check) on this shard's points
     and stores its verdict; the merge marks the entry unreliable if any shard's verdict failed. An eps
-    in pixel units is refused first, as in an unsharded evaluation. Returns a ``ModelReport`` for the
-    shard (its ``results_path`` is the shard file).
+    in pixel units is refused first, as in an unsharded evaluation. AutoAttack's log of the shard goes to
+    :func:`shard_autoattack_log` (appended to when AutoAttack resumes from its state file, restarted
+    otherwise), and ``constructor`` (how the zoo entry rebuilds the model) is stored, so the merge can
+    write the submission bundle. Returns a ``ModelReport`` for the shard (its ``results_path`` is the
+    shard file).
     """
     model_id = validate_model_id(model_id)
     index, count = shard
@@ -170,6 +182,10 @@ def evaluate_shard(
     check_eps_units(eps_value, norm, x)
     log.info("shard %d/%d of %s: examples %d-%d of %d", index, count, model_id, start, stop - 1, n)
 
+    runs_autoattack = any(attack.startswith("autoattack") for attack in attacks)
+    aa_log = shard_autoattack_log(directory, index, count) if runs_autoattack else None
+    if aa_log is not None and not state.exists():  # a fresh AutoAttack run: the log describes this one only
+        aa_log.unlink(missing_ok=True)
     began = time.perf_counter()
     with autoattack_state(state):
         result = evaluate_model(
@@ -184,6 +200,7 @@ def evaluate_shard(
             pgd_steps=pgd_steps,
             device=device,
             progress=progress,
+            autoattack_log=aa_log,
         )
     sanity_report = None
     if sanity:
@@ -210,6 +227,7 @@ def evaluate_shard(
         "autoattack_version": result.autoattack_version,
         "model_info": dataclasses.asdict(meta) if isinstance(meta, ModelInfoSection) else None,
         "architecture": architecture,
+        "zoo_entry": dataclasses.asdict(constructor) if constructor is not None else None,
         "sanity": bool(sanity),
         "robustbench_kd_version": __version__,
     }
@@ -222,6 +240,7 @@ def evaluate_shard(
             "device": str(device) if device is not None else None,
             "host": socket.gethostname(),
             "autoattack_state": str(state) if any(k.startswith("autoattack") for k in result.accuracy) else None,
+            "autoattack_log": aa_log.name if aa_log is not None and aa_log.is_file() else None,
             "seconds": round(seconds, 3),
             "finished": _now(),
         },
@@ -465,8 +484,8 @@ def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any
     The results file has the keys an unsharded ``evaluate --name`` writes, plus ``"shards"`` (how many
     were merged); its ``"sanity"`` holds every shard's sanity report. The leaderboard entry goes through
     the same writer (``model_info`` metadata from the shards; AutoAttack's warnings and failed sanity
-    checks marking it unreliable; the ``rbkd_model_info`` hook of ``host``). Not written: the submission
-    bundle (it needs AutoAttack's log of one uninterrupted run).
+    checks marking it unreliable; the ``rbkd_model_info`` hook of ``host``), then the submission bundle with
+    every shard's AutoAttack log in shard order (ready or preview, as for an unsharded evaluation).
     Returns a ``ModelReport``.
     """
     result, settings, model_id = merged.result, merged.settings, merged.model_id
@@ -510,6 +529,7 @@ def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any
             run=None,
             sanity=merged.sanity,
         )
+        _write_merged_bundle(merged, report, results, out_dir)
     else:
         log.warning(
             "the shards ran no 'clean' + standard 'autoattack': model_info JSON for %s not written "
@@ -517,6 +537,40 @@ def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any
             model_id,
         )
     return report
+
+
+def _write_merged_bundle(merged: MergedShards, report: Any, results: dict[str, Any], out_dir: Path) -> None:
+    """The submission bundle of merged shards: shard 0's zoo checkpoint, every shard's AutoAttack log in order."""
+    settings, model_id = merged.settings, merged.model_id
+    checkpoint = zoo_checkpoint_path(
+        out_dir, dataset=str(settings["dataset"]), threat_model=merged.result.norm, model_id=model_id
+    )
+    if report.model_info_path is None or not checkpoint.is_file():
+        log.warning(
+            "no submission bundle for %s: the zoo checkpoint %s (written by shard 0) is missing", model_id, checkpoint
+        )
+        return
+    directory = merged.shards[0].path.parent
+    names = [record.run.get("autoattack_log") for record in merged.shards]
+    logs = [directory / name for name in names if isinstance(name, str)]
+    if len(logs) != len(merged.shards) or not all(path.is_file() for path in logs):
+        log.warning("a shard of %s has no AutoAttack log: the bundle has none (re-run that shard)", model_id)
+        logs = []
+    zoo_entry = settings.get("zoo_entry")
+    bundle = write_submission_bundle(
+        out_dir,
+        model_id=model_id,
+        threat_model=merged.result.norm,
+        info_path=report.model_info_path,
+        checkpoint_path=checkpoint,
+        results=results,
+        constructor=ZooConstructor(**zoo_entry) if isinstance(zoo_entry, dict) else None,
+        autoattack_log=logs or None,
+        keep_logs=True,  # the shards' own logs stay: merging again must give the same bundle
+        command=shlex.join(["robustbench-kd", "merge-shards", str(directory)]),
+        batch_size=int(settings["batch_size"]),
+    )
+    report.bundle_path, report.bundle_status = bundle.directory, bundle.status_line()
 
 
 def merge_and_write(directory: str | Path, out_dir: str | Path | None = None, *, host: Any = None) -> Any:

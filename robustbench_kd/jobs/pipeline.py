@@ -192,6 +192,8 @@ def evaluate_spec(
             in_channels=data.in_channels,
             image_size=data.image_size,
             dataset=data.name,
+            preprocessing=preprocessing,
+            students=host.students,
         )
         return evaluate_shard(
             model,
@@ -215,6 +217,7 @@ def evaluate_spec(
             sanity=sanity,
             teacher=transfer_from,
             architecture=getattr(constructor, "architecture", None),
+            constructor=constructor,
         )
     with autoattack_state(aa_state) if aa_state is not None else contextlib.nullcontext():
         return evaluate_and_write(
@@ -244,6 +247,8 @@ def evaluate_spec(
                 in_channels=data.in_channels,
                 image_size=data.image_size,
                 dataset=data.name,
+                preprocessing=preprocessing,
+                students=host.students,
             )
             if model_id
             else None,

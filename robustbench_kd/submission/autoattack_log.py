@@ -29,8 +29,16 @@ def autoattack_log_partial(out_dir: str | os.PathLike[str], model_id: str) -> Pa
     return path
 
 
-def bundle_log(directory: Path, logs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None) -> Path | None:
-    """Move (or concatenate) this run's AutoAttack log(s) to ``directory/autoattack.log``."""
+def bundle_log(
+    directory: Path,
+    logs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+    *,
+    keep_sources: bool = False,
+) -> Path | None:
+    """Move (or concatenate) this run's AutoAttack log(s) to ``directory/autoattack.log``.
+
+    With ``keep_sources`` the logs are copied, not moved (the shards keep theirs, so a merge can be repeated).
+    """
     target = directory / AUTOATTACK_LOG
     if logs is None:
         target.unlink(missing_ok=True)  # a log from an earlier run would not describe these numbers
@@ -39,7 +47,7 @@ def bundle_log(directory: Path, logs: str | os.PathLike[str] | Sequence[str | os
     absent = [p for p in paths if not p.is_file()]
     if absent:
         raise UserError(f"AutoAttack log {absent[0]} does not exist; was AutoAttack run with log_path?")
-    if len(paths) == 1 and paths[0].resolve().parent == directory.resolve():
+    if len(paths) == 1 and paths[0].resolve().parent == directory.resolve() and not keep_sources:
         os.replace(paths[0], target)  # same directory: a rename is atomic
         return target
     parts = []
@@ -47,6 +55,8 @@ def bundle_log(directory: Path, logs: str | os.PathLike[str] | Sequence[str | os
         text = path.read_text(encoding="utf-8", errors="replace")
         parts.append(text if len(paths) == 1 else f"===== {path.name} =====\n{text}")
     atomic_write_text(target, "".join(parts))
+    if keep_sources:
+        return target
     for path in paths:
         if path.resolve() != target.resolve():
             path.unlink(missing_ok=True)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from robustbench_kd.submission.layout import FILL_IN, LEADERBOARD_N_EXAMPLES, ZOO_ENTRY_FILE
+from robustbench_kd.submission.layout import AUTOATTACK_LOG, FILL_IN, LEADERBOARD_N_EXAMPLES, ZOO_ENTRY_FILE
 from robustbench_kd.submission.zoo_entry import ZooConstructor
 
-__all__ = ["DATASET_NAMES", "STANDARD_ATTACKS", "THREAT_NAMES", "format_new_model_issue", "or_fill_in"]
+__all__ = [
+    "ARCHITECTURES_URL",
+    "DATASET_NAMES",
+    "PRIVATE_SUBMISSION_EMAIL",
+    "STANDARD_ATTACKS",
+    "THREAT_NAMES",
+    "format_new_model_issue",
+    "or_fill_in",
+]
 
 DATASET_NAMES = {
     "cifar10": "CIFAR-10",
@@ -26,6 +34,11 @@ def or_fill_in(value: Any) -> str:
     return FILL_IN if value is None or value == "" else str(value)
 
 
+#: Where RobustBench takes checkpoints that are not shared publicly (the template's own words).
+PRIVATE_SUBMISSION_EMAIL = "adversarial.benchmark@gmail.com"
+ARCHITECTURES_URL = "https://github.com/RobustBench/robustbench/tree/master/robustbench/model_zoo/architectures"
+
+
 def format_new_model_issue(
     info: Mapping[str, Any],
     *,
@@ -38,41 +51,49 @@ def format_new_model_issue(
     sha256: str | None,
     constructor: ZooConstructor | None,
     tool_version: str | None = None,
+    unmet: Sequence[str] = (),
+    architecture_file: str | None = None,
 ) -> str:
     """RobustBench's "New Model(s)" issue (``.github/ISSUE_TEMPLATE/new-model.md``) filled in for one model.
 
-    Fields the run cannot know (paper title, URL, authors when not given, the checkpoint URL, the
-    license) read ``<fill in>`` / stay unchecked. The evaluation method states AutoAttack's version
-    (standard: APGD-CE, APGD-T, FAB-T, Square), backend, seed and the number of test points; an
-    entry marked ``unreliable`` gets a note with its footnote (AutoAttack's flags, failed sanity checks).
+    Field for field the current template: paper information; one model claim (architecture, threat model,
+    eps, clean and robust accuracy, additional data, evaluation method, checkpoint and code, with the
+    template's private-submission route); the three Model Zoo boxes. Added where a maintainer needs it:
+    the dataset and the number of test points, and where AutoAttack's log is. Fields the run cannot know
+    (paper title, URL, authors when not given, the checkpoint URL) read ``<fill in>``. No box is ticked
+    that the bundle does not make true: the architecture box only for a RobustBench or timm architecture;
+    wanting the Model Zoo and the license are the submitter's to tick. ``unmet`` (a preview bundle's
+    unmet requirements) opens the text.
     """
     dataset = str(info["dataset"])
+    dataset_name = DATASET_NAMES.get(dataset, dataset)
     full = LEADERBOARD_N_EXAMPLES.get(dataset)
-    points = (
-        f"the first {n_examples} {DATASET_NAMES.get(dataset, dataset)} test images "
-        "(unshuffled, as robustbench.eval.benchmark)"
-    )
+    if full is not None and n_examples == full:
+        points = f"the full {dataset_name} test set ({n_examples:,} points"
+    else:
+        points = f"the first {n_examples:,} {dataset_name} test points (the leaderboard uses {full or 'n/a'}"
+    points += ", unshuffled, as robustbench.eval.benchmark)"
     method = (
-        f"AutoAttack, version standard ({STANDARD_ATTACKS}), backend {or_fill_in(autoattack_version)}, "
-        f"seed {seed}, batch size {or_fill_in(batch_size)}, on {points}"
+        f"AutoAttack, version standard ({STANDARD_ATTACKS}), on {points}; seed {seed}, batch size "
+        f"{or_fill_in(batch_size)}, backend {or_fill_in(autoattack_version)}"
     )
     if tool_version:
-        method += f"; run with robustbench_kd {tool_version}"
-    notes = []
-    if full is not None and n_examples != full:
-        notes.append(
-            f"evaluated on {n_examples} points, not the {full} the leaderboard requires: "
-            "re-run on the full test set before submitting"
-        )
+        method += f", run with robustbench_kd {tool_version}"
+    method += f". AutoAttack's full log is `{AUTOATTACK_LOG}` in the submission bundle: attach it to this issue."
     if info.get("unreliable"):
-        notes.append("the entry is marked unreliable: " + or_fill_in(info.get("footnote")))
+        method += " The entry is marked unreliable: " + or_fill_in(info.get("footnote"))
     robust_key = "autoattack_acc" if "autoattack_acc" in info else "corruptions_acc"
     sha = f" (SHA-256 of {model_id}.pt: `{sha256}`)" if sha256 else ""
-    not_in_rb = constructor is not None and not constructor.in_robustbench
-    lines = [
-        f"Title: [New Model] {model_id}",
-        "Labels: new-model",
-        "",
+    in_zoo_or_timm = constructor is not None and constructor.in_robustbench
+    zoo_files = f"`{ZOO_ENTRY_FILE}`" + (f" and `{architecture_file}`" if architecture_file else "")
+    lines = [f"Title: [New Model] {model_id}", "Labels: new-model", ""]
+    if unmet:
+        lines += [
+            "> **Preview: not ready to submit.** This text shows the format; the bundle does not meet:",
+            *[f"> - {item}" for item in unmet],
+            "",
+        ]
+    lines += [
         "# Paper Information",
         "",
         f"- **Paper Title**: {or_fill_in(info.get('name'))}",
@@ -85,17 +106,15 @@ def format_new_model_issue(
         "",
         f"- **Architecture**: {or_fill_in(info.get('architecture'))}",
         f"- **Threat Model**: {THREAT_NAMES.get(threat_model, threat_model)}",
+        f"- **Dataset**: {dataset_name}",
         f"- **eps**: {'N/A' if info.get('eps') is None else info['eps']}",
         f"- **Clean accuracy**: {info['clean_acc']}%",
         f"- **Robust accuracy**: {info[robust_key]}%",
         f"- **Additional data**: {'true' if info.get('additional_data') else 'false'}",
         f"- **Evaluation method**: {method}",
-        f"- **Checkpoint and code**: checkpoint {FILL_IN} (URL){sha}; code {FILL_IN} (URL). The model-zoo "
-        f"entry is in `{ZOO_ENTRY_FILE}` of the submission bundle.",
-    ]
-    if notes:
-        lines += ["", *[f"**Note:** {note}" for note in notes]]
-    lines += [
+        f"- **Checkpoint and code**: checkpoint {FILL_IN} (URL){sha}; code {FILL_IN} (URL); the model-zoo entry is "
+        f"{zoo_files} in the submission bundle. If you don't want to share your checkpoint publicly, you can share "
+        f"it for a private submission via an email to `{PRIVATE_SUBMISSION_EMAIL}`.",
         "",
         f"Leaderboard entry (`model_info/{dataset}/{threat_model}/{model_id}.json`):",
         "",
@@ -105,12 +124,20 @@ def format_new_model_issue(
         "",
         "# Model Zoo:",
         "",
-        "- [x] I want to add my models to the Model Zoo (check if true)",
-        f"- {'[x]' if not_in_rb else '[ ]'} I use an architecture that is **not** included among",
-        "  those [here](https://github.com/RobustBench/robustbench/tree/master/robustbench/model_zoo/architectures) "
-        "(check if true).",
-        "- [ ] I agree to release my model(s) under MIT license (check if true) **OR**",
-        "- [ ] I want my models to be released under a custom license, located here: (custom license URL here)",
+        "- [ ] I want to add my models to the Model Zoo (check if true)",
+        f"- {'[x]' if in_zoo_or_timm else '[ ]'} I use an architecture that is included among",
+        f"  those [here]({ARCHITECTURES_URL}) or in `timm`. If not, I added the link to the architecture "
+        "implementation so that it can be added.",
+    ]
+    if not in_zoo_or_timm and architecture_file:
+        lines.append(
+            f"  (The implementation is `{architecture_file}` in the submission bundle, for "
+            f"`robustbench/model_zoo/architectures/`: add its link here once it is uploaded.)"
+        )
+    lines += [
+        "- [ ] I agree to release my model(s) under MIT license (check if true) **OR** under a custom license, "
+        "located here: (put the custom license URL here if a custom license is needed. If no URL is specified, "
+        "we assume that you are fine with MIT)",
         "",
     ]
     return "\n".join(lines)

@@ -241,3 +241,34 @@ CARMON2019_MODEL_INFO: dict = {
     "autoattack_acc": "59.53",
     "unreliable": False,
 }
+
+
+def relabel_to_predictions(
+    data_root: str | os.PathLike[str], model: torch.nn.Module, *, steps: int = 100
+) -> torch.Tensor:
+    """Fit ``model`` briefly to a tiny CIFAR-10 test batch, then make its predictions the batch's labels.
+
+    For fast AutoAttack tests on CPU: a random CNN predicts one class for every noise image and cannot be
+    moved off it, so AutoAttack would spend its whole budget; a few Adam steps make the predictions vary
+    and easy to flip, and with the predictions as labels the clean accuracy is 100%, so AutoAttack has
+    every point to attack. Rewrites ``<data_root>/cifar-10-batches-py/test_batch`` (made by
+    :func:`make_tiny_cifar`); returns its images in [0, 1]; ``model`` is left in eval mode.
+    """
+    import torch
+
+    path = Path(data_root) / "cifar-10-batches-py" / "test_batch"
+    with open(path, "rb") as handle:
+        batch = pickle.load(handle)  # a file this module wrote
+    x = torch.as_tensor(batch["data"]).reshape(-1, 3, 32, 32).float() / 255
+    targets = torch.arange(len(x)) % 10
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):  # fewer steps leave every prediction on one class
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), targets).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        batch["labels"] = model(x).argmax(1).tolist()
+    _dump(batch, path)
+    return x

@@ -49,7 +49,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The logger AutoAttack (fra31's code and pyautoattack) reports progress and its checks' warnings on.
+#: The logger pyautoattack reports progress and its checks' warnings on; fra31's package prints through its own
+#: Logger instead, and ``evaluation.autoattack.run_autoattack`` forwards its warnings here.
 AA_LOGGER_NAME = "auto-attack"
 
 STATE_FORMAT = "robustbench_kd.autoattack-state"
