@@ -54,12 +54,14 @@ STANDALONE_TIMEOUT_S = 300
 
 @dataclass
 class SubmissionCheck:
-    """What ``check-submission`` found: ``problems`` (wrong), ``unmet`` (requirements), ``passed`` (fine)."""
+    """What ``check-submission`` found: ``problems`` (wrong), ``unmet`` (requirements), ``passed`` (fine),
+    ``skipped`` (checks that cannot apply to this bundle)."""
 
     directory: Path
     problems: list[str] = field(default_factory=list)
     unmet: list[str] = field(default_factory=list)
     passed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  #: checks that cannot apply (e.g. no zoo for the dataset)
 
     @property
     def ready(self) -> bool:
@@ -68,6 +70,7 @@ class SubmissionCheck:
     def lines(self) -> list[str]:
         """One line per finding, then the verdict."""
         out = [f"ok       {text}" for text in self.passed]
+        out += [f"skipped  {text}" for text in self.skipped]
         out += [f"PROBLEM  {text}" for text in self.problems]
         out += [f"UNMET    {text}" for text in self.unmet]
         if self.ready:
@@ -287,7 +290,7 @@ def _check_standalone_load(
             shutil.copy2(directory / name, package / "model_zoo" / "architectures" / Path(name).name)
         zoo_file = package / "model_zoo" / f"{dataset}.py"
         if not zoo_file.is_file():
-            check.problems.append(f"robustbench has no model zoo file for {dataset!r}: the entry cannot be added")
+            check.skipped.append(f"loading {ZOO_ENTRY_FILE}: robustbench has no model zoo for {dataset!r}")
             return
         entry = (directory / ZOO_ENTRY_FILE).read_text(encoding="utf-8")
         dict_name = ZOO_DICT_NAMES.get(threat_model, threat_model)
