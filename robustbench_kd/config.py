@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
-
-import tomllib
 
 from robustbench_kd.analysis.diagnostics.section import DiagnosticsSection
 from robustbench_kd.analysis.reports.section import ReportSection

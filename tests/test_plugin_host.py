@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from robustbench_kd import hookimpl
 from robustbench_kd.errors import UserError

@@ -25,7 +25,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,7 @@ class AutoAttackState:
                     "warnings": list(self.warnings),
                     "batch_size": self.batch_size,
                     "backend": self.backend,
-                    "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "updated": datetime.now(UTC).isoformat(timespec="seconds"),
                     "robust_flags": [int(v) for v in self.robust.tolist()],
                     "adv_labels": [int(v) for v in self.adv_labels.tolist()],
                 },
