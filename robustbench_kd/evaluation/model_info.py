@@ -84,21 +84,10 @@ KEY_ORDER = (
 # The keys this project writes for an entry, in that order. For corruptions the accuracy key is
 # ``corruptions_acc`` instead of ``autoattack_acc``; ``footnote`` is written only when there is one, and
 # ``unreliable`` for corruptions only when true, as in the hand-curated files.
-LEADERBOARD_KEYS = (
-    "link",
-    "name",
-    "authors",
-    "additional_data",
-    "number_forward_passes",
-    "dataset",
-    "venue",
-    "architecture",
-    "eps",
-    "clean_acc",
-    "reported",
-    "autoattack_acc",
-    "footnote",
-    "unreliable",
+LEADERBOARD_KEYS = tuple(
+    key
+    for key in KEY_ORDER
+    if key not in ("corruptions_acc_3d", "corruptions_mce_3d", "corruptions_acc", "external", "corruptions_mce")
 )
 # Present in every one of the 236 leaderboard files.
 _ALWAYS_KEYS = LEADERBOARD_KEYS[:11]
