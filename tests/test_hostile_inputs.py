@@ -1,150 +1,18 @@
-"""Hostile-input catalogue: every bad input is one actionable line, exit 2, no traceback, no output.
+"""Hostile-input catalogue, first round: run files, data, teachers, checkpoints, evaluate, plugins.
 
-Each case builds its bad input under ``tmp_path`` (a run file, crafted checkpoints and data files, a fake
-plugin distribution) and runs the real entry point ``robustbench_kd.cli.main`` in-process; the cases marked
-``fresh`` run ``python -m robustbench_kd.cli`` in a new interpreter. Each asserts exit code 2, exactly one
-stderr line ``robustbench-kd: error: ...`` holding the expected phrase, no traceback, and that nothing under
-``tmp_path`` was created or changed (no partial run directory, checkpoint or result file).
+Every bad input is one actionable line, exit 2, no traceback, no output; the harness
+(``hostile_harness.py``) builds each case in a sandbox and asserts the whole promise.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+from hostile_harness import Case, Sandbox, assert_keeps_the_promise, distill, evaluate, run_fresh, teacher, with_files
 
 from robustbench_kd.cli import main
 from robustbench_kd.errors import UserError
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "run": {"name": "Hostile_SmallCNN", "out_dir": "run", "progress": False},
-    "data": {"n_train": 64},
-    "optim": {"epochs": 1},
-    "eval": {"attacks": ["clean"], "final_n_examples": 16, "teachers": False, "sanity": False},
-}
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    return json.dumps(value)  # strings, numbers and lists of them are valid TOML as JSON
-
-
-class Sandbox:
-    """Builds one case's bad input inside ``root`` (the test's working directory)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.site: Path | None = None  #: a directory with fake installed plugin distributions
-
-    def config(self, sections: dict[str, dict[str, Any]] | None = None, *, name: str = "run.toml") -> str:
-        merged = {k: dict(v) for k, v in DEFAULTS.items()}
-        for section, values in (sections or {}).items():
-            merged.setdefault(section, {}).update(values)
-        text = "".join(
-            f"[{s}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in vals.items()) for s, vals in merged.items()
-        )
-        return self.write(name, text)
-
-    def write(self, name: str, text: str | bytes) -> str:
-        path = self.root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(text if isinstance(text, bytes) else textwrap.dedent(text).encode())
-        return name
-
-    def checkpoint(
-        self,
-        name: str = "teacher.pt",
-        *,
-        num_classes: int = 10,
-        in_channels: int = 1,
-        record_arch: bool = True,
-        **extra: Any,
-    ) -> str:
-        """A small-cnn checkpoint in our format (digits-shaped unless told otherwise)."""
-        from robustbench_kd.storage.checkpoint import save_checkpoint
-        from robustbench_kd.students import build_student
-
-        net = build_student("small-cnn", num_classes=num_classes, in_channels=in_channels, image_size=8)
-        payload: dict[str, Any] = {"student": net.state_dict()}
-        if record_arch:
-            payload.update(
-                student_arch={"name": "small-cnn", "options": {}},
-                num_classes=num_classes,
-                in_channels=in_channels,
-                image_size=8,
-            )
-        save_checkpoint(self.root / name, {**payload, **extra})
-        return name
-
-    def plugin(self, dist: str, entry_points: str, modules: dict[str, str]) -> None:
-        """A fake installed distribution (dist-info + modules) whose entry points robustbench_kd loads."""
-        self.site = self.root / "site"
-        info = self.site / f"{dist.replace('-', '_')}-0.1.dist-info"
-        info.mkdir(parents=True)
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-        (info / "entry_points.txt").write_text(f"[robustbench_kd]\n{entry_points}\n")
-        for module, source in modules.items():
-            (self.site / f"{module}.py").write_text(textwrap.dedent(source))
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    build: Callable[[Sandbox], list[str]]  #: writes the bad input, returns the CLI argv
-    expect: str  #: phrase the one-line error must contain
-    fresh: bool = False  #: run in a new interpreter (python -m robustbench_kd.cli)
-
-
-def distill(sections: dict[str, dict[str, Any]] | None = None, *extra: str) -> Callable[[Sandbox], list[str]]:
-    return lambda box: ["distill", box.config(sections), "--no-eval", *extra]
-
-
-def evaluate(*extra: str, model: str | None = None) -> Callable[[Sandbox], list[str]]:
-    def build(box: Sandbox) -> list[str]:
-        spec = model or f"file:{box.checkpoint()}"
-        return [
-            "evaluate",
-            spec,
-            "--dataset",
-            "digits",
-            "--attacks",
-            "clean",
-            "--no-sanity",
-            "--out",
-            "eval",
-            "--device",
-            "cpu",
-            *extra,
-        ]
-
-    return build
-
-
-def teacher(spec_of: Callable[[Sandbox], Any], method: str = "kd") -> Callable[[Sandbox], list[str]]:
-    return lambda box: [
-        "distill",
-        box.config({"method": {"name": method}, "teachers": {"robust": spec_of(box)}}),
-        "--no-eval",
-    ]
-
-
-def with_files(prepare: Callable[[Sandbox], Any], then: Callable[[Sandbox], list[str]]):
-    def build(box: Sandbox) -> list[str]:
-        prepare(box)
-        return then(box)
-
-    return build
 
 
 def _truncated_checkpoint(box: Sandbox) -> str:
@@ -438,30 +306,6 @@ def _prepare_static_files(box: Sandbox) -> None:
     box.write("page.pt", "<!DOCTYPE html>\n<html><body>Quota exceeded</body></html>\n")
 
 
-def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
-
-
-def _run_fresh(argv: list[str], box: Sandbox, debug: bool = False) -> tuple[int, str, str]:
-    env = dict(os.environ)
-    paths = [str(box.site)] if box.site else []
-    env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.run(
-        [sys.executable, "-m", "robustbench_kd.cli", *(["--debug"] if debug else []), *argv],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=box.root,
-        env=env,
-        timeout=300,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def test_catalogue_is_large_and_ids_unique():
     assert len(CASES) >= 30
     assert len({c.id for c in CASES}) == len(CASES)
@@ -469,25 +313,7 @@ def test_catalogue_is_large_and_ids_unique():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_is_one_line_exit_2_and_leaves_no_output(case, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    box = Sandbox(tmp_path)
-    _prepare_static_files(box)
-    argv = case.build(box)
-    before = _tree(tmp_path)
-    if case.fresh:
-        code, out, err = _run_fresh(argv, box)
-    else:
-        if box.site is not None:
-            monkeypatch.syspath_prepend(str(box.site))
-        code = main(argv)
-        out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    assert "Traceback" not in out + err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("robustbench-kd: error: ")
-    assert case.expect in lines[0]
-    assert _tree(tmp_path) == before, "the failed command left files behind"
+    assert_keeps_the_promise(case, tmp_path, monkeypatch, capsys, prepare=_prepare_static_files)
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
@@ -496,7 +322,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     argv = ["distill", box.config({"method": {"name": "rsald"}})]
     with pytest.raises(UserError, match="unknown method 'rsald'"):
         main(["--debug", *argv])
-    code, _, err = _run_fresh(argv, box, debug=True)
+    code, _, err, _ = run_fresh(argv, box, debug=True)
     assert code != 0 and "Traceback" in err and "UserError: unknown method 'rsald'" in err
     assert not (tmp_path / "run").exists()
 

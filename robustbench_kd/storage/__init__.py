@@ -1,5 +1,6 @@
 """Files on disk: crash-safe writes and checkpoints that load without executing code.
 
+* :mod:`.bounded`: read untrusted files: regular files only, a size limit, a bound on parsed structure;
 * :mod:`.atomic`: write-to-temp, fsync, rename; a file is the old version or the new one, never a mix;
 * :mod:`.checkpoint`: save and safely load training checkpoints (``weights_only``), detect HTML pages
   and truncated downloads, check pinned SHA-256 digests, load weights into a network;
