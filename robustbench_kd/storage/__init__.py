@@ -5,7 +5,7 @@
 * :mod:`.checkpoint`: save and safely load training checkpoints (``weights_only``), detect HTML pages
   and truncated downloads, check pinned SHA-256 digests, load weights into a network;
 * :mod:`.hashing`: the SHA-256 of a file from its raw bytes.
-* :mod:`.names`: names that become paths (model ids, run names) stay inside their directory;
+* :mod:`.names`: output directories given by the user (never empty, no control characters);
 
 May import: :mod:`robustbench_kd.errors` only; every other layer may import this package.
 """

@@ -1,11 +1,8 @@
-"""Names that become paths: model ids, run names, shard contents, output directories.
+"""Output directories given by the user: any path, but never empty and never with control characters.
 
-A model id is written as ``results/ID.json``, ``models/.../ID.pt`` and ``model_info/.../ID.json``; a name
-that holds ``/``, ``..`` or a control character would write outside those folders or make file names a
-terminal renders misleadingly. So a *path component* is checked with :func:`check_path_component` before
-anything is created, wherever it came from (the command line, a run file, a shard file copied from
-another machine). An output directory may be any path, but never empty and never with control
-characters (:func:`check_output_dir`).
+An empty ``--out`` would write into the current directory unasked; a newline or escape sequence in a
+path makes the files a terminal lists misleading. Names that become file names inside an output
+directory (model ids) are stricter and checked by :func:`robustbench_kd.zoo.names.validate_model_id`.
 """
 
 from __future__ import annotations
@@ -15,49 +12,15 @@ import unicodedata
 
 from robustbench_kd.errors import UserError
 
-__all__ = ["MAX_COMPONENT", "check_output_dir", "check_path_component"]
-
-#: Longest name accepted: most filesystems allow 255 bytes per component, and ``.autoattack.log``,
-#: ``.preview`` and temporary-file prefixes are appended to it.
-MAX_COMPONENT = 150
-
-_SAFE_HINT = "use letters, digits, '_', '-' and '.' (e.g. Smith2026Distilled_WRN-28-10)"
+__all__ = ["check_output_dir"]
 
 
 def _control_character(text: str) -> str | None:
+    """The first control or invisible formatting character of ``text`` (``U+001B``), or None."""
     for char in text:
         if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
             return f"U+{ord(char):04X}"
     return None
-
-
-def check_path_component(value: object, *, what: str) -> str:
-    """Return ``value`` if it is safe as one file-name component, else raise a one-line UserError.
-
-    Refused: non-strings, empty or blank names, ``.`` and ``..``, path separators (``/`` and the
-    platform's own), control and invisible format characters, leading or trailing whitespace, a
-    leading ``-`` (read as an option by shell tools), and names longer than :data:`MAX_COMPONENT`.
-    """
-    if not isinstance(value, str):
-        raise UserError(f"{what} must be a string, got {value!r}")
-    problem = None
-    if not value.strip():
-        problem = "is empty"
-    elif value in (".", ".."):
-        problem = "would name a directory, not a file"
-    elif any(sep and sep in value for sep in ("/", os.sep, os.altsep)):
-        problem = "contains a path separator (it must stay inside its directory)"
-    elif (code := _control_character(value)) is not None:
-        problem = f"contains the control character {code}"
-    elif value != value.strip():
-        problem = "starts or ends with whitespace"
-    elif value.startswith("-"):
-        problem = "starts with '-'"
-    elif len(value) > MAX_COMPONENT:
-        problem = f"is {len(value)} characters long (at most {MAX_COMPONENT})"
-    if problem is not None:
-        raise UserError(f"{what} {_show(value)} {problem}; {_SAFE_HINT}")
-    return value
 
 
 def check_output_dir(value: object, *, what: str) -> str:
