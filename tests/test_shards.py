@@ -368,7 +368,7 @@ def test_missing_inconsistent_or_overlapping_shards_are_one_line_errors(
     assert "overlap or leave a gap" in _one_line_error(capsys, ["merge-shards", str(directory)])
 
     path.write_text('{"format": "robustbench_kd.eval-shard", "format_ver')
-    assert "cannot be read" in _one_line_error(capsys, ["merge-shards", str(directory)])
+    assert "is not valid JSON" in _one_line_error(capsys, ["merge-shards", str(directory)])
 
     stray = tmp_path / "stray"
     stray.mkdir()
@@ -502,7 +502,7 @@ def test_state_file_of_another_evaluation_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="model_sha256"):
         run_autoattack(model, x, y, norm="Linf", eps=0.02, version="quick", state_path=state)
     state.write_text("not json")
-    with pytest.raises(UserError, match="cannot be read"):
+    with pytest.raises(UserError, match="is not valid JSON"):
         run_autoattack(model, x, y, norm="Linf", eps=0.02, version="quick", state_path=state)
 
 

@@ -25,9 +25,12 @@ same flags (tested), and the accuracy of a real model typically moves by a few s
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import logging
+import math
+import os
 import re
 import shlex
 import socket
@@ -42,18 +45,21 @@ from torch import Tensor, nn
 
 from robustbench_kd import __version__
 from robustbench_kd.errors import UserError
-from robustbench_kd.evaluation.autoattack import autoattack_state
+from robustbench_kd.evaluation.autoattack import MISMATCH_FLAG_PREFIX, autoattack_state
 from robustbench_kd.evaluation.export import save_zoo_checkpoint, zoo_checkpoint_path
 from robustbench_kd.evaluation.final_report import ModelReport, write_model_info_entry
-from robustbench_kd.evaluation.runner import EvalResult, evaluate_model
+from robustbench_kd.evaluation.runner import VALID_ATTACKS, EvalResult, evaluate_model
 from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
 from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.storage.bounded import MiB, load_json_bounded
+from robustbench_kd.storage.names import check_output_dir
+from robustbench_kd.submission.autoattack_log import LOG_LIMIT, check_log_file
 from robustbench_kd.submission.bundle import write_submission_bundle
 from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.submission.zoo_entry import ZooConstructor
-from robustbench_kd.threat import format_eps, parse_number
-from robustbench_kd.zoo.autoattack_resume import data_fingerprint, model_fingerprint
-from robustbench_kd.zoo.names import validate_model_id
+from robustbench_kd.threat import NORMS, format_eps, parse_number
+from robustbench_kd.zoo.autoattack_resume import check_state_file, data_fingerprint, model_fingerprint
+from robustbench_kd.zoo.names import validate_dataset_name, validate_model_id
 
 __all__ = [
     "SHARD_FORMAT",
@@ -64,6 +70,7 @@ __all__ = [
     "evaluate_shard",
     "merge_and_write",
     "merge_shards",
+    "output_directory",
     "parse_shard",
     "read_shard",
     "shard_bounds",
@@ -170,7 +177,8 @@ def evaluate_shard(
     write the submission bundle. Returns a ``ModelReport`` for the shard (its ``results_path`` is the
     shard file).
     """
-    model_id = validate_model_id(model_id)
+    model_id = validate_model_id(model_id, what="--name")
+    out_dir = output_directory(out_dir, what="--out")
     index, count = shard
     n = int(x.shape[0])
     if count > n:
@@ -178,6 +186,7 @@ def evaluate_shard(
     start, stop = shard_bounds(n, index, count)
     directory = shard_directory(out_dir, model_id)
     state = Path(aa_state) if aa_state is not None else default_autoattack_state(directory, index, count)
+    check_state_file(state)  # a FIFO or damaged file fails now, not after the clean pass
     eps_value = parse_number(eps, what="eps")
     check_eps_units(eps_value, norm, x)
     log.info("shard %d/%d of %s: examples %d-%d of %d", index, count, model_id, start, stop - 1, n)
@@ -288,51 +297,329 @@ def _bad_shard(path: Path, why: str) -> UserError:
     return UserError(f"shard file {path} {why}; re-run that shard's evaluate command to rewrite it")
 
 
+#: A shard file holds a few bytes per example and attack (plus the sanity report): 64 MiB is far above a
+#: shard of the largest test set, while a larger file (or a device such as /dev/zero) is refused unread.
+SHARD_LIMIT = 64 * MiB
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SLUG = re.compile(r"[A-Za-z0-9_]+")
+
+
+class _ShardChecker:
+    """Type, range and consistency checks of one shard file; each failure is a one-line UserError naming it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, why: str) -> UserError:
+        return _bad_shard(self.path, why)
+
+    def field(self, raw: Any, key: str, where: str = "") -> Any:
+        if not isinstance(raw, dict):
+            raise self.fail(f"has {where or 'a top level'} that is not a JSON object")
+        if key not in raw:
+            raise self.fail(f"has no {where + '.' if where else ''}{key}")
+        return raw[key]
+
+    def mapping(self, value: Any, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(f"has {key} = {_short(value)}, expected a JSON object")
+        return value
+
+    def integer(self, value: Any, key: str, *, low: int | None = None) -> int:
+        # bool is an int in Python, but true/false in a count or an index is a damaged file.
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            bound = f" >= {low}" if low is not None else ""
+            raise self.fail(f"has {key} = {_short(value)}, expected an integer{bound}")
+        return value
+
+    def number(self, value: Any, key: str, *, low: float = 0.0, high: float = math.inf) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not low <= value <= high
+        ):
+            span = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+            raise self.fail(f"has {key} = {_short(value)}, expected a number {span}")
+        return float(value)
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(f"has {key} = {_short(value)}, expected true or false")
+        return value
+
+    def text(self, value: Any, key: str, *, optional: bool = False, one_line: bool = False) -> Any:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(f"has {key} = {_short(value)}, expected a string")
+        if one_line and any(not char.isprintable() for char in value):
+            raise self.fail(f"has {key} = {_short(value)}, which is not one printable line")
+        return value
+
+    def texts(self, value: Any, key: str, *, one_line: bool = False) -> list[str]:
+        if not isinstance(value, list):
+            raise self.fail(f"has {key} = {_short(value)}, expected a list of strings")
+        return [self.text(item, key, one_line=one_line) for item in value]
+
+
 def read_shard(path: str | Path) -> ShardRecord:
-    """Read and validate one shard file; a damaged or foreign file raises a one-line UserError."""
+    """Read and validate one shard file; a damaged, forged or foreign file raises a one-line UserError.
+
+    Shard files travel between machines, so nothing in one is trusted: only a regular file of at most
+    :data:`SHARD_LIMIT` bytes is read; the model id must be a safe file stem (it names the merged
+    outputs); every field has its type and range checked; and the file must agree with itself (its range
+    is the one its index, count and number of examples give; one 0/1 flag per example and result; each
+    accuracy the mean of its flags; no point robust under AutoAttack that is wrong on clean inputs).
+    """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad_shard(path, f"cannot be read ({type(exc).__name__}: {exc})") from None
+    raw = load_json_bounded(path, limit=SHARD_LIMIT, what="shard file")
+    check = _ShardChecker(path)
     if not isinstance(raw, dict) or raw.get("format") != SHARD_FORMAT:
-        raise _bad_shard(path, "is not a robustbench-kd shard file")
-    if raw.get("format_version") != SHARD_FORMAT_VERSION:
-        raise _bad_shard(
-            path, f"has format version {raw.get('format_version')!r}; this version reads {SHARD_FORMAT_VERSION}"
+        raise check.fail("is not a robustbench-kd shard file")
+    version = raw.get("format_version")
+    if version != SHARD_FORMAT_VERSION or isinstance(version, bool):
+        raise check.fail(f"has format version {_short(version)}; this version reads {SHARD_FORMAT_VERSION}")
+    settings = _check_settings(check.mapping(check.field(raw, "settings"), "settings"), check)
+    index, count, start, stop = _check_range(check.mapping(check.field(raw, "shard"), "shard"), settings, check)
+    keys = settings["result_keys"]
+    per_example = _check_flags(check.mapping(check.field(raw, "per_example"), "per_example"), keys, stop - start, check)
+    accuracy = _check_accuracy(check.mapping(check.field(raw, "accuracy"), "accuracy"), per_example, check)
+    flags = check.texts(raw.get("autoattack_flags", []), "autoattack_flags")
+    _check_clean_covers_robust(per_example, flags, start, check)
+    run = check.mapping(raw.get("run", {}), "run")
+    expected_log = shard_autoattack_log(path.parent, index, count).name
+    if run.get("autoattack_log") not in (None, expected_log):
+        raise check.fail(f"names the AutoAttack log {_short(run['autoattack_log'])}; a shard's log is {expected_log}")
+    return ShardRecord(
+        path=path,
+        index=index,
+        count=count,
+        start=start,
+        stop=stop,
+        settings=settings,
+        run=dict(run),
+        accuracy=accuracy,
+        autoattack_flags=flags,
+        per_example=per_example,
+        sanity=_check_sanity(raw.get("sanity"), settings["sanity"], stop - start, check),
+    )
+
+
+def _check_settings(settings: dict[str, Any], check: _ShardChecker) -> dict[str, Any]:
+    """The settings every shard of a run shares, each of the type and range the writer gives it."""
+
+    def get(key: str) -> Any:
+        return check.field(settings, key, "settings")
+
+    validate_model_id(get("model_id"), what=f"the model id in shard file {check.path}")
+    validate_dataset_name(get("dataset"))
+    check.text(get("model"), "settings.model")
+    for key in ("model_sha256", "data_sha256"):
+        if not isinstance(get(key), str) or not _SHA256.fullmatch(get(key)):
+            raise check.fail(f"has settings.{key} = {_short(get(key))}, expected a SHA-256 in hex")
+    check.integer(get("n_examples"), "settings.n_examples", low=1)
+    if get("norm") not in NORMS:
+        raise check.fail(f"has settings.norm = {_short(get('norm'))}, expected one of {', '.join(NORMS)}")
+    eps = check.number(get("eps"), "settings.eps", low=0.0)
+    if get("norm") == "Linf" and eps > 1:
+        raise check.fail(f"has settings.eps = {eps:g}, larger than 1 for an Linf threat on [0,1] inputs")
+    attacks = check.texts(get("attacks"), "settings.attacks")
+    unknown = [name for name in attacks if name not in VALID_ATTACKS]
+    if unknown or not attacks:
+        raise check.fail(f"has settings.attacks = {_short(attacks)}; valid attacks: {', '.join(VALID_ATTACKS)}")
+    steps = check.integer(get("pgd_steps"), "settings.pgd_steps", low=1)
+    expected_keys = _result_keys(attacks, steps)
+    if check.texts(get("result_keys"), "settings.result_keys") != expected_keys:
+        raise check.fail(
+            f"has settings.result_keys = {_short(get('result_keys'))} where its attacks give {_short(expected_keys)}"
         )
+    check.number(get("pgd_alpha"), "settings.pgd_alpha", low=0.0)
+    check.integer(get("seed"), "settings.seed")
+    check.integer(get("batch_size"), "settings.batch_size", low=1)
+    version = check.text(get("autoattack_version"), "settings.autoattack_version", optional=True, one_line=True)
+    if version is None and any(key.startswith("autoattack") for key in expected_keys):
+        raise check.fail("ran AutoAttack but has no settings.autoattack_version")
+    check.text(get("architecture"), "settings.architecture", optional=True, one_line=True)
+    check.boolean(get("sanity"), "settings.sanity")
+    check.text(settings.get("robustbench_kd_version"), "settings.robustbench_kd_version", optional=True)
+    _check_model_info(get("model_info"), check)
+    _check_zoo_entry(get("zoo_entry"), check)
+    return dict(settings)
+
+
+def _result_keys(attacks: list[str], pgd_steps: int) -> list[str]:
+    """The result keys :func:`evaluate_model` gives ``attacks`` (standard AutoAttack), in order, once each."""
+    rename = {"pgd": f"pgd-{pgd_steps}", "cw": f"cw-{pgd_steps}"}
+    keys: list[str] = []
+    for name in attacks:
+        key = rename.get(name, name)
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def _check_model_info(value: Any, check: _ShardChecker) -> None:
+    """``settings.model_info``: null, or the fields of a ``ModelInfoSection`` the merge builds from it."""
+    if value is None:
+        return
+    fields = {f.name for f in dataclasses.fields(ModelInfoSection)}
+    info = check.mapping(value, "settings.model_info")
+    unknown = sorted(set(info) - fields)
+    if unknown:
+        raise check.fail(f"has unknown settings.model_info field(s) {', '.join(map(repr, unknown))}")
+    for key, item in info.items():
+        if key not in ("additional_data", "number_forward_passes"):
+            check.text(item, f"settings.model_info.{key}", optional=True, one_line=True)
     try:
-        shard = raw["shard"]
-        index, count, start, stop = (int(shard[k]) for k in ("index", "count", "start", "stop"))
-        settings = dict(raw["settings"])
-        per_example = {}
-        for key, values in dict(raw["per_example"]).items():
-            if len(values) != stop - start or any(v not in (0, 1) for v in values):
-                raise _bad_shard(
-                    path,
-                    f"has {len(values)} flags for {key!r} where its range {start}-{stop} "
-                    f"needs {stop - start} zeros and ones",
-                )
-            per_example[str(key)] = torch.tensor(values, dtype=torch.bool)
-        if list(per_example) != list(settings["result_keys"]):
-            raise _bad_shard(path, f"has flags for {list(per_example)} but results {settings['result_keys']}")
-        return ShardRecord(
-            path=path,
-            index=index,
-            count=count,
-            start=start,
-            stop=stop,
-            settings=settings,
-            run=dict(raw.get("run", {})),
-            accuracy={str(k): float(v) for k, v in dict(raw["accuracy"]).items()},
-            autoattack_flags=[str(f) for f in raw.get("autoattack_flags", [])],
-            per_example=per_example,
-            sanity=raw.get("sanity"),
+        ModelInfoSection(**info)
+    except UserError as exc:
+        raise check.fail(f"has settings.model_info that is not valid ({exc})") from None
+
+
+def _check_zoo_entry(value: Any, check: _ShardChecker) -> None:
+    """``settings.zoo_entry``: null, or a constructor whose text the merge writes into ``zoo_entry.py``.
+
+    Its one-line fields become lines of that file, so each must be one printable line (a newline would
+    add lines of the attacker's choosing), the expression one Python expression and each import one
+    import statement; the architecture module's name stem (``slug``) names a file of the bundle.
+    """
+    if value is None:
+        return
+    entry = check.mapping(value, "settings.zoo_entry")
+    fields = {f.name for f in dataclasses.fields(ZooConstructor)}
+    unknown = sorted(set(entry) - fields)
+    if unknown or "expression" not in entry:
+        problem = f"unknown field(s) {', '.join(map(repr, unknown))}" if unknown else "no expression"
+        raise check.fail(f"has a settings.zoo_entry with {problem}")
+    expression = check.text(entry["expression"], "settings.zoo_entry.expression", one_line=True)
+    if not _parses(expression, "eval"):
+        raise check.fail(f"has settings.zoo_entry.expression = {_short(expression)}, not a Python expression")
+    for line in check.texts(entry.get("imports", []), "settings.zoo_entry.imports", one_line=True):
+        if not _is_import(line):
+            raise check.fail(f"has settings.zoo_entry.imports entry {_short(line)}, not one import statement")
+    for key in ("architecture", "note", "preprocessing", "not_standalone"):
+        check.text(entry.get(key), f"settings.zoo_entry.{key}", optional=True, one_line=True)
+    for key in ("in_robustbench", "placeholder"):
+        check.boolean(entry.get(key, False), f"settings.zoo_entry.{key}")
+    source = entry.get("architecture_source")
+    if source is not None:
+        source = check.mapping(source, "settings.zoo_entry.architecture_source")
+        if set(source) != {"slug", "text", "names"}:
+            raise check.fail("has a settings.zoo_entry.architecture_source without exactly slug, text and names")
+        slug = check.text(source["slug"], "settings.zoo_entry.architecture_source.slug")
+        if not _SLUG.fullmatch(slug):
+            raise check.fail(f"has architecture_source.slug = {_short(slug)}, expected letters, digits and '_'")
+        if not _parses(check.text(source["text"], "settings.zoo_entry.architecture_source.text"), "exec"):
+            raise check.fail("has an architecture_source.text that is not Python source")
+        names = check.texts(source["names"], "settings.zoo_entry.architecture_source.names")
+        if not all(name.isidentifier() for name in names):
+            raise check.fail(f"has architecture_source.names = {_short(names)}, expected Python names")
+
+
+def _parses(source: str, mode: str) -> bool:
+    try:
+        ast.parse(source, mode=mode)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+def _is_import(line: str) -> bool:
+    try:
+        body = ast.parse(line).body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+    return len(body) == 1 and isinstance(body[0], (ast.Import, ast.ImportFrom))
+
+
+def _check_range(shard: dict[str, Any], settings: dict[str, Any], check: _ShardChecker) -> tuple[int, int, int, int]:
+    """``(index, count, start, stop)``, consistent with each other, the number of examples and the file name."""
+    index, count, start, stop = (check.integer(check.field(shard, k, "shard"), f"shard.{k}") for k in _RANGE_KEYS)
+    n = settings["n_examples"]
+    if not 0 <= index < count or count > n:
+        raise check.fail(f"claims shard {index}/{count} of {n} examples, which does not exist")
+    match = _SHARD_NAME.fullmatch(check.path.name)
+    if match and (int(match.group(1)), int(match.group(2))) != (index, count):
+        raise check.fail(f"holds shard {index}/{count}, not the one its name says")
+    expected = shard_bounds(n, index, count)
+    if (start, stop) != expected:
+        raise check.fail(
+            f"covers examples {start}-{stop - 1} but shard {index}/{count} of {n} examples is "
+            f"{expected[0]}-{expected[1] - 1} (shards would overlap or leave a gap)"
         )
-    except UserError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise _bad_shard(path, f"is damaged ({type(exc).__name__}: {exc})") from None
+    return index, count, start, stop
+
+
+_RANGE_KEYS = ("index", "count", "start", "stop")
+
+
+def _check_flags(raw: dict[str, Any], keys: list[str], size: int, check: _ShardChecker) -> dict[str, Tensor]:
+    """One list of ``size`` 0/1 integers per result key, in the order of ``keys``."""
+    if list(raw) != keys:
+        raise check.fail(f"has flags for {_short(list(raw))} but results {_short(keys)}")
+    per_example = {}
+    for key, values in raw.items():
+        # type() rather than isinstance: true/false or "1" in place of 1 is a damaged file.
+        if not isinstance(values, list) or len(values) != size or any(type(v) is not int for v in values):
+            got = f"{len(values)} values" if isinstance(values, list) else _short(values)
+            raise check.fail(f"has {got} for {key!r} where its range needs {size} integer flags (0 or 1)")
+        if any(v not in (0, 1) for v in values):
+            raise check.fail(f"has a flag for {key!r} that is neither 0 nor 1")
+        per_example[key] = torch.tensor(values, dtype=torch.bool)
+    return per_example
+
+
+def _check_accuracy(raw: dict[str, Any], per_example: dict[str, Tensor], check: _ShardChecker) -> dict[str, float]:
+    """Each accuracy is a number in [0, 1] and the mean of its flags (as the writer computed it)."""
+    if list(raw) != list(per_example):
+        raise check.fail(f"has accuracies for {_short(list(raw))} but flags for {_short(list(per_example))}")
+    accuracy = {}
+    for key, flags in per_example.items():
+        value = check.number(raw[key], f"accuracy[{key!r}]", high=1.0)
+        mean = float(flags.sum().item()) / flags.numel()
+        if abs(value - mean) > 1e-9:
+            raise check.fail(f"says {key} accuracy {value:.6g} but its flags give {mean:.6g}")
+        accuracy[key] = value
+    return accuracy
+
+
+def _check_clean_covers_robust(
+    per_example: dict[str, Tensor], flags: list[str], start: int, check: _ShardChecker
+) -> None:
+    """No point robust under AutoAttack yet wrong on the clean input.
+
+    AutoAttack attacks only the points the model classifies correctly and counts every other one as not
+    robust, so for a deterministic model its robust points are a subset of the clean-correct ones. A
+    random or batch-dependent forward pass can break that, and AutoAttack's run then carries our
+    disagreement flag; without it, such a point means the flags were edited. (PGD, FGSM and CW report
+    the final iterate, which can be right where the clean input was wrong, so they are not checked.)
+    """
+    clean = per_example.get("clean")
+    if clean is None or any(flag.startswith(MISMATCH_FLAG_PREFIX) for flag in flags):
+        return
+    for key, robust in per_example.items():
+        if key.startswith("autoattack"):
+            impossible = (robust & ~clean).nonzero().flatten()
+            if impossible.numel():
+                raise check.fail(
+                    f"marks example {start + int(impossible[0])} robust under {key} but wrong on clean inputs, "
+                    "which AutoAttack cannot give"
+                )
+
+
+def _check_sanity(value: Any, ran: bool, size: int, check: _ShardChecker) -> dict[str, Any] | None:
+    """The shard's sanity verdict: present exactly when the suite ran, its verdict a bool and reasons strings."""
+    if value is None:
+        if ran:
+            raise check.fail("ran with sanity checks but saved no verdict")
+        return None
+    report = check.mapping(value, "sanity")
+    check.boolean(check.field(report, "reliable", "sanity"), "sanity.reliable")
+    check.texts(report.get("reasons", []), "sanity.reasons")
+    if "n_examples" in report and check.integer(report["n_examples"], "sanity.n_examples") != size:
+        raise check.fail(f"has a sanity report on {report['n_examples']} examples for its {size}")
+    return dict(report)
 
 
 def _short(value: Any) -> str:
@@ -388,63 +675,23 @@ def merge_shards(directory: str | Path) -> MergedShards:
             f"shard directory {directory} does not exist; it is <out>/shards/<name> of the "
             "`robustbench-kd evaluate --name NAME --shard I/N` runs"
         )
-    found: dict[int, dict[int, Path]] = {}
-    for path in sorted(directory.iterdir()):
-        match = _SHARD_NAME.fullmatch(path.name)
-        if match and path.is_file():
-            found.setdefault(int(match.group(2)), {})[int(match.group(1))] = path
-    if not found:
-        raise UserError(
-            f"no shard files (shard_<i>_of_<n>.json) in {directory}; run "
-            "`robustbench-kd evaluate ... --name NAME --shard I/N` first"
-        )
-    if len(found) > 1:
-        counts = ", ".join(str(c) for c in sorted(found))
-        raise UserError(f"{directory} mixes shard files of runs split {counts} ways; keep the files of one split only")
-    ((count, files),) = found.items()
-    missing = [i for i in range(count) if i not in files]
+    count, files = _shard_files(directory)
+    missing = _first_missing(files, count)
     if missing:
-        names = ", ".join(shard_file(directory, i, count).name for i in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        names = ", ".join(shard_file(directory, i, count).name for i in missing)
+        left = count - len(files)
+        more = f" and {left - len(missing)} more" if left > len(missing) else ""
         raise UserError(
-            f"{len(missing)} of {count} shards missing in {directory}: {names}{more}; run the same "
-            f"evaluate command with --shard {missing[0]}/{count}" + (" etc." if len(missing) > 1 else "")
+            f"{left} of {count} shards missing in {directory}: {names}{more}; run the same "
+            f"evaluate command with --shard {missing[0]}/{count}" + (" etc." if left > 1 else "")
         )
     records = [read_shard(files[i]) for i in range(count)]
     first = records[0]
-    for record in records:
-        if (record.index, record.count) != (_index_from(record.path), count):
-            raise _bad_shard(record.path, f"holds shard {record.index}/{record.count}, not the one its name says")
-        for key in sorted(set(first.settings) | set(record.settings)):
-            mine, theirs = record.settings.get(key), first.settings.get(key)
-            if mine == theirs:
-                continue
-            if key in _INFORMATIONAL:
-                log.warning(
-                    "shards differ in %s: %s has %s, %s has %s",
-                    key,
-                    first.path.name,
-                    _short(theirs),
-                    record.path.name,
-                    _short(mine),
-                )
-                continue
-            raise UserError(
-                f"shards were made with different settings: {key} is {_short(theirs)} in "
-                f"{first.path.name} but {_short(mine)} in {record.path.name}; re-run the "
-                "shards with the same arguments"
-            )
+    for record in records[1:]:
+        _compare_settings(first, record)
+    _check_autoattack_logs(records)
     settings = first.settings
     n = int(settings["n_examples"])
-    for record in records:
-        expected = shard_bounds(n, record.index, count)
-        if (record.start, record.stop) != expected:
-            raise UserError(
-                f"{record.path.name} covers examples {record.start}-{record.stop - 1} but shard "
-                f"{record.index}/{count} of {n} examples is {expected[0]}-{expected[1] - 1} (shards "
-                "would overlap or leave a gap); re-run it"
-            )
-
     per_example = {key: torch.cat([r.per_example[key] for r in records]) for key in settings["result_keys"]}
     flags: list[str] = []
     for record in records:
@@ -462,20 +709,101 @@ def merge_shards(directory: str | Path) -> MergedShards:
         seed=int(settings["seed"]),
     )
     sanity = None
-    if settings.get("sanity"):
-        reports = [r.sanity for r in records if isinstance(r.sanity, dict)]
-        if len(reports) != len(records):
-            raise UserError(f"a shard in {directory} ran with sanity checks but saved no verdict; re-run it")
+    if settings["sanity"]:  # every shard has a verdict then (read_shard checked)
+        reports = [r.sanity for r in records if r.sanity is not None]
         reasons: list[str] = []
         for index, report in enumerate(reports):
             reasons.extend(f"shard {index}/{count}: {reason}" for reason in report.get("reasons", []))
-        sanity = MergedSanity(reliable=all(bool(r.get("reliable")) for r in reports), reasons=reasons, shards=reports)
+        sanity = MergedSanity(reliable=all(bool(r["reliable"]) for r in reports), reasons=reasons, shards=reports)
     return MergedShards(result=result, settings=settings, shards=records, sanity=sanity)
 
 
-def _index_from(path: Path) -> int:
-    match = _SHARD_NAME.fullmatch(path.name)
-    return int(match.group(1)) if match else -1
+def _shard_files(directory: Path) -> tuple[int, dict[int, Path]]:
+    """The shard count of ``directory``'s shard files and the file of each index.
+
+    Two names for one shard (``shard_1_of_2.json`` and ``shard_01_of_2.json``, a copy under another name)
+    are refused rather than one of them picked silently; so are files of several splits.
+    """
+    found: dict[int, dict[int, Path]] = {}
+    for path in sorted(directory.iterdir()):
+        match = _SHARD_NAME.fullmatch(path.name)
+        if not match:
+            continue
+        index, count = int(match.group(1)), int(match.group(2))
+        other = found.setdefault(count, {}).get(index)
+        if other is not None:
+            raise UserError(
+                f"{other.name} and {path.name} in {directory} are both shard {index}/{count}; keep one of them"
+            )
+        found[count][index] = path
+    if not found:
+        raise UserError(
+            f"no shard files (shard_<i>_of_<n>.json) in {directory}; run "
+            "`robustbench-kd evaluate ... --name NAME --shard I/N` first"
+        )
+    if len(found) > 1:
+        counts = ", ".join(str(c) for c in sorted(found))
+        raise UserError(f"{directory} mixes shard files of runs split {counts} ways; keep the files of one split only")
+    ((count, files),) = found.items()
+    return count, files
+
+
+def _first_missing(files: dict[int, Path], count: int, *, show: int = 5) -> list[int]:
+    """Up to ``show`` shard indices below ``count`` without a file, found in at most ``len(files) + show`` steps.
+
+    A forged name such as ``shard_0_of_999999999999.json`` must not make the merge count to a trillion.
+    """
+    missing: list[int] = []
+    index = 0
+    while index < count and len(missing) < show:
+        if index not in files:
+            missing.append(index)
+        index += 1
+    return missing
+
+
+def _compare_settings(first: ShardRecord, record: ShardRecord) -> None:
+    """Refuse two shards made with different settings (the informational ones only log a warning)."""
+    for key in sorted(set(first.settings) | set(record.settings)):
+        mine, theirs = record.settings.get(key), first.settings.get(key)
+        if mine == theirs and type(mine) is type(theirs):
+            continue
+        if key in _INFORMATIONAL:
+            log.warning(
+                "shards differ in %s: %s has %s, %s has %s",
+                key,
+                first.path.name,
+                _short(theirs),
+                record.path.name,
+                _short(mine),
+            )
+            continue
+        what = "model ids" if key == "model_id" else f"settings: {key} is"
+        raise UserError(
+            f"shards were made with different {what} {_short(theirs)} in "
+            f"{first.path.name} but {_short(mine)} in {record.path.name}; re-run the "
+            "shards with the same arguments"
+        )
+
+
+def _check_autoattack_logs(records: list[ShardRecord]) -> None:
+    """The shards' AutoAttack logs are regular files that fit, together, in one bundle log.
+
+    Checked before anything is written, so that a FIFO, a device or an oversized log stops the merge
+    instead of the bundle after the results and the leaderboard entry were written.
+    """
+    total = 0
+    for record in records:
+        name = record.run.get("autoattack_log")
+        path = record.path.parent / name if isinstance(name, str) else None
+        if path is not None and (path.exists() or path.is_symlink()):
+            total += check_log_file(path)
+    if total > LOG_LIMIT:
+        raise UserError(
+            f"the AutoAttack logs of the shards in {records[0].path.parent} hold {total / MiB:.0f} MiB together, "
+            f"more than the {LOG_LIMIT // MiB} MiB a bundle's autoattack.log may hold (a leaderboard evaluation "
+            "logs a few MiB); check those .autoattack.log files"
+        )
 
 
 def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any = None) -> Any:
@@ -577,12 +905,27 @@ def merge_and_write(directory: str | Path, out_dir: str | Path | None = None, *,
     """:func:`merge_shards` then :func:`write_merged_outputs`; the CLI's ``merge-shards``.
 
     ``out_dir`` defaults to the ``--out`` of the shard runs, i.e. ``directory/../..`` when ``directory`` is
-    ``<out>/shards/<name>``; elsewhere it must be given.
+    ``<out>/shards/<name>``; elsewhere it must be given. Every shard is read and checked, and the output
+    directory too, before anything is written: a bad shard leaves no output behind.
     """
     directory = Path(directory)
+    if out_dir is not None:
+        out_dir = output_directory(out_dir, what="--out")
     merged = merge_shards(directory)
     if out_dir is None:
         if directory.resolve().parent.name != "shards":
             raise UserError(f"{directory} is not <out>/shards/<name>; pass --out DIR for the merged results")
         out_dir = directory.resolve().parent.parent
     return write_merged_outputs(merged, out_dir, host=host)
+
+
+def output_directory(value: str | os.PathLike[str], *, what: str) -> Path:
+    """``value`` as the directory outputs go to: a plain path (``check_output_dir``) that is not a file.
+
+    A file there would fail the first write with an OS error after the work was done; saying so first
+    makes it the user's one-line mistake.
+    """
+    path = Path(check_output_dir(value, what=what))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a directory; give a directory to write the outputs into")
+    return path

@@ -21,7 +21,6 @@ requirement (:mod:`.readiness`) holds. The checks:
 from __future__ import annotations
 
 import ast
-import json
 import re
 import subprocess
 import sys
@@ -32,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from robustbench_kd.errors import UserError
+from robustbench_kd.storage.bounded import MiB, load_json_bounded, read_text_bounded
 from robustbench_kd.storage.hashing import sha256_of
+from robustbench_kd.submission.autoattack_log import read_log
 from robustbench_kd.submission.layout import (
     AUTOATTACK_LOG,
     CHECKSUM_FILE,
@@ -44,6 +45,7 @@ from robustbench_kd.submission.layout import (
     ZOO_ENTRY_FILE,
 )
 from robustbench_kd.submission.readiness import REQUIRED_METADATA, EvaluationRecord, unmet_requirements
+from robustbench_kd.zoo.names import validate_model_id
 
 __all__ = ["SubmissionCheck", "check_submission"]
 
@@ -94,7 +96,11 @@ def check_submission(directory: str | Path, *, load_entry: bool = True) -> Submi
     if manifest.get("format") != MANIFEST_FORMAT:
         check.problems.append(f"{MANIFEST_FILE} is not a robustbench_kd bundle manifest")
         return check
-    model_id = str(manifest.get("model_id"))
+    try:
+        model_id = validate_model_id(manifest.get("model_id"), what=f"the model_id in {MANIFEST_FILE}")
+    except UserError as exc:  # it names a file of the bundle: ../x would send the checks outside it
+        check.problems.append(str(exc))
+        return check
     for name in (f"{model_id}.json", AUTOATTACK_LOG, CHECKSUM_FILE, ZOO_ENTRY_FILE, ISSUE_FILE, README_FILE):
         if not (directory / name).is_file():
             check.problems.append(f"{name} is missing")
@@ -103,48 +109,102 @@ def check_submission(directory: str | Path, *, load_entry: bool = True) -> Submi
     if info is not None:
         _check_log(directory / AUTOATTACK_LOG, info, check)
         _check_readiness(directory, manifest, info, check)
-    files = [str(name) for name in manifest.get("architecture_files", [])]
-    if _check_imports(directory, files, check) and load_entry and checkpoint is not None and info is not None:
+    files = _architecture_files(manifest, check)
+    if (
+        files is not None
+        and _check_imports(directory, files, check)
+        and load_entry
+        and checkpoint is not None
+        and info is not None
+    ):
         _check_standalone_load(directory, files, checkpoint, info, check)
     return check
 
 
+#: Each file of a bundle is small text: these limits are far above any real one and bound what a
+#: damaged or hostile bundle can make the check read (``/dev/zero`` linked in as a file reads forever).
+JSON_LIMIT = 1 * MiB
+TEXT_LIMIT = 4 * MiB
+_MODULE_FILE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.py")
+
+
+def _read_text(path: Path, check: SubmissionCheck, *, limit: int = TEXT_LIMIT) -> str | None:
+    """The text of a bundle file, or None with a problem line (not a regular file, too large, not UTF-8)."""
+    try:
+        return read_text_bounded(path, limit=limit, what=path.name)
+    except UserError as exc:
+        check.problems.append(str(exc))
+        return None
+
+
 def _read_json(path: Path, check: SubmissionCheck) -> Any:
-    if not path.is_file():
+    if not path.exists():
         check.problems.append(f"{path.name} is missing (not a bundle written by robustbench_kd?)")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        check.problems.append(f"{path.name} is not valid JSON ({exc})")
+        data = load_json_bounded(path, limit=JSON_LIMIT, what=path.name)
+    except UserError as exc:
+        check.problems.append(str(exc))
         return None
+    if not isinstance(data, dict):
+        check.problems.append(f"{path.name} is not a JSON object")
+        return None
+    return data
+
+
+def _architecture_files(manifest: dict[str, Any], check: SubmissionCheck) -> list[str] | None:
+    """The manifest's architecture files: plain module file names in the bundle (None: a problem was found)."""
+    files = manifest.get("architecture_files", [])
+    if not isinstance(files, list) or not all(isinstance(name, str) and _MODULE_FILE.fullmatch(name) for name in files):
+        check.problems.append(
+            f"{MANIFEST_FILE} lists architecture_files {str(files)[:80]}, not plain module file names "
+            "(letters, digits and '_', then .py) in the bundle"
+        )
+        return None
+    return files
 
 
 def _check_entry(path: Path, check: SubmissionCheck) -> dict[str, Any] | None:
     from robustbench_kd.evaluation.model_info import validate_model_info
 
-    if not path.is_file():
+    if not path.exists():
         return None
-    raw = path.read_text(encoding="utf-8")
+    info = _read_json(path, check)
+    if info is None:
+        return None
     try:
-        info = json.loads(raw)
-        if not isinstance(info, dict):
-            raise ValueError("the entry is not a JSON object")
         # Missing metadata is an unmet requirement (reported with the others), not a format error.
         validate_model_info({**info, **{key: "-" for key in REQUIRED_METADATA if not info.get(key)}})
     except (ValueError, UserError) as exc:
         check.problems.append(f"{path.name}: {exc}")
         return None
+    clean, robust = _percent(info.get("clean_acc")), _percent(info.get("autoattack_acc"))
+    if clean is not None and robust is not None and robust > clean:
+        check.problems.append(
+            f"{path.name}: autoattack_acc {info['autoattack_acc']}% is above clean_acc {info['clean_acc']}%, which "
+            "AutoAttack cannot give (it counts every misclassified clean point as not robust)"
+        )
+        return None
     check.passed.append(f"{path.name} has RobustBench's leaderboard format")
     return dict(info)
 
 
+def _percent(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _check_checksum(directory: Path, check: SubmissionCheck) -> Path | None:
     path = directory / CHECKSUM_FILE
-    if not path.is_file():
+    if not path.exists():
         return None
-    parts = path.read_text(encoding="utf-8").strip().split("  ", 1)
-    if len(parts) != 2 or not re.fullmatch(r"[0-9a-f]{64}", parts[0]):
+    text = _read_text(path, check, limit=JSON_LIMIT)
+    if text is None:
+        return None
+    parts = text.strip().split("  ", 1)
+    if len(parts) != 2 or not re.fullmatch(r"[0-9a-f]{64}", parts[0]) or not parts[1].isprintable():
         check.problems.append(f"{CHECKSUM_FILE} is not in sha256sum format ('<hex>  <path>')")
         return None
     digest, relative = parts
@@ -160,9 +220,13 @@ def _check_checksum(directory: Path, check: SubmissionCheck) -> Path | None:
 
 
 def _check_log(path: Path, info: dict[str, Any], check: SubmissionCheck) -> None:
-    if not path.is_file():
+    if not path.exists():
         return
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = read_log(path)
+    except UserError as exc:
+        check.problems.append(str(exc))
+        return
     shards = text.count("===== ")
     # AutoAttack opens every run with "using <version> version including <attacks>" (the attacks it still
     # runs: it drops the later ones once no point is left to attack).
@@ -214,14 +278,19 @@ def _check_imports(directory: Path, files: list[str], check: SubmissionCheck) ->
     ok = True
     for name in (ZOO_ENTRY_FILE, *files):
         path = directory / name
-        if not path.is_file():
+        if not path.exists():
             check.problems.append(f"{name} is missing")
             ok = False
             continue
+        source = _read_text(path, check)
+        if source is None:
+            ok = False
+            continue
         try:
-            ours = _own_imports(path.read_text(encoding="utf-8"))
-        except SyntaxError as exc:
-            check.problems.append(f"{name} is not valid Python ({exc.msg}, line {exc.lineno})")
+            ours = _own_imports(source)
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+            where = f"{exc.msg}, line {exc.lineno}" if isinstance(exc, SyntaxError) else type(exc).__name__
+            check.problems.append(f"{name} is not valid Python ({where})")
             ok = False
             continue
         if ours:
@@ -292,7 +361,7 @@ def _check_standalone_load(
         if not zoo_file.is_file():
             check.skipped.append(f"loading {ZOO_ENTRY_FILE}: robustbench has no model zoo for {dataset!r}")
             return
-        entry = (directory / ZOO_ENTRY_FILE).read_text(encoding="utf-8")
+        entry = read_text_bounded(directory / ZOO_ENTRY_FILE, limit=TEXT_LIMIT, what=ZOO_ENTRY_FILE)
         dict_name = ZOO_DICT_NAMES.get(threat_model, threat_model)
         with zoo_file.open("a", encoding="utf-8") as handle:  # where a maintainer pastes it
             handle.write(f"\n\n{entry}\n{dict_name}[ENTRY[0]] = ENTRY[1]\n")

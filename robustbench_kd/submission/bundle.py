@@ -34,6 +34,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 from collections.abc import Mapping, Sequence
@@ -43,8 +44,9 @@ from typing import Any
 
 from robustbench_kd.errors import UserError
 from robustbench_kd.storage.atomic import atomic_write_bytes, atomic_write_text
+from robustbench_kd.storage.bounded import MiB, read_bytes_bounded
 from robustbench_kd.storage.hashing import sha256_of
-from robustbench_kd.submission.autoattack_log import bundle_log
+from robustbench_kd.submission.autoattack_log import bundle_log, check_logs, log_paths
 from robustbench_kd.submission.issue import format_new_model_issue
 from robustbench_kd.submission.layout import (
     AUTOATTACK_LOG,
@@ -114,8 +116,40 @@ def entry_is_standalone(constructor: ZooConstructor) -> tuple[bool, str]:
 
 
 def architecture_files(constructor: ZooConstructor) -> Mapping[str, str]:
-    """Architecture source files the entry needs in ``robustbench/model_zoo/architectures/`` (path -> text)."""
-    return dict(constructor.files)
+    """Architecture source files the entry needs in ``robustbench/model_zoo/architectures/`` (path -> text).
+
+    Each name becomes a file of the bundle, so it must be a plain module file name (``rbkd_small_cnn_1a2b.py``):
+    a constructor read back from a shard file is not trusted to keep its files inside the bundle.
+    """
+    files = dict(constructor.files)
+    for name in files:
+        if not _MODULE_FILE.fullmatch(name):
+            raise UserError(
+                f"architecture file name {name[:80]!r} of the zoo entry is not a plain module file name "
+                "(letters, digits and '_', then .py)"
+            )
+    return files
+
+
+_MODULE_FILE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.py")
+#: A leaderboard entry is a dozen short fields: 1 MiB is far above any, and bounds what a damaged one costs.
+ENTRY_LIMIT = 1 * MiB
+
+
+def _read_entry(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The leaderboard entry's bytes (copied byte for byte) and its content, read within :data:`ENTRY_LIMIT`."""
+    raw = read_bytes_bounded(path, limit=ENTRY_LIMIT, what="model_info entry")
+    try:
+        info = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"model_info entry {path} is not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("dataset"), str):
+        raise UserError(f"model_info entry {path} is not a leaderboard entry (a JSON object with a dataset)")
+    return raw, info
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _tool_version() -> str | None:
@@ -179,8 +213,10 @@ def write_submission_bundle(
     for what, path in (("model_info entry", info_path), ("checkpoint", checkpoint_path)):
         if not path.is_file():
             raise UserError(f"submission bundle for {model_id}: the {what} {path} does not exist")
-    raw_info = info_path.read_bytes()
-    info = json.loads(raw_info)
+    # Everything read or named from outside is checked before the bundle directory is touched.
+    raw_info, info = _read_entry(info_path)
+    if autoattack_log is not None:
+        check_logs(log_paths(autoattack_log))
     constructor = constructor or placeholder_constructor("the architecture is unknown; write its constructor by hand")
     standalone, entry_note = entry_is_standalone(constructor)
     record = dataclasses.replace(

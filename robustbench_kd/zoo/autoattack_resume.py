@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from robustbench_kd.errors import UserError
 from robustbench_kd.storage.atomic import atomic_write_text
+from robustbench_kd.storage.bounded import MiB, check_structure, read_text_bounded
 
 __all__ = [
     "AA_LOGGER_NAME",
@@ -41,6 +42,7 @@ __all__ = [
     "AutoAttackState",
     "ResumableRun",
     "capture_autoattack_warnings",
+    "check_state_file",
     "data_fingerprint",
     "model_fingerprint",
     "read_autoattack_state",
@@ -226,69 +228,199 @@ def _bad_state(path: Path, why: str) -> UserError:
     )
 
 
+#: A state file holds two integers per example (plus the pending indices): 64 MiB is room for millions of
+#: examples, far beyond any test set, while a larger file (or a device such as /dev/zero) is refused unread.
+STATE_LIMIT = 64 * MiB
+#: AutoAttack's own files store the attack set as the repr of a Python set: a few hundred characters.
+_LEGACY_ATTACKS_LIMIT = 10_000
+
+
+def check_state_file(path: str | os.PathLike[str]) -> None:
+    """Refuse, before any work starts, a state file that exists but could not be resumed from.
+
+    A missing file is fine (the run starts one). A FIFO, device, directory, oversized or damaged file
+    raises the one-line UserError that :func:`read_autoattack_state` would raise after the model, the
+    data and the clean pass had been paid for.
+    """
+    candidate = Path(path)
+    if candidate.exists() or candidate.is_symlink():
+        read_autoattack_state(candidate)
+
+
 def read_autoattack_state(path: str | os.PathLike[str]) -> AutoAttackState:
     """Read a state file written by :func:`run_resumable`, or by AutoAttack's own ``EvaluationState``.
 
     AutoAttack's own files (pyautoattack 0.2.0, fra31) store the attack set as the string
     ``"{'apgd-ce', ...}"``; it is parsed back into a set here. Such a file records neither the order
     of the attacks nor what it was made for (model, data, eps), so :func:`run_resumable` can only
-    check the attack set. Unreadable files raise UserError.
+    check the attack set. The file is untrusted input: only a regular file of at most
+    :data:`STATE_LIMIT` bytes is read, and every field's type, range and length is checked; anything
+    else raises a one-line UserError naming the file.
     """
     path = Path(path)
+    text = read_text_bounded(path, limit=STATE_LIMIT, what="AutoAttack state file")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad_state(path, f"cannot be read ({type(exc).__name__}: {exc})") from None
+        # NaN is allowed by the parser: AutoAttack's own files write a clean accuracy not yet measured as
+        # NaN. The field checks below accept it there only.
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _bad_state(path, f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise _bad_state(path, "is nested too deeply to be a state file") from None
+    check_structure(raw, what=f"AutoAttack state file {path}")
     if not isinstance(raw, dict):
         raise _bad_state(path, "is not a JSON object")
-    try:
-        if raw.get("format") == STATE_FORMAT:
-            if raw.get("format_version") != STATE_FORMAT_VERSION:
-                raise _bad_state(
-                    path, f"has format version {raw.get('format_version')!r}, this version reads {STATE_FORMAT_VERSION}"
-                )
-            robust = torch.tensor([bool(v) for v in raw["robust_flags"]], dtype=torch.bool)
-            pending = raw.get("pending")
-            return AutoAttackState(
-                settings=dict(raw["settings"]),
-                attacks=[str(a) for a in raw["attacks"]],
-                robust=robust,
-                adv_labels=torch.tensor([int(v) for v in raw["adv_labels"]], dtype=torch.long),
-                completed=[str(a) for a in raw.get("completed", [])],
-                current=raw.get("current"),
-                pending=None if pending is None else torch.tensor(pending, dtype=torch.long),
-                accuracy={str(k): float(v) for k, v in raw.get("accuracy", {}).items()},
-                warnings=[str(w) for w in raw.get("warnings", [])],
-                batch_size=raw.get("batch_size"),
-                backend=raw.get("backend"),
-                finished=bool(raw.get("finished", False)),
-            )
-        if "_attacks_to_run" in raw and "_robust_flags" in raw:
-            return _read_legacy_state(raw)
-    except UserError:
-        raise
-    except (KeyError, TypeError, ValueError, SyntaxError) as exc:
-        raise _bad_state(path, f"is damaged ({type(exc).__name__}: {exc})") from None
+    check = _StateChecker(path)
+    if raw.get("format") == STATE_FORMAT:
+        return _read_state(raw, check)
+    if "_attacks_to_run" in raw and "_robust_flags" in raw:
+        return _read_legacy_state(raw, check)
     raise _bad_state(path, "is not an AutoAttack state file")
 
 
-def _read_legacy_state(raw: dict[str, Any]) -> AutoAttackState:
+class _StateChecker:
+    """Type and range checks of a state file's fields, each failure a one-line UserError naming the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, why: str) -> UserError:
+        return _bad_state(self.path, why)
+
+    def field(self, raw: dict[str, Any], key: str) -> Any:
+        if key not in raw:
+            raise self.fail(f"has no {key!r}")
+        return raw[key]
+
+    def integer(self, value: Any, key: str, *, low: int | None = None) -> int:
+        # bool is an int in Python, but true/false in a count or an index is a damaged file.
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            bound = f" >= {low}" if low is not None else ""
+            raise self.fail(f"has {key} = {_short(value)}, expected an integer{bound}")
+        return value
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(f"has {key} = {_short(value)}, expected true or false")
+        return value
+
+    def text(self, value: Any, key: str, *, optional: bool = False) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(f"has {key} = {_short(value)}, expected a string")
+        return value
+
+    def texts(self, value: Any, key: str) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self.fail(f"has {key} = {_short(value)}, expected a list of strings")
+        return list(value)
+
+    def fraction(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise self.fail(f"has {key} = {_short(value)}, expected an accuracy in [0, 1]")
+        return float(value)
+
+    def flags(self, value: Any, key: str, *, allow_bool: bool = False) -> Tensor:
+        """A list of 0/1 flags (our files write integers; AutoAttack's own write true/false)."""
+        allowed = (bool, int) if allow_bool else (int,)
+        if not isinstance(value, list) or not all(type(v) in allowed and v in (0, 1) for v in value):
+            raise self.fail(f"has {key} that is not a list of 0/1 flags")
+        return torch.tensor([bool(v) for v in value], dtype=torch.bool)
+
+    def indices(self, value: Any, key: str, *, low: int, high: int) -> Tensor:
+        """A list of distinct integers in ``[low, high)``."""
+        if not isinstance(value, list) or not all(
+            type(v) is int and low <= v < high
+            for v in value  # type(): a bool is not an index
+        ):
+            raise self.fail(f"has {key} that is not a list of integers in {low}..{high - 1}")
+        if len(set(value)) != len(value):
+            raise self.fail(f"has {key} with repeated entries")
+        return torch.tensor(value, dtype=torch.long)
+
+
+def _read_state(raw: dict[str, Any], check: _StateChecker) -> AutoAttackState:
+    """Our own format (see :meth:`AutoAttackState.to_json`), every field checked."""
+    version = raw.get("format_version")
+    if version != STATE_FORMAT_VERSION or isinstance(version, bool):
+        raise check.fail(f"has format version {_short(version)}, this version reads {STATE_FORMAT_VERSION}")
+    settings = check.field(raw, "settings")
+    if not isinstance(settings, dict):
+        raise check.fail("has settings that are not a JSON object")
+    robust = check.flags(check.field(raw, "robust_flags"), "robust_flags")
+    n = robust.numel()
+    if "n_examples" in settings and check.integer(settings["n_examples"], "settings.n_examples") != n:
+        raise check.fail(f"has {n} robust flags for its {settings['n_examples']} examples")
+    labels = check.field(raw, "adv_labels")
+    if not isinstance(labels, list) or not all(type(v) is int and v >= -1 for v in labels):
+        raise check.fail("has adv_labels that are not a list of class indices (or -1)")
+    if len(labels) != n:
+        raise check.fail(f"has {len(labels)} adv_labels for {n} robust flags")
+    attacks = check.texts(check.field(raw, "attacks"), "attacks")
+    if len(set(attacks)) != len(attacks):
+        raise check.fail(f"lists an attack twice in attacks {_short(attacks)}")
+    completed = check.texts(raw.get("completed", []), "completed")
+    if any(name not in attacks for name in completed) or len(set(completed)) != len(completed):
+        raise check.fail(f"has completed = {_short(completed)}, which is not a subset of attacks {_short(attacks)}")
+    current = check.text(raw.get("current"), "current", optional=True)
+    if current is not None and (current not in attacks or current in completed):
+        raise check.fail(f"has current = {current!r}, which is not an unfinished attack of {_short(attacks)}")
+    pending = raw.get("pending")
+    accuracy = raw.get("accuracy", {})
+    if not isinstance(accuracy, dict):
+        raise check.fail("has accuracy that is not a JSON object")
+    batch_size = raw.get("batch_size")
+    return AutoAttackState(
+        settings=dict(settings),
+        attacks=attacks,
+        robust=robust,
+        adv_labels=torch.tensor(labels, dtype=torch.long),
+        completed=completed,
+        current=current,
+        pending=None if pending is None else check.indices(pending, "pending", low=0, high=n),
+        accuracy={str(key): check.fraction(value, f"accuracy[{key!r}]") for key, value in accuracy.items()},
+        warnings=check.texts(raw.get("warnings", []), "warnings"),
+        batch_size=None if batch_size is None else check.integer(batch_size, "batch_size", low=1),
+        backend=check.text(raw.get("backend"), "backend", optional=True),
+        finished=check.boolean(raw.get("finished", False), "finished"),
+    )
+
+
+def _read_legacy_state(raw: dict[str, Any], check: _StateChecker) -> AutoAttackState:
+    """AutoAttack's own ``EvaluationState`` file (pyautoattack 0.2.0, fra31)."""
     attacks = raw["_attacks_to_run"]
     if isinstance(attacks, str):  # the bug this parser exists for: json.dump(default=str) of a set
-        attacks = ast.literal_eval(attacks) if attacks not in ("set()", "") else set()
+        attacks = _literal_attack_set(attacks, check)
+    if not isinstance(attacks, (list, set, tuple)) or not all(isinstance(a, str) for a in attacks):
+        raise check.fail(f"has _attacks_to_run = {_short(attacks)}, expected a set of attack names")
     flags = raw["_robust_flags"]
-    robust = torch.tensor([bool(v) for v in flags], dtype=torch.bool) if flags is not None else None
+    robust = check.flags(flags, "_robust_flags", allow_bool=True) if flags is not None else None
     n = 0 if robust is None else robust.numel()
-    clean = float(raw.get("_clean_accuracy", float("nan")))
+    clean = raw.get("_clean_accuracy")
+    if isinstance(clean, float) and math.isnan(clean):  # written before the clean pass measured it
+        clean = None
     return AutoAttackState(
         settings={},
         attacks=sorted(str(a) for a in attacks),  # the order is not recorded
         robust=robust if robust is not None else torch.zeros(0, dtype=torch.bool),
         adv_labels=torch.full((n,), -1, dtype=torch.long),
-        completed=[str(a) for a in raw.get("_run_attacks", [])],
-        accuracy={} if math.isnan(clean) else {"clean": clean},
+        completed=check.texts(raw.get("_run_attacks", []), "_run_attacks"),
+        accuracy={} if clean is None else {"clean": check.fraction(clean, "_clean_accuracy")},
         legacy=True,
     )
+
+
+def _literal_attack_set(text: str, check: _StateChecker) -> Any:
+    """The set AutoAttack wrote as its repr (``"{'apgd-ce', 'apgd-t'}"``); ``"set()"`` is the empty set."""
+    if text in ("set()", ""):
+        return set()
+    if len(text) > _LEGACY_ATTACKS_LIMIT:
+        raise check.fail(f"has an _attacks_to_run string of {len(text)} characters, not a set of attack names")
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise check.fail(f"has _attacks_to_run = {_short(text)}, which is not a set of attack names") from None
 
 
 def _adversary_settings(adversary: Any, x: Tensor, y: Tensor) -> dict[str, Any]:
