@@ -78,8 +78,10 @@ def read_bytes_bounded(path: str | os.PathLike[str], *, limit: int, what: str) -
     """The bytes of a regular file of at most ``limit`` bytes (else a one-line UserError)."""
     fd = open_regular(path, what=what)
     with os.fdopen(fd, "rb") as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
+        # The recorded size refuses a large file unread; the bounded read still catches one that grows.
+        too_large = os.fstat(fd).st_size > limit
+        data = b"" if too_large else handle.read(limit + 1)
+    if too_large or len(data) > limit:
         raise UserError(
             f"{what} {path} is larger than {_size(limit)}, more than such a file can hold; "
             "it is not the file you meant (or it is damaged)"
