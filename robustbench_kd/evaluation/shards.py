@@ -560,12 +560,13 @@ def _check_flags(raw: dict[str, Any], keys: list[str], size: int, check: _ShardC
         raise check.fail(f"has flags for {_short(list(raw))} but results {_short(keys)}")
     per_example = {}
     for key, values in raw.items():
+        if not isinstance(values, list) or len(values) != size:
+            got = f"{len(values)} flags" if isinstance(values, list) else f"{_short(values)} as flags"
+            raise check.fail(f"has {got} for {key!r} where its range needs {size}")
         # type() rather than isinstance: true/false or "1" in place of 1 is a damaged file.
-        if not isinstance(values, list) or len(values) != size or any(type(v) is not int for v in values):
-            got = f"{len(values)} values" if isinstance(values, list) else _short(values)
-            raise check.fail(f"has {got} for {key!r} where its range needs {size} integer flags (0 or 1)")
-        if any(v not in (0, 1) for v in values):
-            raise check.fail(f"has a flag for {key!r} that is neither 0 nor 1")
+        bad = next((i for i, v in enumerate(values) if type(v) is not int or v not in (0, 1)), None)
+        if bad is not None:
+            raise check.fail(f"has the flag {_short(values[bad])} for {key!r}; flags are the integers 0 and 1")
         per_example[key] = torch.tensor(values, dtype=torch.bool)
     return per_example
 

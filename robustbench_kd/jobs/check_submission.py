@@ -102,7 +102,7 @@ def check_submission(directory: str | Path, *, load_entry: bool = True) -> Submi
         check.problems.append(str(exc))
         return check
     for name in (f"{model_id}.json", AUTOATTACK_LOG, CHECKSUM_FILE, ZOO_ENTRY_FILE, ISSUE_FILE, README_FILE):
-        if not (directory / name).is_file():
+        if not (directory / name).exists():  # a FIFO or device is there: reading it reports what it is
             check.problems.append(f"{name} is missing")
     info = _check_entry(directory / f"{model_id}.json", check)
     checkpoint = _check_checksum(directory, check)
@@ -131,7 +131,7 @@ _MODULE_FILE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.py")
 def _read_text(path: Path, check: SubmissionCheck, *, limit: int = TEXT_LIMIT) -> str | None:
     """The text of a bundle file, or None with a problem line (not a regular file, too large, not UTF-8)."""
     try:
-        return read_text_bounded(path, limit=limit, what=path.name)
+        return read_text_bounded(path, limit=limit, what="bundle file")
     except UserError as exc:
         check.problems.append(str(exc))
         return None
@@ -142,7 +142,7 @@ def _read_json(path: Path, check: SubmissionCheck) -> Any:
         check.problems.append(f"{path.name} is missing (not a bundle written by robustbench_kd?)")
         return None
     try:
-        data = load_json_bounded(path, limit=JSON_LIMIT, what=path.name)
+        data = load_json_bounded(path, limit=JSON_LIMIT, what="bundle file")
     except UserError as exc:
         check.problems.append(str(exc))
         return None
