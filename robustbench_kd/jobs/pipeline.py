@@ -12,7 +12,7 @@ from robustbench_kd.data.datasets import to_float
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.autoattack import autoattack_state
 from robustbench_kd.evaluation.final_report import ModelReport, evaluate_and_write, final_students
-from robustbench_kd.evaluation.shards import evaluate_shard
+from robustbench_kd.evaluation.shards import evaluate_shard, output_directory
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.scale.distributed import is_main
 from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
@@ -24,7 +24,9 @@ from robustbench_kd.threat import parse_number, validate_eps
 from robustbench_kd.training import builders
 from robustbench_kd.training.loop import train
 from robustbench_kd.training.setup import setup_run
+from robustbench_kd.zoo.autoattack_resume import check_state_file
 from robustbench_kd.zoo.models import parse_zoo_ref, zoo_preprocessing
+from robustbench_kd.zoo.names import validate_model_id
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def evaluate_spec(
     batch_size: int,
     seed: int,
     pgd_steps: int,
-    out_dir: Path,
+    out_dir: str | Path,
     model_id: str | None,
     model_dir: str,
     allow_download: bool = False,
@@ -150,6 +152,13 @@ def evaluate_spec(
     ``preprocessing`` (ImageNet only) names RobustBench's preprocessing; by default a ``robustbench:``
     zoo model gets the one RobustBench evaluates it with, any other model ``Res256Crop224``.
     """
+    # Names that become paths and the files read back are checked before anything is loaded or created:
+    # ``--name ../../x`` would otherwise write outside ``--out``, and a FIFO as state file would block.
+    out_dir = output_directory(out_dir, what="--out")
+    if model_id is not None:
+        validate_model_id(model_id, what="--name")
+    if aa_state is not None:
+        check_state_file(aa_state)
     validate_eps(parse_number(eps, what="eps"), norm, what="eps")
     if shard is not None and model_id is None:
         raise UserError(
