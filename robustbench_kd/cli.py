@@ -290,7 +290,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         pgd_steps=args.pgd_steps,
-        out_dir=Path(args.out),
+        out_dir=args.out,  # a string: an empty --out is refused, not read as "."
         model_id=args.name,
         model_dir=args.model_dir,
         allow_download=args.allow_download,
@@ -324,9 +324,7 @@ def _cmd_merge_shards(args: argparse.Namespace) -> int:
     from robustbench_kd.evaluation.shards import merge_and_write
     from robustbench_kd.plugin_host import PluginHost
 
-    report = merge_and_write(
-        Path(args.directory), None if args.out is None else Path(args.out), host=PluginHost.create()
-    )
+    report = merge_and_write(Path(args.directory), args.out, host=PluginHost.create())
     print(format_table([report]))
     _print_outputs([report])
     return 0
