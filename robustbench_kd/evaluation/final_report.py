@@ -43,6 +43,7 @@ from robustbench_kd.submission.bundle import write_submission_bundle
 from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.submission.zoo_entry import ZooConstructor
 from robustbench_kd.threat import format_eps, parse_number
+from robustbench_kd.zoo.names import validate_model_id
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ def evaluate_and_write(
     ``architecture`` does; ``command`` (the command line that ran this) goes into its README;
     ``number_forward_passes`` (default: ``meta.number_forward_passes``) into the leaderboard entry.
     """
+    # The model id becomes file names under out_dir: refused before anything is evaluated or written.
+    if model_id is not None:
+        validate_model_id(model_id)
     # Sanity suite: an eps in the wrong unit fails here, before any attack runs.
     check_eps_units(parse_number(eps, what="eps"), norm, x)
     # Submission bundle: AutoAttack's log goes to a hidden file in the bundle directory while it runs and
