@@ -51,12 +51,11 @@ def rbkd_epoch_end(run: Any, epoch: int, metrics: dict[str, Any]) -> None:
 
 def _append_tables(run: Any, epoch: int, tables: dict[str, Any]) -> None:
     """Rewrite tables.jsonl atomically with the rows of earlier epochs plus this one (resume-safe)."""
+    from robustbench_kd.analysis.diagnostics.tables import earlier_rows
     from robustbench_kd.storage.atomic import atomic_write_text
 
     path = run.out_dir / TABLES
-    rows = []
-    if path.is_file():
-        rows = [r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if r["epoch"] < epoch]
+    rows = earlier_rows(path, epoch)  # bounded; a damaged line is dropped with a warning
     rows.append({"epoch": epoch, **tables})
     atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in _no_nan(rows)))
 

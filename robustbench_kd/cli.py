@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except Exception as exc:
-        # A crash inside a third-party plugin: one line naming the plugin, its distribution and the function.
+    except (Exception, SystemExit) as exc:
+        # A crash (or sys.exit) in a third-party plugin: one line naming the plugin, its distribution, the function.
         # A crash in this project's own code keeps its traceback (a bug report needs it).
         from robustbench_kd.plugin_host import plugin_failure
 
@@ -377,11 +377,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
         from robustbench_kd.jobs.pipeline import load_finished_run
 
         run_dir = Path(args.run_dirs[0])
-        path = write_run_report(load_finished_run(run_dir), out_dir=None if args.out is None else Path(args.out))
+        path = write_run_report(load_finished_run(run_dir), out_dir=args.out)
     else:
         from robustbench_kd.analysis.reports.compare import write_comparison_report
 
-        path = write_comparison_report([Path(d) for d in args.run_dirs], Path(args.out or "comparison"))
+        path = write_comparison_report([Path(d) for d in args.run_dirs], "comparison" if args.out is None else args.out)
     print(f"report: {path}")
     return 0
 

@@ -27,14 +27,13 @@ from typing import Any
 import pluggy
 
 from robustbench_kd import hookspecs
-from robustbench_kd.errors import UserError
-from robustbench_kd.registry import Registry
+from robustbench_kd.errors import UserError, close_matches
+from robustbench_kd.registry import DISABLE_PLUGINS_ENV, PluginFailure, Registry, short_repr
 
 log = logging.getLogger(__name__)
 
 PROJECT = "robustbench_kd"
 ENTRY_POINT_GROUP = "robustbench_kd"
-DISABLE_PLUGINS_ENV = "RBKD_DISABLE_PLUGINS"
 DISABLE_AUTOLOAD_ENV = "RBKD_DISABLE_PLUGIN_AUTOLOAD"
 
 #: (plugin name, module) of every built-in plugin. The source of truth: nothing registers itself.
@@ -173,7 +172,7 @@ class PluginHost:
         try:
             pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            raise UserError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from None
+            raise _unknown_hook(pm, exc, origins) from None
         return cls(pm, {name: origin.label for name, origin in origins.items()})
 
     # -- introspection --------------------------------------------------------------------------
@@ -186,13 +185,20 @@ class PluginHost:
 
     # -- registries -----------------------------------------------------------------------------
     def _collect(self, hook_name: str, kind: str) -> Registry:
-        registry = Registry(kind)
+        registry = Registry(kind, origins=self.distribution_of)
         caller = getattr(self.pm.hook, hook_name)
         # Call each implementation on its own so every entry knows its plugin. get_hookimpls() is in
         # registration order: built-ins first, so a clash names the built-in first, the newcomer second.
         for impl in caller.get_hookimpls():
             kwargs = {"registry": registry.bound(impl.plugin_name)}
-            impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+            returned = impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+            if returned is not None:
+                # Registering by returning (a list of classes, say) would silently register nothing.
+                raise UserError(
+                    f"{registry.source(impl.plugin_name)}: its {hook_name} returned {short_repr(returned)}; a "
+                    f"registrar hook calls registry.add(...) for each {kind} and returns nothing; fix or "
+                    f"uninstall the plugin, or skip it with {DISABLE_PLUGINS_ENV}={impl.plugin_name}"
+                )
         return registry
 
     @cached_property
@@ -309,8 +315,46 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str, origin: _Origin,
     try:
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
-        raise UserError(f"plugin {name!r} from {origin.label} is invalid: {exc}") from None
+        raise UserError(f"plugin {name!r} from {origin.label} {_invalid_hook(pm, exc)}") from None
+    except (TypeError, ValueError, AttributeError) as exc:  # an object pluggy cannot take as a plugin at all
+        raise UserError(
+            f"plugin {name!r} from {origin.label} cannot be registered ({_describe(exc)}); an entry point names "
+            f"a module or an object with @hookimpl functions; skip it with {DISABLE_PLUGINS_ENV}={name}"
+        ) from None
     origins[name] = origin
+
+
+#: pluggy's message for a hook implementation that asks for an argument the hook does not pass.
+_EXTRA_ARGUMENTS = re.compile(r"for hook '(?P<hook>\w+)'.*Argument\(s\) \{(?P<names>[^}]*)\} are declared", re.S)
+
+
+def _invalid_hook(pm: pluggy.PluginManager, exc: pluggy.PluginValidationError) -> str:
+    """What pluggy refused in a plugin's hook implementation, on one line, with the valid arguments."""
+    found = _EXTRA_ARGUMENTS.search(str(exc))
+    hook = getattr(pm.hook, found["hook"], None) if found else None
+    spec = getattr(hook, "spec", None)
+    if found is None or spec is None:
+        return f"has an invalid hook implementation ({' '.join(str(exc).split())})"
+    names = found["names"].replace("'", "")
+    return (
+        f"implements {found['hook']} with argument(s) {names} that the hook does not pass; valid arguments "
+        f"(any subset): {', '.join(spec.argnames)}"
+    )
+
+
+def _unknown_hook(
+    pm: pluggy.PluginManager, exc: pluggy.PluginValidationError, origins: dict[str, _Origin]
+) -> UserError:
+    """A one-line UserError for a hook implementation whose name no hookspec has (a typo, an old hook)."""
+    name = pm.get_name(exc.plugin) or getattr(exc.plugin, "__name__", None) or type(exc.plugin).__name__
+    label = origins.get(name, _Origin("(unknown)")).label
+    found = re.search(r"unknown hook '([^']+)'", str(exc))
+    hook = found[1] if found else "?"
+    hooks = sorted(n for n in dir(hookspecs) if n.startswith("rbkd_"))
+    return UserError(
+        f"plugin {name!r} from {label} implements an unknown hook {hook!r}{close_matches(hook, hooks, n=1)}; "
+        f"fix or uninstall the plugin, or skip it with {DISABLE_PLUGINS_ENV}={name}"
+    )
 
 
 def _load_entry_points(pm: pluggy.PluginManager, origins: dict[str, _Origin]) -> None:
@@ -349,14 +393,35 @@ def _load_entry_points(pm: pluggy.PluginManager, origins: dict[str, _Origin]) ->
             _check_name_free(pm, ep.name, origin, origins)
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not crash with a traceback
+            except BaseException as exc:  # a broken third-party plugin must not crash with a traceback
+                if isinstance(exc, KeyboardInterrupt):  # Ctrl-C while importing still interrupts
+                    raise
+                # SystemExit too: a plugin calling sys.exit() at import must not end the command with its code.
                 # Chained, so that --debug shows the plugin's own traceback.
                 raise UserError(
                     f"plugin {ep.name!r} from {origin.label} failed to import ({_describe(exc)}); "
                     f"fix or uninstall it, or skip it with {DISABLE_PLUGINS_ENV}={ep.name}; "
                     "run with --debug for the traceback"
                 ) from exc
+            if not _has_hookimpls(pm, plugin):
+                # Registered, it would do nothing (None would even block the name): the entry point names
+                # the wrong object, and the user would only see the plugin's methods missing.
+                raise UserError(
+                    f"plugin {ep.name!r} from {origin.label}: its entry point {ep.value!r} loads "
+                    f"{short_repr(plugin)}, which has no @hookimpl functions; point it at the module or object "
+                    f"that defines the hooks, or skip it with {DISABLE_PLUGINS_ENV}={ep.name}"
+                )
             _register(pm, plugin, ep.name, origin, origins)
+
+
+def _has_hookimpls(pm: pluggy.PluginManager, plugin: Any) -> bool:
+    """Whether ``plugin`` has a ``@hookimpl`` attribute; an object pluggy cannot inspect is left to register."""
+    if plugin is None:
+        return False
+    try:
+        return any(pm.parse_hookimpl_opts(plugin, name) is not None for name in dir(plugin))
+    except Exception:
+        return True
 
 
 # -- naming the plugin behind a crash ------------------------------------------------------------------------
@@ -370,12 +435,18 @@ def plugin_failure(exc: BaseException) -> str | None:
     ``robustbench_kd`` entry point names it, e.g. ``plugin 'lbgat' from rbkd-lbgat 0.1.0 failed in
     rbkd_lbgat.LBGAT.loss (ZeroDivisionError: division by zero); run with --debug for the traceback``.
 
+    A :class:`~robustbench_kd.registry.PluginFailure` (a plugin's factory returned the wrong type) is
+    already such a line. ``SystemExit`` raised in a plugin's code is a failure like any other: a plugin
+    calling ``sys.exit()`` must not end a run with its exit code and no word of why.
+
     Returns None, so that the caller re-raises, for a :class:`UserError` (already a one-line message),
-    for what is not an ``Exception`` (KeyboardInterrupt, SystemExit), and when no third-party plugin's
-    frame is on the stack: a crash in this project's own code, built-in plugins included, is a bug of
-    the project and keeps its traceback. Never raises.
+    for a ``KeyboardInterrupt`` (Ctrl-C interrupts, whoever's code was running) and other non-``Exception``
+    exceptions, and when no third-party plugin's frame is on the stack: a crash (or ``SystemExit``) in
+    this project's own code, built-in plugins included, keeps its traceback (or exit code). Never raises.
     """
-    if not isinstance(exc, Exception) or isinstance(exc, UserError):
+    if isinstance(exc, PluginFailure):
+        return " ".join(str(exc).split())
+    if not isinstance(exc, (Exception, SystemExit)) or isinstance(exc, UserError):
         return None
     try:
         owners = _plugin_modules()

@@ -237,14 +237,23 @@ def test_an_exception_raised_from_a_plugin_error_names_the_plugin(crashy):
     assert message is not None and "failed in rbkd_crashy.parts.ratio (ZeroDivisionError: " in message
 
 
-def test_interrupts_exits_and_user_errors_from_a_plugin_are_not_reported(crashy):
-    """KeyboardInterrupt and SystemExit keep their own handling; a UserError is already one line."""
+def test_interrupts_and_user_errors_from_a_plugin_are_not_reported(crashy):
+    """KeyboardInterrupt keeps its own handling (Ctrl-C interrupts); a UserError is already one line."""
     interrupt = raised_by(crashy.train_start, None)
     assert isinstance(interrupt, KeyboardInterrupt) and plugin_failure(interrupt) is None
-    exit_ = raised_by(crashy.train_end, None, {})
-    assert isinstance(exit_, SystemExit) and plugin_failure(exit_) is None
     user_error = raised_by(crashy.model_info, {}, None)
     assert isinstance(user_error, UserError) and plugin_failure(user_error) is None
+
+
+def test_sys_exit_in_a_plugin_is_a_failure_naming_it(crashy):
+    """A plugin calling sys.exit() must not end the command with its exit code and no word of why."""
+    exit_ = raised_by(crashy.train_end, None, {})
+    assert isinstance(exit_, SystemExit)
+    assert plugin_failure(exit_) == (
+        "plugin 'crashy' from rbkd-crashy 0.3.1 failed in rbkd_crashy.rbkd_train_end (SystemExit: 3)" + SUFFIX
+    )
+    # This project's own SystemExit (none is raised today) keeps its exit code: the caller re-raises it.
+    assert plugin_failure(raised_by(sys.exit, 4)) is None
 
 
 def test_an_exception_without_plugin_frames_is_none(crashy):

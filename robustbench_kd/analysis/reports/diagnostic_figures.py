@@ -140,7 +140,8 @@ def trajectory_figure(path: Path, arrays: dict[str, np.ndarray], *, n_examples: 
         ax.set_title(f"{kind}: trajectory cosine, easiest -> hardest", fontsize=9)
         ax.set_xlabel("samples by difficulty (mean student CE)", fontsize=8)
         ax.set_ylim(-0.05, 1.05)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # no teacher: an empty panel, and an empty legend is a warning
+            ax.legend(fontsize=6)
         ax = row[2]
         picks = list(order[:n_examples]) + list(order[::-1][:n_examples])
         for j, i in enumerate(picks):

@@ -28,6 +28,9 @@ def _new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> 
     import matplotlib
 
     matplotlib.use("Agg", force=True)
+    # Titles and labels come from file names and metrics keys: a "$" pair there must stay text, not become
+    # mathematics that fails to parse when the figure is drawn.
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)

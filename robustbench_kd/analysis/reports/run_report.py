@@ -4,6 +4,15 @@ Written at the end of ``distill`` (``[report] enabled``) and by ``robustbench-kd
 analyses read the first ``report.n_examples`` test examples; the final evaluation has already read
 the test set and nothing here selects a checkpoint. The student is the one the run reports (its
 best checkpoint when there is one); the teacher is the ``robust`` role, else the first role.
+
+A damaged run directory (see :mod:`.damage`): what the report cannot do without is the run itself,
+``config.yaml`` and the checkpoints, which the caller loads before (a damaged one is a one-line
+UserError there, exit 2). Every other file feeds one part of the report: ``metrics.jsonl`` the training
+metrics, the ``diagnostics/`` files their figures. A damaged one (cut short, wrong types, ``NaN`` where
+none belongs, a directory or FIFO in its place, too large, missing although the run recorded it) costs
+that part only, and is one warning line naming the file and what is wrong, logged after the report is
+in place. The report is built in a scratch directory and moved into ``out`` only once complete
+(:mod:`.staging`): a report that fails leaves ``out`` as it was.
 """
 
 from __future__ import annotations
@@ -17,11 +26,13 @@ import torch
 from torch import nn
 
 from robustbench_kd.analysis.reports import analyses, figures
+from robustbench_kd.analysis.reports.damage import Damage
 from robustbench_kd.analysis.reports.diagnostics_report import TITLES as DIAGNOSTIC_TITLES
 from robustbench_kd.analysis.reports.diagnostics_report import write_diagnostics_figures
 from robustbench_kd.analysis.reports.document import Block, Figure, Heading, Paragraph, Table, write_documents
 from robustbench_kd.analysis.reports.metrics import read_metric_series
 from robustbench_kd.analysis.reports.section import ReportSection
+from robustbench_kd.analysis.reports.staging import output_dir, staged
 from robustbench_kd.analysis.reports.tsne import tsne_embedding
 from robustbench_kd.data.datasets import to_float
 from robustbench_kd.evaluation.final_report import final_students
@@ -52,10 +63,26 @@ def _single_network(model: nn.Module) -> bool:
     return not (isinstance(model, EnsembleTeacher) and len(model.members) > 1)
 
 
-def write_run_report(run: Any, *, section: ReportSection | None = None, out_dir: Path | None = None) -> Path:
-    """Compute the analyses of a finished ``run`` and write the report; returns ``report.md``'s path."""
+#: Panels of the training-metrics figure: a run writes ~10 keys; a plugin adding hundreds gets the first ones.
+MAX_METRIC_PANELS = 48
+
+
+def write_run_report(run: Any, *, section: ReportSection | None = None, out_dir: str | Path | None = None) -> Path:
+    """Compute the analyses of a finished ``run`` and write the report; returns ``report.md``'s path.
+
+    ``out_dir`` (``--out``) defaults to ``<run.out_dir>/report``. Damaged input files are logged as one
+    warning line each once the report is in place (see the module docstring).
+    """
     cfg = section or getattr(run.config, "report", None) or ReportSection()
-    out = Path(out_dir or Path(run.out_dir) / "report")
+    out = output_dir(Path(run.out_dir) / "report" if out_dir is None else out_dir, what="--out")
+    damage = Damage()
+    with staged(out, index="report.md") as scratch:
+        _write_report(run, cfg, scratch, damage)
+    damage.emit()
+    return out / "report.md"
+
+
+def _write_report(run: Any, cfg: ReportSection, out: Path, damage: Damage) -> None:
     _, student_label, student = final_students(run)[0]
     teacher = pick_teacher(run.teachers)
     models = [student] + ([teacher[1]] if teacher else [])
@@ -64,7 +91,7 @@ def write_run_report(run: Any, *, section: ReportSection | None = None, out_dir:
         m.eval()
     try:
         torch.manual_seed(run.config.eval.seed)
-        return _write(run, cfg, out, student_label, student, teacher)
+        _write(run, cfg, out, student_label, student, teacher, damage)
     finally:
         for m, mode in zip(models, modes, strict=False):
             m.train(mode)
@@ -77,7 +104,8 @@ def _write(
     student_label: str,
     student: nn.Module,
     teacher: tuple[str, nn.Module] | None,
-) -> Path:
+    damage: Damage,
+) -> None:
     threat = run.config.threat
     x, y = to_float(run.data.test_x[: cfg.n_examples]), run.data.test_y[: cfg.n_examples]
     x_adv = analyses.adversarial(student, x, y, eps=threat.eps, norm=threat.norm, steps=cfg.pgd_steps)
@@ -136,18 +164,27 @@ def _write(
         cams["student adv"] = analyses.normalized_cams(student, x_adv[:k], y[:k])
         written["cam"] = figures.cam_figure(out / FIGURES["cam"], x[:k], x_adv[:k], cams, y[:k])
 
-    epochs, series = read_metric_series(Path(run.out_dir) / "metrics.jsonl")
-    series = {k: v for k, v in series.items() if not k.startswith("diag_")}  # they get their own figure
+    run_dir = Path(run.out_dir)
+    metrics = read_metric_series(run_dir / "metrics.jsonl", damage, required=True)
+    epochs, series = metrics[0], {k: v for k, v in metrics[1].items() if not k.startswith("diag_")}  # own figure
+    numbers["metrics_not_drawn"] = max(0, len(series) - MAX_METRIC_PANELS)
     if series:
-        written["metrics"] = figures.metrics_figure(out / FIGURES["metrics"], epochs, series)
+        drawn = dict(list(series.items())[:MAX_METRIC_PANELS])
+        written["metrics"] = figures.metrics_figure(out / FIGURES["metrics"], epochs, drawn)
 
     # What [diagnostics] recorded during training (nothing when it was off).
-    diag_written, numbers["diagnostics"] = write_diagnostics_figures(Path(run.out_dir), out)
+    diag_written, numbers["diagnostics"] = write_diagnostics_figures(
+        run_dir,
+        out,
+        enabled=getattr(getattr(run.config, "diagnostics", None), "enabled", ()),
+        num_classes=getattr(run.data, "num_classes", None),
+        metrics=metrics,
+        damage=damage,
+    )
 
     atomic_write_text(out / "analyses.json", json.dumps(numbers, indent=2) + "\n")
     title = f"Report: {run.config.run.name}"
-    paths = write_documents(_blocks(run, numbers, written, diag_written), out, title)
-    return paths["markdown"]
+    write_documents(_blocks(run, numbers, written, diag_written), out, title)
 
 
 SECTIONS = [
@@ -185,6 +222,8 @@ def _blocks(run: Any, numbers: dict[str, Any], written: dict[str, Path], diag_wr
         if key in written:
             title = title.format(method=method)
             blocks += [Heading(title), Figure(title, written[key])]
+        if key == "metrics" and numbers["metrics_not_drawn"]:
+            blocks.append(Paragraph(f"{numbers['metrics_not_drawn']} more metrics are in metrics.jsonl, not drawn."))
     if diag_written:
         blocks.append(Heading("Diagnostics recorded during training"))
         for key, path in diag_written.items():
