@@ -7,9 +7,18 @@ through the entry-point group ``robustbench_kd``::
     [project.entry-points.robustbench_kd]
     mymethod = "rbkd_mymethod"
 
-Implementations may accept any subset of a hook's arguments. Registrar hooks are called once per
-plugin with a registrar bound to that plugin, so every registered name knows which plugin (and
-distribution) added it, and a name registered twice is an error naming both plugins.
+Implementations may accept any subset of a hook's arguments (one the hook does not pass is refused
+when the plugin is loaded, naming the valid ones). Registrar hooks are called once per plugin with a
+registrar bound to that plugin, so every registered name knows which plugin (and distribution) added
+it, and a name registered twice is an error naming both plugins. Registrar hooks return nothing (a
+returned value is an error: it would register nothing); what they register is checked as it is
+registered, and what a registered factory returns is checked when it is called
+(:mod:`robustbench_kd.registry`).
+
+A plugin that cannot be loaded (it raises or calls ``sys.exit`` at import, its entry point names an
+object without hooks, a registration of the wrong kind) is a one-line error naming it, exit 2; a plugin
+whose code fails during a command (an exception, ``sys.exit``, a factory returning the wrong type) is
+a one-line error naming it, exit 1 (``--debug`` shows the traceback).
 
 Set ``RBKD_DISABLE_PLUGINS=name1,name2`` to block plugins by name and
 ``RBKD_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry-point discovery.

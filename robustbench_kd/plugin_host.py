@@ -226,6 +226,15 @@ class PluginHost:
         attack = self.pm.hook.rbkd_make_attack(distiller=distiller, student=student, spec=spec, loss_fn=loss_fn)
         if attack is None:
             raise RuntimeError("no plugin built an attack (is the built-in 'attack' plugin blocked?)")
+        if not callable(attack):
+            # The trainer would call it on the first batch and fail there, in this project's code.
+            builders = [impl.plugin_name for impl in self.pm.hook.rbkd_make_attack.get_hookimpls()]
+            others = [f"{name!r} from {self.distribution_of(name)}" for name in builders if name != "attack"]
+            raise PluginFailure(
+                f"rbkd_make_attack returned {short_repr(attack)}, not a callable attack(x, y); it comes from one of "
+                f"the plugins {', '.join(others) or '(none)'}; fix or uninstall it, or skip it with "
+                f"{DISABLE_PLUGINS_ENV}=<name>"
+            )
         return attack
 
     def train_start(self, run: Any) -> None:

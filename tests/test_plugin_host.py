@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from robustbench_kd import hookimpl
 from robustbench_kd.errors import UserError
@@ -295,7 +296,8 @@ def test_import_failure_with_a_multi_line_message_is_one_line(tmp_path, monkeypa
 
 
 def test_firstresult_attack_override_beats_the_builtin(host):
-    sentinel = object()
+    def sentinel(x, y):  # an attack is a callable attack(x, y)
+        return x
 
     class MyAttack:
         @staticmethod
@@ -350,3 +352,63 @@ def test_readme_documents_every_hook():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in (n for n in dir(hookspecs) if n.startswith("rbkd_")):
         assert f"`{name}(" in readme, f"README's hook table misses {name}"
+
+
+def test_a_factory_is_handed_out_checked_and_kept_as_registered():
+    """``get`` wraps a factory in the check of its result (attributes and signature kept); ``entry`` keeps it."""
+    import inspect
+
+    from robustbench_kd.registry import PluginFailure, Registry
+
+    def loader(spec, ctx, *, strict=False):
+        return spec
+
+    loader.verifies_sha256 = True
+    registry = Registry("teacher source", origins=lambda plugin: "rbkd-x 0.1")
+    registry.bound("x").add("x", loader)
+    checked = registry.get("x")
+    assert registry.entry("x").value is loader
+    assert checked.verifies_sha256 is True and inspect.signature(checked) == inspect.signature(loader)
+    net = torch.nn.Linear(2, 2)
+    assert checked(net, None) is net
+    with pytest.raises(PluginFailure) as info:
+        checked("not a network", None)
+    assert str(info.value).startswith(
+        "plugin 'x' from rbkd-x 0.1: its teacher source 'x' returned 'not a network' (str), not a torch.nn.Module"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "phrase"),
+    [
+        ("with space", lambda **kw: None, "under the name 'with space' (str)"),
+        ("", lambda **kw: None, "under the name '' (str)"),
+        ("a:b", lambda **kw: None, "under the name 'a:b' (str)"),
+        ("ok", "not callable", "as 'not callable' (str), which is not callable"),
+    ],
+)
+def test_registered_names_and_values_are_checked_when_registered(name, value, phrase):
+    from robustbench_kd.registry import Registry
+
+    registry = Registry("student architecture", origins=lambda plugin: "rbkd-x 0.1")
+    with pytest.raises(UserError, match=r"^plugin 'x' from rbkd-x 0\.1 registers") as info:
+        registry.bound("x").add(name, value)
+    assert phrase in str(info.value) and "RBKD_DISABLE_PLUGINS=x" in str(info.value)
+
+
+def test_an_attack_that_is_not_callable_names_the_plugins_that_build_attacks():
+    from robustbench_kd.plugin_host import plugin_failure
+    from robustbench_kd.registry import PluginFailure
+
+    class NotAnAttack:
+        @staticmethod
+        @hookimpl
+        def rbkd_make_attack(spec):
+            return "pgd"
+
+    host = PluginHost.create(autoload=False, extra=[NotAnAttack])
+    with pytest.raises(PluginFailure) as info:
+        host.make_attack(distiller=None, student=None, spec=None, loss_fn=None)
+    message = plugin_failure(info.value)
+    assert message is not None and message.startswith("rbkd_make_attack returned 'pgd' (str), not a callable")
+    assert "the plugins 'NotAnAttack' from (registered in code);" in message and "\n" not in message
