@@ -133,6 +133,30 @@ def test_layout_errors(tmp_path):
         data.test_x[:]
 
 
+def test_hostile_image_files_are_one_line_errors(tmp_path, monkeypatch):
+    """A FIFO in place of an image is refused unread; truncated files and decompression bombs name the file."""
+    import os
+
+    from PIL import Image
+
+    prep = get_preprocessing("Res256Crop224")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match=r"^image .*pipe.png is a FIFO \(named pipe\), not a regular file"):
+        LazyImages([str(fifo)], prep)[0]
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(good)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(UserError, match=r"cannot read image .*cut.png \(OSError"):
+        LazyImages([str(cut)], prep)[0]
+    # PIL refuses an image of more than twice MAX_IMAGE_PIXELS; 40x50 stands in for a billion pixels here.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(UserError, match=r"cannot read image .*good.png \(DecompressionBombError") as info:
+        LazyImages([str(good)], prep)[0]
+    assert "\n" not in str(info.value)
+
+
 def test_config_defaults_and_checks():
     cfg = config_from_mapping({"data": {"dataset": "imagenet", "preprocessing": "Crop288"}})
     assert cfg.threat.eps == pytest.approx(4 / 255)  # RobustBench's ImageNet Linf budget

@@ -96,7 +96,7 @@ def open_extra(path: str | Path, *, image_shape: tuple[int, int, int], num_class
     Every mismatch (keys, rank, dtype, image shape, label count or range) is a one-line UserError.
     """
     path = Path(path).expanduser()
-    arrays = memmap_npz(path)
+    arrays = memmap_npz(path, what="data.extra_path")
     images = _member(arrays, IMAGE_KEYS, "image", path)
     labels = _member(arrays, LABEL_KEYS, "label", path)
     c, h, w = image_shape

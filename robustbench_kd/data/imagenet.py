@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from robustbench_kd.errors import UserError, close_matches
+from robustbench_kd.storage.bounded import open_regular
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -123,13 +124,25 @@ def get_preprocessing(name: str) -> Preprocessing:
 
 
 def _decode(path: str, preprocessing: Preprocessing) -> Tensor:
-    from PIL import Image, UnidentifiedImageError
+    """Decode one image file; a damaged, hostile or non-regular file is a one-line UserError naming it.
 
+    The file is opened as a regular file first (a FIFO put in place of an image would block the
+    decoder forever); PIL refuses images of absurd pixel counts (decompression bombs) by itself.
+    """
+    import struct
+
+    from PIL import Image
+
+    # PIL's decoders raise these for damaged files (UnidentifiedImageError is an OSError), and
+    # DecompressionBombError (an Exception) for an image whose header claims billions of pixels.
+    damaged = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+    handle = os.fdopen(open_regular(path, what="image"), "rb")  # outside the try: UserError is a ValueError
     try:
-        with Image.open(path) as image:
+        with handle, Image.open(handle) as image:
             return preprocessing(image)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot read image {path} ({type(exc).__name__}: {exc}); remove or replace it") from None
+    except damaged as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise UserError(f"cannot read image {path} ({type(exc).__name__}: {detail}); remove or replace it") from None
 
 
 class LazyImages:

@@ -179,20 +179,51 @@ def patch_cifar_integrity() -> Iterator[None]:
 
     Needed for ``robustbench.data.load_cifar10/100`` and ``robustbench.eval.benchmark``, which
     construct ``torchvision.datasets.CIFAR10(..., download=True)`` themselves: with the patch the
-    MD5 checks pass for fixture files, so no download is attempted. Restored on exit.
+    MD5 checks pass for fixture files, so no download is attempted. Without the MD5 check nothing
+    vouches for the files, so torchvision's ``pickle.load`` is replaced too, by the loader that never
+    runs code (:mod:`robustbench_kd.storage.safe_pickle`). Both are restored on exit.
     """
     import torchvision.datasets.cifar as tv_cifar
 
-    original = tv_cifar.check_integrity
+    original, original_pickle = tv_cifar.check_integrity, tv_cifar.pickle
 
     def exists_only(fpath: str, md5: str | None = None) -> bool:
         return os.path.isfile(fpath)
 
     tv_cifar.check_integrity = exists_only
+    tv_cifar.pickle = _SafePickleModule  # type: ignore[assignment]  # only .load is used there
     try:
         yield
     finally:
-        tv_cifar.check_integrity = original
+        tv_cifar.check_integrity, tv_cifar.pickle = original, original_pickle
+
+
+class _SafePickleModule:
+    """Stands in for the ``pickle`` module inside torchvision's CIFAR code: ``load`` never runs code."""
+
+    @staticmethod
+    def load(handle: Any, encoding: str = "latin1") -> Any:
+        return _load_batch(Path(handle.name), encoding=encoding)
+
+
+def _load_batch(path: Path, encoding: str = "latin1") -> Any:
+    """A CIFAR pickle file read without running code, its arrays as plain ``np.ndarray``."""
+    import numpy as np
+
+    from robustbench_kd.storage.bounded import MiB
+    from robustbench_kd.storage.safe_pickle import load_pickle
+
+    batch = load_pickle(
+        path,
+        limit=256 * MiB,
+        what="CIFAR file",
+        fix="write it with make_tiny_cifar",
+        kind="CIFAR pickles",
+        encoding=encoding,
+    )
+    if isinstance(batch, dict):
+        batch = {k: np.asarray(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    return batch
 
 
 @contextlib.contextmanager
@@ -257,8 +288,7 @@ def relabel_to_predictions(
     import torch
 
     path = Path(data_root) / "cifar-10-batches-py" / "test_batch"
-    with open(path, "rb") as handle:
-        batch = pickle.load(handle)  # a file this module wrote
+    batch = _load_batch(path)
     x = torch.as_tensor(batch["data"]).reshape(-1, 3, 32, 32).float() / 255
     targets = torch.arange(len(x)) % 10
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
