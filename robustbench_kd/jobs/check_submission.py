@@ -21,6 +21,7 @@ requirement (:mod:`.readiness`) holds. The checks:
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -82,6 +83,18 @@ class SubmissionCheck:
                 f"NOT READY {self.directory}: {len(self.problems)} problem(s), {len(self.unmet)} unmet requirement(s)"
             )
         return out
+
+
+def _weights_only_env() -> dict[str, str]:
+    """The child's environment with every ``torch.load`` forced to ``weights_only``.
+
+    robustbench's ``load_model`` calls ``torch.load`` without ``weights_only``; torch >= 2.6 then defaults to
+    the safe loader, unless ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set in the reviewer's shell. The bundle's
+    checkpoint is untrusted input, so the child overrides both.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    env["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    return env
 
 
 def check_submission(directory: str | Path, *, load_entry: bool = True) -> SubmissionCheck:
@@ -373,6 +386,7 @@ def _check_standalone_load(
                 text=True,
                 timeout=STANDALONE_TIMEOUT_S,
                 cwd=tmp,
+                env=_weights_only_env(),
             )
         except subprocess.TimeoutExpired:
             check.problems.append(f"loading {ZOO_ENTRY_FILE} took over {STANDALONE_TIMEOUT_S} s")
