@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 def load_robustbench_teacher(spec: TeacherSpec, ctx: TeacherLoadContext):
     from robustbench_kd.zoo.models import load_zoo_model, parse_zoo_ref, zoo_input_size
 
+    spec.check_options(())  # a zoo entry is named in full by its ref: an option here would be ignored
     dataset, threat_model, name = parse_zoo_ref(spec.ref)
     net = load_zoo_model(
         name,

@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. --set optim.lr=0.1 --set threat.eps=8/255 (repeatable)",
     )
     p.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/checkpoints/last.pt")
+    p.add_argument(
+        "--resume-changed",
+        action="append",
+        default=[],
+        metavar="KEY[,KEY]",
+        help="with --resume: let the config differ from what last.pt was trained with in these keys or "
+        "sections (e.g. threat.eps, method.beta, teachers.robust, data); without it such a resume is refused, "
+        "listing the differing keys (repeatable)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
 
     p = sub.add_parser("evaluate", help="leaderboard-style evaluation of a checkpoint or zoo model")
@@ -251,7 +260,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     distributed.quiet_other_ranks()  # under torchrun: one log, from rank 0
     config = load_config(args.config, args.overrides)
     try:
-        reports = distill(config, resume=args.resume, final_eval=not args.no_eval)
+        reports = distill(config, resume=args.resume, final_eval=not args.no_eval, resume_changed=args.resume_changed)
     finally:
         distributed.shutdown()
     if reports:

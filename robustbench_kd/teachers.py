@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 import torch
 from torch import Tensor, nn
 
-from robustbench_kd.errors import UserError
+from robustbench_kd.errors import UserError, close_matches
 from robustbench_kd.vectorised_ensemble import StackedMembers, architecture_mismatch
 
 log = logging.getLogger(__name__)
@@ -247,15 +247,46 @@ class TeacherSpec:
                 "or 'file:path/to/checkpoint.pt'"
             )
         scheme, _, rest = text.partition(":")
-        ref, _, query = rest.partition("?")
-        if not ref:
+        ref, question, query = rest.partition("?")
+        if not ref.strip():
             raise UserError(f"teacher spec {text!r} names no model after '{scheme}:'")
-        options = dict(parse_qsl(query))
+        options = parse_spec_query(query, text=text) if question else {}
         pinned = options.pop("sha256", None)
         from robustbench_kd.storage.checkpoint import parse_sha256
 
         digests = parse_sha256(pinned, where=f"teacher spec {text!r}") if pinned is not None else ()
         return cls(scheme=scheme.strip().lower(), ref=ref.strip(), options=options, text=text, sha256=digests)
+
+    def check_options(self, allowed: Collection[str]) -> None:
+        """Refuse options this spec's source does not read (``sha256`` is always read, see :meth:`parse`).
+
+        A source that would ignore an option calls this: an ignored ``?arch=`` or a misspelt ``?sha265=`` must
+        not look as if it had been applied.
+        """
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            valid = ["sha256", *sorted(allowed)]
+            raise UserError(
+                f"teacher spec {self.text!r}: unknown option {unknown[0]!r}{close_matches(unknown[0], valid)} "
+                f"for the {self.scheme}: source; valid options: {', '.join(valid)}"
+            )
+
+    def identity(self) -> str:
+        """What this spec loads, independent of where its file lies: a resume compares teachers by it.
+
+        A ``file:`` spec is named by its file's SHA-256 (a run whose teacher file moved is still the same
+        run; one whose file was replaced is not), every other spec by scheme and ref; the options follow,
+        sorted, without the pin (the digest says more).
+        """
+        name = f"{self.scheme}:{self.ref}"
+        if self.scheme == "file":
+            path = Path(self.ref).expanduser()
+            if path.is_file():
+                from robustbench_kd.storage.hashing import sha256_of
+
+                name = f"file:sha256={sha256_of(path)}"
+        options = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{name}?{options}" if options else name
 
     @staticmethod
     def option_value(text: str) -> int | float | bool | str:
@@ -270,6 +301,34 @@ class TeacherSpec:
             except ValueError:
                 pass
         return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_spec_query(query: str, *, text: str) -> dict[str, str]:
+    """The ``key=value&...`` options after a spec's ``?``, strictly (percent-escapes decoded).
+
+    Unlike :func:`urllib.parse.parse_qsl`, which drops ``sha256=`` with an empty value and keeps the last of
+    two equal keys, every part must be ``key=value`` with a non-empty key and value, and a key may appear
+    once: ``file:t.pt?sha256=$PIN`` with ``PIN`` unset is an error, never a spec without its pin.
+    """
+    where = f"teacher spec {text!r}"
+    if not query.strip():
+        raise UserError(f"{where} ends in '?' with no options; write key=value after '?' or drop the '?'")
+    options: dict[str, str] = {}
+    for part in query.split("&"):
+        key, sep, value = (unquote_plus(piece).strip() for piece in part.partition("="))
+        if not part.strip():
+            raise UserError(f"{where} has an empty option (a doubled or trailing '&'); write key=value&key=value")
+        if not sep or not key:
+            raise UserError(f"{where}: option {part!r} is not key=value (e.g. ?arch=small-cnn&sha256=<64 hex>)")
+        if not value:
+            raise UserError(
+                f"{where}: option {key!r} has an empty value (an unset shell variable?); give it a value or drop "
+                f"'{key}='"
+            )
+        if key in options:
+            raise UserError(f"{where} gives option {key!r} twice ({options[key]!r} and {value!r}); give it once")
+        options[key] = value
+    return options
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,6 +359,24 @@ def check_teacher_output(teacher: nn.Module, ctx: TeacherLoadContext, spec: str)
         ) from None
     if out.ndim != 2 or out.shape[1] != ctx.num_classes:
         raise UserError(f"teacher {spec} predicts {out.shape[-1]} classes but {ctx.dataset} has {ctx.num_classes}")
+
+
+def role_identity(role_spec: Any) -> dict[str, Any]:
+    """A configured role (one spec, a list, or ``{specs, weights, combine, vectorize}``) as what it computes.
+
+    ``"x"`` and ``["x"]`` are the same teacher; ``vectorize`` is left out (it changes how the ensemble is
+    evaluated, not its output).
+    """
+    table: Mapping[str, Any] = role_spec if isinstance(role_spec, Mapping) else {}
+    if isinstance(role_spec, str):
+        specs = [role_spec]
+    else:
+        specs = list(table.get("specs", [])) if table else list(role_spec)
+    return {
+        "members": [TeacherSpec.parse(text).identity() for text in specs],
+        "weights": table.get("weights"),
+        "combine": table.get("combine", "probs"),
+    }
 
 
 def describe(spec: Any) -> str:

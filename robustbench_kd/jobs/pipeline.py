@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from robustbench_kd.evaluation.shards import evaluate_shard, output_directory
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.scale.distributed import is_main
 from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
+from robustbench_kd.storage.run_lock import RunDirLock
 from robustbench_kd.submission.bundle import distill_command
 from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.submission.zoo_entry import constructor_for_run, constructor_for_spec
@@ -38,24 +40,28 @@ def distill(
     resume: bool = False,
     final_eval: bool = True,
     export_dir: Path | None = None,
+    resume_changed: Sequence[str] = (),
 ) -> list[ModelReport]:
     """Train a student, then evaluate it (and its teachers) and write the RobustBench outputs.
 
-    The outputs go under ``export_dir`` (default: the run's ``out_dir``).
+    The outputs go under ``export_dir`` (default: the run's ``out_dir``). The run directory is locked
+    against other processes from start to finish (:class:`~robustbench_kd.storage.run_lock.RunDirLock`);
+    ``resume_changed``: see :func:`~robustbench_kd.training.loop.train`.
     """
     host = host or PluginHost.create()
-    run = train(config, host=host, resume=resume)
-    if not final_eval or not config.eval.attacks or not is_main():  # torchrun: rank 0 evaluates
-        return []
-    reports = evaluate_run(run, export_dir=export_dir)
-    if config.report.enabled:  # analyses and figures, after the final evaluation has read the test set
-        from robustbench_kd.analysis.reports.run_report import write_run_report
+    with RunDirLock(config.run.out_dir) as lock:
+        run = train(config, host=host, resume=resume, resume_changed=resume_changed, lock=lock)
+        if not final_eval or not config.eval.attacks or not is_main():  # torchrun: rank 0 evaluates
+            return []
+        reports = evaluate_run(run, export_dir=export_dir)
+        if config.report.enabled:  # analyses and figures, after the final evaluation has read the test set
+            from robustbench_kd.analysis.reports.run_report import write_run_report
 
-        # The results are written already; a model the analyses cannot read loses only the report.
-        try:
-            log.info("report written to %s", write_run_report(run))
-        except UserError as exc:
-            log.warning("report not written: %s", exc)
+            # The results are written already; a model the analyses cannot read loses only the report.
+            try:
+                log.info("report written to %s", write_run_report(run))
+            except UserError as exc:
+                log.warning("report not written: %s", exc)
     return reports
 
 

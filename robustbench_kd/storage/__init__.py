@@ -8,6 +8,7 @@
   and truncated downloads, check pinned SHA-256 digests, load weights into a network;
 * :mod:`.hashing`: the SHA-256 of a file from its raw bytes.
 * :mod:`.names`: output directories given by the user (never empty, no control characters);
+* :mod:`.run_lock`: one writer per run directory (a lock file ``distill`` holds; a crash releases it);
 
 May import: :mod:`robustbench_kd.errors` only; every other layer may import this package.
 """

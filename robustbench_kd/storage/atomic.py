@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,11 +89,54 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj, path)`` atomically: on any error the previous file at ``path`` survives.
 
-    Parents are created. Returns the path.
+    Parents are created. Returns the path. A write the operating system refused (a full disk, a file-size
+    limit, an I/O error) is raised as that :class:`OSError` naming ``path``, never as torch's multi-line
+    ``RuntimeError`` from its zip writer (:func:`_os_failure_of`).
     """
     with _atomic_binary_file(path) as handle:
-        torch.save(obj, handle)
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as exc:
+            cause = _os_failure_of(exc, handle)
+            if cause is None:
+                raise
+            raise cause from exc
     return Path(path)
+
+
+# What torch's zip writer (caffe2 ``PytorchStreamWriter`` in ``inline_container.cc``) says when a write
+# of the file under it failed: a short write shows up as an "unexpected pos" check, a failed stream as
+# "file write failed" or an iostream error.
+_WRITER_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed|iostream error")
+
+
+def _os_failure_of(exc: RuntimeError, handle: IO[bytes]) -> OSError | None:
+    """The operating system's error behind torch's writer failure ``exc``, or None if the OS is not the cause.
+
+    Two ways to learn it, because torch reports a failed write of the Python file object as a
+    ``RuntimeError`` with no errno: (1) the ``OSError`` that ``handle.write`` raised, which torch leaves as
+    the context (or cause) of its own exception; (2) when the chain has none but the message is the
+    writer's, one more write of one byte at the end of the file: the OS refuses it again with the errno
+    (ENOSPC, EFBIG, EIO, ...). Either way the half-written temporary file is removed by the caller.
+    """
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, OSError) and link.errno is not None:
+            return OSError(link.errno, link.strerror or str(link))
+        link = link.__cause__ or link.__context__
+    if not _WRITER_FAILURE.search(str(exc)):
+        return None
+    try:
+        handle.flush()
+        fd = handle.fileno()
+        os.pwrite(fd, b"\0", os.fstat(fd).st_size)
+        os.fsync(fd)
+    except OSError as probe:
+        if probe.errno is not None:
+            return OSError(probe.errno, probe.strerror or str(probe))
+    return None
 
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:

@@ -34,6 +34,8 @@ from robustbench_kd.storage.hashing import sha256_of
 log = logging.getLogger(__name__)
 
 FORMAT = "robustbench_kd.storage.checkpoint/1"
+#: Names the same layout had before (version numbers are shared): older runs still resume.
+_FORMAT_NAMES = ("robustbench_kd.storage.checkpoint", "robustbench_kd.checkpoint")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -62,6 +64,32 @@ def load_checkpoint(
     if not isinstance(data, dict):
         raise UserError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict of tensors")
     return data
+
+
+def check_format(data: dict[str, Any], path: str | Path) -> None:
+    """Refuse, in one line, a checkpoint whose ``format`` this version cannot resume.
+
+    Missing (not a checkpoint ``distill`` wrote: a teacher, a zoo file), foreign (another program's), or a
+    newer version (a later robustbench_kd changed the layout: resuming it here would misread it).
+    """
+    fmt = data.get("format")
+    name, _, version = fmt.rpartition("/") if isinstance(fmt, str) else ("", "", "")
+    current = int(FORMAT.rpartition("/")[2])
+    if fmt is None:
+        raise UserError(
+            f"checkpoint {path} has no 'format' entry: it is not a checkpoint `robustbench-kd distill` wrote "
+            "(a teacher or a zoo file?); --resume continues from a run's own checkpoints/last.pt"
+        )
+    if name not in _FORMAT_NAMES or not version.isdigit():
+        raise UserError(
+            f"checkpoint {path} has format {str(fmt)[:80]!r}, not a robustbench_kd training checkpoint "
+            f"({FORMAT}); --resume continues from a run's own checkpoints/last.pt"
+        )
+    if int(version) > current:
+        raise UserError(
+            f"checkpoint {path} has format {fmt!r}, newer than this robustbench_kd reads ({FORMAT}); resume it "
+            "with the robustbench_kd version that wrote it, or upgrade"
+        )
 
 
 def _unreadable_message(path: Path, exc: BaseException) -> str:
@@ -99,6 +127,11 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 def parse_sha256(text: str, *, where: str) -> tuple[str, ...]:
     """Split a ``sha256=`` value (comma-separated hex digests, any case) into lower-case digests."""
     digests = tuple(d.strip().lower() for d in str(text).split(","))
+    if "" in digests:  # `sha256=$PIN` with PIN unset, or a stray comma: never read as "no pin"
+        raise UserError(
+            f"{where}: sha256 {text!r} holds an empty digest (an unset shell variable or a stray comma?); "
+            "expected 64 hex characters (e.g. from `sha256sum FILE`), comma-separated for multi-file zoo entries"
+        )
     bad = [d for d in digests if not _HEX64.fullmatch(d)]
     if bad:
         raise UserError(

@@ -36,11 +36,15 @@ The run's set-up is :mod:`.setup`, its checkpoints and resume :mod:`.checkpoints
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from robustbench_kd.config import RunConfig
@@ -48,6 +52,7 @@ from robustbench_kd.errors import UserError
 from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.scale import distributed
 from robustbench_kd.storage.atomic import atomic_write_text, remove_stale_temps
+from robustbench_kd.storage.run_lock import RunDirLock
 from robustbench_kd.training import checkpoints, selection
 from robustbench_kd.training.batches import EpochBatches, seed_attack_rng
 from robustbench_kd.training.engine import StepEngine
@@ -123,7 +128,13 @@ def write_metrics(run: Run) -> None:
 
 
 def train(
-    config: RunConfig, *, host: PluginHost | None = None, resume: bool = False, stop_after: int | None = None
+    config: RunConfig,
+    *,
+    host: PluginHost | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    resume_changed: Sequence[str] = (),
+    lock: RunDirLock | None = None,
 ) -> Run:
     """Train (or resume) a run and return it; writes checkpoints, metrics and the resolved config.
 
@@ -131,15 +142,40 @@ def train(
         resume: continue from ``<out_dir>/checkpoints/last.pt``.
         stop_after: return once this many epochs are complete (a time-limited job on a cluster); the
             schedule still spans ``optim.epochs`` and ``resume`` continues where it stopped.
+        resume_changed: config keys (or whole sections) a resume may change from what the checkpoint was
+            trained with (``--resume-changed``); any other change is refused (:mod:`.checkpoints`).
+        lock: the run directory's lock when the caller holds it beyond training (``distill`` evaluates
+            after); by default this call takes it and lets it go on return.
     """
+    allowed = checkpoints.parse_resume_changed(resume_changed, resume=resume)
+    main = distributed.from_environ().is_main  # under torchrun only rank 0 writes files and evaluates
+    with contextlib.ExitStack() as stack:
+        if lock is None:
+            lock = stack.enter_context(RunDirLock(config.run.out_dir))
+        if main:
+            check_run_dir(Path(config.run.out_dir))
+            lock.claim_existing()  # before last.pt is read: another process may be writing it
+        run = _train(config, host, resume, stop_after, allowed, lock if main else None)
+    return run
+
+
+def _train(
+    config: RunConfig,
+    host: PluginHost | None,
+    resume: bool,
+    stop_after: int | None,
+    allowed: tuple[str, ...],
+    lock: RunDirLock | None,
+) -> Run:
     run = setup_run(config, host)
-    main = distributed.is_main()  # under torchrun only rank 0 writes files and evaluates
-    _resume_or_refuse(run, resume=resume)
+    main = distributed.is_main()
+    seen = _resume_or_refuse(run, resume=resume, allowed=allowed)
     run.distiller.on_train_start(run)
     # Only a run that has been set up completely (method hooks included) gets a directory.
     distributed.barrier()  # every rank has looked at last.pt before rank 0 writes anything
     if main:
-        _write_start(run, resume=resume)
+        assert lock is not None
+        _write_start(run, lock, resume=resume, seen=seen)
         run.host.train_start(run)
     last_epoch = config.optim.epochs if stop_after is None else min(stop_after, config.optim.epochs)
     for epoch in range(run.epoch, last_epoch):
@@ -162,23 +198,98 @@ def train(
     return run
 
 
-def _resume_or_refuse(run: Run, *, resume: bool) -> None:
-    """Resume from ``last.pt``, or refuse to start over an existing run. Reads only."""
+#: What a run directory holds, by relative path: True for a directory, False for a regular file.
+_RUN_DIR_PARTS = {
+    "checkpoints": True,
+    "checkpoints/last.pt": False,
+    "checkpoints/best.pt": False,
+    "config.yaml": False,
+    "metrics.jsonl": False,
+}
+
+
+def check_run_dir(out_dir: Path) -> None:
+    """Refuse a run directory whose parts are not what a run writes there (a directory as ``last.pt``, ...).
+
+    Checked before set-up, so the mistake costs nothing and nothing is written; a FIFO is never opened.
+    """
+    for relative, directory in {".": True, **_RUN_DIR_PARTS}.items():
+        path = out_dir / relative
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):  # absent, or a part above it is reported
+            continue
+        if directory != stat.S_ISDIR(mode) or not (directory or stat.S_ISREG(mode)):
+            kind = "a directory" if directory else "a regular file"
+            raise UserError(
+                f"{path} is {_kind_of(mode)}, not {kind}; run.out_dir {out_dir} must be a run directory or not "
+                "exist: remove it, or choose another run.out_dir"
+            )
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a file"
+
+
+def _resume_or_refuse(run: Run, *, resume: bool, allowed: tuple[str, ...]) -> tuple[int, int, int] | None:
+    """Resume from ``last.pt``, or refuse to start over an existing run. Reads only.
+
+    Returns the identity of the ``last.pt`` resumed from (see :func:`_claim_run_dir`), None for a new run.
+    """
     last = run.checkpoint_dir / "last.pt"
     if resume:
         if not last.is_file():
             raise UserError(f"--resume: no checkpoint at {last}; start the run without --resume")
-        checkpoints.resume_from(run, last)
-    elif last.is_file():
+        seen = _identity(last)
+        checkpoints.resume_from(run, last, allowed=allowed)
+        return seen
+    if last.is_file():
         raise UserError(
             f"{run.out_dir} already holds a run ({last}); pass --resume to continue it, or choose another run.out_dir"
         )
+    return None
 
 
-def _write_start(run: Run, *, resume: bool) -> None:
-    """Rank 0, once the run is set up: create the run directory, clear a killed run's temp files, write the config."""
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    # A killed run leaves its half-written temp files; the files they were replacing are intact.
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file ``path`` is now: every atomic rewrite gives a new inode."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _claim_run_dir(run: Run, lock: RunDirLock, *, resume: bool, seen: tuple[int, int, int] | None) -> None:
+    """Take the run directory's lock (creating both if new), then check ``last.pt`` is the one set up from.
+
+    A directory without a lock file yet (a new one, or one from an older version) is locked only now; a
+    process that started meanwhile and finished would have changed ``last.pt``.
+    """
+    lock.claim()
+    last = run.checkpoint_dir / "last.pt"
+    if _identity(last) == seen:
+        return
+    lock.release()
+    if seen is None:
+        raise UserError(
+            f"{run.out_dir} got a run ({last}) from another process while this one was starting; pass --resume "
+            "to continue it, or choose another run.out_dir"
+        )
+    raise UserError(
+        f"{last} was rewritten by another process while this one was starting; run the command again to "
+        "resume from the new one"
+    )
+
+
+def _write_start(run: Run, lock: RunDirLock, *, resume: bool, seen: tuple[int, int, int] | None) -> None:
+    """Rank 0, once the run is set up: lock and create the run directory, clear a killed run's temp files, write
+    the config."""
+    _claim_run_dir(run, lock, resume=resume, seen=seen)
+    # A killed run leaves its half-written temp files; the files they were replacing are intact. Only the
+    # lock's holder may remove them: another process's temp files would be live.
     for directory in (run.out_dir, run.checkpoint_dir):
         if directory.is_dir():
             remove_stale_temps(directory)

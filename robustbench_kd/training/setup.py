@@ -26,7 +26,7 @@ from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.scale import distributed
 from robustbench_kd.scale.ema import StudentEMA
 from robustbench_kd.scale.precision import SpeedPlan
-from robustbench_kd.teachers import TeacherSet
+from robustbench_kd.teachers import TeacherSet, role_identity
 from robustbench_kd.training import builders
 from robustbench_kd.training.nan_guard import FiniteGuard
 
@@ -62,6 +62,12 @@ class Run:
     #: where a step checkpoint stopped inside an epoch (:func:`~robustbench_kd.training.checkpoints.step_position`);
     #: consumed by that epoch
     resume_position: dict[str, Any] | None = None
+    #: each teacher role as what it computes (:func:`~robustbench_kd.teachers.role_identity`), recorded in every
+    #: checkpoint so that a resume notices a teacher swapped under the same spec; None outside :func:`setup_run`
+    teacher_identity: dict[str, Any] | None = None
+    #: the config changes a resume was allowed to make (``--resume-changed``): {"epoch", "key", "checkpoint",
+    #: "config"} each, carried from checkpoint to checkpoint so the run's history stays honest
+    config_changes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -133,9 +139,11 @@ def setup_run(config: RunConfig, host: PluginHost | None = None) -> Run:
     student = builders.build_run_student(host, config, data).to(device)
     student = distributed.prepare_student(student, device, sync_bn=config.run.sync_bn)
     teachers = builders.load_teachers(host, config, data, distiller, device)
-    return assemble_run(
+    run = assemble_run(
         config, host, data, distiller, student, teachers, device, builders.student_factory(host, config, data)
     )
+    run.teacher_identity = {role: role_identity(spec) for role, spec in config.teachers.items()}
+    return run
 
 
 def assemble_run(
