@@ -2,6 +2,11 @@
 
 A step checkpoint (``checkpoint.every_steps``) also holds the position inside the epoch: batches done,
 the epoch's metric sums and the global RNG state (:func:`step_position`).
+
+A resume reads only checkpoints of a known format, and compares what the checkpoint was trained with
+(:data:`TRAINED_WITH`, the method with its options, the teachers by content) with the config: a change is
+refused in one line naming every key with both values, unless ``--resume-changed`` allows it; an allowed
+change is recorded in every later checkpoint (``config_changes``).
 """
 
 from __future__ import annotations

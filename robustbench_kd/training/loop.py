@@ -31,6 +31,11 @@ every checkpoint, so a resumed run never replaces ``best.pt`` with a worse epoch
 Under ``torchrun`` (:mod:`robustbench_kd.scale.distributed`) each process trains on its slice of every global
 batch, only the outer loss goes through DistributedDataParallel, and rank 0 alone writes and evaluates.
 
+One process writes a run directory: :func:`train` (and ``distill`` around it, through its final evaluation)
+holds ``<out_dir>/run.lock`` (:mod:`robustbench_kd.storage.run_lock`); a second process is refused in one line
+and writes nothing. A resume whose config differs from what ``last.pt`` was trained with is refused unless
+``--resume-changed`` names the keys (:func:`.checkpoints.trained_with_changes`).
+
 The run's set-up is :mod:`.setup`, its checkpoints and resume :mod:`.checkpoints`.
 """
 
