@@ -2,6 +2,8 @@
 
 Only argparse is imported at module level so ``--help`` and ``methods`` start fast (no robustbench,
 timm or scikit-learn). A :class:`UserError` prints one line and exits 2; ``--debug`` shows tracebacks.
+A command line argparse refuses (a missing argument, ``--epochs ten``) is one line and exit 2 too, and
+every number and output directory given on the command line is checked before the command starts.
 """
 
 from __future__ import annotations
@@ -10,13 +12,25 @@ import argparse
 import logging
 import sys
 import time
+import typing
 from pathlib import Path
 
 ATTACK_CHOICES = "clean, fgsm, pgd, cw, autoattack, autoattack-quick"
 
 
+class _UsageError(Exception):
+    """A command line argparse refused; :func:`main` prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (argparse's own print the usage first); subcommands inherit it."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise _UsageError(f"{' '.join(message.split())} (see `{self.prog} --help`)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="robustbench-kd",
         description="Distil adversarial robustness from RobustBench model-zoo teachers into students, "
         "and evaluate them the way the RobustBench leaderboard does.",
@@ -168,7 +182,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"robustbench-kd: error: {exc}", file=sys.stderr)
+        return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the submission bundle
     if args.command is None:
         parser.print_help()
@@ -253,12 +271,14 @@ def _print_options(cls) -> None:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from robustbench_kd.config import load_config
+
+    # The run file is read and checked before torch is imported: a bad value fails at once.
+    config = load_config(args.config, args.overrides)
     from robustbench_kd.evaluation.final_report import format_table
     from robustbench_kd.jobs.pipeline import distill
     from robustbench_kd.scale import distributed
 
     distributed.quiet_other_ranks()  # under torchrun: one log, from rank 0
-    config = load_config(args.config, args.overrides)
     try:
         reports = distill(config, resume=args.resume, final_eval=not args.no_eval, resume_changed=args.resume_changed)
     finally:
@@ -280,6 +300,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from robustbench_kd.submission.section import ModelInfoSection
     from robustbench_kd.threat import parse_number, validate_eps
 
+    _check_evaluate_args(args)
     if args.eps is None:
         eps = 0.2 if args.dataset == "digits" else (8 / 255 if args.threat == "Linf" else 0.5)
         if args.dataset == "imagenet" and args.threat == "Linf":
@@ -328,11 +349,41 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_evaluate_args(args: argparse.Namespace) -> None:
+    """The numbers and paths of ``evaluate``, checked before anything is loaded or written."""
+    from robustbench_kd.errors import UserError
+    from robustbench_kd.evaluation.shards import parse_shard
+    from robustbench_kd.storage.names import check_output_dir
+    from robustbench_kd.threat import COUNT_MAX, check_int, check_seed
+
+    if args.n_examples is not None:
+        check_int(args.n_examples, what="--n-examples", low=1)
+    check_int(args.batch_size, what="--batch-size", low=1)
+    check_int(args.pgd_steps, what="--pgd-steps", low=1)
+    check_seed(args.seed, what="--seed")
+    check_int(args.number_forward_passes, what="--number-forward-passes", low=1, high=1000)
+    for flag, value in (("--out", args.out), ("--data-dir", args.data_dir), ("--model-dir", args.model_dir)):
+        check_output_dir(value, what=flag)
+    if args.aa_state is not None and not args.aa_state.strip():
+        raise UserError("--aa-state is empty; give the path of the AutoAttack state file")
+    if args.shard is not None:
+        check_int(parse_shard(args.shard)[1], what="--shard's N (the number of shards)", low=1, high=COUNT_MAX)
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """``--out`` of merge-shards, report and quickstart: a usable directory when given."""
+    from robustbench_kd.storage.names import check_output_dir
+
+    if args.out is not None:
+        check_output_dir(args.out, what="--out")
+
+
 def _cmd_merge_shards(args: argparse.Namespace) -> int:
     from robustbench_kd.evaluation.final_report import format_table
     from robustbench_kd.evaluation.shards import merge_and_write
     from robustbench_kd.plugin_host import PluginHost
 
+    _check_out(args)
     report = merge_and_write(Path(args.directory), args.out, host=PluginHost.create())
     print(format_table([report]))
     _print_outputs([report])
@@ -350,7 +401,11 @@ def _cmd_check_submission(args: argparse.Namespace) -> int:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from robustbench_kd.evaluation.final_report import format_table
     from robustbench_kd.jobs.quickstart import run_quickstart
+    from robustbench_kd.threat import check_int, check_seed
 
+    _check_out(args)
+    check_int(args.epochs, what="--epochs", low=1)
+    check_seed(args.seed, what="--seed")
     start = time.perf_counter()
     reports = run_quickstart(args.out, epochs=args.epochs, seed=args.seed)
     print()
@@ -381,6 +436,7 @@ def _print_outputs(reports) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    _check_out(args)
     if len(args.run_dirs) == 1:
         from robustbench_kd.analysis.reports.run_report import write_run_report
         from robustbench_kd.jobs.pipeline import load_finished_run

@@ -23,7 +23,11 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
                                                       (robustbench_kd.analysis.diagnostics.section; off by default)
     [report]     enabled, n_examples, n_cam, eps_factors, pgd_steps, embedding (robustbench_kd.analysis.reports)
 
-Unknown sections or keys are errors that list the valid ones.
+Unknown sections or keys are errors that list the valid ones. Every value is checked when the
+configuration is read (each section's ``__post_init__``, so configurations built in Python are checked
+too): a NaN rate, a seed numpy refuses or a run name that cannot be a file name fails before anything is
+written. A run file is read bounded (a regular file of at most 1 MiB, at most 100 000 values and 32
+levels counting YAML aliases and merge keys as expanded) before anything copies it.
 
 The sections that belong to one subsystem are defined there (``scale.sections``, ``analysis.*.section``,
 ``submission.section``) and assembled here, so this module sits above ``analysis``, ``evaluation``,
@@ -34,7 +38,9 @@ whole :class:`RunConfig`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,11 +51,22 @@ from robustbench_kd.analysis.diagnostics.section import DiagnosticsSection
 from robustbench_kd.analysis.reports.section import ReportSection
 from robustbench_kd.errors import UserError, close_matches
 from robustbench_kd.scale.sections import EmaSection, SpeedSection
+from robustbench_kd.storage.bounded import MiB, check_structure, read_text_bounded
+from robustbench_kd.storage.names import check_output_dir
 from robustbench_kd.submission.section import ModelInfoSection
-from robustbench_kd.threat import ThreatSpec, parse_number
+from robustbench_kd.threat import COUNT_MAX, ThreatSpec, check_int, check_real, check_seed, parse_number
+from robustbench_kd.zoo.names import validate_model_id
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "exponential", "constant")
 SELECT_METRICS = ("pgd", "clean")  #: validation metrics eval.select may rank epochs by
+
+#: Bounds of a run file: a real one is a few KB with a few hundred values four levels deep. They hold
+#: as the file expands (YAML aliases and merge keys), before anything copies it.
+RUN_FILE_LIMIT = 1 * MiB
+RUN_FILE_MAX_VALUES = 100_000
+RUN_FILE_MAX_DEPTH = 32
+#: The largest integer a run file may hold anywhere: torch and numpy hold integers in 64 bits.
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +80,14 @@ class RunSection:
     deterministic: bool = False  #: torch.use_deterministic_algorithms (slower on GPU)
     progress: bool = True  #: tqdm progress bars
     sync_bn: bool = False  #: torchrun/DDP: BatchNorm statistics over the global batch (scale.sync_bn)
+
+    def __post_init__(self) -> None:
+        try:
+            validate_model_id(self.name)
+        except UserError as exc:  # the name becomes model_info/.../<name>.json and models/.../<name>.pt
+            raise UserError(f"run.name is not a usable model id: {exc}") from None
+        check_output_dir(self.out_dir, what="run.out_dir")
+        check_seed(self.seed, what="run.seed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,9 +114,13 @@ class DataSection:
     preprocessing: str | None = None
 
     def __post_init__(self) -> None:
+        check_output_dir(self.data_dir, what="data.data_dir")
         for key in ("batch_size", "test_batch_size"):
-            if getattr(self, key) < 1:
-                raise UserError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+            check_int(getattr(self, key), what=f"data.{key}", low=1)
+        if self.n_train is not None:
+            check_int(self.n_train, what="data.n_train", low=1)
+        if self.extra_path is not None and (not isinstance(self.extra_path, str) or not self.extra_path.strip()):
+            raise UserError(f"data.extra_path must be the path of an .npz file, got {self.extra_path!r}")
         self._check_extra()
         if self.preprocessing is not None and self.dataset != "imagenet":
             raise UserError(
@@ -107,11 +136,11 @@ class DataSection:
             )
         if v == 0 or v >= 1:
             # Files give 1000 as a float (the field also takes fractions); keep counts as ints.
-            object.__setattr__(self, "val_size", int(v))
+            object.__setattr__(self, "val_size", check_int(int(v), what="data.val_size"))
 
     def _check_extra(self) -> None:
         f = self.extra_fraction
-        if not 0 <= f < 1:  # also catches NaN
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:  # also catches NaN
             raise UserError(
                 f"data.extra_fraction must be in [0, 1) (the share of each batch from extra_path), got {f!r}"
             )
@@ -139,11 +168,21 @@ class StudentSection:
     options: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  #: start from these weights (a checkpoint path): fine-tuning stages
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, Mapping):
+            raise UserError(f"student.options must be a table, got {self.options!r}")
+        check_structure(self.options, what="student.options", max_nodes=RUN_FILE_MAX_VALUES, max_depth=8)
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise UserError(f"student.init_from must be the path of a checkpoint, got {self.init_from!r}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ZooSection:
     model_dir: str = "./models"  #: RobustBench model directory (<model_dir>/<dataset>/<threat>/<name>.pt)
     allow_download: bool = False  #: let robustbench download missing zoo checkpoints
+
+    def __post_init__(self) -> None:
+        check_output_dir(self.model_dir, what="zoo.model_dir")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,12 +206,26 @@ class OptimSection:
                 f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
                 f"{close_matches(self.schedule, SCHEDULES)}"
             )
-        if self.epochs < 1:
-            raise UserError(f"optim.epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise UserError(f"optim.lr must be positive, got {self.lr}")
-        if any(m <= 0 for m in self.milestones):
-            raise UserError(f"optim.milestones must be positive epochs, got {self.milestones}")
+        check_int(self.epochs, what="optim.epochs", low=1)
+        check_real(self.lr, what="optim.lr", low=0, low_open=True)
+        check_real(self.momentum, what="optim.momentum", low=0, high=1, high_open=True)
+        check_real(self.weight_decay, what="optim.weight_decay", low=0)
+        check_real(self.gamma, what="optim.gamma", low=0, high=1, low_open=True, rule="in (0, 1] (it lowers lr)")
+        if self.max_lr is not None:
+            check_real(self.max_lr, what="optim.max_lr", low=0, low_open=True)
+        check_real(self.pct_start, what="optim.pct_start", low=0, high=1, low_open=True, high_open=True)
+        self._check_milestones()
+
+    def _check_milestones(self) -> None:
+        """Positive, increasing epochs. A milestone beyond ``epochs`` is kept: it never fires, and a run
+        shortened with ``--set optim.epochs=1`` keeps its file's milestones."""
+        ms = self.milestones
+        if not isinstance(ms, (list, tuple)) or not all(
+            isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= COUNT_MAX for m in ms
+        ):
+            raise UserError(f"optim.milestones must be positive epochs, got {_short(ms)}")
+        if any(b <= a for a, b in itertools.pairwise(ms)):
+            raise UserError(f"optim.milestones must be increasing epochs, each once, e.g. [100, 150], got {list(ms)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,8 +235,7 @@ class CheckpointSection:
 
     def __post_init__(self) -> None:
         for key in ("every", "every_steps"):
-            if getattr(self, key) < 0:
-                raise UserError(f"checkpoint.{key} must be >= 0 (0: off), got {getattr(self, key)}")
+            check_int(getattr(self, key), what=f"checkpoint.{key}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,8 +260,14 @@ class EvalSection:
                 f"eval.select must be one of {', '.join(SELECT_METRICS)}, got {self.select!r}"
                 f"{close_matches(self.select, SELECT_METRICS)}"
             )
-        if self.every < 0:
-            raise UserError(f"eval.every must be >= 0 (0: no evaluation during training), got {self.every}")
+        check_int(self.every, what="eval.every")
+        for key in ("n_examples", "pgd_steps", "batch_size"):
+            check_int(getattr(self, key), what=f"eval.{key}", low=1)
+        if self.final_n_examples is not None:
+            check_int(self.final_n_examples, what="eval.final_n_examples", low=1)
+        check_seed(self.seed, what="eval.seed")
+        if not isinstance(self.attacks, (list, tuple)):
+            raise UserError(f"eval.attacks must be a list of attack names, got {self.attacks!r}")
         from robustbench_kd.evaluation.runner import VALID_ATTACKS  # fail now, not after training
 
         for name in self.attacks:
@@ -258,6 +316,21 @@ class RunConfig:
     diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
     report: ReportSection = field(default_factory=ReportSection)
 
+    def __post_init__(self) -> None:
+        # The free sections are copied as they are (to_dict, asdict): bounded first, as a run file is.
+        for section in FREE_SECTIONS:
+            values = getattr(self, section)
+            if not isinstance(values, Mapping):
+                raise UserError(f"[{section}] must be a table, got {_short(values)}")
+            check_structure(
+                values, what=f"[{section}]", max_nodes=RUN_FILE_MAX_VALUES, max_depth=RUN_FILE_MAX_DEPTH - 1
+            )
+        if "name" not in self.method:
+            raise UserError('[method] needs a name, e.g. name = "rslad" (see `robustbench-kd methods`)')
+        if not isinstance(self.method["name"], str):
+            raise UserError(f"method.name must be a string (see `robustbench-kd methods`), got {self.method['name']!r}")
+        _check_teachers(self.teachers)
+
     @property
     def method_name(self) -> str:
         return str(self.method["name"])
@@ -286,32 +359,36 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if text.startswith("int") or text == "<class 'int'>" or text.startswith("int |"):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise UserError(f"{where} must be an integer, got {value!r}")
+        raise UserError(f"{where} must be an integer, got {_short(value)}")
     if "bool" in text:
         if isinstance(value, bool):
             return value
-        raise UserError(f"{where} must be true or false, got {value!r}")
+        raise UserError(f"{where} must be true or false, got {_short(value)}")
     if text.startswith("str") or text == "<class 'str'>":
         if isinstance(value, str):
             return value
-        raise UserError(f"{where} must be a string, got {value!r}")
+        raise UserError(f"{where} must be a string, got {_short(value)}")
     if text.startswith("list"):
         if not isinstance(value, list):
-            raise UserError(f"{where} must be a list, got {value!r}")
+            raise UserError(f"{where} must be a list, got {_short(value)}")
         if "int" in text and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise UserError(f"{where} must be a list of integers, got {value!r}")
+            raise UserError(f"{where} must be a list of integers, got {_short(value)}")
+        if "float" in text:
+            return [parse_number(v, what=f"{where}[{i}]") for i, v in enumerate(value)]
+        if "str" in text and not all(isinstance(v, str) for v in value):
+            raise UserError(f"{where} must be a list of strings, got {_short(value)}")
         return list(value)
     if text.startswith("dict"):
         if not isinstance(value, Mapping):
-            raise UserError(f"{where} must be a table/mapping, got {value!r}")
+            raise UserError(f"{where} must be a table/mapping, got {_short(value)}")
         return dict(value)
-    raise UserError(f"{where} has an unsupported value {value!r}")
+    raise UserError(f"{where} has an unsupported value {_short(value)}")
 
 
 def section_from_mapping(cls: type, values: Mapping[str, Any], section: str) -> Any:
     """Build a section dataclass strictly: unknown keys and wrong types are UserErrors."""
     if not isinstance(values, Mapping):
-        raise UserError(f"[{section}] must be a table, got {values!r}")
+        raise UserError(f"[{section}] must be a table, got {_short(values)}")
     hints = get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -327,6 +404,7 @@ def section_from_mapping(cls: type, values: Mapping[str, Any], section: str) -> 
 
 def config_from_mapping(raw: Mapping[str, Any]) -> RunConfig:
     """Validate a whole run mapping into a :class:`RunConfig`."""
+    raw = plain_copy(raw, what="the run configuration")
     valid = sorted([*SECTIONS, *FREE_SECTIONS])
     kwargs: dict[str, Any] = {}
     for section, values in raw.items():
@@ -340,16 +418,12 @@ def config_from_mapping(raw: Mapping[str, Any]) -> RunConfig:
             kwargs[section] = section_from_mapping(SECTIONS[section], values, section)
         elif section in FREE_SECTIONS:
             if not isinstance(values, Mapping):
-                raise UserError(f"[{section}] must be a table, got {values!r}")
+                raise UserError(f"[{section}] must be a table, got {_short(values)}")
             kwargs[section] = dict(values)
         else:
             raise UserError(f"unknown section [{section}]{close_matches(section, valid)}; valid: {', '.join(valid)}")
     if "threat" not in kwargs:
         kwargs["threat"] = default_threat(kwargs.get("data", DataSection()).dataset)
-    method = kwargs.get("method", {"name": "pgd-at"})
-    if "name" not in method:
-        raise UserError('[method] needs a name, e.g. name = "rslad" (see `robustbench-kd methods`)')
-    _check_teachers(kwargs.get("teachers", {}))
     return RunConfig(**kwargs)
 
 
@@ -379,44 +453,170 @@ def _check_teachers(teachers: Mapping[str, Any]) -> None:
             specs = spec.get("specs")
             if not isinstance(specs, list) or not specs or not all(isinstance(s, str) for s in specs):
                 raise UserError(f"{where}.specs must be a non-empty list of teacher spec strings")
-            weights = spec.get("weights")
-            if weights is not None and (
-                not isinstance(weights, list) or not all(isinstance(w, (int, float)) for w in weights)
-            ):
-                raise UserError(f"{where}.weights must be a list of numbers")
+            _check_weights(spec.get("weights"), where=f"{where}.weights")
             vectorize = spec.get("vectorize", "auto")
             if vectorize != "auto" and not isinstance(vectorize, bool):
                 raise UserError(f'{where}.vectorize must be "auto", true or false, got {vectorize!r}')
             continue
         raise UserError(
-            f"{where} must be a spec string, a list of specs, or a table {{specs=[...], weights=[...]}}; got {spec!r}"
+            f"{where} must be a spec string, a list of specs, or a table {{specs=[...], weights=[...]}}; "
+            f"got {_short(spec)}"
         )
+
+
+def _check_weights(weights: Any, *, where: str) -> None:
+    """Ensemble weights: finite, non-negative numbers, not all zero (None: equal weights)."""
+    if weights is None:
+        return
+    if not isinstance(weights, list) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights
+    ):
+        raise UserError(f"{where} must be a list of finite numbers >= 0, got {_short(weights)}")
+    if weights and not any(weights):
+        raise UserError(f"{where} are all zero; give at least one teacher a positive weight")
+
+
+def _short(value: Any) -> str:
+    """``repr`` for a message, cut to one short line."""
+    shown = repr(value)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
 
 
 # -- files and overrides -------------------------------------------------------------------------
 def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) run file into a mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".toml":
-            return tomllib.loads(text)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml  # lazily: only YAML users pay for it
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) run file into a mapping.
 
-            data = yaml.safe_load(text) or {}
-            if not isinstance(data, dict):
-                raise UserError(f"config file {path} must hold a mapping at the top level")
-            return data
+    The file is read bounded (a regular file of at most :data:`RUN_FILE_LIMIT`: a FIFO, a device or a
+    huge file is refused before it is read) and its structure is checked as expanded (YAML aliases and
+    merge keys) before anything copies it; see :func:`plain_copy`.
+    """
+    path = Path(path)
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        if not path.exists():
+            raise UserError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} must end in .toml, .yaml or .yml")
+    text = read_text_bounded(path, limit=RUN_FILE_LIMIT, what="config file")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else _load_yaml(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise UserError(f"config file {path} is nested too deeply to be a run file") from None
+    except ValueError as exc:  # Python refuses to convert an integer of more than 4300 digits
+        if "integer string conversion" not in str(exc):
+            raise UserError(f"config file {path} could not be parsed: {_one_line(exc)}") from None
+        raise UserError(f"config file {path} holds an integer of more than 4300 digits") from None
+    except _MergeBomb:
+        raise UserError(
+            f"config file {path} expands to more than {RUN_FILE_MAX_VALUES:,} values through YAML merge keys "
+            "(<<); write the values out"
+        ) from None
     except Exception as exc:
         if isinstance(exc, UserError):
             raise
         raise UserError(f"config file {path} could not be parsed: {_one_line(exc)}") from None
-    raise UserError(f"config file {path} must end in .toml, .yaml or .yml")
+    if data is None:  # an empty YAML file
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level")
+    return plain_copy(data, what=f"config file {path}", prefix=f"config file {path}: ")
+
+
+def plain_copy(raw: Mapping[str, Any], *, what: str, prefix: str = "") -> dict[str, Any]:
+    """A checked, unshared copy of a run mapping: what a run file may hold, and only that.
+
+    First the structure is bounded as expanded (:func:`~robustbench_kd.storage.bounded.check_structure`:
+    at most :data:`RUN_FILE_MAX_VALUES` values and :data:`RUN_FILE_MAX_DEPTH` levels), so the copy of a
+    1 KB file of nested YAML aliases cannot grow to gigabytes. Then every value is copied, refusing what
+    no run file means: keys that are not strings, NaN or infinite numbers, integers beyond 64 bits and
+    other types a YAML or TOML parser builds (dates, bytes, sets). The copy shares nothing, so a
+    ``--set`` on one place of an aliased table does not change the others. ``what`` names the mapping
+    in the structure messages, ``prefix`` starts the messages about one value (``"config file a.toml: "``).
+    """
+    check_structure(raw, what=what, max_nodes=RUN_FILE_MAX_VALUES, max_depth=RUN_FILE_MAX_DEPTH)
+    try:
+        return _plain(raw, "")
+    except _BadValue as exc:
+        raise UserError(f"{prefix}{exc}") from None
+
+
+class _BadValue(Exception):
+    """A value no run file may hold; :func:`plain_copy` names where it came from."""
+
+
+def _plain(value: Any, where: str) -> Any:
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _BadValue(f"the key {key!r} in {where or 'the run file'} must be a string (quote it)")
+            out[key] = _plain(item, f"{where}.{key}" if where else key)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, int):
+        if abs(value) > INT64_MAX:
+            raise _BadValue(f"{where} must fit a 64-bit integer, got {_shown_int(value)}")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _BadValue(f"{where} must be a finite number, got {value}")
+        return value
+    raise _BadValue(
+        f"{where} is a {type(value).__name__} ({_short(value)}); a run file holds strings, numbers, "
+        "true/false, lists and tables"
+    )
+
+
+def _shown_int(value: int) -> str:
+    return f"a {int(value.bit_length() * math.log10(2)) + 1}-digit number" if value.bit_length() > 100 else str(value)
+
+
+class _MergeBomb(Exception):
+    """YAML merge keys that would copy more than the run file's value budget."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with a budget on merge keys, the one YAML construct that copies while parsing.
+
+    Aliases are shared (bounded afterwards by :func:`plain_copy`), but ``<<: [*a, *a, ...]`` copies the
+    merged pairs, and merges of merges multiply: a few hundred bytes would fill the memory before any
+    check could see the result.
+    """
+    import yaml  # lazily: only YAML users pay for it
+
+    class BoundedLoader(yaml.SafeLoader):
+        budget = RUN_FILE_MAX_VALUES
+
+        def flatten_mapping(self, node: Any) -> None:
+            self.budget -= _merge_cost(node, self.budget)
+            if self.budget < 0:
+                raise _MergeBomb
+            super().flatten_mapping(node)
+
+    return yaml.load(text, Loader=BoundedLoader)  # a SafeLoader: plain data only
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _merge_cost(node: Any, budget: int) -> int:
+    """How many pairs flattening ``node``'s merge keys copies in; stops counting past ``budget``."""
+    import yaml
+
+    cost = 0
+    stack = [value for key, value in node.value if key.tag == _MERGE_TAG]
+    while stack and cost <= budget:
+        sub = stack.pop()
+        cost += 1
+        if isinstance(sub, yaml.SequenceNode):
+            stack.extend(sub.value)
+        elif isinstance(sub, yaml.MappingNode):
+            cost += len(sub.value)
+            stack.extend(value for key, value in sub.value if key.tag == _MERGE_TAG)
+    return cost
 
 
 def _one_line(exc: Exception) -> str:
@@ -431,13 +631,15 @@ def parse_override_value(text: str) -> Any:
     """``--set`` values are TOML literals (``0.1``, ``true``, ``[1, 2]``, ``"x"``); anything else is a string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except RecursionError:
+        raise UserError(f"--set value {_short(text)} is nested too deeply") from None
+    except (tomllib.TOMLDecodeError, ValueError):  # ValueError: an integer of more than 4300 digits
         return text
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides to a nested mapping (in a copy)."""
-    data = json.loads(json.dumps(raw))
+    """Apply ``a.b=c`` overrides to a nested mapping (in a checked, unshared copy: :func:`plain_copy`)."""
+    data = plain_copy(raw, what="the run configuration")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import numbers
 import re
 import sys
@@ -414,6 +415,9 @@ def check_options(config: Any) -> None:
         converted = kind.convert(value)
         if converted is _REFUSED:
             raise OptionTypeError(f.name, kind.words, value, option_default(f))
+        unusable = _unusable_number(converted)
+        if unusable is not None:
+            raise OptionTypeError(f.name, unusable, value, option_default(f))
         if converted is not value:
             object.__setattr__(config, f.name, converted)  # a frozen Config: normalised once, while being built
         rule = option_rule(f)
@@ -430,6 +434,33 @@ def check_options(config: Any) -> None:
             )
             tail = " or None" if f.default is None else ""
             raise UserError(f"method.{f.name} must be {rule.describe()}{tail}, got {shown}")
+
+
+#: The largest integer an option may hold: torch and numpy hold integers in 64 bits.
+_INT64_MAX = 2**63 - 1
+#: Values :func:`_unusable_number` looks at in one option (a run file's option holds a handful).
+_NUMBER_SCAN_LIMIT = 100_000
+
+
+def _unusable_number(value: Any) -> str | None:
+    """What ``value`` must be instead, if it is or holds a NaN/infinite number or an integer beyond 64 bits.
+
+    Checked for every option whatever its annotation or rule says, since no method can mean such a value
+    and each would surface later as a NaN loss or an overflow inside torch. Returns None for a usable value.
+    """
+    stack, seen = [value], 0
+    while stack and seen < _NUMBER_SCAN_LIMIT:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, float) and not math.isfinite(item):
+            return "a finite number" if item is value else "finite numbers only"
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > _INT64_MAX:
+            return "an integer that fits 64 bits" if item is value else "integers that fit 64 bits only"
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)

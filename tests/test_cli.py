@@ -88,3 +88,57 @@ def test_distill_end_to_end_on_digits(tmp_path, capsys):
     # No standard AutoAttack -> no leaderboard entry, but the zoo-layout checkpoint is written.
     assert not (tmp_path / "run" / "model_info").exists()
     assert (tmp_path / "run" / "models" / "digits" / "Linf" / "CliTest_SmallCNN.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["distill"], "the following arguments are required: config (see `robustbench-kd distill --help`)"),
+        (["evaluate", "x.pt", "--n-examples", "ten"], "argument --n-examples: invalid int value: 'ten'"),
+        (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+        (["quickstart", "--epochs"], "argument --epochs: expected one argument"),
+        (["methods", "--verbose"], "unrecognized arguments: --verbose"),
+    ],
+)
+def test_argparse_errors_are_one_line_exit_2(capsys, argv, message):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("robustbench-kd: error: ") and message in err and err.count("\n") == 1
+    assert "usage:" not in err
+
+
+def test_help_is_argparse_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: robustbench-kd evaluate [-h]") and "--n-examples N_EXAMPLES" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["evaluate", "x.pt", "--n-examples", "-5"], "--n-examples must be >= 1, got -5"),
+        (["evaluate", "x.pt", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["evaluate", "x.pt", "--pgd-steps", "0"], "--pgd-steps must be >= 1, got 0"),
+        (["evaluate", "x.pt", "--seed", str(2**32)], "--seed must be an integer in [0, 4294967295]"),
+        (["evaluate", "x.pt", "--eps", "nan"], "--eps must be a number or a fraction like '8/255', got 'nan'"),
+        (["evaluate", "x.pt", "--eps", "1e999"], "--eps must be a finite number, got '1e999'"),
+        (["evaluate", "x.pt", "--number-forward-passes", "0"], "--number-forward-passes must be >= 1, got 0"),
+        (["evaluate", "x.pt", "--shard", "0/" + "9" * 20], "--shard's N (the number of shards) must be <="),
+        (["evaluate", "x.pt", "--out", ""], "--out is empty; give a directory to write into"),
+        (["evaluate", "x.pt", "--data-dir", "a\x07b"], "--data-dir 'a\\x07b' contains the control character U+0007"),
+        (["evaluate", "x.pt", "--aa-state", " "], "--aa-state is empty"),
+        (["quickstart", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["quickstart", "--seed", "-1"], "--seed must be an integer in [0, 4294967295]"),
+        (["quickstart", "--out", " "], "--out is empty"),
+        (["report", "runs/a", "--out", ""], "--out is empty"),
+        (["merge-shards", "shards/a", "--out", "x\ty"], "contains the control character U+0009"),
+    ],
+)
+def test_command_line_numbers_and_directories_are_checked_first(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

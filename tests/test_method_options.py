@@ -89,6 +89,13 @@ REFUSED = [
     ("table", [1], "a table of strings to numbers (default {}), got [1]"),
     ("extras", 3, "a table (default {}), got 3"),
     ("natural_options", 7, "a table of strings to numbers or none (default None), got 7"),
+    # Whatever the annotation and rule: no NaN, no infinity, no integer beyond 64 bits (torch overflows).
+    ("rate", float("nan"), "a finite number (default 0.5), got nan"),
+    ("limit", float("-inf"), "a finite number (default None), got -inf"),
+    ("count", 2**64, "an integer that fits 64 bits (default 3), got 18446744073709551616"),
+    ("weights", [1, float("inf")], "finite numbers only (default []), got [1, inf]"),
+    ("extras", {"x": [float("nan")]}, "finite numbers only (default {}), got {'x': [nan]}"),
+    ("anything", -(2**70), "an integer that fits 64 bits (default None), got -1180591620717411303424"),
 ]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from robustbench_kd.config import config_from_mapping
 from robustbench_kd.evaluation.final_report import ModelReport
 from robustbench_kd.plugin_host import PluginHost
+from robustbench_kd.storage.names import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,13 @@ def run_quickstart(
     """Teacher -> student -> evaluation; returns the reports (teacher first)."""
     from robustbench_kd.jobs.pipeline import distill
 
-    out_dir = Path(out_dir).resolve()
+    out_dir = Path(check_output_dir(out_dir, what="--out")).resolve()  # "" would resolve to the current directory
     host = host or PluginHost.create()
     teacher_raw, student_raw = quickstart_configs(out_dir, epochs=epochs, seed=seed, progress=progress)
+    # Both configurations are checked before the teacher trains: a bad --epochs fails in the first second.
+    stages = [("teacher", config_from_mapping(teacher_raw)), ("student", config_from_mapping(student_raw))]
     reports: list[ModelReport] = []
-    for stage, raw in (("teacher", teacher_raw), ("student", student_raw)):
-        config = config_from_mapping(raw)
+    for stage, config in stages:
         log.info(
             "quickstart: training the %s (%s, %d epochs) into %s",
             stage,

@@ -8,10 +8,10 @@ import torch, so parsing a config stays cheap.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from robustbench_kd.errors import UserError, close_matches
+from robustbench_kd.threat import check_int, check_real
 
 AMP_MODES = ("off", "bf16", "fp16")
 COMPILE_TARGETS = ("off", "student", "teachers", "both")
@@ -44,8 +44,14 @@ class SpeedSection:
                 f"speed.compile must be one of {', '.join(COMPILE_TARGETS)}, got {self.compile!r}"
                 f"{close_matches(self.compile, COMPILE_TARGETS)}"
             )
-        if not self.compile_backend:
-            raise UserError('speed.compile_backend must name a torch.compile backend, e.g. "inductor"')
+        if not isinstance(self.compile_backend, str) or not self.compile_backend.isidentifier():
+            raise UserError(
+                'speed.compile_backend must name a torch.compile backend, e.g. "inductor", '
+                f"got {self.compile_backend!r}"
+            )
+        for key in ("attack_fp32", "channels_last"):
+            if not isinstance(getattr(self, key), bool):
+                raise UserError(f"speed.{key} must be true or false, got {getattr(self, key)!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,10 +69,8 @@ class EmaSection:
     every: int = 1  #: update after every N-th optimiser step
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.decay) and 0.0 <= self.decay < 1.0):
-            raise UserError(f"ema.decay must be 0 (off) or in (0, 1), e.g. 0.999, got {self.decay!r}")
-        if self.every < 1:
-            raise UserError(f"ema.every must be >= 1 (optimiser steps between updates), got {self.every}")
+        check_real(self.decay, what="ema.decay", low=0, high=1, high_open=True, rule="0 (off) or in (0, 1), e.g. 0.999")
+        check_int(self.every, what="ema.every", low=1)
 
     @property
     def enabled(self) -> bool:

@@ -10,8 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from robustbench_kd.errors import UserError
+from robustbench_kd.threat import check_int
 
 __all__ = ["ModelInfoSection"]
+
+#: The fields written as text into the leaderboard entry (a number there would be written unquoted).
+_TEXT_FIELDS = ("title", "authors", "venue", "link", "architecture", "reported", "footnote")
+#: Forward passes per prediction: RobustBench's largest ensembles use a handful.
+_MAX_PASSES = 1000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,5 +44,10 @@ class ModelInfoSection:
                 f"model_info.number_forward_passes must be a positive integer (forward passes per prediction), "
                 f"got {passes!r}"
             )
+        check_int(passes, what="model_info.number_forward_passes", low=1, high=_MAX_PASSES)
+        for key in _TEXT_FIELDS:
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"model_info.{key} must be a string (or unset), got {value!r}")
         if self.additional_data is not None and not isinstance(self.additional_data, bool):
             raise UserError(f"model_info.additional_data must be true, false or unset, got {self.additional_data!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from robustbench_kd.errors import UserError, close_matches
+from robustbench_kd.threat import check_int, check_seed
 
 #: the diagnostics a run may switch on; see robustbench_kd.analysis.diagnostics.collect for what each writes
 DIAGNOSTICS = ("entropy", "calibration", "agreement", "per_class", "trajectories")
@@ -34,17 +35,17 @@ class DiagnosticsSection:
     tensorboard: bool = False  #: also write the scalars to OUT/diagnostics/tensorboard (needs tensorboard)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enabled, (list, tuple)):
+            raise UserError(f"diagnostics.enabled must be a list of diagnostic names, got {self.enabled!r}")
         for name in self.enabled:
             if name not in DIAGNOSTICS:
                 raise UserError(
                     f"unknown diagnostic {name!r} in diagnostics.enabled"
                     f"{close_matches(str(name), DIAGNOSTICS)}; valid: {', '.join(DIAGNOSTICS)}"
                 )
-        for key in ("n_examples", "every", "bins", "batch_size"):
-            if getattr(self, key) < 1:
-                raise UserError(f"diagnostics.{key} must be >= 1, got {getattr(self, key)}")
-        if self.pgd_steps < 1:
-            raise UserError(f"diagnostics.pgd_steps must be >= 1, got {self.pgd_steps}")
+        for key in ("n_examples", "every", "pgd_steps", "bins", "batch_size"):
+            check_int(getattr(self, key), what=f"diagnostics.{key}", low=1)
+        check_seed(self.seed, what="diagnostics.seed")
 
     @property
     def on(self) -> bool:

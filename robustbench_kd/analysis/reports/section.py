@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from robustbench_kd.errors import UserError
+from robustbench_kd.threat import check_int, check_real
 
 
 @dataclass(frozen=True)
@@ -24,15 +25,25 @@ class ReportSection:
     tsne_perplexity: float = 30.0  #: t-SNE perplexity (clipped to (N - 1) / 3 for N points)
 
     def __post_init__(self) -> None:
-        if self.n_examples < 2:
-            raise UserError(f"report.n_examples must be >= 2, got {self.n_examples}")
-        if self.n_cam < 0:
-            raise UserError(f"report.n_cam must be >= 0, got {self.n_cam}")
-        if self.pgd_steps < 1:
-            raise UserError(f"report.pgd_steps must be >= 1, got {self.pgd_steps}")
-        if not self.eps_factors or any(not f >= 0 for f in self.eps_factors):
-            raise UserError(f"report.eps_factors must be a non-empty list of numbers >= 0, got {self.eps_factors}")
+        check_int(self.n_examples, what="report.n_examples", low=2)
+        check_int(self.n_cam, what="report.n_cam")
+        check_int(self.pgd_steps, what="report.pgd_steps", low=1)
+        factors = self.eps_factors
+        if not isinstance(factors, (list, tuple)) or not factors or len(factors) > _MAX_FACTORS:
+            raise UserError(
+                f"report.eps_factors must be a list of 1 to {_MAX_FACTORS} numbers >= 0, got {_short(factors)}"
+            )
+        for i, f in enumerate(factors):
+            check_real(f, what=f"report.eps_factors[{i}]", low=0)
         if self.embedding not in ("pca", "tsne"):
             raise UserError(f"report.embedding must be 'pca' or 'tsne', got {self.embedding!r}")
-        if not self.tsne_perplexity > 1:
-            raise UserError(f"report.tsne_perplexity must be > 1, got {self.tsne_perplexity}")
+        check_real(self.tsne_perplexity, what="report.tsne_perplexity", low=1, low_open=True, rule="> 1")
+
+
+#: The eps sweep attacks the report's examples once per factor: a few dozen is already a long report.
+_MAX_FACTORS = 100
+
+
+def _short(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
