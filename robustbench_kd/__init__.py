@@ -1,11 +1,26 @@
 """robustbench_kd: distil adversarial robustness from RobustBench teachers into students.
 
-Public API (imported lazily so ``robustbench-kd --help`` starts fast)::
+Use it from Python as the commands do (:mod:`robustbench_kd.api`)::
+
+    import robustbench_kd as rbkd
+
+    run = rbkd.distill("run.toml", overrides=["optim.epochs=5"])       # -> RunResult
+    result = rbkd.evaluate(run.student, dataset="cifar10", threat_model="Linf", eps=8 / 255)  # -> EvalResult
+    student = rbkd.load_student(run.run_dir)                          # -> nn.Module (or a .safetensors file)
+
+    distill(config, *, overrides=None, resume=False, progress=True, evaluate=True) -> RunResult
+    evaluate(model, *, dataset, threat_model, eps=None, n_examples=None, attacks=..., data_dir, device,
+             batch_size, seed, name=None, out_dir, ...) -> EvalResult
+    load_student(path_or_run_dir) -> nn.Module
+
+Mistakes raise :class:`UserError` with the one line the command prints.
+
+Writing a method (a plugin: see :mod:`robustbench_kd.hookspecs`)::
 
     from robustbench_kd import hookimpl, Distiller, MethodConfig, option, AttackSpec, LossOutput, BatchContext
     from robustbench_kd import SetupContext  # what Distiller.on_setup receives
 
-Methods are plugins: see :mod:`robustbench_kd.hookspecs`.
+Everything is imported lazily, so ``robustbench-kd --help`` starts fast.
 """
 
 from __future__ import annotations
@@ -16,6 +31,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "distill": "robustbench_kd.api",
+    "evaluate": "robustbench_kd.api",
+    "load_student": "robustbench_kd.api",
+    "RunResult": "robustbench_kd.api",
+    "EvalResult": "robustbench_kd.api",
     "hookimpl": "robustbench_kd.hookspecs",
     "hookspec": "robustbench_kd.hookspecs",
     "Distiller": "robustbench_kd.distiller",

@@ -274,18 +274,18 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     # The run file is read and checked before torch is imported: a bad value fails at once.
     config = load_config(args.config, args.overrides)
+    from robustbench_kd.api import distill
     from robustbench_kd.evaluation.final_report import format_table
-    from robustbench_kd.jobs.pipeline import distill
     from robustbench_kd.scale import distributed
 
     distributed.quiet_other_ranks()  # under torchrun: one log, from rank 0
     try:
-        reports = distill(config, resume=args.resume, final_eval=not args.no_eval, resume_changed=args.resume_changed)
+        result = distill(config, resume=args.resume, evaluate=not args.no_eval, resume_changed=args.resume_changed)
     finally:
         distributed.shutdown()
-    if reports:
-        print(format_table(reports))
-        _print_outputs(reports)
+    if result.reports:
+        print(format_table(result.reports))
+        _print_outputs(result.reports)
     if distributed.is_main():
         print(f"run directory: {config.run.out_dir}")
     return 0
@@ -294,43 +294,40 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import shlex
 
+    from robustbench_kd.api import evaluate
+    from robustbench_kd.api.evaluation import default_eps
     from robustbench_kd.evaluation.final_report import format_table
-    from robustbench_kd.evaluation.shards import parse_shard
-    from robustbench_kd.jobs.pipeline import evaluate_spec
     from robustbench_kd.submission.section import ModelInfoSection
     from robustbench_kd.threat import parse_number, validate_eps
 
     _check_evaluate_args(args)
-    if args.eps is None:
-        eps = 0.2 if args.dataset == "digits" else (8 / 255 if args.threat == "Linf" else 0.5)
-        if args.dataset == "imagenet" and args.threat == "Linf":
-            eps = 4 / 255  # RobustBench's ImageNet Linf leaderboard
-    else:
-        eps = parse_number(args.eps, what="--eps")
+    # The flag is checked here so that its error names --eps; the default is the API's (the leaderboard's).
+    eps = default_eps(args.dataset, args.threat) if args.eps is None else parse_number(args.eps, what="--eps")
     validate_eps(eps, args.threat, what="--eps")
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    report = evaluate_spec(
+    result = evaluate(
         args.model,
         dataset=args.dataset,
-        data_dir=args.data_dir,
-        norm=args.threat,
+        threat_model=args.threat,
         eps=eps,
-        attacks=attacks,
         n_examples=args.n_examples,
+        attacks=attacks,
+        data_dir=args.data_dir,
+        device=args.device,
         batch_size=args.batch_size,
         seed=args.seed,
-        pgd_steps=args.pgd_steps,
+        name=args.name,
         out_dir=args.out,  # a string: an empty --out is refused, not read as "."
-        model_id=args.name,
+        preprocessing=args.preprocessing,
+        aa_state_path=args.aa_state,
+        pgd_steps=args.pgd_steps,
+        sanity=not args.no_sanity,
+        teacher=args.teacher,
         model_dir=args.model_dir,
         allow_download=args.allow_download,
         download=args.download,
         verify_md5=not args.no_verify_md5,
-        device=args.device,
-        preprocessing=args.preprocessing,
-        sanity=not args.no_sanity,
-        teacher=args.teacher,
-        meta=ModelInfoSection(
+        model_info=ModelInfoSection(
             title=args.title,
             authors=args.authors,
             venue=args.venue,
@@ -340,10 +337,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             reported=args.reported,
             number_forward_passes=args.number_forward_passes,
         ),
+        shard=args.shard,
         command=shlex.join(["robustbench-kd", *args.argv]),
-        shard=None if args.shard is None else parse_shard(args.shard),
-        aa_state=None if args.aa_state is None else Path(args.aa_state),
     )
+    report = result.report
+    assert report is not None  # evaluate() always keeps its report
     print(format_table([report]))
     _print_outputs([report])
     return 0

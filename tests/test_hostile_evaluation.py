@@ -470,6 +470,7 @@ def test_model_id_from_shard_files_cannot_write_outside(tmp_path: Path, monkeypa
 
 def test_evaluate_name_with_parent_dirs_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     """``evaluate --name ../../escape`` used to write results/ and escape.json before the name was refused."""
+    from robustbench_kd.evaluation import final_report
     from robustbench_kd.jobs import pipeline
 
     nest = tmp_path / "x" / "y" / "z"
@@ -477,10 +478,11 @@ def test_evaluate_name_with_parent_dirs_creates_nothing(tmp_path: Path, monkeypa
     monkeypatch.chdir(nest)
     argv = evaluate("--name", "../../escape")(Sandbox(nest))
 
-    # Control: without the check at the entry point, the evaluation runs and writes results before a later
-    # check refuses the name.
+    # Control: without the checks before evaluating, the evaluation runs and writes results before a later
+    # check (the zoo checkpoint's path) refuses the name.
     with monkeypatch.context() as patch:
         patch.setattr(pipeline, "validate_model_id", lambda value, **_: value)
+        patch.setattr(final_report, "validate_model_id", lambda value, **_: value)
         assert main(argv) == 2
     capsys.readouterr()
     escaped = nest / "escape.json"  # eval/results/../../escape.json

@@ -38,6 +38,7 @@ from robustbench_kd.evaluation.runner import evaluate_model
 from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
 from robustbench_kd.storage.atomic import atomic_write_text
 from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
+from robustbench_kd.students.files import StudentRecord, write_student_safetensors
 from robustbench_kd.submission.autoattack_log import autoattack_log_partial
 from robustbench_kd.submission.bundle import write_submission_bundle
 from robustbench_kd.submission.section import ModelInfoSection
@@ -63,6 +64,8 @@ class ModelReport:
     results_path: Path | None = None
     bundle_path: Path | None = None  #: the submission bundle directory (submission/<name>/ or <name>.preview/)
     bundle_status: str | None = None  #: one line: ready or preview, and why
+    #: the same weights as ``checkpoint_path`` in safetensors, with the architecture in its metadata
+    safetensors_path: Path | None = None
     sanity: Any = None  #: the SanityReport of the evaluation sanity suite, None when it did not run
 
 
@@ -91,6 +94,7 @@ def evaluate_and_write(
     teacher: nn.Module | None = None,
     sanity: bool = True,
     constructor: ZooConstructor | None = None,
+    student_record: StudentRecord | None = None,
     command: str | None = None,
     number_forward_passes: int | None = None,
 ) -> ModelReport:
@@ -104,6 +108,9 @@ def evaluate_and_write(
     model-zoo entry and names the entry's ``architecture`` when neither ``meta.architecture`` nor
     ``architecture`` does; ``command`` (the command line that ran this) goes into its README;
     ``number_forward_passes`` (default: ``meta.number_forward_passes``) into the leaderboard entry.
+
+    ``student_record`` (how to rebuild a student of this project's registry): the weights are also written
+    as ``<id>.safetensors`` beside the zoo checkpoint, with the architecture in its metadata.
     """
     # The model id becomes file names under out_dir: refused before anything is evaluated or written.
     if model_id is not None:
@@ -182,6 +189,10 @@ def evaluate_and_write(
         report.checkpoint_path = save_zoo_checkpoint(
             model, out_dir, dataset=dataset, threat_model=norm, model_id=model_id
         )
+        if student_record is not None:  # loadable without the leaderboard's constructor: load_student()
+            report.safetensors_path = write_student_safetensors(
+                model, report.checkpoint_path.with_suffix(".safetensors"), student_record
+            )
     if report.model_info_path is not None and report.checkpoint_path is not None:
         bundle = write_submission_bundle(
             out_dir,

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from robustbench_kd.config import DataSection, RunConfig, config_from_mapping, load_file
 from robustbench_kd.data.datasets import to_float
 from robustbench_kd.errors import UserError
@@ -18,6 +20,7 @@ from robustbench_kd.plugin_host import PluginHost
 from robustbench_kd.scale.distributed import is_main
 from robustbench_kd.storage.checkpoint import load_checkpoint, load_weights
 from robustbench_kd.storage.run_lock import RunDirLock
+from robustbench_kd.students.files import StudentRecord
 from robustbench_kd.submission.bundle import distill_command
 from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.submission.zoo_entry import constructor_for_run, constructor_for_spec
@@ -25,7 +28,7 @@ from robustbench_kd.teachers import TeacherLoadContext, TeacherSpec
 from robustbench_kd.threat import parse_number, validate_eps
 from robustbench_kd.training import builders
 from robustbench_kd.training.loop import train
-from robustbench_kd.training.setup import setup_run
+from robustbench_kd.training.setup import Run, setup_run
 from robustbench_kd.zoo.autoattack_resume import check_state_file
 from robustbench_kd.zoo.models import parse_zoo_ref, zoo_preprocessing
 from robustbench_kd.zoo.names import validate_model_id
@@ -44,15 +47,36 @@ def distill(
 ) -> list[ModelReport]:
     """Train a student, then evaluate it (and its teachers) and write the RobustBench outputs.
 
+    The reports of :func:`distill_run`, for callers that need no more than what was measured.
+    """
+    _, reports = distill_run(
+        config, host=host, resume=resume, final_eval=final_eval, export_dir=export_dir, resume_changed=resume_changed
+    )
+    return reports
+
+
+def distill_run(
+    config: RunConfig,
+    *,
+    host: PluginHost | None = None,
+    resume: bool = False,
+    final_eval: bool = True,
+    export_dir: Path | None = None,
+    resume_changed: Sequence[str] = (),
+) -> tuple[Run, list[ModelReport]]:
+    """Train a student, evaluate it (and its teachers), write the RobustBench outputs; return the run and reports.
+
     The outputs go under ``export_dir`` (default: the run's ``out_dir``). The run directory is locked
     against other processes from start to finish (:class:`~robustbench_kd.storage.run_lock.RunDirLock`);
-    ``resume_changed``: see :func:`~robustbench_kd.training.loop.train`.
+    ``resume_changed``: see :func:`~robustbench_kd.training.loop.train`. The reports are empty when the
+    final evaluation is off (``final_eval=False`` or no ``eval.attacks``) and on torchrun ranks other
+    than 0.
     """
     host = host or PluginHost.create()
     with RunDirLock(config.run.out_dir) as lock:
         run = train(config, host=host, resume=resume, resume_changed=resume_changed, lock=lock)
         if not final_eval or not config.eval.attacks or not is_main():  # torchrun: rank 0 evaluates
-            return []
+            return run, []
         reports = evaluate_run(run, export_dir=export_dir)
         if config.report.enabled:  # analyses and figures, after the final evaluation has read the test set
             from robustbench_kd.analysis.reports.run_report import write_run_report
@@ -62,7 +86,7 @@ def distill(
                 log.info("report written to %s", write_run_report(run))
             except UserError as exc:
                 log.warning("report not written: %s", exc)
-    return reports
+    return run, reports
 
 
 def evaluate_run(run: Any, *, export_dir: Path | None = None) -> list[ModelReport]:
@@ -98,6 +122,7 @@ def evaluate_run(run: Any, *, export_dir: Path | None = None) -> list[ModelRepor
             meta=cfg.model_info,
             constructor=constructor_for_run(run),
             command=distill_command(run),
+            student_record=student_record_of(run),
             host=run.host,
             run=run,
             **sanity,
@@ -115,8 +140,19 @@ def evaluate_run(run: Any, *, export_dir: Path | None = None) -> list[ModelRepor
     return reports
 
 
+def student_record_of(run: Run) -> StudentRecord:
+    """How to rebuild the run's student: its architecture, options and the data shape (for ``.safetensors``)."""
+    return StudentRecord(
+        arch=run.config.student.arch,
+        options=dict(run.config.student.options),
+        num_classes=run.data.num_classes,
+        in_channels=run.data.in_channels,
+        image_size=run.data.image_size,
+    )
+
+
 def evaluate_spec(
-    spec: str,
+    spec: str | nn.Module,
     *,
     dataset: str,
     data_dir: str,
@@ -144,7 +180,8 @@ def evaluate_spec(
     aa_state: str | Path | None = None,
     preprocessing: str | None = None,
 ) -> ModelReport:
-    """Evaluate a model given as a teacher spec (``file:...``, ``robustbench:...``) on a test set.
+    """Evaluate a model on a test set: a teacher spec (``file:...``, ``robustbench:...``), a checkpoint path, a
+    run directory (:func:`model_spec`) or a network (evaluated as given, in eval mode on ``device``).
 
     The test examples are the first ``n_examples`` of the test split, unshuffled, as in
     ``robustbench.eval.benchmark``. ``sanity`` runs the evaluation sanity suite; ``teacher`` (a spec
@@ -174,8 +211,11 @@ def evaluate_spec(
     if n_examples is not None and n_examples < 1:
         raise UserError(f"--n-examples must be >= 1, got {n_examples}")
     torch_device = builders.resolve_device(device)
+    module = spec if isinstance(spec, nn.Module) else None
+    if isinstance(spec, str):
+        spec = model_spec(spec)
     if dataset == "imagenet" and preprocessing is None:
-        preprocessing = _zoo_preprocessing(spec)
+        preprocessing = _zoo_preprocessing(spec) if isinstance(spec, str) else None
     data = host.datasets.get(dataset)(
         DataSection(
             dataset=dataset, data_dir=data_dir, download=download, verify_md5=verify_md5, preprocessing=preprocessing
@@ -192,15 +232,18 @@ def evaluate_spec(
         device=torch_device,
         students=host.students,
     )
-    if ":" not in spec or Path(spec).exists():
-        spec = f"file:{spec}"
-    model = builders.load_teacher(host, spec, ctx).net
+    if module is not None:  # a network from Python: evaluated as given (eval mode, on the device)
+        model = module.to(torch_device).eval()
+    else:
+        model = builders.load_teacher(host, str(spec), ctx).net
     if teacher is not None and (":" not in teacher or Path(teacher).exists()):
         teacher = f"file:{teacher}"
     transfer_from = builders.load_teacher(host, teacher, ctx) if teacher is not None and sanity else None
     x, y = to_float(data.test_x[:n_examples]), data.test_y[:n_examples]
     if shard is not None:  # sharded evaluation: this shard's flags only, merged later by merge-shards
         assert model_id is not None  # a shard without --name was refused above
+        if not isinstance(spec, str):
+            raise UserError("a sharded evaluation needs the model as a spec (file:..., robustbench:...), not a network")
         constructor = constructor_for_spec(
             spec,
             num_classes=data.num_classes,
@@ -239,7 +282,7 @@ def evaluate_spec(
             model,
             x,
             y,
-            label=model_id or spec,
+            label=model_id or (spec if isinstance(spec, str) else type(spec).__name__),
             model_id=model_id,
             dataset=data.name,
             norm=norm,
@@ -265,9 +308,37 @@ def evaluate_spec(
                 preprocessing=preprocessing,
                 students=host.students,
             )
-            if model_id
+            if model_id and isinstance(spec, str)
             else None,
         )
+
+
+def model_spec(model: str) -> str:
+    """The teacher spec that loads ``model``: a spec as given, a path as ``file:``, a run directory as its student.
+
+    A run directory (``config.yaml`` + ``checkpoints/last.pt``) gives the student its final evaluation
+    reports under the run's name (:func:`run_student_checkpoint`).
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return f"file:{run_student_checkpoint(path)}"
+    if ":" not in model or path.exists():
+        return f"file:{model}"
+    return model
+
+
+def run_student_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint of the student a finished run reports under its own name: ``best.pt`` or ``last.pt``.
+
+    ``best.pt`` when the run kept a best epoch other than the last (a validation split with ``eval.every``),
+    as :func:`~robustbench_kd.evaluation.final_report.final_students` selects; ``last.pt`` otherwise.
+    """
+    _, last = _run_files(run_dir)
+    saved = load_checkpoint(last)
+    best = saved.get("best")
+    if isinstance(best, dict) and best.get("epoch") != saved.get("epoch"):
+        return last.with_name("best.pt")
+    return last
 
 
 def _zoo_preprocessing(spec: str) -> str | None:
@@ -281,12 +352,7 @@ def _zoo_preprocessing(spec: str) -> str | None:
 def load_finished_run(run_dir: str | Path) -> Any:
     """Rebuild a finished ``distill`` run from its directory (config.yaml + checkpoints/last.pt)."""
     run_dir = Path(run_dir)
-    config_path, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
-    if not config_path.is_file() or not last.is_file():
-        raise UserError(
-            f"{run_dir} is not a run directory: it needs config.yaml and checkpoints/last.pt "
-            "(the run.out_dir of a `distill` run)"
-        )
+    config_path, last = _run_files(run_dir)
     raw = load_file(config_path)
     raw.setdefault("run", {})["out_dir"] = str(run_dir)
     run = setup_run(config_from_mapping(raw))
@@ -294,3 +360,15 @@ def load_finished_run(run_dir: str | Path) -> Any:
     load_weights(run.student, saved["student"], source=str(last))
     run.epoch, run.best = int(saved["epoch"]), saved.get("best")
     return run
+
+
+def _run_files(run_dir: str | Path) -> tuple[Path, Path]:
+    """``config.yaml`` and ``checkpoints/last.pt`` of a finished run, or a one-line UserError."""
+    run_dir = Path(run_dir)
+    config_path, last = run_dir / "config.yaml", run_dir / "checkpoints" / "last.pt"
+    if not config_path.is_file() or not last.is_file():
+        raise UserError(
+            f"{run_dir} is not a run directory: it needs config.yaml and checkpoints/last.pt "
+            "(the run.out_dir of a `distill` run)"
+        )
+    return config_path, last
