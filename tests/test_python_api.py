@@ -288,4 +288,4 @@ def test_the_from_python_example_runs_through_the_public_api(tmp_path):
     assert "model     clean  PGD-20 AutoAttack" in proc.stdout
     assert "predicts the same: True" in proc.stdout
     assert (out / "accuracy_vs_eps.png").stat().st_size > 1000
-    assert (out / "Student_RSLAD" / "models" / "digits" / "Linf" / "Student_RSLAD.safetensors").is_file()
+    assert (out / "Student_AKD" / "models" / "digits" / "Linf" / "Student_AKD.safetensors").is_file()
