@@ -426,7 +426,7 @@ def _print_outputs(reports) -> None:
         sanity = getattr(rep, "sanity", None)  # the evaluation sanity suite's verdict
         if sanity is not None and not sanity.reliable:
             print(f"UNRELIABLE evaluation of {rep.label}: " + "; ".join(sanity.reasons))
-        for path in (rep.model_info_path, rep.checkpoint_path, rep.results_path):
+        for path in (rep.model_info_path, rep.checkpoint_path, rep.results_path, getattr(rep, "points_path", None)):
             if path is not None:
                 print(f"wrote {path}")
         if getattr(rep, "bundle_status", None):

@@ -31,8 +31,8 @@ class EvalResult:
             the lowest accuracy under the attacks that ran; None when only ``clean`` ran.
         accuracy: every attack's accuracy, by attack name.
         dataset, threat_model, eps, n_examples: what was evaluated.
-        paths: the files written with ``name=`` (``results``, ``model_info``, ``zoo_checkpoint``,
-            ``bundle``); empty without a name.
+        paths: the files written with ``name=`` (``results``, ``points``, ``model_info``,
+            ``zoo_checkpoint``, ``safetensors``, ``bundle``); empty without a name.
         report: the full record (sanity verdict, AutoAttack flags, bundle status).
     """
 
@@ -180,6 +180,7 @@ def _result(report: ModelReport, *, dataset: str, threat_model: str, eps: float)
         role: path
         for role, path in (
             ("results", report.results_path),
+            ("points", report.points_path),
             ("model_info", report.model_info_path),
             ("zoo_checkpoint", report.checkpoint_path),
             ("safetensors", report.safetensors_path),

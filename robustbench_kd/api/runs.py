@@ -30,8 +30,8 @@ class RunResult:
             fractions in [0, 1]; empty when the final evaluation was off.
         history: one row per epoch, as in ``metrics.jsonl`` (losses, validation accuracies, learning rate).
         paths: what was written, by role: ``config``, ``last_checkpoint``, ``best_checkpoint``,
-            ``metrics``, ``results``, ``model_info``, ``zoo_checkpoint``, ``safetensors``, ``bundle``
-            (only those that exist).
+            ``metrics``, ``results``, ``points`` (per-point outcomes), ``model_info``, ``zoo_checkpoint``,
+            ``safetensors``, ``bundle`` (only those that exist).
         reports: every model the final evaluation measured (the students, then the teachers).
     """
 
@@ -119,6 +119,7 @@ def _written(run_dir: Path, report: ModelReport | None) -> dict[str, Path]:
     if report is not None:
         candidates.update(
             results=report.results_path,
+            points=report.points_path,
             model_info=report.model_info_path,
             zoo_checkpoint=report.checkpoint_path,
             safetensors=report.safetensors_path,

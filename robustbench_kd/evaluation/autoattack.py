@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.attacks import check_inputs
+from robustbench_kd.evaluation.autoattack_stages import StageRecorder, stage_flags
 from robustbench_kd.threat import NORMS, parse_number, validate_eps
 from robustbench_kd.zoo import compat
 from robustbench_kd.zoo.autoattack_resume import (
@@ -173,6 +174,9 @@ class AutoAttackResult:
         attacks: the attacks AutoAttack was configured to run, in order (later ones are skipped
             automatically once no robust points remain).
         mode: ``"standard"``, ``"quick"``, ``"plus"`` or ``"rand"``, as requested.
+        stages: attack -> bool [n]: still robust after that attack and the ones before it, by AutoAttack's
+            own verdict (:mod:`robustbench_kd.evaluation.autoattack_stages`); empty when the run could not
+            tell (a state file that does not record it, or a replay that did not match).
     """
 
     robust: Tensor
@@ -182,6 +186,7 @@ class AutoAttackResult:
     flags: list[str] = field(default_factory=list)
     attacks: list[str] = field(default_factory=list)
     mode: str = "standard"
+    stages: dict[str, Tensor] = field(default_factory=dict)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -383,17 +388,22 @@ def run_autoattack(
             adversary.apgd.n_restarts = 1
         attacks = list(adversary.attacks_to_run)
         resumed: ResumableRun | None = None
+        recorder = StageRecorder(adversary)
         if state is None:
-            x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=batch_size, return_labels=True)
+            with recorder.recording():
+                x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=batch_size, return_labels=True)
         else:
             resumed = run_resumable(
                 adversary, x, y, batch_size=batch_size, state_path=state, backend=compat.autoattack_version()
             )
 
+    stages: dict[str, Tensor] = {}
     if resumed is not None:
         # Every warning of every session (saved in the state file), not just this session's.
         flags = list(resumed.warnings)
         robust = resumed.robust.clone()
+        if resumed.state.fooled_by is not None:
+            stages = stage_flags(resumed.robust, resumed.state.fooled_by, resumed.state.attacks)
         fooled_now = resumed.fooled_now.nonzero().flatten()
         recheck = predict_correct(model, resumed.x_adv[fooled_now], y[fooled_now], batch_size=batch_size, device=device)
         disagree = int(recheck.sum())
@@ -402,6 +412,12 @@ def run_autoattack(
         robust = predict_correct(model, x_adv, y, batch_size=batch_size, device=device)
         aa_robust = (y_adv.to(y.device) == y).cpu()
         disagree = int((aa_robust != robust).sum())
+        clean_correct = predict_correct(model, x, y, batch_size=batch_size, device=device)
+        fooled_by = recorder.fooled_by(
+            attacks, clean_correct=clean_correct, y=y, batch_size=batch_size, final_robust=aa_robust
+        )
+        if fooled_by is not None:
+            stages = stage_flags(aa_robust, fooled_by, attacks)
     if disagree:
         message = (
             f"{MISMATCH_FLAG_PREFIX} AutoAttack's own robust flags and the re-evaluation of its "
@@ -425,4 +441,5 @@ def run_autoattack(
         flags=flags,
         attacks=attacks,
         mode=version,
+        stages=stages,
     )

@@ -9,6 +9,8 @@ test set and writes, under the output directory:
   ``robustbench.utils.load_model`` reads;
 * ``results/<name>.json`` - every number measured (FGSM/PGD/CW too, with PGD's step size), the
   AutoAttack version, seed, batch size and flags;
+* ``results/<name>.points.safetensors`` - per test point, correct or not under each attack and after each
+  AutoAttack stage (:mod:`robustbench_kd.evaluation.points`), for paired comparisons;
 * ``submission/<name>/`` - the submission bundle (:mod:`robustbench_kd.submission.bundle`): a copy of the
   leaderboard entry, AutoAttack's log, the checkpoint's SHA-256, the model-zoo entry and the filled-in
   "New Model" issue, with a README. Written when standard AutoAttack ran and the checkpoint was saved.
@@ -34,6 +36,7 @@ from robustbench_kd.evaluation.model_info import (
     resolve_additional_data,
     write_model_info,
 )
+from robustbench_kd.evaluation.points import points_from_result, points_path, write_points
 from robustbench_kd.evaluation.runner import evaluate_model
 from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
 from robustbench_kd.storage.atomic import atomic_write_text
@@ -44,6 +47,7 @@ from robustbench_kd.submission.bundle import write_submission_bundle
 from robustbench_kd.submission.section import ModelInfoSection
 from robustbench_kd.submission.zoo_entry import ZooConstructor
 from robustbench_kd.threat import format_eps, parse_number
+from robustbench_kd.zoo.autoattack_resume import data_fingerprint
 from robustbench_kd.zoo.names import validate_model_id
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ class ModelReport:
     model_info_path: Path | None = None
     checkpoint_path: Path | None = None
     results_path: Path | None = None
+    points_path: Path | None = None  #: results/<name>.points.safetensors: the per-point outcomes
     bundle_path: Path | None = None  #: the submission bundle directory (submission/<name>/ or <name>.preview/)
     bundle_status: str | None = None  #: one line: ready or preview, and why
     #: the same weights as ``checkpoint_path`` in safetensors, with the architecture in its metadata
@@ -162,6 +167,13 @@ def evaluate_and_write(
         "batch_size": batch_size,
     }
     results["sanity"] = report.sanity.to_dict() if report.sanity is not None else None  # the sanity suite's verdict
+    points = points_from_result(
+        result, model_id=model_id, dataset=dataset, data_sha256=data_fingerprint(x, y), batch_size=batch_size
+    )
+    report.points_path = points_path(out_dir / "results", model_id)
+    results["points"] = report.points_path.name
+    # The points file first: a results JSON never names a points file that is not there.
+    write_points(report.points_path, points)
     report.results_path = out_dir / "results" / f"{model_id}.json"
     atomic_write_text(report.results_path, json.dumps(results, indent=2) + "\n")
     if "autoattack" in result.accuracy:

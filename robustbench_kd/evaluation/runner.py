@@ -50,6 +50,9 @@ class EvalResult:
             since PGD numbers depend strongly on the step size).
         per_example: attack key -> bool tensor [n_examples] (on CPU), True where the prediction
             on the attacked input is still correct.
+        autoattack_stages: ``"<AutoAttack key>/<attack>"`` (e.g. ``"autoattack/apgd-ce"``) -> bool tensor
+            [n_examples] on CPU: still robust after that attack of AutoAttack and the ones before it, by
+            AutoAttack's own verdict (``AutoAttackResult.stages``; empty when the run could not tell).
         autoattack_flags: warnings AutoAttack logged (see ``AutoAttackResult.flags``).
         autoattack_version: version of the AutoAttack backend, or None if AA did not run.
         seed: the seed every attack was started from.
@@ -62,18 +65,23 @@ class EvalResult:
     pgd_alpha: float
     pgd_steps: int
     per_example: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    autoattack_stages: dict[str, Tensor] = field(default_factory=dict, repr=False)
     autoattack_flags: list[str] = field(default_factory=list)
     autoattack_version: str | None = None
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary (everything except the per-example tensors)."""
+        stages = {
+            key: float(flags.sum().item()) / max(1, flags.numel()) for key, flags in self.autoattack_stages.items()
+        }
         return {
             "n_examples": int(self.n_examples),
             "norm": self.norm,
             "eps": float(self.eps),
             "eps_str": format_eps(self.eps),
             "accuracy": {key: float(value) for key, value in self.accuracy.items()},
+            **({"autoattack_stage_accuracy": stages} if stages else {}),
             "pgd_alpha": float(self.pgd_alpha),
             "pgd_steps": int(self.pgd_steps),
             "autoattack_flags": list(self.autoattack_flags),
@@ -171,6 +179,7 @@ def evaluate_model(
 
     accuracy: dict[str, float] = {}
     per_example: dict[str, Tensor] = {}
+    stages: dict[str, Tensor] = {}
     aa_flags: list[str] = []
     aa_version: str | None = None
 
@@ -201,6 +210,7 @@ def evaluate_model(
                         )
                         bar.update(1)
                     flags = result.robust
+                    stages.update({f"{key}/{attack}": robust for attack, robust in result.stages.items()})
                     aa_flags.extend(result.flags)
                     aa_version = result.version
                 else:
@@ -225,6 +235,7 @@ def evaluate_model(
         pgd_alpha=alpha,
         pgd_steps=pgd_steps,
         per_example=per_example,
+        autoattack_stages=stages,
         autoattack_flags=aa_flags,
         autoattack_version=aa_version,
         seed=seed,

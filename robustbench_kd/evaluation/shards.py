@@ -48,6 +48,7 @@ from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.autoattack import MISMATCH_FLAG_PREFIX, autoattack_state
 from robustbench_kd.evaluation.export import save_zoo_checkpoint, zoo_checkpoint_path
 from robustbench_kd.evaluation.final_report import ModelReport, write_model_info_entry
+from robustbench_kd.evaluation.points import points_from_result, points_path, write_points
 from robustbench_kd.evaluation.runner import VALID_ATTACKS, EvalResult, evaluate_model
 from robustbench_kd.evaluation.sanity import check_eps_units, check_evaluation
 from robustbench_kd.storage.atomic import atomic_write_text
@@ -257,6 +258,8 @@ def evaluate_shard(
         "autoattack_flags": list(result.autoattack_flags),
         "sanity": sanity_report.to_dict() if sanity_report is not None else None,
         "per_example": {key: [int(v) for v in flags.tolist()] for key, flags in result.per_example.items()},
+        # Still robust after each AutoAttack stage ("autoattack/apgd-ce", ...), for the per-point file.
+        "autoattack_stages": {key: [int(v) for v in flags.tolist()] for key, flags in result.autoattack_stages.items()},
     }
     path = atomic_write_text(shard_file(directory, index, count), json.dumps(record, indent=1) + "\n")
     report = ModelReport(
@@ -291,6 +294,7 @@ class ShardRecord:
     autoattack_flags: list[str]
     per_example: dict[str, Tensor]
     sanity: dict[str, Any] | None = None
+    autoattack_stages: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _bad_shard(path: Path, why: str) -> UserError:
@@ -302,6 +306,7 @@ def _bad_shard(path: Path, why: str) -> UserError:
 SHARD_LIMIT = 64 * MiB
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SLUG = re.compile(r"[A-Za-z0-9_]+")
+_SLUG_DASH = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
 class _ShardChecker:
@@ -387,6 +392,9 @@ def read_shard(path: str | Path) -> ShardRecord:
     accuracy = _check_accuracy(check.mapping(check.field(raw, "accuracy"), "accuracy"), per_example, check)
     flags = check.texts(raw.get("autoattack_flags", []), "autoattack_flags")
     _check_clean_covers_robust(per_example, flags, start, check)
+    stages = _check_stages(
+        check.mapping(raw.get("autoattack_stages", {}), "autoattack_stages"), keys, stop - start, check
+    )
     run = check.mapping(raw.get("run", {}), "run")
     expected_log = shard_autoattack_log(path.parent, index, count).name
     if run.get("autoattack_log") not in (None, expected_log):
@@ -403,6 +411,7 @@ def read_shard(path: str | Path) -> ShardRecord:
         autoattack_flags=flags,
         per_example=per_example,
         sanity=_check_sanity(raw.get("sanity"), settings["sanity"], stop - start, check),
+        autoattack_stages=stages,
     )
 
 
@@ -571,6 +580,21 @@ def _check_flags(raw: dict[str, Any], keys: list[str], size: int, check: _ShardC
     return per_example
 
 
+def _check_stages(raw: dict[str, Any], keys: list[str], size: int, check: _ShardChecker) -> dict[str, Tensor]:
+    """The AutoAttack stage flags: keys ``<AutoAttack result key>/<attack>``, each ``size`` 0/1 integers.
+
+    Optional (a run that could not tell which attack fooled a point has none).
+    """
+    for key in raw:
+        if (
+            not isinstance(key, str)
+            or key.partition("/")[0] not in keys
+            or not _SLUG_DASH.fullmatch(key.partition("/")[2])
+        ):
+            raise check.fail(f"has the AutoAttack stage {_short(key)}; stages are <AutoAttack result>/<attack name>")
+    return _check_flags(raw, list(raw), size, check) if raw else {}
+
+
 def _check_accuracy(raw: dict[str, Any], per_example: dict[str, Tensor], check: _ShardChecker) -> dict[str, float]:
     """Each accuracy is a number in [0, 1] and the mean of its flags (as the writer computed it)."""
     if list(raw) != list(per_example):
@@ -694,6 +718,13 @@ def merge_shards(directory: str | Path) -> MergedShards:
     settings = first.settings
     n = int(settings["n_examples"])
     per_example = {key: torch.cat([r.per_example[key] for r in records]) for key in settings["result_keys"]}
+    stage_keys = list(first.autoattack_stages)
+    if any(list(r.autoattack_stages) != stage_keys for r in records[1:]):
+        log.warning(
+            "a shard of %s could not tell which AutoAttack stage fooled each point: no stage outcomes", directory
+        )
+        stage_keys = []
+    stages = {key: torch.cat([r.autoattack_stages[key] for r in records]) for key in stage_keys}
     flags: list[str] = []
     for record in records:
         flags.extend(f for f in record.autoattack_flags if f not in flags)
@@ -705,6 +736,7 @@ def merge_shards(directory: str | Path) -> MergedShards:
         pgd_alpha=float(settings["pgd_alpha"]),
         pgd_steps=int(settings["pgd_steps"]),
         per_example=per_example,
+        autoattack_stages=stages,
         autoattack_flags=flags,
         autoattack_version=settings["autoattack_version"],
         seed=int(settings["seed"]),
@@ -839,6 +871,16 @@ def write_merged_outputs(merged: MergedShards, out_dir: str | Path, *, host: Any
         "sanity": merged.sanity.to_dict() if merged.sanity is not None else None,
         "shards": len(merged.shards),
     }
+    points = points_from_result(
+        result,
+        model_id=model_id,
+        dataset=dataset,
+        data_sha256=str(settings["data_sha256"]),
+        batch_size=int(settings["batch_size"]),
+    )
+    report.points_path = points_path(out_dir / "results", model_id)
+    results["points"] = report.points_path.name
+    write_points(report.points_path, points)  # first: the results JSON never names a missing file
     report.results_path = atomic_write_text(
         out_dir / "results" / f"{model_id}.json", json.dumps(results, indent=2) + "\n"
     )

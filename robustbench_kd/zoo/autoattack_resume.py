@@ -173,6 +173,10 @@ class AutoAttackState:
             a different batch size batches the remaining points differently).
         finished: all attacks ran (or no robust point was left).
         legacy: read from an AutoAttack ``EvaluationState`` file rather than one of ours.
+        fooled_by: long [n]: the position in ``attacks`` of the attack that fooled each point, -1 for a
+            point no attack fooled (still robust, or already wrong on the clean input). None when the
+            file does not say (AutoAttack's own files, and ours written before the field existed): the
+            per-attack outcomes of such a run are unknown.
     """
 
     settings: dict[str, Any]
@@ -188,6 +192,7 @@ class AutoAttackState:
     backend: str | None = None
     finished: bool = False
     legacy: bool = False
+    fooled_by: Tensor | None = None
 
     @property
     def robust_accuracy(self) -> float:
@@ -215,6 +220,7 @@ class AutoAttackState:
                     "updated": datetime.now(UTC).isoformat(timespec="seconds"),
                     "robust_flags": [int(v) for v in self.robust.tolist()],
                     "adv_labels": [int(v) for v in self.adv_labels.tolist()],
+                    "fooled_by": None if self.fooled_by is None else [int(v) for v in self.fooled_by.tolist()],
                 },
                 separators=(",", ":"),
             )
@@ -367,6 +373,13 @@ def _read_state(raw: dict[str, Any], check: _StateChecker) -> AutoAttackState:
     if current is not None and (current not in attacks or current in completed):
         raise check.fail(f"has current = {current!r}, which is not an unfinished attack of {_short(attacks)}")
     pending = raw.get("pending")
+    fooled_by = raw.get("fooled_by")
+    if fooled_by is not None and (
+        not isinstance(fooled_by, list)
+        or len(fooled_by) != n
+        or not all(type(v) is int and -1 <= v < len(attacks) for v in fooled_by)
+    ):
+        raise check.fail(f"has fooled_by that is not a list of {n} attack positions in -1..{len(attacks) - 1}")
     accuracy = raw.get("accuracy", {})
     if not isinstance(accuracy, dict):
         raise check.fail("has accuracy that is not a JSON object")
@@ -384,6 +397,7 @@ def _read_state(raw: dict[str, Any], check: _StateChecker) -> AutoAttackState:
         batch_size=None if batch_size is None else check.integer(batch_size, "batch_size", low=1),
         backend=check.text(raw.get("backend"), "backend", optional=True),
         finished=check.boolean(raw.get("finished", False), "finished"),
+        fooled_by=None if fooled_by is None else torch.tensor(fooled_by, dtype=torch.long),
     )
 
 
@@ -494,7 +508,7 @@ class ResumableRun:
         fooled_now: bool [n] on CPU: points fooled in this session (their ``x_adv`` is at hand).
         warnings: AutoAttack's warnings of all sessions, in order, without repeats.
         resumed: whether an existing state file was continued.
-        state: the final state (also on disk).
+        state: the final state (also on disk); its ``fooled_by`` says which attack fooled each point.
     """
 
     x_adv: Tensor
@@ -600,6 +614,7 @@ def run_resumable(
                 robust=robust,
                 adv_labels=clean,
                 accuracy={"clean": float(robust.sum()) / n},
+                fooled_by=torch.full((n,), -1, dtype=torch.long),
             )
         state.batch_size, state.backend = batch_size, backend
         atomic_write_text(path, state.to_json())
@@ -630,6 +645,8 @@ def run_resumable(
                     hit = index[fooled]
                     state.robust[hit] = False
                     state.adv_labels[hit] = found_y.cpu()[fooled].long()
+                    if state.fooled_by is not None:
+                        state.fooled_by[hit] = state.attacks.index(attack)
                     x_adv[hit.to(x.device)] = found_x[fooled.to(found_x.device)].to(x_adv.device)
                     fooled_now[hit] = True
                     pending = pending[batch_size:]
