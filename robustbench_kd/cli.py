@@ -1,4 +1,4 @@
-"""``robustbench-kd``: methods, distill, evaluate, merge-shards, report, quickstart.
+"""``robustbench-kd``: methods, distill, evaluate, merge-shards, compare, reproduce, report, quickstart.
 
 Only argparse is imported at module level so ``--help`` and ``methods`` start fast (no robustbench,
 timm or scikit-learn). A :class:`UserError` prints one line and exits 2; ``--debug`` shows tracebacks.
@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         "listing the differing keys (repeatable)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument(
+        "--seeds",
+        metavar="LIST",
+        help="run the configuration once per training seed, e.g. 0,1,2 or 0-4: one run directory per seed "
+        "under run.out_dir (seed_<s>, model id <run.name>_seed<s>), finished seeds not rerun, an interrupted "
+        "one resumed; then aggregate.md/.json there: mean, std and 95%% interval of every accuracy",
+    )
 
     p = sub.add_parser("evaluate", help="leaderboard-style evaluation of a checkpoint or zoo model")
     p.add_argument("model", help="file:PATH[?arch=NAME], PATH, or robustbench:<dataset>/<threat>/<Name>")
@@ -153,6 +160,40 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge-shards", help="merge the shard files of `evaluate --shard` into the results")
     p.add_argument("directory", help="<out>/shards/<name>, holding shard_<i>_of_<n>.json")
     p.add_argument("--out", default=None, help="output directory (default: the shard runs' --out)")
+
+    p = sub.add_parser(
+        "compare",
+        help="which differences between runs are real: accuracies with 95%% intervals and a paired test "
+        "of every pair on the per-point results",
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="RUN_OR_SWEEP",
+        help="a run directory, a `distill --seeds` sweep directory, results/<id>.json or "
+        "results/<id>.points.safetensors; all evaluated on the same points with the same eps and attacks",
+    )
+    p.add_argument(
+        "--metric", default="autoattack", help="outcome the pairs are tested on (default autoattack; clean, pgd-20...)"
+    )
+    p.add_argument("--out", default=None, help="also write comparison.md, .html (with the figure), .png and .json")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+
+    p = sub.add_parser(
+        "reproduce",
+        help="a paper's recipe (examples/recipes/): distill, leaderboard evaluation, and the result "
+        "against the published numbers",
+    )
+    p.add_argument("recipe", help="a recipe run file, e.g. examples/recipes/cifar10_rslad_resnet18.toml")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value (repeatable)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/checkpoints/last.pt")
 
     p = sub.add_parser(
         "check-submission",
@@ -274,6 +315,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     # The run file is read and checked before torch is imported: a bad value fails at once.
     config = load_config(args.config, args.overrides)
+    if args.seeds is not None:
+        return _distill_seeds(args, config)
     from robustbench_kd.api import distill
     from robustbench_kd.evaluation.final_report import format_table
     from robustbench_kd.scale import distributed
@@ -288,6 +331,50 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         _print_outputs(result.reports)
     if distributed.is_main():
         print(f"run directory: {config.run.out_dir}")
+    return 0
+
+
+def _distill_seeds(args: argparse.Namespace, config) -> int:
+    from robustbench_kd.errors import UserError
+
+    for flag, given in (
+        ("--resume", args.resume),
+        ("--no-eval", args.no_eval),
+        ("--resume-changed", args.resume_changed),
+    ):
+        if given:
+            why = "resumes unfinished seeds by itself" if flag != "--no-eval" else "aggregates the final evaluations"
+            raise UserError(f"--seeds {why}; drop {flag}")
+    from robustbench_kd.api.sweep import distill_seeds, parse_seeds
+
+    seeds = parse_seeds(args.seeds)
+    result = distill_seeds(args.config, seeds, overrides=args.overrides)
+    print(result.paths["aggregate_md"].read_text(encoding="utf-8").rstrip())
+    for run in result.runs:
+        print(f"seed {run.seed}: {run.status}, {run.run_dir}")
+    print(f"sweep directory: {result.sweep_dir}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from robustbench_kd.api.compare import compare
+
+    comparison = compare(args.sources, metric=args.metric, out=args.out, n_resamples=args.resamples)
+    print(comparison.markdown().rstrip())
+    if args.out is not None:
+        print(f"wrote {Path(args.out) / 'comparison.html'} (and .md, .png, .json)")
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from robustbench_kd.api.reproduce import reproduce
+    from robustbench_kd.evaluation.final_report import format_table
+
+    outcome = reproduce(args.recipe, overrides=args.overrides, resume=args.resume)
+    if outcome.result.reports:
+        print(format_table(outcome.result.reports))
+        _print_outputs(outcome.result.reports)
+    print(outcome.verdict)
     return 0
 
 
@@ -454,6 +541,8 @@ _COMMANDS = {
     "distill": _cmd_distill,
     "evaluate": _cmd_evaluate,
     "merge-shards": _cmd_merge_shards,
+    "compare": _cmd_compare,
+    "reproduce": _cmd_reproduce,
     "check-submission": _cmd_check_submission,
     "report": _cmd_report,
     "quickstart": _cmd_quickstart,

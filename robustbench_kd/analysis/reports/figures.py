@@ -6,6 +6,7 @@ matplotlib is imported inside :func:`_new_figure` so importing this module stays
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ __all__ = [
     "correlation_figure",
     "embedding_figure",
     "eps_curve_figure",
+    "interval_figure",
     "metrics_figure",
     "tradeoff_figure",
 ]
@@ -167,4 +169,32 @@ def tradeoff_figure(path: Path, points: Sequence[tuple[str, float, float]], *, r
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel(f"robust accuracy (%): {robust_name}")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def interval_figure(
+    path: Path, panels: Mapping[str, Sequence[tuple[str, float, float, float, Sequence[float]]]]
+) -> Path:
+    """Accuracy (%) per model with its interval, one panel per metric.
+
+    ``panels``: metric name -> ``(model, estimate, low, high, per-seed values)`` per model, fractions. The
+    interval is drawn as an error bar around the estimate (none where it is NaN: one seed without points),
+    and every seed's value as a small dot, so the spread behind the interval stays visible.
+    """
+    fig, axes = _panel_grid(len(panels), 3, 4.2, 3.6)
+    for ax, (metric, rows) in zip(axes, panels.items(), strict=True):
+        for position, (_, estimate, low, high, seeds) in enumerate(rows):
+            if math.isfinite(low) and math.isfinite(high):
+                ax.errorbar(
+                    [position], [100 * estimate], yerr=[[100 * (estimate - low)], [100 * (high - estimate)]],
+                    fmt="o", color="C0", capsize=4,
+                )  # fmt: skip
+            else:
+                ax.plot([position], [100 * estimate], "o", color="C0")
+            ax.plot([position] * len(seeds), [100 * v for v in seeds], ".", color="C1", alpha=0.7, markersize=5)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([row[0] for row in rows], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(f"{metric} accuracy (%)")
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
