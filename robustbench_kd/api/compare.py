@@ -15,15 +15,15 @@ from pathlib import Path
 from robustbench_kd.analysis.comparison.render import Comparison, build_comparison, write_comparison
 from robustbench_kd.analysis.comparison.verdicts import ComparedModel
 from robustbench_kd.analysis.reports.staging import output_dir
+from robustbench_kd.api.sweep import MANIFEST_FORMAT, MANIFEST_LIMIT, MANIFEST_NAME
 from robustbench_kd.config import load_file
 from robustbench_kd.errors import UserError
 from robustbench_kd.evaluation.points import POINTS_SUFFIX, points_path, read_points
-from robustbench_kd.storage.bounded import MiB, load_json_bounded
+from robustbench_kd.storage.bounded import load_json_bounded
 
 __all__ = ["compare", "compared_model"]
 
-SWEEP_MANIFEST = "sweep.json"
-SWEEP_FORMAT = "robustbench_kd.sweep"
+SWEEP_MANIFEST, SWEEP_FORMAT = MANIFEST_NAME, MANIFEST_FORMAT
 
 
 def compare(
@@ -86,7 +86,7 @@ def _run_name(run_dir: Path) -> str:
 
 
 def _sweep(sweep_dir: Path) -> ComparedModel:
-    manifest = load_json_bounded(sweep_dir / SWEEP_MANIFEST, limit=4 * MiB, what="sweep manifest")
+    manifest = load_json_bounded(sweep_dir / SWEEP_MANIFEST, limit=MANIFEST_LIMIT, what="sweep manifest")
     runs = manifest.get("runs") if isinstance(manifest, dict) else None
     if not isinstance(manifest, dict) or manifest.get("format") != SWEEP_FORMAT or not isinstance(runs, list):
         raise UserError(f"{sweep_dir / SWEEP_MANIFEST} is not the manifest of a `distill --seeds` sweep")
