@@ -12,6 +12,8 @@ Use it from Python as the commands do (:mod:`robustbench_kd.api`)::
     evaluate(model, *, dataset, threat_model, eps=None, n_examples=None, attacks=..., data_dir, device,
              batch_size, seed, name=None, out_dir, ...) -> EvalResult
     load_student(path_or_run_dir) -> nn.Module
+    distill_seeds(config, seeds, *, overrides=None, progress=True) -> SweepResult   # distill --seeds
+    compare(runs_or_sweeps, *, metric="autoattack", out=None) -> Comparison          # robustbench-kd compare
 
 Mistakes raise :class:`UserError` with the one line the command prints.
 
@@ -34,6 +36,9 @@ _EXPORTS = {
     "distill": "robustbench_kd.api",
     "evaluate": "robustbench_kd.api",
     "load_student": "robustbench_kd.api",
+    "distill_seeds": "robustbench_kd.api",
+    "compare": "robustbench_kd.api",
+    "SweepResult": "robustbench_kd.api",
     "RunResult": "robustbench_kd.api",
     "EvalResult": "robustbench_kd.api",
     "hookimpl": "robustbench_kd.hookspecs",

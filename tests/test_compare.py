@@ -150,3 +150,75 @@ def test_what_compare_cannot_read_is_one_line(tmp_path: Path, capsys: pytest.Cap
         assert main(["compare", *argv]) == 2
         (line,) = capsys.readouterr().err.splitlines()
         assert says in line, line
+
+
+def _hostile_points(tmp_path: Path, kind: str) -> Path:
+    """A points file (or sweep) damaged or forged in one way; see the parametrisation below."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "x" / "results" / "X2026.points.safetensors"
+    path.parent.mkdir(parents=True)
+    good = {"index": torch.arange(N), "clean": torch.ones(N, dtype=torch.bool), "autoattack": _flags(10)}
+    meta = {
+        "format": "robustbench_kd.points",
+        "format_version": "1",
+        "model_id": "X2026",
+        "keys": json.dumps(["clean", "autoattack"]),
+        "settings": json.dumps(SETTINGS),
+    }
+    if kind == "truncated":
+        save_file(good, str(path), metadata=meta)
+        path.write_bytes(path.read_bytes()[:-50])
+    elif kind == "fifo":
+        import os
+
+        os.mkfifo(path)
+    elif kind == "float outcome":
+        save_file({**good, "autoattack": torch.zeros(N)}, str(path), metadata=meta)
+    elif kind == "repeated index":
+        save_file({**good, "index": torch.zeros(N, dtype=torch.long)}, str(path), metadata=meta)
+    elif kind == "model id with a slash":
+        save_file(good, str(path), metadata={**meta, "model_id": "../../etc"})
+    elif kind == "newer format":
+        save_file(good, str(path), metadata={**meta, "format_version": "2"})
+    elif kind == "settings not JSON":
+        save_file(good, str(path), metadata={**meta, "settings": "{"})
+    elif kind == "sweep outside":
+        sweep = tmp_path / "sweep"
+        sweep.mkdir()
+        runs = [{"seed": 0, "run_dir": "../x", "model_id": "X2026", "status": "trained"}]
+        (sweep / "sweep.json").write_text(json.dumps({"format": "robustbench_kd.sweep", "name": "s", "runs": runs}))
+        save_file(good, str(path), metadata=meta)
+        return sweep
+    elif kind == "sweep damaged":
+        sweep = tmp_path / "sweep"
+        sweep.mkdir()
+        (sweep / "sweep.json").write_text('{"format": "robustbench_kd.sweep", "runs": [')
+        return sweep
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("truncated", "is not a safetensors file"),
+        ("fifo", "not a regular file"),
+        ("float outcome", "has outcome 'autoattack' that is not a bool vector"),
+        ("repeated index", "point indices that are negative or repeated"),
+        ("model id with a slash", "which is not a model id"),
+        ("newer format", "has format version '2'"),
+        ("settings not JSON", "damaged metadata"),
+        ("sweep outside", "outside the sweep"),
+        ("sweep damaged", "sweep manifest"),
+    ],
+)
+def test_a_hostile_points_file_or_sweep_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, says: str
+) -> None:
+    other = _write(tmp_path / "a", "A2026", _flags(120))
+    bad = _hostile_points(tmp_path, kind)
+    assert main(["compare", str(other), str(bad), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert says in line, line
+    assert captured.out == "" and not (tmp_path / "out").exists()

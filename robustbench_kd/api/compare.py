@@ -57,9 +57,11 @@ def compared_model(source: str | os.PathLike[str]) -> ComparedModel:
     if path.is_dir() and (path / "config.yaml").is_file():
         name = _run_name(path)
         return _single(points_path(path / "results", name), label=name, source=path)
-    if path.is_file() and path.name.endswith(POINTS_SUFFIX):
+    # Any file kind (a FIFO, a device) goes to the bounded reader, which names what is wrong with it.
+    present = path.exists() and not path.is_dir()
+    if present and path.name.endswith(POINTS_SUFFIX):
         return _single(path, label=None, source=path)
-    if path.is_file() and path.suffix == ".json":
+    if present and path.suffix == ".json":
         return _single(path.with_name(path.stem + POINTS_SUFFIX), label=None, source=path)
     raise UserError(
         f"{path} is not a run directory, a sweep directory (with {SWEEP_MANIFEST}), results/<id>.json or "
@@ -68,7 +70,7 @@ def compared_model(source: str | os.PathLike[str]) -> ComparedModel:
 
 
 def _single(points: Path, *, label: str | None, source: Path) -> ComparedModel:
-    if not points.is_file():
+    if not points.exists():
         raise UserError(
             f"{source} has no per-point results ({points} is missing); evaluate it again with this version "
             "(`robustbench-kd evaluate MODEL --name ID`, or the run's final evaluation)"
