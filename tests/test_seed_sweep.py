@@ -323,3 +323,44 @@ def test_interrupted_seeds_resume_to_the_uninterrupted_weights(two_seeds, tmp_pa
         assert result.runs[s].metrics == two_seeds.runs[s].metrics
     manifest = json.loads((sweep / "sweep.json").read_text())
     assert [e["status"] for e in manifest["runs"]] == ["resumed", "resumed"]
+
+
+# -- the command line: distill --seeds, then compare ------------------------------------------------------
+def test_distill_seeds_command_then_compare_the_two_sweeps(tmp_path, capsys):
+    """`distill CONFIG --seeds 0,1` twice (two learning rates), then `compare` of the two sweep directories."""
+    import yaml
+
+    from robustbench_kd.cli import main
+
+    for lr, name in ((0.05, "fast"), (0.001, "slow")):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(sweep_run(tmp_path / name, lr=lr, name=name)))
+        assert main(["distill", str(config), "--seeds", "0,1"]) == 0
+        out = capsys.readouterr().out
+        assert "| metric | mean | std | 95% interval | per seed |" in out
+        assert f"seed 0: trained, {tmp_path / name / 'seed_0'}" in out
+        for seed in (0, 1):
+            assert (tmp_path / name / f"seed_{seed}" / "results" / f"{name}_seed{seed}.points.safetensors").is_file()
+    assert main(["compare", str(tmp_path / "fast"), str(tmp_path / "slow"), "--metric", "pgd-5"]) == 0
+    out = capsys.readouterr().out
+    assert "| fast | 0,1 |" in out and "| slow | 0,1 |" in out
+    assert "paired bootstrap over seeds and points" in out and "better in" in out
+    # The verdict in words names the pair either way.
+    assert ("Distinguishable at 95% (PGD-5)" in out) or ("Within noise at 95% (PGD-5)" in out)
+
+
+@pytest.mark.parametrize(
+    ("flag", "says"),
+    [("--resume", "--seeds resumes unfinished seeds by itself; drop --resume"), ("--no-eval", "drop --no-eval")],
+)
+def test_distill_seeds_refuses_flags_it_replaces(tmp_path, capsys, flag, says):
+    import yaml
+
+    from robustbench_kd.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(sweep_run(tmp_path / "sweep")))
+    assert main(["distill", str(config), "--seeds", "0,1", flag]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert says in line
+    assert not (tmp_path / "sweep").exists()
