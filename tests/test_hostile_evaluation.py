@@ -443,7 +443,7 @@ def test_the_unedited_files_are_accepted(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_model_id_from_shard_files_cannot_write_outside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     """Shard files whose model id is ``../../../escape``: the merge used to write escape.json above results/."""
-    from robustbench_kd.evaluation import shards
+    from robustbench_kd.evaluation import points, shards
 
     nest = tmp_path / "a" / "b" / "c"
     nest.mkdir(parents=True)
@@ -451,13 +451,16 @@ def test_model_id_from_shard_files_cannot_write_outside(tmp_path: Path, monkeypa
     argv = merge(model_id="../../../escape")(Sandbox(nest))
     escaped = nest.parent / "escape.json"  # out/results/../../../escape.json: three levels above results/
 
-    # Control: with the id check taken out, the same files make the merge write outside out/.
+    # Control: with the id checks taken out (the shard reader's, and the per-point file's name), the same files
+    # make the merge write outside out/.
     with monkeypatch.context() as patch:
         patch.setattr(shards, "validate_model_id", lambda value, **_: value)
+        patch.setattr(points, "validate_model_id", lambda value, **_: value)
         assert main(argv) == 0
     capsys.readouterr()
     assert escaped.is_file() and not escaped.resolve().is_relative_to((nest / "out").resolve())
     escaped.unlink()
+    (nest.parent / "escape.points.safetensors").unlink()
     (nest / "out" / "results").rmdir()  # made on the way
 
     before = _tree(tmp_path)
@@ -470,7 +473,7 @@ def test_model_id_from_shard_files_cannot_write_outside(tmp_path: Path, monkeypa
 
 def test_evaluate_name_with_parent_dirs_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     """``evaluate --name ../../escape`` used to write results/ and escape.json before the name was refused."""
-    from robustbench_kd.evaluation import final_report
+    from robustbench_kd.evaluation import final_report, points
     from robustbench_kd.jobs import pipeline
 
     nest = tmp_path / "x" / "y" / "z"
@@ -483,11 +486,13 @@ def test_evaluate_name_with_parent_dirs_creates_nothing(tmp_path: Path, monkeypa
     with monkeypatch.context() as patch:
         patch.setattr(pipeline, "validate_model_id", lambda value, **_: value)
         patch.setattr(final_report, "validate_model_id", lambda value, **_: value)
+        patch.setattr(points, "validate_model_id", lambda value, **_: value)
         assert main(argv) == 2
     capsys.readouterr()
     escaped = nest / "escape.json"  # eval/results/../../escape.json
     assert escaped.is_file() and (nest / "eval" / "results").is_dir()
     escaped.unlink()
+    (nest / "escape.points.safetensors").unlink()
     (nest / "eval" / "results").rmdir()
     (nest / "eval").rmdir()
 
