@@ -22,6 +22,8 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
     [diagnostics] enabled, n_examples, every, adversarial, pgd_steps, bins, batch_size, seed, tensorboard
                                                       (robustbench_kd.analysis.diagnostics.section; off by default)
     [report]     enabled, n_examples, n_cam, eps_factors, pgd_steps, embedding (robustbench_kd.analysis.reports)
+    [published]  clean, autoattack, source, tolerance, teacher_note   (a paper's numbers for `reproduce`; training
+                                                                       ignores it)
 
 Unknown sections or keys are errors that list the valid ones. Every value is checked when the
 configuration is read (each section's ``__post_init__``, so configurations built in Python are checked
@@ -278,6 +280,47 @@ class EvalSection:
                 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class PublishedSection:
+    """The numbers a paper published for the setting a run file reproduces (``robustbench-kd reproduce``).
+
+    Nothing here changes training or evaluation, and a resume ignores it (it is no key a checkpoint is
+    compared on), so correcting a number or the source never blocks ``--resume``. Accuracies are percent of
+    the test set, as papers print them; unset means the paper gives no such number for this setting.
+
+    A reproduction with final test accuracies ``m`` (percent) counts as reproduced when every published
+    metric ``p`` satisfies ``|m - p| <= tolerance``. The default of 1.0 point covers the seed-to-seed spread
+    of a CIFAR-10 student's AutoAttack accuracy (standard deviations of about 0.1-0.6 points across
+    training seeds in the papers that report them) plus the nondeterminism of GPU kernels, which changes
+    the trained weights from run to run even at a fixed seed.
+    """
+
+    clean: float | None = None  #: published clean accuracy, percent
+    autoattack: float | None = None  #: published AutoAttack accuracy, percent
+    source: str = ""  #: where the numbers are printed: "paper, table N, row"
+    tolerance: float = 1.0  #: points the reproduction may differ by and still count as reproduced
+    teacher_note: str = ""  #: how the run's teacher differs from the paper's, e.g. "closest zoo entry"
+
+    def __post_init__(self) -> None:
+        for key in ("clean", "autoattack"):
+            value = getattr(self, key)
+            if value is not None:
+                number = check_real(value, what=f"published.{key}", low=0, high=100, rule="a percentage in [0, 100]")
+                object.__setattr__(self, key, number)
+        tolerance = check_real(
+            self.tolerance, what="published.tolerance", low=0, high=100, low_open=True, rule="in (0, 100] points"
+        )
+        object.__setattr__(self, "tolerance", tolerance)
+        for key in ("source", "teacher_note"):
+            value = getattr(self, key)
+            if not isinstance(value, str):
+                raise UserError(f"published.{key} must be a string, got {_short(value)}")
+            if any(ch in value for ch in "\n\r"):
+                raise UserError(
+                    f"published.{key} must be one line (it ends the reproduce verdict), got {_short(value)}"
+                )
+
+
 SECTIONS: dict[str, type] = {
     "run": RunSection,
     "data": DataSection,
@@ -292,6 +335,7 @@ SECTIONS: dict[str, type] = {
     "ema": EmaSection,  # precision/compile switches, weight averaging
     "diagnostics": DiagnosticsSection,  # per-epoch diagnostics (observer plugin), off by default
     "report": ReportSection,  # end-of-run analyses and report
+    "published": PublishedSection,  # a paper's numbers for `reproduce`; never read by training
 }
 FREE_SECTIONS = ("teachers", "method")
 
@@ -315,6 +359,7 @@ class RunConfig:
     ema: EmaSection = field(default_factory=EmaSection)
     diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
     report: ReportSection = field(default_factory=ReportSection)
+    published: PublishedSection = field(default_factory=PublishedSection)
 
     def __post_init__(self) -> None:
         # The free sections are copied as they are (to_dict, asdict): bounded first, as a run file is.
