@@ -14,6 +14,7 @@ Use it from Python as the commands do (:mod:`robustbench_kd.api`)::
     load_student(path_or_run_dir) -> nn.Module
     distill_seeds(config, seeds, *, overrides=None, progress=True) -> SweepResult   # distill --seeds
     compare(runs_or_sweeps, *, metric="autoattack", out=None) -> Comparison          # robustbench-kd compare
+    reproduce(recipe, *, overrides=None, resume=False) -> Reproduction                # robustbench-kd reproduce
 
 Mistakes raise :class:`UserError` with the one line the command prints.
 
@@ -39,6 +40,8 @@ _EXPORTS = {
     "distill_seeds": "robustbench_kd.api",
     "compare": "robustbench_kd.api",
     "SweepResult": "robustbench_kd.api",
+    "reproduce": "robustbench_kd.api",
+    "Reproduction": "robustbench_kd.api",
     "RunResult": "robustbench_kd.api",
     "EvalResult": "robustbench_kd.api",
     "hookimpl": "robustbench_kd.hookspecs",

@@ -281,6 +281,32 @@ def test_reproduce_trains_evaluates_the_whole_test_set_and_ends_with_the_verdict
     assert done.result.paths["results"].is_file()
 
 
+def test_the_reproduce_command_prints_the_table_then_the_verdict_last(tmp_path, capsys):
+    import yaml
+
+    from robustbench_kd.cli import main
+
+    make_tiny_cifar(tmp_path / "data", n_train_per_batch=2, n_test=6)
+    recipe = {
+        "run": {"name": "TinyCli", "out_dir": str(tmp_path / "run"), "progress": False, "device": "cpu"},
+        "data": {"dataset": "cifar10", "data_dir": str(tmp_path / "data"), "verify_md5": False, "batch_size": 10},
+        "threat": {"eps": "8/255", "alpha": "2/255", "steps": 1},
+        "student": {"arch": "small-cnn", "options": {"width": 0.25}},
+        "method": {"name": "pgd-at"},
+        "optim": {"epochs": 1},
+        "eval": {"attacks": ["clean", "autoattack"], "teachers": False, "sanity": False},
+        "report": {"enabled": False},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with patch_cifar_integrity():
+        assert main(["reproduce", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("student TinyCli") for line in lines)
+    assert lines[-1].startswith("reproduce recipe: clean ")
+    assert lines[-1].endswith("no published numbers for this setting")
+
+
 # -- resume ---------------------------------------------------------------------------------------------------------
 def test_a_changed_published_section_does_not_block_a_resume(tmp_path, host):
     base = {

@@ -17,8 +17,20 @@ May import every layer below the command line; the command line and the test hel
 
 from robustbench_kd.api.compare import compare
 from robustbench_kd.api.evaluation import EvalResult, evaluate
+from robustbench_kd.api.reproduce import Reproduction, reproduce
 from robustbench_kd.api.runs import RunResult, distill
 from robustbench_kd.api.students import load_student
 from robustbench_kd.api.sweep import SweepResult, distill_seeds
 
-__all__ = ["EvalResult", "RunResult", "SweepResult", "compare", "distill", "distill_seeds", "evaluate", "load_student"]
+__all__ = [
+    "EvalResult",
+    "Reproduction",
+    "RunResult",
+    "SweepResult",
+    "compare",
+    "distill",
+    "distill_seeds",
+    "evaluate",
+    "load_student",
+    "reproduce",
+]
