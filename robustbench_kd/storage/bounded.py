@@ -29,6 +29,7 @@ __all__ = [
     "check_structure",
     "load_json_bounded",
     "open_regular",
+    "parse_json_object_line",
     "read_bytes_bounded",
     "read_text_bounded",
 ]
@@ -120,6 +121,34 @@ def load_json_bounded(
         raise UserError(f"{what} {path} is nested too deeply to be a file this library wrote") from None
     check_structure(data, what=f"{what} {path}", max_nodes=max_nodes, max_depth=max_depth)
     return data
+
+
+def parse_json_object_line(raw: bytes, *, max_depth: int, allow_nan: bool) -> tuple[dict[str, Any] | None, str]:
+    """One line of a JSON-lines file: ``(object, "")``, or ``(None, what is wrong with the line)``.
+
+    For files whose damaged lines are skipped with a warning rather than refused (the metrics log, the
+    diagnostics tables): the line must be UTF-8, JSON, an object, and nested at most ``max_depth`` levels.
+    ``allow_nan`` keeps ``NaN``/``Infinity`` (the trainer logs a diverged loss as NaN); without it they make
+    the line damaged. The callers check the keys they need (``epoch``) themselves.
+    """
+    try:
+        text = raw.decode("utf-8")
+        row = json.loads(text) if allow_nan else json.loads(text, parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        return None, "is not UTF-8 text"
+    except _ConstantError as exc:
+        return None, f"holds {exc.args[0]}, which is not a number JSON allows"
+    except json.JSONDecodeError as exc:
+        return None, f"is not JSON ({exc.msg})"
+    except RecursionError:
+        return None, "is nested too deeply"
+    if not isinstance(row, dict):
+        return None, f"is a JSON {type(row).__name__}, not an object"
+    try:
+        check_structure(row, what="row", max_depth=max_depth)
+    except UserError:
+        return None, f"is nested more than {max_depth} levels deep"
+    return row, ""
 
 
 class _ConstantError(ValueError):

@@ -9,14 +9,13 @@ raising, so a resumed run keeps its good rows and a report uses the last good on
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from robustbench_kd.errors import UserError
-from robustbench_kd.storage.bounded import MiB, check_structure, read_bytes_bounded
+from robustbench_kd.storage.bounded import MiB, parse_json_object_line, read_bytes_bounded
 
 __all__ = ["FILE", "LIMIT", "earlier_rows", "last_row", "parse_row", "read_rows"]
 
@@ -36,32 +35,14 @@ MAX_BAD_LINES = 1_000
 NEWLINE = b"\n"
 
 
-class _Constant(ValueError):
-    pass
-
-
-def _refuse(name: str) -> Any:
-    raise _Constant(name)
-
-
 def parse_row(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    """``(row, "")`` for a good line, else ``(None, what is wrong with it)``."""
-    try:
-        row = json.loads(raw.decode("utf-8"), parse_constant=_refuse)
-    except UnicodeDecodeError:
-        return None, "is not UTF-8 text"
-    except _Constant as exc:  # the observer writes empty bins as null: a NaN was put there by something else
-        return None, f"holds {exc.args[0]}, which is not a number JSON allows"
-    except json.JSONDecodeError as exc:
-        return None, f"is not JSON ({exc.msg})"
-    except RecursionError:
-        return None, "is nested too deeply"
-    if not isinstance(row, dict):
-        return None, f"is a JSON {type(row).__name__}, not an object"
-    try:
-        check_structure(row, what="row", max_depth=MAX_DEPTH)
-    except UserError:
-        return None, f"is nested more than {MAX_DEPTH} levels deep"
+    """``(row, "")`` for a good line, else ``(None, what is wrong with it)``.
+
+    The observer writes empty bins as null, so a NaN in a row was put there by something else: damaged.
+    """
+    row, problem = parse_json_object_line(raw, max_depth=MAX_DEPTH, allow_nan=False)
+    if row is None:
+        return None, problem
     if "epoch" not in row:
         return None, "has no 'epoch'"
     epoch = row["epoch"]

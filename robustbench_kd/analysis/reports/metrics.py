@@ -10,7 +10,6 @@ non-finite or non-numeric value it is a missing point.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from robustbench_kd.analysis.reports.damage import Damage
 from robustbench_kd.errors import UserError
-from robustbench_kd.storage.bounded import MiB, check_structure, read_bytes_bounded
+from robustbench_kd.storage.bounded import MiB, parse_json_object_line, read_bytes_bounded
 
 #: Largest metrics.jsonl read: ten times what a 300-epoch run with every diagnostic writes.
 LIMIT = 16 * MiB
@@ -50,21 +49,13 @@ def _number(value: Any) -> float | None:
 
 
 def _parse_row(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    """``(flattened row, "")`` or ``(None, what is wrong with the line)``."""
-    try:
-        row = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return None, "is not UTF-8 text"
-    except json.JSONDecodeError as exc:
-        return None, f"is not JSON ({exc.msg})"
-    except RecursionError:
-        return None, "is nested too deeply"
-    if not isinstance(row, dict):
-        return None, f"is a JSON {type(row).__name__}, not an object"
-    try:
-        check_structure(row, what="row", max_depth=MAX_DEPTH)
-    except UserError:
-        return None, f"is nested more than {MAX_DEPTH} levels deep"
+    """``(flattened row, "")`` or ``(None, what is wrong with the line)``.
+
+    NaN is kept: the trainer logs a diverged loss as NaN, and the figure shows the gap.
+    """
+    row, problem = parse_json_object_line(raw, max_depth=MAX_DEPTH, allow_nan=True)
+    if row is None:
+        return None, problem
     if "epoch" in row and _number(row["epoch"]) is None:
         return None, f"has epoch {_short(row['epoch'])}, not a number"
     return _flatten(row), ""
