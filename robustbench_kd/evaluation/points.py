@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,11 +229,3 @@ def pairing_problem(a: PointResults, b: PointResults, *, key: str) -> str | None
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 24 else text[:21] + "..."
-
-
-def outcome_keys(points: Mapping[str, PointResults]) -> list[str]:
-    """The outcome keys every file in ``points`` holds, in the first file's order."""
-    files = list(points.values())
-    if not files:
-        return []
-    return [key for key in files[0].outcomes if all(key in p.outcomes for p in files[1:])]
