@@ -11,7 +11,8 @@ A run file has these sections (all optional; defaults give a CPU run on the embe
                                                            vectorize = "auto"}
     [zoo]        model_dir, allow_download
     [method]     name, then the method's own options (see `robustbench-kd methods --options NAME`)
-    [optim]      epochs, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma, max_lr, pct_start
+    [optim]      epochs, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma, max_lr, pct_start,
+                 div_factor
     [checkpoint] every, every_steps
     [eval]       every, select, n_examples, pgd_steps, attacks, final_n_examples, teachers, batch_size, seed,
                  sanity
@@ -201,6 +202,7 @@ class OptimSection:
     gamma: float = 0.1  #: multistep factor; per-epoch factor for exponential
     max_lr: float | None = None  #: onecycle peak (default: lr)
     pct_start: float = 0.3  #: onecycle share of the rising phase
+    div_factor: float = 25.0  #: onecycle starts at max_lr / div_factor (PyTorch's default, 25)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -216,6 +218,7 @@ class OptimSection:
         if self.max_lr is not None:
             check_real(self.max_lr, what="optim.max_lr", low=0, low_open=True)
         check_real(self.pct_start, what="optim.pct_start", low=0, high=1, low_open=True, high_open=True)
+        check_real(self.div_factor, what="optim.div_factor", low=1, rule=">= 1 (the start is max_lr / div_factor)")
         self._check_milestones()
 
     def _check_milestones(self) -> None:

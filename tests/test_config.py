@@ -194,3 +194,22 @@ def test_milestones_beyond_epochs_are_kept():
     """A run shortened with --set optim.epochs=1 keeps its file's milestones: they never fire."""
     cfg = load_config(None, ["optim.epochs=1", "optim.milestones=[100, 150]"])
     assert cfg.optim.milestones == [100, 150]
+
+
+def test_onecycle_starts_at_max_lr_over_div_factor():
+    """AKD's recipe: OneCycle from 0.1 (0.21 / 2.1) up to 0.21; PyTorch's default start is max_lr / 25."""
+    import torch
+
+    from robustbench_kd.training.setup import build_scheduler
+
+    for div_factor, start in ((2.1, 0.1), (25.0, 0.21 / 25)):
+        overrides = ['optim.schedule="onecycle"', "optim.max_lr=0.21", f"optim.div_factor={div_factor}"]
+        config = load_config(None, [*overrides, "optim.epochs=2"])
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.optim.lr, momentum=0.9)
+        scheduler, per_batch = build_scheduler(config, optimizer, steps_per_epoch=10)
+        assert per_batch and optimizer.param_groups[0]["lr"] == pytest.approx(start)
+        for _ in range(20):
+            optimizer.step()
+            scheduler.step()
+    with pytest.raises(UserError, match=r"optim.div_factor must be >= 1 \(the start is max_lr / div_factor\), got 0.5"):
+        load_config(None, ["optim.div_factor=0.5"])

@@ -254,6 +254,7 @@ TRAINED_WITH: dict[str, tuple[str, ...]] = {
         "gamma",
         "max_lr",
         "pct_start",
+        "div_factor",
     ),
 }
 #: Read from the checkpoint's optimiser and scheduler state on resume, so a new value would not take effect.

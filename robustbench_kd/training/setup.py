@@ -106,7 +106,11 @@ def build_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, steps_p
         return sched.CosineAnnealingLR(optimizer, T_max=o.epochs * steps_per_epoch), True
     if o.schedule == "onecycle":
         return sched.OneCycleLR(
-            optimizer, max_lr=o.max_lr or o.lr, total_steps=o.epochs * steps_per_epoch, pct_start=o.pct_start
+            optimizer,
+            max_lr=o.max_lr or o.lr,
+            total_steps=o.epochs * steps_per_epoch,
+            pct_start=o.pct_start,
+            div_factor=o.div_factor,
         ), True
     return None, False
 
