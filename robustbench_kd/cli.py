@@ -46,15 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train a student from teachers (config file + overrides)")
     p.add_argument("config", help="run file (.toml, .yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=0.1 --set threat.eps=8/255 (repeatable)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/checkpoints/last.pt")
+    _add_run_overrides(p)
     p.add_argument(
         "--resume-changed",
         action="append",
@@ -185,15 +177,7 @@ def _parser() -> argparse.ArgumentParser:
         "against the published numbers",
     )
     p.add_argument("recipe", help="a recipe run file, e.g. examples/recipes/cifar10_rslad_resnet18.toml")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value (repeatable)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/checkpoints/last.pt")
+    _add_run_overrides(p)
 
     p = sub.add_parser(
         "check-submission",
@@ -219,6 +203,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _add_run_overrides(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable) and ``--resume``: what `distill` and `reproduce` take besides the run file."""
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=0.1 --set threat.eps=8/255 (repeatable)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from <run.out_dir>/checkpoints/last.pt")
 
 
 def main(argv: list[str] | None = None) -> int:

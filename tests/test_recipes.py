@@ -255,17 +255,24 @@ def test_reproduce_refuses_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
-def test_reproduce_trains_evaluates_the_whole_test_set_and_ends_with_the_verdict(tmp_path):
-    """End to end on a 6-image tiny CIFAR-10: the whole (tiny) test set, clean + AutoAttack, then the line."""
+def _tiny_recipe(tmp_path, name: str) -> dict:
+    """A leaderboard-protocol run on a 6-image tiny CIFAR-10 written under ``tmp_path``: one epoch, a tiny student."""
     make_tiny_cifar(tmp_path / "data", n_train_per_batch=2, n_test=6)
-    recipe = {
-        "run": {"name": "TinyRecipe", "out_dir": str(tmp_path / "run"), "progress": False, "device": "cpu"},
+    return {
+        "run": {"name": name, "out_dir": str(tmp_path / "run"), "progress": False, "device": "cpu"},
         "data": {"dataset": "cifar10", "data_dir": str(tmp_path / "data"), "verify_md5": False, "batch_size": 10},
         "threat": {"eps": "8/255", "alpha": "2/255", "steps": 1},
         "student": {"arch": "small-cnn", "options": {"width": 0.25}},
         "method": {"name": "pgd-at"},
         "optim": {"epochs": 1},
         "eval": {"attacks": ["clean", "autoattack"], "teachers": False, "sanity": False},
+    }
+
+
+def test_reproduce_trains_evaluates_the_whole_test_set_and_ends_with_the_verdict(tmp_path):
+    """End to end on a 6-image tiny CIFAR-10: the whole (tiny) test set, clean + AutoAttack, then the line."""
+    recipe = {
+        **_tiny_recipe(tmp_path, "TinyRecipe"),
         "published": {"clean": 10.0, "autoattack": 0.0, "source": "hand-made", "tolerance": 100.0},
     }
     with patch_cifar_integrity():
@@ -286,17 +293,7 @@ def test_the_reproduce_command_prints_the_table_then_the_verdict_last(tmp_path, 
 
     from robustbench_kd.cli import main
 
-    make_tiny_cifar(tmp_path / "data", n_train_per_batch=2, n_test=6)
-    recipe = {
-        "run": {"name": "TinyCli", "out_dir": str(tmp_path / "run"), "progress": False, "device": "cpu"},
-        "data": {"dataset": "cifar10", "data_dir": str(tmp_path / "data"), "verify_md5": False, "batch_size": 10},
-        "threat": {"eps": "8/255", "alpha": "2/255", "steps": 1},
-        "student": {"arch": "small-cnn", "options": {"width": 0.25}},
-        "method": {"name": "pgd-at"},
-        "optim": {"epochs": 1},
-        "eval": {"attacks": ["clean", "autoattack"], "teachers": False, "sanity": False},
-        "report": {"enabled": False},
-    }
+    recipe = {**_tiny_recipe(tmp_path, "TinyCli"), "report": {"enabled": False}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     with patch_cifar_integrity():
